@@ -1,0 +1,62 @@
+"""`lora2gguf inspect`: what a GGUF model/adapter (or an HF model / PEFT adapter directory) is."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+from gguf import LlamaFileType
+
+from .base import GGUFBase, HFBase
+from .gguf_file import GGUFFile
+
+
+def _file_type_name(v) -> str | None:
+    if v is None:
+        return None
+    try:
+        return LlamaFileType(int(v)).name
+    except ValueError:
+        return str(v)
+
+
+def describe(path: str, base: str | None = None) -> dict:
+    p = Path(path)
+    if p.is_dir():
+        if (p / "adapter_config.json").is_file():
+            from .adapter import describe_peft_dir
+
+            return describe_peft_dir(p)
+        with HFBase(p) as b:
+            return {"path": str(p), "kind": "hf-model", "spec": b.spec.to_dict()}
+    with GGUFFile(p) as f:
+        info = {
+            "path": str(p), "kind": "gguf-adapter" if f.get("general.type") == "adapter" else "gguf-model",
+            "architecture": f.get("general.architecture"), "name": f.get("general.name"),
+            "file_type": _file_type_name(f.get("general.file_type")), "gguf_version": f.version,
+            "tensor_count": len(f.tensors), "tensor_bytes": sum(t.nbytes for t in f.tensors.values()),
+            "tensor_types": dict(Counter(t.type.name for t in f.tensors.values())),
+        }
+        if info["kind"] == "gguf-adapter":
+            from .adapter_gguf import describe_gguf_adapter
+
+            info.update(describe_gguf_adapter(f, base=base))
+            return info
+    with GGUFBase(p) as b:
+        info["spec"] = b.spec.to_dict()
+    return info
+
+
+def format_description(info: dict) -> str:
+    lines = []
+    for k, v in info.items():
+        if isinstance(v, dict):
+            lines.append(f"{k}:")
+            lines += [f"  {kk}: {json.dumps(vv) if isinstance(vv, (list, dict)) else vv}" for kk, vv in v.items()]
+        elif isinstance(v, list):
+            lines.append(f"{k}: {', '.join(map(str, v))}")
+        else:
+            lines.append(f"{k}: {v}")
+    return "\n".join(lines)
+

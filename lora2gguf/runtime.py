@@ -1,0 +1,121 @@
+"""llama.cpp through llama-cpp-python: load a GGUF once, read logits for every position, swap LoRA
+adapters on the loaded model without reloading it.
+
+Settings chosen for parity checks: F32 KV cache (llama.cpp's default F16 cache alone costs ~1e-6 KL),
+no flash attention, logits for all positions, one evaluation per sequence."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .errors import Lora2GGUFError
+
+
+@contextlib.contextmanager
+def _quiet_stderr(enabled: bool = True):
+    """llama.cpp logs to fd 2 from C; silence it unless asked for (verbose=True)."""
+    if not enabled:
+        yield
+        return
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+class LlamaRuntime:
+    def __init__(self, model_path: str | os.PathLike, n_ctx: int = 512, n_threads: int | None = None,
+                 vocab_only: bool = False, verbose: bool = False):
+        import llama_cpp
+
+        self._lc = llama_cpp
+        self.path = Path(model_path)
+        self.verbose = verbose
+        self._adapters: dict[str, object] = {}
+        with _quiet_stderr(not verbose):
+            try:
+                self.llm = llama_cpp.Llama(
+                    model_path=str(self.path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=True,
+                    type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32, flash_attn=False,
+                    n_threads=n_threads or min(4, os.cpu_count() or 1), vocab_only=vocab_only,
+                    seed=0, verbose=verbose)
+            except (ValueError, RuntimeError) as e:
+                raise Lora2GGUFError(f"{self.path}: llama.cpp could not load it ({e})") from None
+
+    # -- tokens -----------------------------------------------------------------------------------
+    def tokenize(self, text: str, add_bos: bool = True, special: bool = False) -> list[int]:
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=special)
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        return self.llm.detokenize(list(tokens)).decode("utf-8", errors="replace")
+
+    @property
+    def n_vocab(self) -> int:
+        return self.llm.n_vocab()
+
+    # -- adapters ---------------------------------------------------------------------------------
+    def set_adapters(self, adapters: Sequence[tuple[str | os.PathLike, float]]) -> None:
+        """Make exactly these (path, scale) adapters active on the loaded model. Each file is loaded
+        once and kept; switching between loaded adapters costs no model reload."""
+        lc = self._lc
+        ptrs = []
+        for path, _ in adapters:
+            key = str(Path(path).resolve())
+            if key not in self._adapters:
+                with _quiet_stderr(not self.verbose):
+                    ptr = lc.llama_adapter_lora_init(self.llm.model, key.encode())
+                if not ptr:
+                    raise Lora2GGUFError(f"{path}: llama.cpp refused this LoRA adapter for {self.path} "
+                                         "(run with --verbose to see llama.cpp's reason)")
+                self._adapters[key] = ptr
+            ptrs.append(self._adapters[key])
+        n = len(ptrs)
+        arr = (lc.llama_adapter_lora_p_ctypes * max(n, 1))(*ptrs)
+        scales = (ctypes.c_float * max(n, 1))(*[float(s) for _, s in adapters])
+        if lc.llama_set_adapters_lora(self.llm.ctx, arr if n else None, n, scales if n else None):
+            raise Lora2GGUFError(f"{self.path}: llama.cpp could not set the LoRA adapters")
+
+    # -- evaluation -------------------------------------------------------------------------------
+    def logits(self, tokens: Sequence[int]) -> np.ndarray:
+        """float32 logits (len(tokens), n_vocab) for every position, from an empty context."""
+        if len(tokens) > self.llm.n_ctx():
+            raise Lora2GGUFError(f"{len(tokens)} tokens exceed the context of {self.llm.n_ctx()}")
+        self.llm.reset()
+        self.llm.eval(list(tokens))
+        return np.array(self.llm.scores[: len(tokens)], dtype=np.float32)
+
+    def greedy(self, tokens: Sequence[int], n: int) -> list[int]:
+        """Greedy continuation of n tokens (argmax of llama.cpp's logits), stopping at end of generation."""
+        out: list[int] = []
+        self.llm.reset()
+        self.llm.eval(list(tokens))
+        for _ in range(n):
+            nxt = int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
+            if self._lc.llama_vocab_is_eog(self._lc.llama_model_get_vocab(self.llm.model), nxt):
+                break
+            out.append(nxt)
+            self.llm.eval([nxt])
+        return out
+
+    def close(self) -> None:
+        for ptr in self._adapters.values():
+            self._lc.llama_adapter_lora_free(ptr)
+        self._adapters.clear()
+        self.llm.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

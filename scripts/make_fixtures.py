@@ -1,0 +1,192 @@
+#!/usr/bin/env python3
+"""Generate the tiny test bases under fixtures/, deterministically.
+
+For each arch (llama, qwen2, qwen3): the same random weights as
+  fixtures/<arch>/hf/            config.json + model.safetensors (loads in transformers)
+  fixtures/<arch>/base-f32.gguf  and base-f16.gguf, base-q8_0.gguf (written with gguf-py)
+  fixtures/<arch>/base-q4_k_m.gguf (llama.cpp's own quantizer via llama-cpp-python)
+Two layers, width 64, 4 heads / 2 KV heads (GQA), FFN 256 (so ffn_down rows fit K-quant blocks of 256),
+a SentencePiece-style vocabulary that llama.cpp tokenizes. Weights are scaled so that logits are
+peaked (a near-uniform output would make KL and top-1 checks weak).
+
+    python scripts/make_fixtures.py [--out fixtures]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import gguf  # noqa: E402
+from safetensors.numpy import save_file  # noqa: E402
+
+from lora2gguf import archs  # noqa: E402
+
+DIMS = dict(n_layer=2, n_embd=64, n_ff=256, n_head=4, n_head_kv=2, n_ctx=512, rope_theta=10000.0, eps=1e-5)
+TIED = {"llama": False, "qwen2": True, "qwen3": False}
+SEED = {"llama": 1, "qwen2": 2, "qwen3": 3}
+WORDS = ("the a of and to in is it that was for on with as at by cat dog sat mat hello world "
+         "one two three red green blue big small happy sun moon star tree fish bird").split()
+
+
+def vocab() -> tuple[list[str], list[float], list[int]]:
+    """<unk> <s> </s>, 256 byte tokens, single characters, and every '▁'-prefix of each word, so that
+    llama.cpp's SPM tokenizer can reach whole words by merging (longer pieces score higher)."""
+    T = gguf.TokenType
+    toks, scores, types = ["<unk>", "<s>", "</s>"], [0.0, 0.0, 0.0], [T.UNKNOWN, T.CONTROL, T.CONTROL]
+    for b in range(256):
+        toks.append(f"<0x{b:02X}>"), scores.append(0.0), types.append(T.BYTE)
+    pieces: list[str] = ["▁"] + [chr(c) for c in range(ord("a"), ord("z") + 1)] + list(".,!?")
+    for w in WORDS:
+        for k in range(1, len(w) + 1):
+            pieces.append("▁" + w[:k])
+    seen = set()
+    for p in pieces:
+        if p not in seen:
+            seen.add(p)
+            toks.append(p), scores.append(float(len(p))), types.append(T.NORMAL)
+    return toks, scores, [int(t) for t in types]
+
+
+def hf_weights(arch: str, n_vocab: int) -> dict[str, np.ndarray]:
+    d = DIMS
+    rng = np.random.default_rng(SEED[arch])
+    hd = d["n_embd"] // d["n_head"]
+    facts = archs.ARCHS[arch]
+
+    def normal(shape, std):
+        return (rng.standard_normal(shape) * std).astype(np.float32)
+
+    def norm_w(n):
+        return (1.0 + rng.standard_normal(n) * 0.1).astype(np.float32)
+
+    e, f = d["n_embd"], d["n_ff"]
+    shapes = {"self_attn.q_proj": (d["n_head"] * hd, e), "self_attn.k_proj": (d["n_head_kv"] * hd, e),
+              "self_attn.v_proj": (d["n_head_kv"] * hd, e), "self_attn.o_proj": (e, d["n_head"] * hd),
+              "mlp.gate_proj": (f, e), "mlp.up_proj": (f, e), "mlp.down_proj": (e, f)}
+    w: dict[str, np.ndarray] = {}
+    for name in archs.hf_tensor_names(arch, d["n_layer"], TIED[arch]):
+        if name == "model.embed_tokens.weight" or name == "lm_head.weight":
+            w[name] = normal((n_vocab, e), 0.5)  # large enough that logits are peaked
+        elif name.endswith("norm.weight"):
+            w[name] = norm_w(hd if ("q_norm" in name or "k_norm" in name) else e)
+        elif name.endswith(".bias"):
+            w[name] = normal(shapes[name.split(".", 3)[3].rsplit(".", 1)[0]][0], 0.1)
+        else:
+            mod = name.split(".", 3)[3].rsplit(".", 1)[0]
+            w[name] = normal(shapes[mod], 1.0 / np.sqrt(shapes[mod][1]))
+    assert set(w) == set(archs.hf_tensor_names(arch, d["n_layer"], TIED[arch])) and facts
+    return w
+
+
+def hf_config(arch: str, n_vocab: int) -> dict:
+    d = DIMS
+    facts = archs.ARCHS[arch]
+    cfg = {
+        "architectures": [facts.hf_architectures[0]], "model_type": facts.hf_model_types[0],
+        "vocab_size": n_vocab, "hidden_size": d["n_embd"], "intermediate_size": d["n_ff"],
+        "num_hidden_layers": d["n_layer"], "num_attention_heads": d["n_head"],
+        "num_key_value_heads": d["n_head_kv"], "head_dim": d["n_embd"] // d["n_head"],
+        "max_position_embeddings": d["n_ctx"], "rms_norm_eps": d["eps"], "rope_theta": d["rope_theta"],
+        "hidden_act": "silu", "tie_word_embeddings": TIED[arch], "attention_bias": facts.qkv_bias,
+        "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "float32",
+    }
+    if arch == "qwen2":
+        cfg["use_sliding_window"] = False
+    return cfg
+
+
+def write_gguf(path: Path, arch: str, weights: dict[str, np.ndarray], ftype: str) -> None:
+    d = DIMS
+    toks, scores, types = vocab()
+    hd = d["n_embd"] // d["n_head"]
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_name(f"tiny-{arch}")
+    w.add_block_count(d["n_layer"])
+    w.add_context_length(d["n_ctx"])
+    w.add_embedding_length(d["n_embd"])
+    w.add_feed_forward_length(d["n_ff"])
+    w.add_head_count(d["n_head"])
+    w.add_head_count_kv(d["n_head_kv"])
+    w.add_key_length(hd)
+    w.add_value_length(hd)
+    w.add_rope_dimension_count(hd)
+    w.add_rope_freq_base(d["rope_theta"])
+    w.add_layer_norm_rms_eps(d["eps"])
+    w.add_vocab_size(len(toks))
+    w.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                     "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[ftype])
+    w.add_tokenizer_model("llama")
+    w.add_token_list(toks)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_unk_token_id(0)
+    w.add_add_bos_token(True)
+    w.add_add_eos_token(False)
+    facts = archs.ARCHS[arch]
+    for hf_name, t in weights.items():
+        heads = archs.qk_heads(hf_name, d["n_head"], d["n_head_kv"])
+        if heads and facts.permute_qk:
+            t = archs.permute_rows(t, heads)
+        name = archs.gguf_name(arch, d["n_layer"], hf_name)
+        if t.ndim == 1 or ftype == "f32":
+            w.add_tensor(name, np.ascontiguousarray(t, dtype=np.float32))
+        elif ftype == "f16":
+            w.add_tensor(name, t.astype(np.float16))
+        else:
+            qt = gguf.GGMLQuantizationType.Q8_0
+            w.add_tensor(name, gguf.quants.quantize(t, qt), raw_dtype=qt)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def quantize_with_llama_cpp(src: Path, dst: Path, ftype_name: str) -> None:
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype_name.upper()}")
+    params.nthread = 1  # one thread: the output must not depend on scheduling
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
+    if rc != 0:
+        raise SystemExit(f"llama_model_quantize failed for {src} ({rc})")
+
+
+def make(out: Path) -> list[Path]:
+    written = []
+    n_vocab = len(vocab()[0])
+    for arch in ("llama", "qwen2", "qwen3"):
+        d = out / arch
+        (d / "hf").mkdir(parents=True, exist_ok=True)
+        weights = hf_weights(arch, n_vocab)
+        save_file(weights, str(d / "hf" / "model.safetensors"), metadata={"format": "pt"})
+        (d / "hf" / "config.json").write_text(json.dumps(hf_config(arch, n_vocab), indent=2) + "\n")
+        for ftype in ("f32", "f16", "q8_0"):
+            write_gguf(d / f"base-{ftype}.gguf", arch, weights, ftype)
+        quantize_with_llama_cpp(d / "base-f32.gguf", d / "base-q4_k_m.gguf", "q4_k_m")
+        written += [d / "hf" / "model.safetensors", d / "hf" / "config.json"]
+        written += [d / f"base-{t}.gguf" for t in ("f32", "f16", "q8_0", "q4_k_m")]
+    return written
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent.parent / "fixtures"))
+    args = ap.parse_args()
+    os.environ.setdefault("LLAMA_LOG_LEVEL", "error")
+    for p in make(Path(args.out)):
+        print(f"{p.stat().st_size:>9}  {p}")
+
+
+if __name__ == "__main__":
+    main()
