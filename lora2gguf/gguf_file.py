@@ -181,6 +181,8 @@ class GGUFFile:
     def _value(self, cur: _Cursor, vtype: GGUFValueType, key: str) -> Field:
         if vtype == GGUFValueType.STRING:
             return Field(vtype, cur.string(key))
+        if vtype == GGUFValueType.FLOAT32:  # shortest decimal that round-trips: 1e-05, not 9.99999974e-06
+            return Field(vtype, float(str(np.float32(cur.unpack("<f", key)))))
         if vtype in _SCALAR:
             return Field(vtype, cur.unpack(_SCALAR[vtype], key))
         if vtype != GGUFValueType.ARRAY:

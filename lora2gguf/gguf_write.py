@@ -1,0 +1,126 @@
+"""Write GGUF files safely: atomically (temp file in the target directory, renamed at the end), never
+over an existing file without --force, never over an input, streaming tensor by tensor."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+from gguf import GGMLQuantizationType, GGUFWriter
+
+from .errors import Lora2GGUFError
+from .gguf_file import GGUFFile, StringArray
+
+
+def check_output(out: str | os.PathLike, force: bool, inputs: Iterable[str | os.PathLike] = ()) -> Path:
+    """Validate an output path before any heavy work."""
+    out = Path(out)
+    if not out.parent.exists() and str(out.parent) != "":
+        raise Lora2GGUFError(f"{out}: directory {out.parent} does not exist; create it first")
+    for i in inputs:
+        if Path(i).exists() and out.exists() and out.resolve() == Path(i).resolve():
+            raise Lora2GGUFError(f"{out}: the output path is also an input; choose another output path")
+    if out.exists() and not force:
+        raise Lora2GGUFError(f"{out}: already exists; pass --force to overwrite it")
+    if out.is_dir():
+        raise Lora2GGUFError(f"{out}: is a directory; give a file path")
+    return out
+
+
+@contextlib.contextmanager
+def atomic_output(out: Path) -> Iterator[Path]:
+    """Yield a temp path beside `out`; on success rename it over `out`, on any failure remove it."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".part", dir=out.parent or ".")
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, out)
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+
+
+def copy_fields(src: GGUFFile, writer: GGUFWriter, skip: Callable[[str], bool] = lambda k: False) -> None:
+    """Copy every metadata key of src (tokenizer, chat template, rope...) except those skip() names."""
+    for key, field in src.fields.items():
+        if key.startswith("GGUF.") or key in ("general.architecture", "general.alignment") or skip(key):
+            continue
+        value = field.value
+        if isinstance(value, StringArray):
+            value = list(value)
+        elif isinstance(value, np.ndarray):
+            value = value.tolist()
+        writer.add_key_value(key, value, field.type, sub_type=field.elem_type)
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    name: str
+    shape: tuple[int, ...]  # numpy order
+    type: GGMLQuantizationType
+    nbytes: int
+
+
+def nbytes_of(shape: tuple[int, ...], qtype: GGMLQuantizationType) -> int:
+    from gguf import GGML_QUANT_SIZES
+
+    block, size = GGML_QUANT_SIZES[qtype]
+    return int(np.prod(shape[:-1], dtype=np.int64)) * (shape[-1] // block) * size
+
+
+def write_streaming(path: Path, writer: GGUFWriter, plan: list[PlannedTensor],
+                    data: Iterable[np.ndarray], progress: Callable[[PlannedTensor], None] | None = None) -> None:
+    """Write header, metadata and tensor infos, then each tensor's bytes as `data` yields them (in plan
+    order), so only one tensor is in memory at a time. `writer` must carry the metadata already."""
+    for t in plan:
+        writer.add_tensor_info(t.name, t.shape, np.dtype(np.uint8) if t.type not in (
+            GGMLQuantizationType.F32, GGMLQuantizationType.F16) else (
+            np.dtype(np.float32) if t.type == GGMLQuantizationType.F32 else np.dtype(np.float16)),
+            t.nbytes, raw_dtype=t.type)
+    writer.write_header_to_file(path)
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    n = 0
+    for t, arr in zip(plan, data):
+        arr = np.ascontiguousarray(arr)
+        if arr.nbytes != t.nbytes:
+            raise AssertionError(f"{t.name}: {arr.nbytes} bytes, planned {t.nbytes}")
+        writer.write_tensor_data(arr)
+        n += 1
+        if progress:
+            progress(t)
+    if n != len(plan):
+        raise AssertionError(f"wrote {n} of {len(plan)} tensors")
+    writer.close()
+
+
+def encode(arr: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
+    """float32 array → bytes of the given type, for the types gguf-py quantizes (F32/F16/BF16/Q8_0...)."""
+    if qtype == GGMLQuantizationType.F32:
+        return arr.astype(np.float32, copy=False)
+    if qtype == GGMLQuantizationType.F16:
+        return arr.astype(np.float16)
+    from gguf.quants import quantize
+
+    return quantize(arr.astype(np.float32, copy=False), qtype)
+
+
+
+def dequantize_file(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """An F32 copy of a GGUF model: same metadata, every tensor dequantized (norms stay F32 anyway)."""
+    from gguf import LlamaFileType
+
+    dst = Path(dst)
+    with GGUFFile(src) as f, atomic_output(dst) as tmp:
+        w = GGUFWriter(None, f.get("general.architecture"))
+        copy_fields(f, w, skip=lambda k: k == "general.file_type")
+        w.add_file_type(LlamaFileType.ALL_F32)
+        plan = [PlannedTensor(t.name, t.shape, GGMLQuantizationType.F32, 4 * t.n_elements)
+                for t in f.tensors.values()]
+        write_streaming(tmp, w, plan, (f.tensor(t.name) for t in plan))

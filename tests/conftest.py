@@ -1,0 +1,40 @@
+"""Shared test helpers: fixture paths, token sequences, llama.cpp logits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = ROOT / "fixtures"
+ARCHS = ("llama", "qwen2", "qwen3")
+
+TEXT = ("the cat sat on the mat and the dog sat with the cat . hello world , one two three red green "
+        "blue . the big tree and the small fish in the sun with the moon and a star . a happy bird was "
+        "at the tree by the blue sea . the dog is big and the cat is small .")
+
+
+def fixture(arch: str, kind: str = "f32") -> Path:
+    return FIXTURES / arch / ("hf" if kind == "hf" else f"base-{kind}.gguf")
+
+
+def token_ids(n_vocab: int, n: int = 96, seed: int = 0) -> list[int]:
+    """A deterministic token sequence: BOS then random non-control ids."""
+    rng = np.random.default_rng(seed)
+    return [1] + rng.integers(3, n_vocab, size=n - 1).tolist()
+
+
+def reference_logits(model, tokens) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        return model(torch.tensor([list(tokens)]))[0].numpy()
+
+
+@pytest.fixture(scope="session")
+def smollm2_f32() -> Path:
+    from lora2gguf.smollm2 import smollm2_f32_gguf
+
+    return smollm2_f32_gguf()
