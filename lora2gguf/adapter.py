@@ -1,0 +1,266 @@
+"""A PEFT LoRA adapter directory, read into plain numpy per module with PEFT's own scale.
+
+Shared by convert, merge, verify and export: everything that needs "what does this adapter add to
+which base weight" asks this module. Layout here is Hugging Face's (HF module names, HF row order);
+moving to GGUF names/row order is archs' job.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import archs
+from .errors import Lora2GGUFError
+
+PREFIX = "base_model.model."
+
+
+
+@dataclass
+class ModuleLoRA:
+    """One adapted module. A and B exactly as PEFT stores them."""
+
+    module: str  # HF module path: model.layers.0.self_attn.q_proj, model.embed_tokens, lm_head
+    A: np.ndarray  # lora_A.weight (r, in) — or lora_embedding_A (r, vocab)
+    B: np.ndarray  # lora_B.weight (out, r) — or lora_embedding_B (dim, r)
+    r: int
+    alpha: float
+    scale: float  # PEFT's: alpha / r, or alpha / sqrt(r) with rsLoRA
+    embedding: bool = False
+    fan_in_fan_out: bool = False
+    magnitude: np.ndarray | None = None  # DoRA lora_magnitude_vector (out,)
+    bias: np.ndarray | None = None  # lora_B.bias (out,) with lora_bias=True
+
+    @property
+    def weight_name(self) -> str:
+        return self.module + ".weight"
+
+    def delta(self) -> np.ndarray:
+        """scale · B @ A in the layout of the base weight (out, in); embeddings: (vocab, dim).
+        Not the DoRA update (that needs the base weight: see merge)."""
+        d = (self.B.astype(np.float64) @ self.A.astype(np.float64)) * self.scale
+        if self.embedding or self.fan_in_fan_out:
+            d = d.T
+        return d.astype(np.float32)
+
+    def factors(self) -> tuple[np.ndarray, np.ndarray]:
+        """(a, b) with b @ a == delta()/scale, a: (r, in), b: (out, r) in the base weight's layout."""
+        if self.embedding or self.fan_in_fan_out:
+            return self.B.T, self.A.T
+        return self.A, self.B
+
+    def delta_shape(self) -> tuple[int, int]:
+        a, b = self.factors()
+        return (b.shape[0], a.shape[1])
+
+
+@dataclass
+class PeftAdapter:
+    path: Path
+    config: dict
+    modules: dict[str, ModuleLoRA]  # by HF module path
+    full_weights: dict[str, np.ndarray] = field(default_factory=dict)  # modules_to_save / trained biases
+
+    @property
+    def use_dora(self) -> bool:
+        return any(m.magnitude is not None for m in self.modules.values())
+
+    @property
+    def has_lora_bias(self) -> bool:
+        return any(m.bias is not None for m in self.modules.values())
+
+    def check_base(self, spec, base_label: str = "base") -> None:
+        """Every adapted module must exist in the base with matching shapes; raise otherwise."""
+        n_q, n_kv = spec.n_head * spec.head_dim, spec.n_head_kv * spec.head_dim
+        shapes = {"self_attn.q_proj": (n_q, spec.n_embd), "self_attn.k_proj": (n_kv, spec.n_embd),
+                  "self_attn.v_proj": (n_kv, spec.n_embd), "self_attn.o_proj": (spec.n_embd, n_q),
+                  "mlp.gate_proj": (spec.n_ff, spec.n_embd), "mlp.up_proj": (spec.n_ff, spec.n_embd),
+                  "mlp.down_proj": (spec.n_embd, spec.n_ff)}
+        for name, m in self.modules.items():
+            if name == "model.embed_tokens":
+                want = (spec.n_vocab, spec.n_embd)
+            elif name == "lm_head":
+                if spec.tied_embeddings:
+                    raise Lora2GGUFError(
+                        f"{self.path}: LoRA on lm_head, but {base_label} ties lm_head to the token embeddings "
+                        "(no separate output tensor), so llama.cpp cannot apply it at run time; "
+                        "use `lora2gguf merge` (it writes an untied output tensor) or retrain without lm_head")
+                want = (spec.n_vocab, spec.n_embd)
+            else:
+                mt = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", name)
+                if not mt or mt.group(2) not in shapes:
+                    raise Lora2GGUFError(
+                        f"{self.path}: target module {name} has no GGUF tensor in arch {spec.arch}; "
+                        f"supported targets: {', '.join(p.split('.')[-1] for p in archs.LAYER_LINEARS)}, "
+                        "embed_tokens, lm_head")
+                if int(mt.group(1)) >= spec.n_layer:
+                    raise Lora2GGUFError(f"{self.path}: {name} is beyond the {spec.n_layer} layers of {base_label}; "
+                                         "the adapter was made for another model")
+                want = shapes[mt.group(2)]
+            got = m.delta_shape()
+            if got != want:
+                raise Lora2GGUFError(
+                    f"{self.path}: {name} changes a {got[0]}x{got[1]} weight but {base_label} has {want[0]}x{want[1]}; "
+                    "the adapter was made for another model")
+
+
+def pattern_value(patterns: dict, module: str, default):
+    """PEFT's rank_pattern/alpha_pattern lookup (peft.utils.other.get_pattern_key): the first key that
+    matches the end of the module path as a regex, after a dot or at the start."""
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", module):
+            return patterns[key]
+    return default
+
+
+def peft_scale(config: dict, module: str) -> tuple[int, float, float]:
+    """(r, alpha, scale) PEFT uses for this module."""
+    r = int(pattern_value(config.get("rank_pattern") or {}, module, config["r"]))
+    alpha = float(pattern_value(config.get("alpha_pattern") or {}, module, config["lora_alpha"]))
+    scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+    return r, alpha, scale
+
+
+def read_config(path: Path) -> dict:
+    cfg_path = path / "adapter_config.json"
+    if not cfg_path.is_file():
+        raise Lora2GGUFError(f"{path}: no adapter_config.json; is this a PEFT adapter directory?")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise Lora2GGUFError(f"{cfg_path}: invalid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise Lora2GGUFError(f"{cfg_path}: expected a JSON object")
+    ptype = str(cfg.get("peft_type", "LORA")).upper()
+    if ptype != "LORA":
+        raise Lora2GGUFError(f"{cfg_path}: peft_type {ptype} is not LoRA; only LoRA adapters are supported")
+    for key in ("r", "lora_alpha"):
+        if not isinstance(cfg.get(key), (int, float)) or isinstance(cfg.get(key), bool):
+            raise Lora2GGUFError(f"{cfg_path}: '{key}' is missing or not a number")
+    if cfg["r"] <= 0:
+        raise Lora2GGUFError(f"{cfg_path}: 'r' must be positive, got {cfg['r']}")
+    return cfg
+
+
+def read_tensors(path: Path) -> dict[str, np.ndarray]:
+    st, binf = path / "adapter_model.safetensors", path / "adapter_model.bin"
+    if st.is_file():
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(st, framework="pt") as f:  # "pt": reads bf16, which numpy lacks
+                return {k: f.get_tensor(k).float().numpy() for k in f.keys()}
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise Lora2GGUFError(f"{st}: not a readable safetensors file ({e})") from None
+    if binf.is_file():
+        import pickle
+
+        import torch
+
+        try:  # weights_only: tensors and plain containers only, never arbitrary objects
+            sd = torch.load(binf, map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as e:
+            raise Lora2GGUFError(f"{binf}: refused to load ({str(e).splitlines()[0][:200]}); only plain "
+                                 "tensor files are accepted") from None
+        if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+            raise Lora2GGUFError(f"{binf}: expected a dict of tensors")
+        return {k: v.float().numpy() for k, v in sd.items()}
+    raise Lora2GGUFError(f"{path}: no adapter_model.safetensors or adapter_model.bin")
+
+
+_LORA_KEY = re.compile(r"(.+?)\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)"
+                       r"(?:\.default)?(?:\.(weight|bias))?$")
+
+
+def load_peft(path: str | Path) -> PeftAdapter:
+    """Read and validate a PEFT LoRA directory (adapter_config.json + adapter_model.safetensors/.bin)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise Lora2GGUFError(f"{path}: not a directory; expected a PEFT adapter directory")
+    cfg = read_config(path)
+    tensors = read_tensors(path)
+    parts: dict[str, dict[str, np.ndarray]] = {}
+    full: dict[str, np.ndarray] = {}
+    for key, t in tensors.items():
+        name = key[len(PREFIX):] if key.startswith(PREFIX) else key
+        if not np.all(np.isfinite(t)):
+            raise Lora2GGUFError(f"{path}: tensor {key} contains NaN or Inf; the adapter is broken "
+                                 "(retrain, or check the training run for divergence)")
+        m = _LORA_KEY.match(name)
+        if m:
+            mod, kind, suffix = m.groups()
+            parts.setdefault(mod, {})[kind + (".bias" if suffix == "bias" else "")] = t
+        elif name.endswith(".base_layer.weight"):
+            continue  # a copy of the base weight PEFT saves beside embedding LoRA; not part of the update
+        elif name.endswith(".base_layer.bias"):
+            full[name.replace(".base_layer.", ".")] = t  # bias="all"/"lora_only": a trained bias
+        else:
+            full[name.replace(".modules_to_save.default.", ".").replace(".original_module.", ".")] = t
+    if not parts and not full:
+        raise Lora2GGUFError(f"{path}: the adapter holds no LoRA tensors")
+    fan = bool(cfg.get("fan_in_fan_out", False))
+    modules: dict[str, ModuleLoRA] = {}
+    for mod, p in sorted(parts.items()):
+        emb = "lora_embedding_A" in p or "lora_embedding_B" in p
+        ka, kb = ("lora_embedding_A", "lora_embedding_B") if emb else ("lora_A", "lora_B")
+        if ka not in p or kb not in p:
+            have, miss = (ka, kb) if ka in p else (kb, ka)
+            raise Lora2GGUFError(f"{path}: {mod}.{have} has no matching {miss}; the adapter file is incomplete")
+        A, B = p[ka], p[kb]
+        if A.ndim != 2 or B.ndim != 2 or A.shape[0] != B.shape[1]:
+            raise Lora2GGUFError(f"{path}: {mod}: {ka} {tuple(A.shape)} and {kb} {tuple(B.shape)} "
+                                 "do not multiply (rank mismatch); the adapter file is corrupt")
+        r, alpha, scale = peft_scale(cfg, mod)
+        if r != A.shape[0]:
+            raise Lora2GGUFError(f"{path}: {mod} has rank {A.shape[0]} but adapter_config.json says r={r} "
+                                 "(check r / rank_pattern)")
+        modules[mod] = ModuleLoRA(mod, A, B, r, alpha, scale, embedding=emb, fan_in_fan_out=fan and not emb,
+                                  magnitude=p.get("lora_magnitude_vector"), bias=p.get("lora_B.bias"))
+    return PeftAdapter(path, cfg, modules, full)
+
+
+def describe_peft_dir(path: Path) -> dict:
+    a = load_peft(path)
+    ranks = sorted({m.r for m in a.modules.values()})
+    return {
+        "path": str(path), "kind": "peft-adapter", "base_model": a.config.get("base_model_name_or_path"),
+        "r": a.config["r"], "lora_alpha": a.config["lora_alpha"], "ranks": ranks,
+        "use_rslora": bool(a.config.get("use_rslora")), "use_dora": a.use_dora,
+        "target_modules": sorted({m.split(".")[-1] for m in a.modules}),
+        "modules": len(a.modules), "full_weights": sorted(a.full_weights),
+    }
+
+
+def merged_weight(w: np.ndarray, mods: list[tuple[ModuleLoRA, float]]) -> np.ndarray:
+    """The base weight (HF layout) with these adapters applied as PEFT computes them, in float64:
+    W + Σ u·s·B·A, where u is the user's scale and s PEFT's; a DoRA module contributes
+    (m / ‖W + u·s·B·A‖_row − 1)·W + (m / ‖W + u·s·B·A‖_row)·u·s·B·A (PEFT's DoRA forward, merged).
+    As in PEFT, each adapter's DoRA norm is taken against the base weight, not the others' sum."""
+    base = w.astype(np.float64)
+    out = base.copy()
+    for m, u in mods:
+        d = m.delta().astype(np.float64) if u == 1.0 else m.delta().astype(np.float64) * u
+        if m.magnitude is None:
+            out += d
+        else:
+            norm = np.linalg.norm(base + d, axis=1, keepdims=True)
+            g = m.magnitude.astype(np.float64).reshape(-1, 1) / norm
+            out += (g - 1.0) * base + g * d
+    return out
+
+
+def merged_bias(b: np.ndarray | None, n_out: int, mods: list[tuple[ModuleLoRA, float]]) -> np.ndarray | None:
+    """The module's bias after LoRA bias terms (lora_B.bias · s · u); None when nothing adds one."""
+    terms = [(m, u) for m, u in mods if m.bias is not None]
+    if not terms:
+        return b
+    out = np.zeros(n_out, np.float64) if b is None else b.astype(np.float64)
+    for m, u in terms:
+        out += m.bias.astype(np.float64) * m.scale * u
+    return out

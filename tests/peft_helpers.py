@@ -1,0 +1,47 @@
+"""Make real PEFT adapters (the `peft` library on a transformers model) for the tests."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def make_peft_adapter(hf_dir: str | Path, out_dir: str | Path, seed: int = 0, b_std: float = 0.05,
+                      **lora_kwargs) -> Path:
+    """A PEFT adapter saved by `save_pretrained`, for the transformers model in hf_dir, with random
+    non-zero A and B (PEFT initialises B to zero, which would make every check pass trivially).
+    b_std sets the size of B and so how far the adapter moves the output."""
+    import peft
+    import transformers
+
+    warnings.filterwarnings("ignore", category=UserWarning)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    pm = peft.get_peft_model(model, peft.LoraConfig(init_lora_weights=False, **lora_kwargs))
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_B" in name or "lora_embedding_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * b_std)
+            elif "lora_magnitude_vector" in name:  # move DoRA magnitudes off their init too
+                p.mul_(1 + 0.1 * torch.randn(p.shape, generator=gen))
+            elif name.endswith("modules_to_save.default.weight"):
+                p.add_(torch.randn(p.shape, generator=gen) * 0.1)
+    out_dir = Path(out_dir)
+    pm.save_pretrained(out_dir)
+    return out_dir
+
+
+def peft_logits(hf_dir: str | Path, adapter_dir: str | Path, tokens: list[int]) -> np.ndarray:
+    """Logits of transformers + PEFT (the real libraries) with the adapter loaded from disk."""
+    import peft
+    import transformers
+
+    warnings.filterwarnings("ignore", category=UserWarning)
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    pm = peft.PeftModel.from_pretrained(model, str(adapter_dir)).eval()
+    with torch.no_grad():
+        return pm(torch.tensor([tokens])).logits[0].float().numpy()
