@@ -38,3 +38,11 @@ def smollm2_f32() -> Path:
     from lora2gguf.smollm2 import smollm2_f32_gguf
 
     return smollm2_f32_gguf()
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf(smollm2_f32) -> Path:
+    """SmolLM2 as a transformers directory (same weights as the F32 GGUF copy), cached beside it."""
+    from peft_helpers import hf_dir_from_base
+
+    return hf_dir_from_base(smollm2_f32, smollm2_f32.parent / "SmolLM2-135M-Instruct-hf")
