@@ -33,12 +33,38 @@ def inspect_cmd(path: str, base: str | None, as_json: bool) -> None:
     click.echo(json.dumps(info, indent=2) if as_json else format_description(info))
 
 
+@cli.command("verify")
+@click.option("--base", required=True, type=click.Path(), help="The GGUF base llama.cpp serves.")
+@click.option("--lora", "loras", multiple=True, required=True, metavar="ADAPTER[:SCALE]",
+              help="GGUF LoRA file or PEFT directory, optionally with a scale (repeatable).")
+@click.option("--merged", type=click.Path(), help="A merged GGUF to check against the same reference.")
+@click.option("--runtime-lora", type=click.Path(), help="Check this GGUF LoRA (made by any tool) against "
+              "the PEFT directory given as --lora, instead of converting it on the fly.")
+@click.option("--text", "text_file", type=click.Path(), help="Text file to evaluate (default: a built-in passage).")
+@click.option("--prompts", "prompts_file", type=click.Path(), help="JSONL of chat messages for greedy checks.")
+@click.option("--tokens", "n_tokens", default=256, show_default=True, help="Tokens of text to evaluate.")
+@click.option("--max-kl", type=float, help="Override every mean-KL threshold.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object to stdout.")
+@click.pass_context
+def verify_cmd(ctx, base, loras, merged, runtime_lora, text_file, prompts_file, n_tokens, max_kl, as_json):
+    """Prove parity: reference (PyTorch, PEFT math) vs llama.cpp runtime LoRA vs merged file.
+    Exit 0 when every pair is within its threshold, 1 when not, 2 on bad input."""
+    from .verify import format_report, parse_lora_arg, read_prompts, read_text, verify
+
+    report = verify(base, [parse_lora_arg(a) for a in loras], merged=merged, runtime_lora=runtime_lora,
+                    text=read_text(text_file) if text_file else None,
+                    prompts=read_prompts(prompts_file) if prompts_file else None,
+                    n_tokens=n_tokens, max_kl=max_kl, verbose=ctx.obj["verbose"])
+    click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
+    ctx.exit(0 if report["pass"] else 1)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: bad input → `error: <one line>` on stderr and exit 2 (traceback only with -v)."""
     args = sys.argv[1:] if argv is None else argv
     verbose = "-v" in args or "--verbose" in args
     try:
-        cli.main(args=args, prog_name="lora2gguf", standalone_mode=False)
+        rc = cli.main(args=args, prog_name="lora2gguf", standalone_mode=False)
     except Lora2GGUFError as e:
         if verbose:
             raise
@@ -53,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         return 130
-    return 0
+    return rc if isinstance(rc, int) else 0
 
 
 if __name__ == "__main__":
