@@ -78,9 +78,13 @@ def write_streaming(path: Path, writer: GGUFWriter, plan: list[PlannedTensor],
                     data: Iterable[np.ndarray], progress: Callable[[PlannedTensor], None] | None = None) -> None:
     """Write header, metadata and tensor infos, then each tensor's bytes as `data` yields them (in plan
     order), so only one tensor is in memory at a time. `writer` must carry the metadata already."""
+    from gguf.quants import quant_shape_to_byte_shape
+
     for t in plan:
-        writer.add_tensor_info(t.name, t.shape, np.dtype(np.uint8) if t.type not in (
-            GGMLQuantizationType.F32, GGMLQuantizationType.F16) else (
+        raw = t.type not in (GGMLQuantizationType.F32, GGMLQuantizationType.F16)
+        # GGUFWriter takes the *byte* shape for uint8 data (quantized, BF16) and converts it back.
+        writer.add_tensor_info(t.name, quant_shape_to_byte_shape(t.shape, t.type) if raw else t.shape,
+                               np.dtype(np.uint8) if raw else (
             np.dtype(np.float32) if t.type == GGMLQuantizationType.F32 else np.dtype(np.float16)),
             t.nbytes, raw_dtype=t.type)
     writer.write_header_to_file(path)
