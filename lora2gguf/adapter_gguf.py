@@ -1,0 +1,172 @@
+"""Read a GGUF LoRA adapter (ours or llama.cpp's convert_lora_to_gguf.py) back into the HF-layout
+structure of adapter.PeftAdapter, with exactly llama.cpp's run-time semantics: per tensor,
+scale = alpha / r with r the rank of that tensor, and alpha == 0 meaning scale 1.
+
+Merge, verify and export use this to get "what does this GGUF adapter add to which HF weight"."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from . import archs
+from .adapter import ModuleLoRA, PeftAdapter
+from .errors import Lora2GGUFError
+from .gguf_file import GGUFFile
+
+TOKEN_EMBD = "token_embd.weight"
+
+
+def _check_header(f: GGUFFile) -> str:
+    if f.get("general.type") != "adapter":
+        raise Lora2GGUFError(f"{f.path}: general.type is {f.get('general.type')!r}, not 'adapter'; "
+                             "this is not a GGUF LoRA adapter")
+    if f.get("adapter.type") != "lora":
+        raise Lora2GGUFError(f"{f.path}: adapter.type is {f.get('adapter.type')!r}; only 'lora' adapters are supported")
+    arch = f.get("general.architecture")
+    if arch is None:
+        raise Lora2GGUFError(f"{f.path}: no general.architecture in the adapter's metadata")
+    return archs.arch_facts(arch, str(f.path)).name
+
+
+def _pairs(f: GGUFFile) -> dict[str, tuple[str, str]]:
+    """base tensor name → (lora_a tensor name, lora_b tensor name); norms are skipped as llama.cpp does."""
+    parts: dict[str, dict[str, str]] = {}
+    for name in f.tensors:
+        m = re.fullmatch(r"(.+)\.lora_(a|b)", name)
+        if m:
+            parts.setdefault(m.group(1), {})[m.group(2)] = name
+        elif not name.endswith("_norm.weight"):
+            raise Lora2GGUFError(f"{f.path}: tensor {name} is neither .lora_a nor .lora_b; not a LoRA adapter llama.cpp loads")
+    for base_name, p in parts.items():
+        if len(p) != 2:
+            raise Lora2GGUFError(f"{f.path}: {base_name} has lora_{'a' if 'a' in p else 'b'} without its pair; "
+                                 "the adapter is incomplete")
+    return {k: (p["a"], p["b"]) for k, p in sorted(parts.items())}
+
+
+def _n_layer(names) -> int:
+    blocks = [int(m.group(1)) for n in names if (m := re.match(r"blk\.(\d+)\.", n))]
+    return max(blocks) + 1 if blocks else 1
+
+
+def load_gguf_lora(path: str | os.PathLike, spec=None) -> PeftAdapter:
+    """The adapter as PeftAdapter: HF module names, A (r, in) / B (out, r) in HF layout (q/k rows of B
+    un-permuted for llama-family archs, token_embd's flipped pair turned back into PEFT's
+    lora_embedding_A/B), and scale = alpha_file / r per module (1 when alpha is 0), as llama.cpp applies
+    it. `spec` (base.ModelSpec) is needed to un-permute q/k of llama-family archs; shapes are checked
+    against it when given."""
+    path = Path(path)
+    with GGUFFile(path) as f:
+        arch = _check_header(f)
+        if spec is not None and spec.arch != arch:
+            raise Lora2GGUFError(f"{path}: adapter is for arch {arch}, the base is {spec.arch}; "
+                                 "llama.cpp refuses it (\"model arch and LoRA arch mismatch\")")
+        alpha = float(f.get("adapter.lora.alpha", 0.0))
+        pairs = _pairs(f)
+        if not pairs:
+            raise Lora2GGUFError(f"{path}: the adapter holds no LoRA tensors")
+        n_layer = spec.n_layer if spec is not None else _n_layer(pairs)
+        hf_of = {archs.gguf_name(arch, n_layer, h): h for h in archs.hf_tensor_names(arch, n_layer, tied=False)}
+        permute = archs.ARCHS[arch].permute_qk
+        modules: dict[str, ModuleLoRA] = {}
+        for gname, (ka, kb) in pairs.items():
+            hf = hf_of.get(gname)
+            if hf is None or not hf.endswith(".weight") or hf.endswith("norm.weight"):
+                raise Lora2GGUFError(f"{path}: LoRA on {gname}, which is not a projection or embedding of a "
+                                     f"{n_layer}-layer {arch} model")
+            a, b = f.tensor(ka), f.tensor(kb)
+            if a.ndim != 2 or b.ndim != 2:
+                raise Lora2GGUFError(f"{path}: {ka}/{kb} are not matrices")
+            emb = gname == TOKEN_EMBD
+            if emb:  # llama.cpp: lora_a (vocab, r) gathered by token, lora_b (dim, r) = PEFT's B
+                A, B = a.T, b
+            else:  # lora_a (r, in), lora_b (out, r): PEFT's lora_A / lora_B
+                A, B = a, b
+            if A.shape[0] != B.shape[1]:
+                raise Lora2GGUFError(f"{path}: {ka} {a.shape} and {kb} {b.shape} do not multiply; the file is corrupt")
+            mod = hf[: -len(".weight")]
+            heads = archs.qk_heads(hf, spec.n_head, spec.n_head_kv) if spec is not None else None
+            if permute and spec is None and archs.qk_heads(hf, 1, 1):
+                raise Lora2GGUFError(f"{path}: {arch} stores q/k rows permuted; pass the base model so that "
+                                     "they can be un-permuted")
+            if permute and heads:
+                B = archs.unpermute_rows(B, heads)
+            r = int(A.shape[0])
+            scale = alpha / r if alpha else 1.0
+            modules[mod] = ModuleLoRA(mod, np.ascontiguousarray(A), np.ascontiguousarray(B), r,
+                                      alpha if alpha else float(r), scale, embedding=emb)
+        ranks = Counter(m.r for m in modules.values())
+        config = {"peft_type": "LORA", "r": ranks.most_common(1)[0][0], "lora_alpha": alpha,
+                  "target_modules": sorted(modules), "gguf": provenance(f)}
+    adapter = PeftAdapter(path, config, modules)
+    if spec is not None:
+        from .convert import check_tied_embedding
+
+        adapter.check_base(spec, "the base")
+        check_tied_embedding(modules, spec, path, "the base")
+    return adapter
+
+
+def provenance(f: GGUFFile) -> dict:
+    """Our lora2gguf.* metadata (except the fingerprint sample), decoded."""
+    out = {}
+    for key, field in f.fields.items():
+        if not key.startswith("lora2gguf.") or key == "lora2gguf.base.sample":
+            continue
+        v = field.value
+        if isinstance(v, np.ndarray):
+            v = v.tolist()
+        elif not isinstance(v, (str, int, float, bool)):
+            v = list(v)
+        if key == "lora2gguf.peft_config":
+            try:
+                v = json.loads(v)
+            except (TypeError, json.JSONDecodeError):
+                pass
+        out[key[len("lora2gguf."):]] = v
+    return out
+
+
+def describe_gguf_adapter(f: GGUFFile, base: str | os.PathLike | None = None) -> dict:
+    """For `lora2gguf inspect`: alpha, ranks, targets, tensor dtypes, our provenance; with base=…, whether
+    the base's fingerprint matches the one recorded at conversion."""
+    from . import fingerprint
+
+    arch = _check_header(f)
+    pairs = _pairs(f)
+    alpha = float(f.get("adapter.lora.alpha", 0.0))
+    ranks = {}
+    for gname, (ka, kb) in pairs.items():
+        b = f.tensors[kb]
+        ranks[gname] = int(b.shape[-1])  # ggml ne[0] of lora_b: the rank llama.cpp divides by
+    targets = sorted({re.sub(r"^blk\.\d+\.", "", g).removesuffix(".weight") for g in pairs})
+    info = {
+        "lora_alpha": alpha, "ranks": sorted(set(ranks.values())), "targets": targets, "lora_tensors": len(pairs),
+        "layers": sorted({int(m.group(1)) for g in pairs if (m := re.match(r"blk\.(\d+)\.", g))}),
+        "dtypes": dict(Counter(f.tensors[k].type.name for ab in pairs.values() for k in ab)),
+        "scales": sorted({(alpha / r if alpha else 1.0) for r in ranks.values()}),
+        "provenance": provenance(f) or None,
+    }
+    if base is not None:
+        from .base import open_base
+
+        with open_base(base) as b:
+            if b.spec.arch != arch:
+                info["base_check"] = {"match": False, "verdict": f"arch mismatch: adapter {arch}, base {b.spec.arch}"}
+                return info
+            recorded = fingerprint.from_gguf_fields(f)
+            if recorded is None:
+                info["base_check"] = {"match": None, "verdict": "no fingerprint recorded (not written by lora2gguf)"}
+            else:
+                info["base_check"] = fingerprint.compare(recorded, fingerprint.fingerprint(b))
+            try:
+                load_gguf_lora(f.path, b.spec)
+            except Lora2GGUFError as e:
+                info["base_check"] = {"match": False, "verdict": f"does not fit the base: {e}"}
+    return info
