@@ -1,0 +1,308 @@
+"""`lora2gguf merge`: bake LoRA adapters into a GGUF base, writing any llama.cpp type.
+
+Math: PEFT's own (adapter.merged_weight / merged_bias, float64: rsLoRA, rank/alpha patterns, DoRA),
+applied in HF layout (q/k un-permuted, then permuted back for the llama family). modules_to_save and
+trained biases replace their tensor. A lm_head adapter on a tied base gets a new, untied output.weight.
+
+Streaming: the plan (names, shapes, types) is fixed up front from the base's header, then tensors are
+read, merged and written one at a time (row blocks for the float64 math), read with pread rather than
+through the base's memory map so that finished tensors do not stay resident.
+
+Types: f32/f16/bf16 are written directly. Quantized types go through an intermediate file in the output
+directory (merged tensors F32, untouched tensors byte-for-byte as in the base) and llama.cpp's quantizer,
+which copies every tensor already of its target type and quantizes the rest. So from a float base the
+result is byte-identical to `llama-quantize` of our f32 output, and from a quantized base the tensors
+no adapter touches keep their exact bytes wherever their type is what the output uses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import os
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from gguf import GGMLQuantizationType, GGUFWriter, LlamaFileType
+
+from . import archs
+from .adapter import ModuleLoRA, PeftAdapter, merged_bias, merged_weight
+from .base import GGUFBase
+from .errors import Lora2GGUFError
+from .gguf_file import TensorInfo
+from .gguf_write import PlannedTensor, atomic_output, check_output, copy_fields, encode, nbytes_of, write_streaming
+from .quantize import OutputType, llama_quantize, output_type, takes_file_type
+
+F32 = GGMLQuantizationType.F32
+KEY_ADAPTERS, KEY_SCALES, KEY_SHA256 = "lora2gguf.merge.adapters", "lora2gguf.merge.scales", "lora2gguf.merge.sha256"
+ROW_BLOCK = 1 << 20  # elements per float64 block of the merge math (8 MB)
+
+# Bias tensors llama.cpp loads when present (optional slots), by HF module suffix: q/k/v for every arch
+# (create_tensor_qkv in llama-model.cpp), o/gate/up/down only for llama (src/models/llama.cpp).
+_QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+BIAS_SLOTS = {"llama": archs.LAYER_LINEARS, "qwen2": _QKV, "qwen3": _QKV}
+
+
+def parse_lora_arg(arg: str) -> tuple[str, float]:
+    """ADAPTER[:SCALE] → (path, scale); a path that itself contains ':' is taken whole when it exists."""
+    path, sep, tail = arg.rpartition(":")
+    if not sep or (Path(arg).exists() and not Path(path).exists()):
+        return arg, 1.0
+    try:
+        scale = float(tail)
+    except ValueError:
+        raise Lora2GGUFError(f"--lora {arg}: scale {tail!r} is not a number; write ADAPTER or ADAPTER:SCALE, "
+                             "e.g. my-adapter:0.5") from None
+    if not math.isfinite(scale):
+        raise Lora2GGUFError(f"--lora {arg}: scale must be a finite number")
+    return path, scale
+
+
+def _sha256(paths: list[Path]) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        with open(p, "rb") as fh:
+            while chunk := fh.read(1 << 22):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def load_adapter(path: str | os.PathLike, spec) -> tuple[PeftAdapter, str]:
+    """A PEFT directory or a GGUF LoRA file, in HF layout with its scale; and its sha256 fingerprint
+    (adapter_config.json then the weights for PEFT, the file for GGUF)."""
+    p = Path(path)
+    if p.is_dir():
+        from .adapter import load_peft
+
+        a = load_peft(p)
+        files = [p / "adapter_config.json"] + [f for f in (p / "adapter_model.safetensors", p / "adapter_model.bin")
+                                                 if f.is_file()][:1]
+        return a, _sha256(files)
+    if not p.is_file():
+        raise Lora2GGUFError(f"{p}: no such file or directory; --lora takes a PEFT directory or a GGUF LoRA file")
+    try:
+        from .adapter_gguf import load_gguf_lora
+    except ImportError:
+        raise Lora2GGUFError(f"{p}: reading GGUF LoRA files is not available in this version; "
+                             "pass the PEFT adapter directory instead") from None
+    return load_gguf_lora(p, spec), _sha256([p])
+
+
+@dataclass
+class Job:
+    """One output tensor: where its data comes from and what changes it."""
+
+    info: PlannedTensor  # name, shape (GGUF layout, numpy order), type written
+    source: TensorInfo | None  # base tensor read (token_embd for a new untied output); None: new bias
+    hf: str | None = None  # HF name of the output tensor (None: not a model tensor, copied as is)
+    loras: list[tuple[ModuleLoRA, float]] = dataclasses.field(default_factory=list)
+    replacement: np.ndarray | None = None  # modules_to_save / trained bias, HF layout
+
+    @property
+    def touched(self) -> bool:
+        return bool(self.loras) or self.replacement is not None
+
+
+def _plan(base: GGUFBase, adapters: list[tuple[PeftAdapter, float]]) -> list[Job]:
+    """Every output tensor in base order (new biases after their weight, a new output.weight last), with
+    its LoRA terms, checked against what llama.cpp can load. Types are set later."""
+    spec, tensors = base.spec, base.file.tensors
+    by_module: dict[str, list[tuple[ModuleLoRA, float]]] = {}
+    full: dict[str, np.ndarray] = {}
+    for a, u in adapters:
+        for name, m in a.modules.items():
+            by_module.setdefault(name, []).append((m, u))
+        full.update(a.full_weights)  # the last adapter wins, as in reference.reference_model
+    hf_of = {base.gguf_name(h): h for h in base.hf_names()}
+    if spec.tied_embeddings:
+        hf_of["output.weight"] = "lm_head.weight"
+    wanted: dict[str, str] = {}  # gguf name → hf name of tensors the adapters change
+    for module, mods in by_module.items():
+        wanted[base.gguf_name(module + ".weight")] = module + ".weight"
+        if any(m.bias is not None for m, _ in mods):
+            wanted[base.gguf_name(module + ".bias")] = module + ".bias"
+    for hf in full:
+        try:
+            g = base.gguf_name(hf)
+        except Lora2GGUFError:
+            g = None
+        if g is None or (g not in hf_of and not hf.endswith(".bias")):
+            raise Lora2GGUFError(f"adapter replaces {hf}, which {base.path} does not have")
+        wanted[g] = hf
+    for g, hf in wanted.items():
+        if g not in tensors and hf.endswith(".bias"):
+            module = hf[:-len(".bias")]
+            if not any(module.endswith(s) for s in BIAS_SLOTS[spec.arch]):
+                raise Lora2GGUFError(f"adapter adds a bias to {module}, but llama.cpp's {spec.arch} has no bias "
+                                     f"tensor there (only {', '.join(s.split('.')[-1] for s in BIAS_SLOTS[spec.arch])}); "
+                                     "retrain without lora_bias / bias='all' for that module")
+
+    def job(g: str, shape: tuple[int, ...], source: TensorInfo | None) -> Job:
+        hf = wanted.get(g)
+        if hf is None:
+            return Job(PlannedTensor(g, shape, source.type, source.nbytes), source)
+        mods = by_module.get(hf.rsplit(".", 1)[0], [])
+        if hf.endswith(".bias"):
+            mods = [(m, u) for m, u in mods if m.bias is not None]
+        return Job(PlannedTensor(g, shape, F32, 4 * int(np.prod(shape))), source, hf, mods, full.get(hf))
+
+    jobs = []
+    for g, t in tensors.items():
+        jobs.append(job(g, t.shape, t))
+        if g.endswith(".weight") and (b := g[:-len("weight")] + "bias") in wanted and b not in tensors:
+            jobs.append(job(b, (t.shape[0],), None))
+    if "output.weight" in wanted and "output.weight" not in tensors:  # untie: the head starts from the embedding
+        emb = tensors["token_embd.weight"]
+        jobs.append(job("output.weight", emb.shape, emb))
+    return jobs
+
+
+def _read(fh, t: TensorInfo) -> np.ndarray:
+    """The tensor's bytes, read into fresh memory (freed after use, unlike pages of a memory map)."""
+    buf = np.empty(t.nbytes, np.uint8)
+    view, got = memoryview(buf), 0
+    fh.seek(t.offset)
+    while got < t.nbytes:
+        n = fh.readinto(view[got:])
+        if not n:
+            raise Lora2GGUFError(f"tensor {t.name}: the base file ended early; it is truncated")
+        got += n
+    return buf
+
+
+def _decode(raw: np.ndarray, t: TensorInfo) -> np.ndarray:
+    """float32 in GGUF layout (numpy order), from any GGML type gguf-py can dequantize."""
+    if t.type == F32:
+        return raw.view(np.float32).reshape(t.shape)
+    if t.type == GGMLQuantizationType.F16:
+        return raw.view(np.float16).reshape(t.shape).astype(np.float32)
+    from gguf.quants import dequantize, quant_shape_to_byte_shape
+
+    try:
+        return dequantize(raw.reshape(quant_shape_to_byte_shape(t.shape, t.type)), t.type).reshape(t.shape)
+    except NotImplementedError:
+        raise Lora2GGUFError(f"tensor {t.name} has type {t.type.name}, which gguf-py cannot dequantize") from None
+
+
+def _rows(m: ModuleLoRA, rows: slice) -> ModuleLoRA:
+    """The part of a module's LoRA that produces these output rows (ΔW rows are rows of B, or columns of A
+    for embeddings); DoRA's per-row magnitude goes with them."""
+    if m.embedding or m.fan_in_fan_out:
+        return dataclasses.replace(m, A=m.A[:, rows], bias=None)
+    mag = None if m.magnitude is None else m.magnitude[rows]
+    return dataclasses.replace(m, B=m.B[rows], magnitude=mag, bias=None)
+
+
+def _merge_rows(w: np.ndarray, mods: list[tuple[ModuleLoRA, float]]) -> np.ndarray:
+    """merged_weight in row blocks (every term, DoRA's row norms included, is row-wise for linear layers),
+    so the float64 temporaries stay small whatever the tensor's size."""
+    if any(m.magnitude is not None and (m.embedding or m.fan_in_fan_out) for m, _ in mods):
+        return merged_weight(w, mods).astype(np.float32)  # DoRA on an embedding: no row split, whole tensor
+    out = np.empty(w.shape, np.float32)
+    step = max(1, ROW_BLOCK // max(1, w.shape[1]))
+    for i in range(0, w.shape[0], step):
+        rows = slice(i, i + step)
+        out[rows] = merged_weight(w[rows], [(_rows(m, rows), u) for m, u in mods])
+    return out
+
+
+def _merged(fh, job: Job, spec) -> np.ndarray:
+    """The output tensor in GGUF layout, float32."""
+    heads = archs.qk_heads(job.hf, spec.n_head, spec.n_head_kv) if spec.facts.permute_qk else None
+    if job.replacement is not None:
+        t = np.asarray(job.replacement, np.float32)
+    else:
+        base = None if job.source is None else _decode(_read(fh, job.source), job.source)
+        if base is not None and heads:
+            base = archs.unpermute_rows(base, heads)
+        if job.hf.endswith(".bias"):
+            t = np.asarray(merged_bias(base, job.info.shape[0], job.loras), np.float32)
+        else:
+            t = _merge_rows(base, job.loras)
+    if t.shape != job.info.shape:
+        raise Lora2GGUFError(f"adapter gives {job.hf} shape {t.shape}, the base has {job.info.shape}")
+    return archs.permute_rows(t, heads) if heads else t
+
+
+def _set_types(jobs: list[Job], out: OutputType) -> None:
+    """Direct types: llama.cpp's choice per tensor (file type for 2-D weights, others keep theirs; merged
+    1-D tensors F32). Quantized types: the intermediate keeps untouched tensors as they are, merged F32."""
+    for j in jobs:
+        if out.direct is None or not takes_file_type(j.info.name, j.info.shape):
+            continue
+        j.info = PlannedTensor(j.info.name, j.info.shape, out.direct, nbytes_of(j.info.shape, out.direct))
+
+
+def _tensor_data(fh, job: Job, spec) -> np.ndarray:
+    src, want = job.source, job.info.type
+    if not job.touched:
+        if src.type == want:
+            return _read(fh, src)  # byte for byte
+        return encode(_decode(_read(fh, src), src), want)
+    t = _merged(fh, job, spec)
+    return t if want == F32 else encode(t, want)
+
+
+def _write(path: Path, base: GGUFBase, jobs: list[Job], ftype: LlamaFileType, record: dict, bar) -> None:
+    f = base.file
+    w = GGUFWriter(None, base.spec.arch)
+    copy_fields(f, w, skip=lambda k: k == "general.file_type" or k.startswith("lora2gguf.merge."))
+    w.add_file_type(int(ftype))
+    for key, values in record.items():  # earlier merges of this base stay on record, first
+        old = f.get(key)
+        w.add_array(key, (old.tolist() if isinstance(old, np.ndarray) else list(old or [])) + values)
+    with open(base.path, "rb", buffering=0) as fh:
+        write_streaming(path, w, [j.info for j in jobs], (_tensor_data(fh, j, base.spec) for j in jobs),
+                        progress=lambda t: bar.update(1))
+
+
+def merge(base: str | os.PathLike, loras: list[tuple[str | os.PathLike, float]], out: str | os.PathLike,
+          quant: str = "f16", threads: int | None = None, force: bool = False, progress: bool | None = None,
+          verbose: bool = False) -> Path:
+    """Merge (adapter, scale) pairs into the GGUF base and write `out` as `quant`. Everything that can be
+    wrong with the request is checked before any tensor is read. progress=None: a bar when stderr is a tty."""
+    from tqdm import tqdm
+
+    qtype = output_type(quant)
+    if not loras:
+        raise Lora2GGUFError("no adapter given; pass --lora ADAPTER[:SCALE] at least once")
+    for p, s in loras:
+        if not math.isfinite(float(s)):
+            raise Lora2GGUFError(f"--lora {p}: scale must be a finite number")
+    out = check_output(out, force, [base, *[p for p, _ in loras]])
+    if Path(base).is_dir():
+        raise Lora2GGUFError(f"{base}: merge needs a GGUF base file (BASE.gguf), not a directory")
+    with GGUFBase(base) as b:
+        if int(b.file.get("split.count", 1)) > 1:
+            raise Lora2GGUFError(f"{base}: a split GGUF (shard of {b.file.get('split.count')}); join the shards "
+                                 "first with llama-gguf-split --merge")
+        adapters, record = [], {KEY_ADAPTERS: [], KEY_SCALES: [], KEY_SHA256: []}
+        for p, s in loras:
+            a, digest = load_adapter(p, b.spec)
+            a.check_base(dataclasses.replace(b.spec, tied_embeddings=False), f"base {b.path.name}")
+            adapters.append((a, float(s)))
+            record[KEY_ADAPTERS].append(Path(p).name)
+            record[KEY_SCALES].append(float(s))
+            record[KEY_SHA256].append(digest)
+        jobs = _plan(b, adapters)
+        _set_types(jobs, qtype)
+        n = len(jobs)
+        with tqdm(total=n if qtype.direct else 2 * n, desc=f"merge → {qtype.label}", unit="tensor", file=sys.stderr,
+                  disable=(not sys.stderr.isatty()) if progress is None else not progress) as bar, \
+                atomic_output(out) as tmp:
+            if qtype.direct is not None:
+                _write(tmp, b, jobs, qtype.ftype, record, bar)
+                return out
+            fd, mid = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".merged.part", dir=out.parent)
+            os.close(fd)
+            try:  # F32 file type: the intermediate's metadata is exactly that of our f32 output
+                _write(Path(mid), b, jobs, LlamaFileType.ALL_F32, record, bar)
+                bar.set_description(f"quantize → {qtype.label}")
+                llama_quantize(mid, tmp, qtype.ftype, threads, verbose, on_tensor=lambda: bar.update(1))
+            finally:
+                Path(mid).unlink(missing_ok=True)
+    return out
