@@ -1,0 +1,463 @@
+"""`lora2gguf train`: LoRA training on the weights of the GGUF you serve (dequantized), with its tokenizer.
+
+One optimizer step consumes a global batch of batch_size × grad_accum sequences, drawn from a seeded
+permutation of the data per epoch; the loss is the mean over the global batch's trained tokens, so the
+same run under grad accumulation or torchrun (each rank a shard of every micro-batch) computes the same
+update. Only LoRA A/B train (AdamW, warmup + cosine, clipping); the base is frozen. Ctrl-C finishes the
+current step, saves OUT/checkpoint-<step> and exits; --resume continues from the latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import Lora2GGUFError
+from .lora import adapter_config, inject_lora, lora_parameters, lora_state_dict, load_lora_state, save_adapter
+
+LOG_NAME, PLOT_NAME, STATE_NAME = "train_log.jsonl", "loss.png", "trainer_state.pt"
+# Changing any of these between a checkpoint and --resume would silently train another run.
+RESUME_KEYS = ("rank", "alpha", "rslora", "dropout", "targets", "batch_size", "grad_accum", "seq_len", "seed",
+               "lr", "warmup", "weight_decay", "max_grad_norm")
+
+
+@dataclass
+class TrainConfig:
+    base: str
+    data: str
+    out: str
+    eval_data: str | None = None
+    tokenizer: str | None = None  # a GGUF whose tokenizer to use (required for an HF-directory base)
+    rank: int = 16
+    alpha: float = 32.0
+    rslora: bool = False
+    dropout: float = 0.05
+    targets: str = "all-linear"
+    lr: float = 2e-4
+    steps: int | None = None
+    epochs: float | None = None  # default: 1 epoch when neither steps nor epochs is given
+    batch_size: int = 4  # sequences per micro-batch, over all processes together
+    grad_accum: int = 1
+    seq_len: int = 1024
+    warmup: int | None = None  # steps; default 3% of the run
+    max_grad_norm: float = 1.0
+    weight_decay: float = 0.0
+    device: str = "auto"
+    dtype: str = "auto"
+    grad_checkpointing: bool = False
+    seed: int = 0
+    save_every: int = 0
+    eval_every: int | None = None  # default: ten evaluations per run
+    resume: bool = False
+    gguf: str | None = None
+    force: bool = False
+    progress: bool = True
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    steps: int
+    losses: list[float] = field(default_factory=list)  # per step, this run (not the resumed part)
+    eval_loss: float | None = None
+    gguf: Path | None = None
+    model: nn.Module | None = None
+    layers: dict | None = None
+    optimizer: torch.optim.Optimizer | None = None
+    rank: int = 0
+
+
+class LossModel(nn.Module):
+    """The model plus its loss, in one forward, so that DistributedDataParallel sees the whole step."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids, attention_mask, targets):
+        logits = self.model(ids, attention_mask)
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
+
+
+def pick_device(name: str, local_rank: int = 0) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise Lora2GGUFError("--device cuda: this torch build sees no CUDA device; use --device cpu or "
+                                 "install a CUDA build of torch (see README)")
+        return torch.device("cuda", local_rank)
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise Lora2GGUFError("--device mps: MPS is not available here; use --device cpu")
+    if name not in ("cpu", "mps"):
+        raise Lora2GGUFError(f"--device {name}: expected auto, cpu, cuda or mps")
+    return torch.device(name)
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    """Compute dtype: bf16 autocast on CUDA by default (fp16 where bf16 is missing), fp32 elsewhere."""
+    if name == "auto":
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if name not in dtypes:
+        raise Lora2GGUFError(f"--dtype {name}: expected auto, bf16, fp16 or fp32")
+    return dtypes[name]
+
+
+def lr_lambda(warmup: int, total: int):
+    def f(step: int) -> float:  # linear warmup from 0, then cosine to 0 (transformers' cosine schedule)
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+    return f
+
+
+class Order:
+    """The data stream: epoch e visits the examples in a permutation seeded by (seed, e)."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self._perms = n, seed, {}
+
+    def __getitem__(self, pos: int) -> int:
+        epoch = pos // self.n
+        if epoch not in self._perms:
+            self._perms = {epoch: torch.randperm(self.n, generator=torch.Generator().manual_seed(
+                self.seed * 1_000_003 + epoch)).tolist()}
+        return self._perms[epoch][pos % self.n]
+
+
+def rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(s: dict) -> None:
+    torch.set_rng_state(s["torch"])
+    random.setstate(s["python"])
+    if s.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    ckpts = [p for p in out.glob("checkpoint-*") if (p / STATE_NAME).is_file() and p.name[11:].isdigit()]
+    return max(ckpts, key=lambda p: int(p.name[11:]), default=None)
+
+
+class Interrupt:
+    """First Ctrl-C: finish the step, save a checkpoint, stop. A second one stops at once."""
+
+    def __init__(self):
+        self.requested, self._old = False, None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\ninterrupt: saving a checkpoint after this step (Ctrl-C again to stop now)", file=sys.stderr)
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+
+
+def check_config(cfg: TrainConfig) -> None:
+    checks = [(cfg.rank >= 1, "--rank must be at least 1"), (cfg.lr > 0, "--lr must be positive"),
+              (cfg.batch_size >= 1, "--batch-size must be at least 1"), (cfg.grad_accum >= 1, "--grad-accum must be at least 1"),
+              (cfg.seq_len >= 2, "--seq-len must be at least 2"), (0 <= cfg.dropout < 1, "--dropout must be in [0, 1)"),
+              (cfg.steps is None or cfg.steps >= 1, "--steps must be at least 1"),
+              (cfg.epochs is None or cfg.epochs > 0, "--epochs must be positive"),
+              (cfg.steps is None or cfg.epochs is None, "give --steps or --epochs, not both"),
+              (cfg.save_every >= 0, "--save-every must be 0 (off) or positive"),
+              (cfg.warmup is None or cfg.warmup >= 0, "--warmup must not be negative")]
+    for ok, msg in checks:
+        if not ok:
+            raise Lora2GGUFError(msg)
+
+
+def prepare_output(cfg: TrainConfig, rank: int) -> Path:
+    """Refuse before any heavy work: an existing run without --force/--resume, an unusable --gguf path."""
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise Lora2GGUFError(f"{out}: is a file; -o takes a directory for the adapter")
+    if cfg.resume:
+        if not out.is_dir() or latest_checkpoint(out) is None:
+            raise Lora2GGUFError(f"{out}: no checkpoint-<step> directory to resume from; run without --resume")
+    elif out.is_dir() and any(out.iterdir()):
+        if not cfg.force:
+            raise Lora2GGUFError(f"{out}: already exists and is not empty; pass --resume to continue its run or "
+                                 "--force to start over (its checkpoints and log are removed)")
+        if rank == 0:
+            for p in out.glob("checkpoint-*"):
+                shutil.rmtree(p, ignore_errors=True)
+            (out / LOG_NAME).unlink(missing_ok=True)
+    if cfg.gguf:
+        from .gguf_write import check_output
+
+        check_output(cfg.gguf, cfg.force, [cfg.base])
+        try:
+            from .convert import convert  # noqa: F401
+        except ImportError:
+            raise Lora2GGUFError("--gguf needs lora2gguf.convert, which this installation lacks; train without "
+                                 "--gguf and convert later") from None
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def open_tokenizer(cfg: TrainConfig):
+    from .data import Tokenizer
+
+    path = cfg.tokenizer or cfg.base
+    if Path(path).is_dir() or Path(path).name == "config.json":
+        raise Lora2GGUFError(f"{cfg.base}: a Hugging Face directory has no GGUF tokenizer; pass --tokenizer "
+                             "MODEL.gguf (the GGUF you will serve) so training sees the tokens llama.cpp makes")
+    if not Path(path).is_file():
+        raise Lora2GGUFError(f"{path}: no such file")
+    return Tokenizer(path)
+
+
+def file_sha256(path: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def plot_losses(log_path: Path, png_path: Path, warn) -> None:
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        warn("warning: matplotlib is not installed; no loss-curve PNG (pip install matplotlib)")
+        return
+    rows = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+    fig = Figure(figsize=(6, 4))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="train")
+    ev = [r for r in rows if r.get("eval_loss") is not None]
+    if ev:
+        ax.plot([r["step"] for r in ev], [r["eval_loss"] for r in ev], "o-", label="eval")
+    ax.set_xlabel("step"), ax.set_ylabel("loss"), ax.legend(), ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png_path)
+
+
+def train(cfg: TrainConfig, on_step=None) -> TrainResult:
+    """Train and save a PEFT adapter in cfg.out. `on_step(step)` is called after each completed step."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local = (int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))) if world > 1 else (0, 0)
+    warn = (lambda msg: print(msg, file=sys.stderr)) if rank == 0 else (lambda msg: None)
+    check_config(cfg)
+    if cfg.batch_size % world:
+        raise Lora2GGUFError(f"--batch-size {cfg.batch_size} must be a multiple of the {world} processes")
+    device = pick_device(cfg.device, local)
+    cdtype = pick_dtype(cfg.dtype, device)
+    out = prepare_output(cfg, rank)
+    if world > 1:
+        import torch.distributed as dist
+
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        return _train(cfg, on_step, out, device, cdtype, rank, world, warn)
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
+
+
+def _train(cfg, on_step, out, device, cdtype, rank, world, warn) -> TrainResult:
+    from tqdm import tqdm
+
+    from .base import open_base
+    from .data import collate, load_dataset
+    from .lora import resolve_targets
+    from .model import Transformer
+
+    tok = open_tokenizer(cfg)
+    try:
+        train_ex = load_dataset(cfg.data, tok, cfg.seq_len, warn)
+        eval_ex = load_dataset(cfg.eval_data, tok, cfg.seq_len, warn) if cfg.eval_data else []
+    finally:
+        tok.close()
+    with open_base(cfg.base) as base:
+        if tok.n_vocab > base.spec.n_vocab:
+            raise Lora2GGUFError(f"{tok.path}: tokenizer has {tok.n_vocab} tokens but {cfg.base} has "
+                                 f"{base.spec.n_vocab}; use the tokenizer of this model")
+        model = Transformer.from_base(base, dtype=cdtype, device=device)  # frozen base in the compute dtype
+        base_name = base.spec.name or Path(cfg.base).name
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    layers = inject_lora(model, cfg.targets, cfg.rank, cfg.alpha, cfg.rslora, cfg.dropout)
+    model.grad_checkpointing = cfg.grad_checkpointing
+    model.train()
+    params = lora_parameters(layers)
+    trainable = {id(p) for p in params}
+    assert all(not p.requires_grad for p in model.parameters() if id(p) not in trainable), "base must be frozen"
+    net: nn.Module = LossModel(model)
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None,
+                                      broadcast_buffers=False)
+    G, B, K = cfg.batch_size * cfg.grad_accum, cfg.batch_size, cfg.grad_accum
+    total = cfg.steps or max(1, math.ceil((cfg.epochs or 1.0) * len(train_ex) / G))
+    warmup = cfg.warmup if cfg.warmup is not None else int(0.03 * total)
+    eval_every = cfg.eval_every or max(1, total // 10)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)  # LoRA A/B only
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(warmup, total))
+    amp = cdtype != torch.float32
+    scaler = torch.amp.GradScaler(device.type, enabled=cdtype == torch.float16)
+    args = {k: getattr(cfg, k) for k in RESUME_KEYS} | {
+        "targets": resolve_targets(cfg.targets), "warmup": warmup, "total_steps": total,
+        "data_sha256": file_sha256(cfg.data)}
+    config = adapter_config(args["targets"], cfg.rank, cfg.alpha, cfg.rslora, cfg.dropout, base_name)
+
+    start = 0
+    if cfg.resume:
+        from safetensors.torch import load_file
+
+        ck = latest_checkpoint(out)
+        state = torch.load(ck / STATE_NAME, map_location="cpu", weights_only=True)
+        changed = [k for k in args if state["args"].get(k) != args[k]]
+        if changed:
+            raise Lora2GGUFError(f"{ck}: this run differs from the checkpoint's in {', '.join(changed)}; resume "
+                                 "with the same settings and data, or start over with --force")
+        load_lora_state(layers, load_file(ck / "adapter_model.safetensors", device=str(device)))
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"][rank])
+        start = state["step"]
+        warn(f"resuming from {ck} (step {start} of {total})")
+    log_path = out / LOG_NAME
+    if rank == 0:  # drop log lines past the checkpoint we resume from
+        old = log_path.read_text().splitlines() if cfg.resume and log_path.is_file() else []
+        log_path.write_text("".join(line + "\n" for line in old if json.loads(line)["step"] <= start))
+
+    def to_dev(batch):
+        return {k: (v.to(device) if v is not None else None) for k, v in batch.items()}
+
+    def run(module, examples, backward_scale=None):
+        batch = to_dev(collate(examples, tok.pad_id))
+        with torch.autocast(device.type, dtype=cdtype, enabled=amp):
+            loss = module(batch["ids"], batch["attention_mask"], batch["targets"])
+        if backward_scale is not None:
+            scaler.scale(loss * backward_scale).backward()
+        return loss.detach().float()
+
+    def all_sum(x: torch.Tensor) -> torch.Tensor:
+        if world > 1:
+            torch.distributed.all_reduce(x)
+        return x
+
+    def evaluate() -> float:
+        m = net.module if world > 1 else net  # not through DDP: no gradients, no hooks
+        m.eval()
+        total_loss = torch.zeros((), device=device)
+        with torch.no_grad():
+            for i in range(0, len(eval_ex), B):
+                if shard := eval_ex[i:i + B][rank::world]:
+                    total_loss += run(m, shard)
+        m.train()
+        return all_sum(total_loss).item() / sum(e.n_trained for e in eval_ex)
+
+    def save_checkpoint(step: int) -> Path:
+        rngs = [None] * world
+        if world > 1:
+            torch.distributed.all_gather_object(rngs, rng_state())
+        else:
+            rngs = [rng_state()]
+        d = out / f"checkpoint-{step}"
+        if rank == 0:
+            from .gguf_write import atomic_output
+
+            save_adapter(d, layers, config)
+            with atomic_output(d / STATE_NAME) as tmp:  # written last: a checkpoint with it is complete
+                torch.save({"step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                            "scaler": scaler.state_dict(), "rng": rngs, "args": args,
+                            "data_position": step * G}, tmp)
+        return d
+
+    order = Order(len(train_ex), cfg.seed)
+    result = TrainResult(out, start, model=model, layers=layers, optimizer=opt, rank=rank)
+    bar = tqdm(total=total, initial=start, disable=not cfg.progress or rank != 0, dynamic_ncols=True,
+               desc="train", unit="step", file=sys.stderr)
+    eval_loss = None
+    with Interrupt() as intr, bar:
+        for step in range(start, total):
+            t0 = time.perf_counter()
+            batch = [train_ex[order[step * G + i]] for i in range(G)]
+            n_trained = sum(e.n_trained for e in batch)
+            loss_sum = torch.zeros((), device=device)
+            for j in range(K):
+                shard = batch[j * B:(j + 1) * B][rank::world]
+                no_sync = world > 1 and j < K - 1
+                with net.no_sync() if no_sync else contextlib.nullcontext():
+                    # mean over the global batch's trained tokens; DDP averages over ranks, hence × world
+                    loss_sum += run(net, shard, backward_scale=world / n_trained)
+            scaler.unscale_(opt)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm).item()
+            lr = sched.get_last_lr()[0]
+            scaler.step(opt)
+            scaler.update()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            loss = all_sum(loss_sum).item() / n_trained
+            tok_s = sum(len(e.ids) for e in batch) / (time.perf_counter() - t0)
+            done = step + 1
+            eval_loss = evaluate() if eval_ex and (done % eval_every == 0 or done == total) else None
+            result.losses.append(loss)
+            result.steps = done
+            if rank == 0:
+                with open(log_path, "a") as f:
+                    f.write(json.dumps({"step": done, "loss": loss, "eval_loss": eval_loss, "lr": lr,
+                                        "tokens_per_s": round(tok_s, 1), "grad_norm": grad_norm}) + "\n")
+            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tok_s:.0f}", refresh=False)
+            bar.update(1)
+            if on_step is not None:
+                on_step(done)
+            stop = torch.tensor([float(intr.requested)], device=device)
+            if world > 1:
+                torch.distributed.all_reduce(stop, op=torch.distributed.ReduceOp.MAX)
+            if stop.item() or (cfg.save_every and done % cfg.save_every == 0 and done < total):
+                d = save_checkpoint(done)
+                if stop.item():
+                    if rank == 0:
+                        plot_losses(log_path, out / PLOT_NAME, warn)
+                    warn(f"interrupted at step {done}: checkpoint saved in {d}; continue with --resume")
+                    raise KeyboardInterrupt
+    result.eval_loss = eval_loss
+    if rank == 0:
+        save_adapter(out, layers, config)
+        plot_losses(log_path, out / PLOT_NAME, warn)
+        if cfg.gguf:
+            from .convert import convert
+
+            convert(out, cfg.base, cfg.gguf, outtype="f32", force=cfg.force)
+            result.gguf = Path(cfg.gguf)
+    if world > 1:
+        torch.distributed.barrier()
+    return result
+
