@@ -78,6 +78,43 @@ def merge_cmd(ctx: click.Context, base: str, loras: tuple[str, ...], quant: str,
     click.echo(f"wrote {merge(base, pairs, out, quant=quant, threads=threads, force=force, verbose=ctx.obj['verbose'])}")
 
 
+@cli.command("train")
+@click.option("--base", required=True, type=click.Path(), help="Base model: a .gguf (any quantization) or an HF dir.")
+@click.option("--data", required=True, type=click.Path(), help="JSONL: text, prompt/completion or messages.")
+@click.option("-o", "--out", required=True, type=click.Path(), help="Adapter directory to write (PEFT format).")
+@click.option("--eval-data", type=click.Path(), help="JSONL evaluated during training (eval loss in the log).")
+@click.option("--tokenizer", type=click.Path(), help="GGUF whose tokenizer to use (needed for an HF-dir base).")
+@click.option("--rank", default=16, show_default=True)
+@click.option("--alpha", default=32.0, show_default=True)
+@click.option("--rslora", is_flag=True, help="Scale by alpha/sqrt(rank) instead of alpha/rank.")
+@click.option("--dropout", default=0.05, show_default=True)
+@click.option("--targets", default="all-linear", show_default=True, help="all-linear or e.g. q_proj,v_proj.")
+@click.option("--lr", default=2e-4, show_default=True)
+@click.option("--steps", type=int, help="Optimizer steps (default: one epoch).")
+@click.option("--epochs", type=float, help="Epochs instead of --steps.")
+@click.option("--batch-size", default=4, show_default=True, help="Sequences per micro-batch, all processes together.")
+@click.option("--grad-accum", default=1, show_default=True, help="Micro-batches per optimizer step.")
+@click.option("--seq-len", default=1024, show_default=True, help="Longer sequences are truncated (with a warning).")
+@click.option("--warmup", type=int, help="Warmup steps before the cosine decay (default: 3% of the run).")
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda", "mps"]))
+@click.option("--dtype", default="auto", show_default=True, type=click.Choice(["auto", "bf16", "fp16", "fp32"]),
+              help="auto: bf16 autocast on CUDA, fp32 elsewhere.")
+@click.option("--grad-checkpointing", is_flag=True, help="Recompute activations: less memory, ~30% slower.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--save-every", default=0, show_default=True, help="Checkpoint every N steps (0: only on Ctrl-C).")
+@click.option("--resume", is_flag=True, help="Continue from the latest OUT/checkpoint-<step>.")
+@click.option("--gguf", type=click.Path(), help="Also convert the adapter to this GGUF LoRA file at the end.")
+@click.option("--force", is_flag=True, help="Start over in an existing OUT; overwrite an existing --gguf.")
+def train_cmd(**kwargs) -> None:
+    """Train a LoRA adapter on the weights and tokenizer of a GGUF base (works under torchrun too)."""
+    from .train import TrainConfig, train
+
+    result = train(TrainConfig(**kwargs))
+    if result.rank == 0:
+        loss = f", last loss {result.losses[-1]:.4f}" if result.losses else ""
+        click.echo(f"wrote {result.out} ({result.steps} steps{loss})" + (f" and {result.gguf}" if result.gguf else ""))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: bad input → `error: <one line>` on stderr and exit 2 (traceback only with -v)."""
     args = sys.argv[1:] if argv is None else argv
