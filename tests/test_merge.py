@@ -1,0 +1,327 @@
+"""`lora2gguf merge`: merged GGUF files, loaded by llama.cpp, against the reference (PEFT's math) and
+transformers + the real PEFT; quantized bases and outputs; byte identity of untouched tensors and with
+llama.cpp's own quantizer; metadata; errors."""
+
+import ctypes
+import hashlib
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ARCHS, fixture, reference_logits, token_ids
+from lora2gguf.adapter import load_peft
+from lora2gguf.base import open_base
+from lora2gguf.cli import main
+from lora2gguf.gguf_file import GGUFFile
+from lora2gguf.merge import merge
+from lora2gguf.metrics import compare
+from lora2gguf.reference import reference_model
+from lora2gguf.runtime import LlamaRuntime
+from peft_helpers import make_peft_adapter
+
+LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+CASES = {  # name → [(LoraConfig kwargs, user scale)]
+    "plain": [(dict(r=4, lora_alpha=8, target_modules=LINEARS), 1.0)],
+    "rslora": [(dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"], use_rslora=True), 1.0)],
+    "patterns": [(dict(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "up_proj"],
+                       rank_pattern={"v_proj": 4, "layers.1.self_attn.q_proj": 2}, alpha_pattern={"up_proj": 3}), 1.0)],
+    "dora": [(dict(r=4, lora_alpha=8, target_modules=LINEARS, use_dora=True), 1.0)],
+    "modules-to-save": [(dict(r=4, lora_alpha=8, target_modules=["q_proj", "o_proj"],
+                              modules_to_save=["model.norm", "post_attention_layernorm"]), 1.0)],
+    "two-adapters": [(dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]), 0.7),
+                     (dict(r=2, lora_alpha=4, target_modules=["q_proj", "k_proj", "up_proj"], use_rslora=True), 0.3)],
+}
+ARCH_CASES = {  # what only some archs can or should show
+    ("qwen2", "lora-bias"): [(dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj"], lora_bias=True), 1.0)],
+    ("llama", "lora-bias-new-tensors"): [(dict(r=4, lora_alpha=8, target_modules=["k_proj", "o_proj", "down_proj"],
+                                               lora_bias=True), 1.0)],
+    ("llama", "embed-and-head"): [(dict(r=4, lora_alpha=8, target_modules=["embed_tokens", "lm_head", "q_proj"]), 1.0)],
+    ("qwen2", "head-on-tied-base"): [(dict(r=4, lora_alpha=8, target_modules=["lm_head", "q_proj"]), 1.0)],
+}
+ALL = [(a, c) for a in ARCHS for c in CASES] + list(ARCH_CASES)
+SPREAD = 1.5  # fixture logits' mean std: peaked enough for KL / top-1 to mean something
+
+
+def peft_multi_logits(hf_dir, adapters, tokens):
+    """transformers + the real PEFT with several adapters active at once, each LoRA layer's scaling
+    multiplied by the adapter's user scale (what llama.cpp's --lora-scaled does)."""
+    import peft
+    import transformers
+    from peft.tuners.lora import LoraLayer
+
+    warnings.filterwarnings("ignore", category=UserWarning)
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    pm = peft.PeftModel.from_pretrained(model, str(adapters[0][0]), adapter_name="a0")
+    for i, (d, _) in enumerate(adapters[1:], 1):
+        pm.load_adapter(str(d), adapter_name=f"a{i}")
+    pm.base_model.set_adapter([f"a{i}" for i in range(len(adapters))])
+    for mod in pm.modules():
+        if isinstance(mod, LoraLayer):
+            for i, (_, s) in enumerate(adapters):
+                if f"a{i}" in mod.scaling:
+                    mod.scaling[f"a{i}"] *= s
+    with torch.no_grad():
+        return pm.eval()(torch.tensor([tokens])).logits[0].float().numpy()
+
+
+def make(arch, specs, tmp_path, seed=3):
+    return [(make_peft_adapter(fixture(arch, "hf"), tmp_path / f"a{i}", seed=seed + 10 * i, **kw), s)
+            for i, (kw, s) in enumerate(specs)]
+
+
+def ref_logits(base_path, adapters, tokens):
+    with open_base(base_path) as b:
+        return reference_logits(reference_model(b, [(load_peft(d), s) for d, s in adapters]), tokens)
+
+
+def llama_logits(path, tokens):
+    with LlamaRuntime(path) as rt:
+        return rt.logits(tokens)
+
+
+@pytest.mark.parametrize("arch,case", ALL, ids=[f"{a}-{c}" for a, c in ALL])
+def test_f32_merge_matches_reference_and_peft(arch, case, tmp_path):
+    adapters = make(arch, CASES.get(case) or ARCH_CASES[(arch, case)], tmp_path)
+    out = merge(fixture(arch), adapters, tmp_path / "m.gguf", quant="f32")
+    tokens = token_ids(383, 64, seed=11)
+    ours = llama_logits(out, tokens)
+    ref = ref_logits(fixture(arch), adapters, tokens)
+    theirs = peft_multi_logits(fixture(arch, "hf"), adapters, tokens)
+    plain = llama_logits(fixture(arch), tokens)
+    assert ref.std(-1).mean() > SPREAD
+    m_ref, m_peft = compare(ref, ours), compare(theirs, ours)
+    print(arch, case, "vs reference", m_ref, "vs peft", m_peft)
+    assert m_ref["mean_kl"] <= 1e-5 and m_ref["top1"] == 1.0, m_ref
+    assert m_peft["mean_kl"] <= 1e-5 and m_peft["top1"] == 1.0, m_peft
+    assert compare(plain, ours)["mean_kl"] > 1e-2, "the adapter must visibly move the output"
+
+
+# -- quantized bases and outputs ------------------------------------------------------------------
+
+LAYER0 = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], layers_to_transform=[0])
+TOUCHED = {"blk.0.attn_q.weight", "blk.0.attn_v.weight"}
+
+
+@pytest.fixture(scope="module")
+def layer0_adapters(tmp_path_factory):
+    d = tmp_path_factory.mktemp("layer0")
+    return {arch: make_peft_adapter(fixture(arch, "hf"), d / arch, seed=5, b_std=0.2, **LAYER0) for arch in ARCHS}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("kind,quant", [("q8_0", "q8_0"), ("q4_k_m", "q4_k_m"), ("f16", "f16"), ("q4_k_m", "f16"),
+                                        ("f32", "q8_0")])
+def test_quantized_merge_loads_generates_and_keeps_untouched_bytes(arch, kind, quant, layer0_adapters, tmp_path):
+    adapter = layer0_adapters[arch]
+    out = merge(fixture(arch, kind), [(adapter, 1.0)], tmp_path / "m.gguf", quant=quant)
+    tokens = token_ids(383, 64, seed=12)
+    ref = ref_logits(fixture(arch), [(adapter, 1.0)], tokens)  # the adapted model, exact
+    with LlamaRuntime(out) as rt:
+        merged = rt.logits(tokens)
+        assert len(rt.greedy(tokens[:8], 8)) > 0
+    before = compare(ref, llama_logits(fixture(arch, kind), tokens))["mean_kl"]
+    after = compare(ref, merged)["mean_kl"]
+    print(arch, kind, "→", quant, "KL to the adapted reference: base", before, "merged", after)
+    assert after < 0.25 * before, "the merged file must carry the adapter"
+    with GGUFFile(fixture(arch, kind)) as b, GGUFFile(out) as m:
+        assert set(m.tensors) == set(b.tensors)
+        for name, t in b.tensors.items():
+            same_type = m.tensors[name].type == t.type
+            if name in TOUCHED:
+                assert not np.array_equal(m.raw(name), b.raw(name))
+            elif same_type:
+                assert np.array_equal(m.raw(name), b.raw(name)), f"untouched {name} ({t.type.name}) changed"
+        if kind == quant:
+            assert all(m.tensors[n].type == t.type for n, t in b.tensors.items() if n not in TOUCHED)
+
+
+def llama_cpp_quantize(src, dst, ftype):
+    import llama_cpp
+
+    p = llama_cpp.llama_model_quantize_default_params()
+    p.ftype, p.nthread = ftype, 2
+    assert llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(p)) == 0
+
+
+@pytest.mark.parametrize("kind", ["f32", "f16"])
+@pytest.mark.parametrize("quant", ["q4_k_m", "q8_0", "q5_k_s"])
+def test_quantized_output_is_llama_quantize_of_our_f32(kind, quant, tmp_path):
+    """From a float base, --quant X is byte for byte what llama.cpp's quantizer writes from our f32 merge."""
+    import llama_cpp
+
+    adapters = make("llama", CASES["dora"], tmp_path)
+    f32 = merge(fixture("llama", kind), adapters, tmp_path / "m-f32.gguf", quant="f32")
+    llama_cpp_quantize(f32, tmp_path / "theirs.gguf", getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{quant.upper()}"))
+    ours = merge(fixture("llama", kind), adapters, tmp_path / "ours.gguf", quant=quant)
+    assert ours.read_bytes() == (tmp_path / "theirs.gguf").read_bytes()
+
+
+@pytest.mark.parametrize("quant,ftype", [("f16", "LLAMA_FTYPE_MOSTLY_F16"), ("bf16", "LLAMA_FTYPE_MOSTLY_BF16")])
+def test_float_outputs_match_llama_cpp_per_tensor(quant, ftype, tmp_path):
+    """f16/bf16, written by merge itself, pick the same type per tensor and the same bytes as llama.cpp."""
+    import llama_cpp
+
+    adapters = make("qwen2", CASES["plain"], tmp_path)
+    f32 = merge(fixture("qwen2"), adapters, tmp_path / "m-f32.gguf", quant="f32")
+    llama_cpp_quantize(f32, tmp_path / "theirs.gguf", getattr(llama_cpp, ftype))
+    ours = merge(fixture("qwen2"), adapters, tmp_path / "ours.gguf", quant=quant)
+    with GGUFFile(ours) as a, GGUFFile(tmp_path / "theirs.gguf") as b:
+        assert set(a.tensors) == set(b.tensors)
+        assert {t.type.name for t in a.tensors.values()} == {"F32", quant.upper()}
+        for name in a.tensors:
+            assert a.tensors[name].type == b.tensors[name].type, name
+            assert np.array_equal(a.raw(name), b.raw(name)), name
+        assert a.get("general.file_type") == b.get("general.file_type")
+
+
+# -- metadata -------------------------------------------------------------------------------------
+
+def test_metadata_kept_file_type_set_adapters_recorded(tmp_path):
+    adapters = make("llama", CASES["two-adapters"], tmp_path)
+    out = merge(fixture("llama", "f16"), adapters, tmp_path / "m.gguf", quant="q4_k_m")
+    again = merge(out, [(adapters[0][0], -0.25)], tmp_path / "m2.gguf", quant="q8_0")
+    with GGUFFile(fixture("llama", "f16")) as b, GGUFFile(out) as m, GGUFFile(again) as m2:
+        for key, field in b.fields.items():
+            if key != "general.file_type":
+                got = m.get(key)
+                want = field.value
+                assert (list(got) == list(want)) if hasattr(want, "__len__") and not isinstance(want, str) else got == want, key
+        assert m.get("general.file_type") == 15 and m2.get("general.file_type") == 7  # MOSTLY_Q4_K_M, MOSTLY_Q8_0
+        digests = [hashlib.sha256((d / "adapter_config.json").read_bytes() +
+                                  (d / "adapter_model.safetensors").read_bytes()).hexdigest() for d, _ in adapters]
+        assert list(m.get("lora2gguf.merge.adapters")) == ["a0", "a1"]
+        assert m.get("lora2gguf.merge.scales").tolist() == pytest.approx([0.7, 0.3])
+        assert list(m.get("lora2gguf.merge.sha256")) == digests
+        assert list(m2.get("lora2gguf.merge.adapters")) == ["a0", "a1", "a0"]  # a merge of a merge keeps the history
+        assert m2.get("lora2gguf.merge.scales").tolist() == pytest.approx([0.7, 0.3, -0.25])
+    with LlamaRuntime(again, vocab_only=True) as rt:
+        assert rt.tokenize("the cat")[0] == 1
+
+
+def test_progress_bar_on_request(tmp_path, capfd):
+    adapters = make("qwen3", CASES["rslora"], tmp_path)
+    merge(fixture("qwen3"), adapters, tmp_path / "m.gguf", quant="q4_k_m", progress=True)
+    err = capfd.readouterr().err
+    assert "tensor" in err and "Q4_K_M" in err and "llama_model_loader" not in err  # llama.cpp's log stays quiet
+
+
+# -- errors ---------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def plain_llama(tmp_path_factory):
+    return make_peft_adapter(fixture("llama", "hf"), tmp_path_factory.mktemp("plain") / "a", seed=1, **LAYER0)
+
+
+def run_cli(args, capsys):
+    rc = main(args)
+    return rc, capsys.readouterr().err
+
+
+def test_cli_merges(plain_llama, tmp_path, capsys):
+    out = tmp_path / "m.gguf"
+    rc = main(["merge", "--base", str(fixture("llama")), "--lora", f"{plain_llama}:0.5", "--quant", "Q4_K_M",
+               "-o", str(out)])
+    assert rc == 0 and out.is_file() and f"wrote {out}" in capsys.readouterr().out
+    with GGUFFile(out) as m:
+        assert m.get("lora2gguf.merge.scales").tolist() == [0.5]
+
+
+ERRORS = {  # case → (options replacing the valid ones, given the test's paths), part of the message
+    "unknown quant": (lambda p: {"--quant": "q4_k_x"}, "unknown type; valid: f32, f16, bf16, q8_0"),
+    "imatrix quant": (lambda p: {"--quant": "iq2_xs"}, "importance matrix"),
+    "bad scale": (lambda p: {"--lora": f"{p['a']}:half"}, "scale 'half' is not a number"),
+    "out exists": (lambda p: {"-o": str(p["exists"])}, "already exists; pass --force"),
+    "out is base": (lambda p: {"-o": str(p["base"]), "--force": None}, "also an input"),
+    "missing dir": (lambda p: {"-o": str(p["tmp"] / "nodir" / "m.gguf")}, "does not exist"),
+    "base is a dir": (lambda p: {"--base": str(p["tmp"])}, "GGUF base file"),
+    "adapter missing": (lambda p: {"--lora": str(p["tmp"] / "nope")}, "no such file or directory"),
+}
+
+
+@pytest.mark.parametrize("case", ERRORS)
+def test_cli_errors_are_one_line_before_any_work(case, plain_llama, tmp_path, capsys):
+    (tmp_path / "exists.gguf").write_bytes(b"keep")
+    paths = dict(a=plain_llama, exists=tmp_path / "exists.gguf", base=fixture("llama"), tmp=tmp_path)
+    change, msg = ERRORS[case]
+    opts = {"--base": str(fixture("llama")), "--lora": str(plain_llama), "-o": str(tmp_path / "m.gguf"), **change(paths)}
+    rc, err = run_cli(["merge"] + [x for k, v in opts.items() for x in ([k] if v is None else [k, v])], capsys)
+    assert rc == 2 and msg in err and len(err.strip().splitlines()) == 1, err
+    assert (tmp_path / "exists.gguf").read_bytes() == b"keep"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exists.gguf"], "nothing written"
+
+
+def test_shape_and_bias_slot_refusals(tmp_path, capsys):
+    from safetensors.numpy import save_file
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 4, "lora_alpha": 8}')
+    save_file({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": np.ones((4, 32), np.float32),
+               "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": np.ones((64, 4), np.float32)},
+              str(bad / "adapter_model.safetensors"))
+    rc, err = run_cli(["merge", "--base", str(fixture("llama")), "--lora", str(bad), "-o", str(tmp_path / "m.gguf")], capsys)
+    assert rc == 2 and "64x32 weight but base" in err
+    biased = make_peft_adapter(fixture("qwen3", "hf"), tmp_path / "b", seed=1, r=4, lora_alpha=8,
+                               target_modules=["o_proj"], lora_bias=True)
+    rc, err = run_cli(["merge", "--base", str(fixture("qwen3")), "--lora", str(biased), "-o", str(tmp_path / "m.gguf")], capsys)
+    assert rc == 2 and "self_attn.o_proj" in err and "no bias tensor there" in err
+    assert not (tmp_path / "m.gguf").exists()
+
+
+def test_failure_mid_write_leaves_nothing(plain_llama, tmp_path, monkeypatch):
+    import lora2gguf.merge as m
+
+    calls = []
+
+    def boom(*a):
+        calls.append(1)
+        if len(calls) == 5:
+            raise OSError("disk full")
+        return real(*a)
+
+    real = m._tensor_data
+    monkeypatch.setattr(m, "_tensor_data", boom)
+    for quant in ("f16", "q4_k_m"):
+        calls.clear()
+        with pytest.raises(OSError):
+            merge(fixture("llama"), [(plain_llama, 1.0)], tmp_path / "m.gguf", quant=quant)
+        assert list(tmp_path.iterdir()) == [], "no partial output, no intermediate"
+
+
+# -- SmolLM2-135M ---------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def smollm2_adapter(smollm2_hf, tmp_path_factory):
+    return make_peft_adapter(smollm2_hf, tmp_path_factory.mktemp("smol") / "a", seed=2, b_std=0.01, r=8,
+                             lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+@pytest.mark.slow
+def test_smollm2_f32_merge_matches_reference(smollm2_f32, smollm2_adapter, tmp_path):
+    from conftest import TEXT
+
+    out = merge(smollm2_f32, [(smollm2_adapter, 1.0)], tmp_path / "m.gguf", quant="f32")
+    with LlamaRuntime(out) as rt:
+        tokens = rt.tokenize(TEXT * 2)[:128]
+        ours = rt.logits(tokens)
+    ref = ref_logits(smollm2_f32, [(smollm2_adapter, 1.0)], tokens)
+    m = compare(ref, ours)
+    print("smollm2 f32 merge vs reference", m)
+    assert m["mean_kl"] <= 1e-5 and m["top1"] == 1.0
+    assert compare(llama_logits(smollm2_f32, tokens), ours)["mean_kl"] > 1e-3
+
+
+@pytest.mark.slow
+def test_smollm2_q4_k_m_from_q4_1_original(smollm2_adapter, tmp_path):
+    from lora2gguf.smollm2 import smollm2_gguf
+
+    out = merge(smollm2_gguf(), [(smollm2_adapter, 1.0)], tmp_path / "m.gguf", quant="q4_k_m")
+    with LlamaRuntime(out) as rt:
+        prompt = rt.tokenize("The capital of France is")
+        text = rt.detokenize(rt.greedy(prompt, 12))
+    print("smollm2 q4_k_m merged:", repr(text))
+    assert len(text.strip()) > 0
+    with GGUFFile(out) as m:
+        assert m.get("general.file_type") == 15 and m.tensors["blk.0.ffn_down.weight"].type.name == "Q6_K"
