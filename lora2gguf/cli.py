@@ -115,6 +115,50 @@ def train_cmd(**kwargs) -> None:
         click.echo(f"wrote {result.out} ({result.steps} steps{loss})" + (f" and {result.gguf}" if result.gguf else ""))
 
 
+@cli.command("convert")
+@click.argument("adapter_dir", type=click.Path())
+@click.option("--base", required=True, type=click.Path(), help="Base model: a .gguf (preferred) or an HF dir / config.json.")
+@click.option("-o", "--out", required=True, type=click.Path(), help="GGUF LoRA file to write.")
+@click.option("--outtype", default="f32", show_default=True, type=click.Choice(["f32", "f16", "bf16", "q8_0"]))
+@click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
+def convert_cmd(adapter_dir: str, base: str, out: str, outtype: str, force: bool) -> None:
+    """Convert a PEFT LoRA adapter directory into a GGUF LoRA for llama.cpp's --lora."""
+    from .convert import convert
+
+    click.echo(f"wrote {convert(adapter_dir, base, out, outtype=outtype, force=force)}")
+
+
+@cli.command("export")
+@click.argument("adapter_gguf", type=click.Path())
+@click.option("--base", required=True, type=click.Path(), help="The base model the adapter is for (.gguf or HF dir).")
+@click.option("-o", "--out", required=True, type=click.Path(), help="PEFT adapter directory to write.")
+@click.option("--force", is_flag=True, help="Replace OUT if it is an existing adapter directory.")
+def export_cmd(adapter_gguf: str, base: str, out: str, force: bool) -> None:
+    """Turn a GGUF LoRA back into a PEFT adapter directory (adapter_config.json + safetensors)."""
+    from .export import export
+
+    click.echo(f"wrote {export(adapter_gguf, base, out, force=force)}")
+
+
+@cli.command("merge")
+@click.option("--base", required=True, type=click.Path(), help="Base model .gguf (any type: F32, F16, Q8_0, K-quants...).")
+@click.option("--lora", "loras", required=True, multiple=True, metavar="ADAPTER[:SCALE]",
+              help="PEFT adapter dir or GGUF LoRA file, scale 1.0 by default; repeat for several.")
+@click.option("--quant", default="f16", show_default=True, metavar="TYPE",
+              help="Output type: f32, f16, bf16, q8_0, q6_k, q5_k_m, q4_k_m, q4_0, ... (llama.cpp's file types).")
+@click.option("-o", "--out", required=True, type=click.Path(), help="Merged GGUF file to write.")
+@click.option("--threads", type=int, default=None, help="Threads for llama.cpp's quantizer (default: all).")
+@click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
+@click.pass_context
+def merge_cmd(ctx: click.Context, base: str, loras: tuple[str, ...], quant: str, out: str, threads: int | None,
+              force: bool) -> None:
+    """Bake LoRA adapters into a GGUF base and write it at any llama.cpp quantization."""
+    from .merge import merge, parse_lora_arg
+
+    pairs = [parse_lora_arg(a) for a in loras]
+    click.echo(f"wrote {merge(base, pairs, out, quant=quant, threads=threads, force=force, verbose=ctx.obj['verbose'])}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: bad input → `error: <one line>` on stderr and exit 2 (traceback only with -v)."""
     args = sys.argv[1:] if argv is None else argv

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -63,6 +63,16 @@ def refuse_unsupported(adapter: PeftAdapter) -> None:
                              "use llama.cpp's convert_lora_to_gguf.py for it")
 
 
+def check_arch(adapter: PeftAdapter, spec, base_path) -> None:
+    """PEFT records the transformers class it wrapped; refuse an adapter made for another known arch
+    (shapes alone cannot tell a qwen2 adapter from a llama one of the same size)."""
+    cls = (adapter.config.get("auto_mapping") or {}).get("base_model_class")
+    other = next((f.name for f in archs.ARCHS.values() if cls in f.hf_architectures), None)
+    if other is not None and other != spec.arch:
+        raise Lora2GGUFError(f"{adapter.path}: the adapter was made on a {cls} ({other}) but {base_path} is a "
+                             f"{spec.arch} model; pass the base it was trained on")
+
+
 def check_tied_embedding(modules, spec, where, base_label: str) -> None:
     """With tied embeddings llama.cpp multiplies the output by token_embd.weight and applies any LoRA on
     that tensor there too, in the flipped embedding layout: its graph asserts and the process aborts.
@@ -80,10 +90,6 @@ def llama_scale(alpha_file: float, r: int) -> float:
 
 def module_tensors(m: ModuleLoRA, spec, alpha_file: float) -> LoraTensors:
     """A module's lora_a / lora_b in llama.cpp's layout, PEFT's scale folded in where llama.cpp's differs."""
-    # PEFT resets fan_in_fan_out to False for nn.Linear, and every target of these archs is an nn.Linear
-    # (or the embedding), so the flag changes nothing at run time: follow PEFT, not the flag.
-    if m.fan_in_fan_out:
-        m = replace(m, fan_in_fan_out=False)
     a, b = m.factors()  # b @ a == delta / scale, in the base weight's (HF) layout
     if m.embedding:  # llama.cpp gathers lora_a by token id, then multiplies by lora_b: see build_inp_embd
         lora_a, lora_b = b, a.T
@@ -125,8 +131,13 @@ def convert(adapter_dir: str | os.PathLike, base: str | os.PathLike, out: str | 
         raise Lora2GGUFError(f"{out}: the output should be a .gguf file")
     adapter = load_peft(adapter_dir)
     refuse_unsupported(adapter)
+    # PEFT resets fan_in_fan_out to False on nn.Linear, and every target of these archs is an nn.Linear
+    # (or the embedding), so the flag changes nothing in PEFT's forward: follow PEFT, not the flag.
+    for m in adapter.modules.values():
+        m.fan_in_fan_out = False
     with open_base(base) as b:
         spec = b.spec
+        check_arch(adapter, spec, b.path)
         adapter.check_base(spec, f"base {b.path}")
         check_tied_embedding(adapter.modules, spec, adapter.path, f"base {b.path}")
         from .fingerprint import fingerprint
