@@ -198,14 +198,21 @@ class GGUFFile:
         if etype == GGUFValueType.STRING:
             if count > len(cur.buf) // 8:
                 raise Lora2GGUFError(f"{self.path}: corrupt GGUF (metadata {key} claims {count} strings)")
-            offsets = np.empty(count, np.int64)
-            lengths = np.empty(count, np.int64)
-            for i in range(count):  # string lengths must be walked one by one; decoding is deferred
-                n = cur.unpack("<Q", key)
-                cur.need(n, key)
-                offsets[i], lengths[i] = cur.pos, n
-                cur.pos += n
-            return Field(vtype, StringArray(cur.buf, offsets, lengths), etype)
+            # String lengths must be walked one by one (decoding is deferred). This loop is most of the time
+            # to open a real model (49k tokens + merges), so it is kept tight: one bounds check at the end.
+            offsets, lengths = [0] * count, [0] * count
+            read_len, pos, size = struct.Struct("<Q").unpack_from, cur.pos, len(cur.buf)
+            try:
+                for i in range(count):
+                    n = read_len(cur.buf, pos)[0]
+                    offsets[i], lengths[i] = pos + 8, n
+                    pos += 8 + n
+            except (struct.error, OverflowError):
+                pos = size + 1
+            if pos > size:
+                cur.need(size + 1 - cur.pos, key)  # raises: truncated
+            cur.pos = pos
+            return Field(vtype, StringArray(cur.buf, np.array(offsets, np.int64), np.array(lengths, np.int64)), etype)
         return Field(vtype, [self._value(cur, etype, key).value for _ in range(count)], etype)
 
     # -- metadata ---------------------------------------------------------------------------------
