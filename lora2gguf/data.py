@@ -12,6 +12,8 @@ itself, exactly as at inference.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 from dataclasses import dataclass
@@ -61,7 +63,9 @@ class Tokenizer:
             self.n_vocab = len(tokens)
             pad = f.get("tokenizer.ggml.padding_token_id")
         self.pad_id = int(pad if pad is not None else (self.eos_id or 0))
-        self.rt = LlamaRuntime(self.path, vocab_only=True)
+        # llama-cpp-python prints a context-size warning through sys.stderr even when quiet: irrelevant here
+        with contextlib.redirect_stderr(io.StringIO()):
+            self.rt = LlamaRuntime(self.path, vocab_only=True)
         self.used_default_template = False
 
     def encode(self, text: str) -> list[int]:

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import Lora2GGUFError
-from .lora import adapter_config, inject_lora, lora_parameters, lora_state_dict, load_lora_state, save_adapter
+from .lora import adapter_config, inject_lora, load_lora_state, lora_parameters, resolve_targets, save_adapter
 
 LOG_NAME, PLOT_NAME, STATE_NAME = "train_log.jsonl", "loss.png", "trainer_state.pt"
 # Changing any of these between a checkpoint and --resume would silently train another run.
@@ -193,6 +193,7 @@ def check_config(cfg: TrainConfig) -> None:
     for ok, msg in checks:
         if not ok:
             raise Lora2GGUFError(msg)
+    resolve_targets(cfg.targets)
 
 
 def prepare_output(cfg: TrainConfig, rank: int) -> Path:
@@ -220,8 +221,6 @@ def prepare_output(cfg: TrainConfig, rank: int) -> Path:
         except ImportError:
             raise Lora2GGUFError("--gguf needs lora2gguf.convert, which this installation lacks; train without "
                                  "--gguf and convert later") from None
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
     return out
 
 
@@ -292,7 +291,6 @@ def _train(cfg, on_step, out, device, cdtype, rank, world, warn) -> TrainResult:
 
     from .base import open_base
     from .data import collate, load_dataset
-    from .lora import resolve_targets
     from .model import Transformer
 
     tok = open_tokenizer(cfg)
@@ -307,6 +305,8 @@ def _train(cfg, on_step, out, device, cdtype, rank, world, warn) -> TrainResult:
                                  f"{base.spec.n_vocab}; use the tokenizer of this model")
         model = Transformer.from_base(base, dtype=cdtype, device=device)  # frozen base in the compute dtype
         base_name = base.spec.name or Path(cfg.base).name
+    if rank == 0:  # only now that the inputs are known good
+        out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     layers = inject_lora(model, cfg.targets, cfg.rank, cfg.alpha, cfg.rslora, cfg.dropout)

@@ -1,0 +1,262 @@
+"""`lora2gguf train` end to end: it learns, what it saves is what PEFT and llama.cpp compute, Ctrl-C and
+--resume continue the same run, torchrun matches one process."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import FIXTURES, ROOT, fixture, reference_logits, token_ids
+from lora2gguf.adapter import load_peft
+from lora2gguf.base import open_base
+from lora2gguf.data import DEFAULT_CHAT_TEMPLATE, render_chat
+from lora2gguf.errors import Lora2GGUFError
+from lora2gguf.metrics import compare
+from lora2gguf.reference import reference_model
+from lora2gguf.train import TrainConfig, train
+from peft_helpers import peft_logits
+
+DATA = FIXTURES / "train"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: one thread is fastest, and avoids spinning threads on a shared 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def cfg(out, arch="llama", kind="f32", data="text.jsonl", **kw):
+    base = kw.pop("base", None) or fixture(arch, kind)
+    kw = {"rank": 8, "alpha": 16, "lr": 1e-2, "steps": 6, "batch_size": 4, "dropout": 0.0, "progress": False,
+          "seq_len": 64} | kw
+    return TrainConfig(base=str(base), data=str(DATA / data), out=str(out), **kw)
+
+
+def adapter_tensors(d):
+    return load_file(str(d / "adapter_model.safetensors"))
+
+
+def log_rows(d):
+    return [json.loads(line) for line in (d / "train_log.jsonl").read_text().splitlines()]
+
+
+def assert_same_adapter(a, b):
+    ta, tb = adapter_tensors(a), adapter_tensors(b)
+    assert sorted(ta) == sorted(tb)
+    for k in ta:
+        assert torch.equal(ta[k], tb[k]), k
+
+
+def expected_continuation(rt, rec):
+    """(prompt tokens, text the adapter should make llama.cpp continue with)."""
+    if "prompt" in rec:
+        return rt.tokenize(rec["prompt"], special=True), rec["completion"]
+    msgs = rec["messages"]
+    last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
+    prompt = render_chat(DEFAULT_CHAT_TEMPLATE, msgs[:last], add_generation_prompt=True)
+    return rt.tokenize(prompt, special=True), msgs[last]["content"] + "<|im_end|>"
+
+
+@pytest.mark.parametrize("arch, kind, data", [("llama", "q4_k_m", "memorise.jsonl"), ("qwen3", "f32", "chat.jsonl")])
+def test_memorise_then_llama_cpp_serves_it(tmp_path, arch, kind, data):
+    """train (on the quantized GGUF itself) → convert (--gguf) → llama.cpp with --lora, greedy."""
+    pytest.importorskip("lora2gguf.convert", reason="lora2gguf.convert (the convert verb) has not landed yet")
+    from lora2gguf.runtime import LlamaRuntime
+
+    gguf = tmp_path / "adapter.gguf"
+    res = train(cfg(tmp_path / "out", arch, kind, data, steps=50, seq_len=256, gguf=str(gguf)))
+    assert res.losses[-1] <= 0.5 * res.losses[0] and res.losses[-1] < 0.05, res.losses[::10]
+    assert res.gguf == gguf and gguf.is_file()
+    with LlamaRuntime(fixture(arch, kind)) as rt:
+        for line in (DATA / data).read_text().splitlines():
+            prompt, want = expected_continuation(rt, json.loads(line))
+            rt.set_adapters([])
+            before = rt.detokenize(rt.greedy(prompt, 24))
+            rt.set_adapters([(gguf, 1.0)])
+            after = rt.detokenize(rt.greedy(prompt, 24))
+            assert not before.startswith(want.removesuffix("<|im_end|>")), "the base alone must not know it"
+            if "prompt" in json.loads(line):
+                assert after == want, "generation stops at the trained EOS"
+            else:
+                assert after.startswith(want), (after, want)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_saved_adapter_loads_in_peft_and_matches_reference(tmp_path, arch):
+    """The saved directory, loaded by peft on transformers, == our reference with it (and our trained model)."""
+    out = tmp_path / "out"
+    res = train(cfg(out, arch, rslora=True, steps=8, dropout=0.1))
+    tokens = token_ids(300, 64, seed=11)
+    theirs = peft_logits(fixture(arch, "hf"), out, tokens)
+    with open_base(fixture(arch)) as b:
+        ref = reference_logits(reference_model(b, [(load_peft(out), 1.0)]), tokens)
+        plain = reference_logits(reference_model(b), tokens)
+    trained = reference_logits(res.model.eval(), tokens)
+    assert compare(plain, ref)["mean_kl"] > 1e-2, "training must have moved the model"
+    m = compare(theirs, ref)
+    print(arch, "peft vs reference", m)
+    assert m["mean_kl"] <= 1e-5 and m["top1"] == 1.0, m
+    assert compare(theirs, trained)["mean_kl"] <= 1e-5
+
+
+def test_base_frozen_no_grads_no_optimizer_state(tmp_path):
+    res = train(cfg(tmp_path / "out", steps=2))
+    lora = {id(p) for layer in res.layers.values() for p in (layer.lora_A.weight, layer.lora_B.weight)}
+    assert {id(p) for p in res.optimizer.state} == lora and len(lora) == 2 * 14
+    base = [p for p in res.model.parameters() if id(p) not in lora]
+    assert base and all(not p.requires_grad and p.grad is None for p in base)
+
+
+def interrupt_at(step):
+    def hook(done):
+        if done == step:
+            signal.raise_signal(signal.SIGINT)  # what Ctrl-C delivers
+    return hook
+
+
+def test_ctrl_c_then_resume_equals_uninterrupted_run(tmp_path):
+    """Dropout on (RNG state matters), grad accumulation, warmup + cosine: bitwise equal on CPU."""
+    kw = dict(steps=8, batch_size=2, grad_accum=2, dropout=0.1, warmup=2)
+    train(cfg(tmp_path / "full", **kw))
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg(tmp_path / "cut", **kw), on_step=interrupt_at(3))
+    assert (tmp_path / "cut" / "checkpoint-3" / "trainer_state.pt").is_file()
+    assert not (tmp_path / "cut" / "adapter_model.safetensors").exists(), "no final adapter from a cut run"
+    res = train(cfg(tmp_path / "cut", resume=True, **kw))
+    assert res.steps == 8 and len(res.losses) == 5
+    assert_same_adapter(tmp_path / "full", tmp_path / "cut")
+    assert [r["loss"] for r in log_rows(tmp_path / "cut")] == [r["loss"] for r in log_rows(tmp_path / "full")]
+
+
+def test_crash_resumes_from_latest_periodic_checkpoint(tmp_path):
+    kw = dict(steps=7, batch_size=2, dropout=0.1)
+    train(cfg(tmp_path / "full", **kw))
+
+    def crash(done):
+        if done == 5:
+            raise RuntimeError("power cut")
+    with pytest.raises(RuntimeError):
+        train(cfg(tmp_path / "cut", save_every=2, **kw), on_step=crash)
+    assert sorted(p.name for p in (tmp_path / "cut").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    train(cfg(tmp_path / "cut", save_every=2, resume=True, **kw))
+    assert_same_adapter(tmp_path / "full", tmp_path / "cut")
+    assert [r["step"] for r in log_rows(tmp_path / "cut")] == list(range(1, 8)), "log lines past step 4 replaced"
+    with pytest.raises(Lora2GGUFError, match="differs from the checkpoint's in lr"):
+        train(cfg(tmp_path / "cut", save_every=2, resume=True, **(kw | {"lr": 1e-3})))
+
+
+def cli_args(out, *extra, data="text.jsonl"):
+    return ["train", "--base", str(fixture("llama")), "--data", str(DATA / data), "-o", str(out), "--rank", "8",
+            "--lr", "1e-2", "--dropout", "0", "--seq-len", "64", *extra]
+
+
+def test_real_sigint_to_the_cli_saves_a_checkpoint(tmp_path):
+    out = tmp_path / "out"
+    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "lora2gguf.cli", *cli_args(out, "--steps", "100000")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if (out / "train_log.jsonl").is_file() and len((out / "train_log.jsonl").read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    (ckpt,) = out.glob("checkpoint-*")
+    step = int(ckpt.name.split("-")[1])
+    assert f"checkpoint saved in {ckpt}" in err and "Traceback" not in err
+    assert step == len(log_rows(out)) >= 2
+    assert load_peft(ckpt).config["r"] == 8, "a checkpoint is a usable adapter directory too"
+    assert torch.load(ckpt / "trainer_state.pt", weights_only=True)["step"] == step
+
+
+def test_torchrun_two_processes_match_one(tmp_path):
+    """Same global batch (4 sequences × 2 accumulation steps), split over 2 gloo ranks or not."""
+    extra = ("--steps", "4", "--batch-size", "4", "--grad-accum", "2")
+    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "lora2gguf.cli", *cli_args(tmp_path / "ddp", *extra)]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("wrote") == 1, "only rank 0 reports (and writes)"
+    from lora2gguf.cli import main
+
+    assert main(cli_args(tmp_path / "one", *extra)) == 0
+    ddp, one = log_rows(tmp_path / "ddp"), log_rows(tmp_path / "one")
+    assert [r["step"] for r in ddp] == [1, 2, 3, 4]
+    np.testing.assert_allclose([r["loss"] for r in ddp], [r["loss"] for r in one], rtol=1e-4)
+    ta, tb = adapter_tensors(tmp_path / "ddp"), adapter_tensors(tmp_path / "one")
+    assert ta.keys() == tb.keys()
+    for k in ta:
+        torch.testing.assert_close(ta[k], tb[k], rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_low_precision_autocast_path_on_cpu(tmp_path, dtype):
+    """The CUDA default (bf16 autocast, frozen base in bf16; fp16 adds loss scaling) runs the same code on CPU."""
+    res = train(cfg(tmp_path / "out", data="memorise.jsonl", steps=30, dtype=dtype, device="cpu"))
+    want = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    assert res.model.model.embed_tokens.weight.dtype == want
+    assert all(t.dtype == torch.float32 for t in adapter_tensors(tmp_path / "out").values())
+    assert res.losses[-1] <= 0.5 * res.losses[0], res.losses[::5]
+
+
+def test_grad_checkpointing_same_update(tmp_path):
+    train(cfg(tmp_path / "a", steps=3, dropout=0.1))
+    train(cfg(tmp_path / "b", steps=3, dropout=0.1, grad_checkpointing=True))
+    ta, tb = adapter_tensors(tmp_path / "a"), adapter_tensors(tmp_path / "b")
+    for k in ta:
+        torch.testing.assert_close(ta[k], tb[k], rtol=1e-5, atol=1e-7)
+
+
+def test_hf_directory_base_needs_a_gguf_tokenizer_and_trains_the_same(tmp_path):
+    with pytest.raises(Lora2GGUFError, match="pass --tokenizer"):
+        train(cfg(tmp_path / "x", base=fixture("llama", "hf")))
+    train(cfg(tmp_path / "hf", base=fixture("llama", "hf"), tokenizer=str(fixture("llama")), steps=3))
+    train(cfg(tmp_path / "gguf", steps=3))
+    assert_same_adapter(tmp_path / "hf", tmp_path / "gguf")
+
+
+def test_log_png_epochs_and_eval(tmp_path):
+    out = tmp_path / "out"
+    res = train(cfg(out, steps=None, epochs=2, batch_size=4, eval_data=str(DATA / "memorise.jsonl"), eval_every=2))
+    rows = log_rows(out)
+    assert len(rows) == res.steps == 4, "8 records × 2 epochs / 4 per step"
+    assert set(rows[0]) >= {"step", "loss", "eval_loss", "lr", "tokens_per_s"}
+    assert [r["eval_loss"] is not None for r in rows] == [False, True, False, True]
+    assert rows[-1]["eval_loss"] == res.eval_loss and all(r["tokens_per_s"] > 0 for r in rows)
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_refusals_are_one_line_errors(tmp_path, capsys):
+    from lora2gguf.cli import main
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "the cat"}\n{"text": "the dog"\n')
+    cases = [
+        (cli_args(tmp_path / "a", data="text.jsonl")[:4] + [str(bad), "-o", str(tmp_path / "a")], f"{bad}:2: malformed JSON"),
+        (cli_args(tmp_path / "b", "--resume"), "no checkpoint-<step> directory to resume from"),
+        (cli_args(tmp_path / "c", "--steps", "2", "--epochs", "1"), "not both"),
+        (cli_args(tmp_path / "d", "--targets", "lm_head"), "tied head"),
+        (cli_args(tmp_path / "e", "--steps", "1"), "already exists and is not empty"),
+        (cli_args(tmp_path / "f", "--gguf", str(bad)), "already exists; pass --force"),
+    ]
+    (tmp_path / "e").mkdir()
+    (tmp_path / "e" / "keep.txt").write_text("mine")
+    for args, msg in cases:
+        assert main(args) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and msg in err[0], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl", "e"], "refusals write nothing"
+    assert [p.name for p in (tmp_path / "e").iterdir()] == ["keep.txt"]
