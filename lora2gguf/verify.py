@@ -49,17 +49,6 @@ class Adapter:
     runtime_path: Path | None = None  # the GGUF file llama.cpp loads for the runtime view
 
 
-def parse_lora_arg(arg: str) -> tuple[str, float]:
-    """ADAPTER[:SCALE] → (path, scale); a path that exists as given wins over the colon split."""
-    if os.path.exists(arg) or ":" not in arg:
-        return arg, 1.0
-    path, _, s = arg.rpartition(":")
-    try:
-        return path, float(s)
-    except ValueError:
-        raise Lora2GGUFError(f"{arg}: expected ADAPTER or ADAPTER:SCALE with a number as SCALE") from None
-
-
 def _load_adapter(path: Path, spec):
     if path.is_dir():
         from .adapter import load_peft
@@ -83,6 +72,19 @@ def _file_type(path: Path) -> str:
         return str(ft)
 
 
+def _base_match(adapter_gguf: Path, gb) -> tuple[bool | None, str]:
+    """Compare the base fingerprint recorded in the adapter (by convert) with this base's."""
+    from . import fingerprint
+    from .gguf_file import GGUFFile
+
+    with GGUFFile(adapter_gguf) as f:
+        recorded = fingerprint.from_gguf_fields(f)
+    if recorded is None:
+        return None, "no fingerprint recorded (not written by lora2gguf)"
+    c = fingerprint.compare(recorded, fingerprint.fingerprint(gb))
+    return c["match"], c["verdict"]
+
+
 def _greedy_reference(model, prompt: list[int], n: int, eog: set[int]) -> list[int]:
     import torch
 
@@ -103,25 +105,21 @@ def _agreement(a: list[list[int]], b: list[list[int]]) -> dict:
     return {"identical": float(np.mean(same)), "mean_common_prefix": float(np.mean(prefix))}
 
 
-def _quantization_floor(base_path: Path, base, ftype_name: str, tokens, base_ref_logits, tmp: Path, n_ctx) -> float:
+def _quantization_floor(base_path: Path, ftype_name: str, tokens, base_ref_logits, tmp: Path, n_ctx) -> float:
     """KL(reference ‖ llama.cpp) of the base alone quantized to ftype_name by llama.cpp: what that
     quantization costs without any adapter."""
-    import llama_cpp
+    from gguf import LlamaFileType
 
     from .gguf_write import dequantize_file
-    from .runtime import LlamaRuntime, _quiet_stderr
+    from .quantize import llama_quantize
+    from .runtime import LlamaRuntime
 
     src = base_path
     if _file_type(base_path) not in FULL_PRECISION:
         src = tmp / "base-f32.gguf"
         dequantize_file(base_path, src)
     dst = tmp / f"base-{ftype_name}.gguf"
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_{ftype_name}")
-    with _quiet_stderr():
-        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
-    if rc != 0:
-        raise Lora2GGUFError(f"llama.cpp could not quantize {base_path} to {ftype_name} for the floor")
+    llama_quantize(src, dst, LlamaFileType[ftype_name])
     with LlamaRuntime(dst, n_ctx=n_ctx) as rt:
         return compare(base_ref_logits, rt.logits(tokens))["mean_kl"]
 
@@ -132,7 +130,6 @@ def verify(base: str | os.PathLike, loras: list[tuple[str, float]], merged: str 
            n_greedy: int = 16, verbose: bool = False) -> dict:
     """Compare reference / runtime / merged on the same tokens; returns the report (see format_report)."""
     from .base import GGUFBase
-    from .fingerprint import check_adapter_base
     from .reference import reference_model
     from .runtime import LlamaRuntime
 
@@ -165,11 +162,12 @@ def verify(base: str | os.PathLike, loras: list[tuple[str, float]], merged: str 
                 a.runtime_path = convert(path, base_path, tmp / f"adapter-{i}.gguf")
             else:
                 a.runtime_path = path
-            match = check_adapter_base(a.runtime_path, gb)
-            entry = {"path": str(path), "scale": scale, "runtime_file": str(a.runtime_path), "base_match": match}
+            match, verdict = _base_match(a.runtime_path, gb)
+            entry = {"path": str(path), "scale": scale, "runtime_file": str(a.runtime_path),
+                     "base_match": match, "base_verdict": verdict}
             if match is False:
-                report["warnings"].append(f"{a.runtime_path} was made for a different base than {base_path} "
-                                          "(fingerprint mismatch)")
+                report["warnings"].append(f"{a.runtime_path} was made for a different base than {base_path}: "
+                                          f"{verdict}")
             report["adapters"].append(entry)
             adapters.append(a)
 
@@ -215,7 +213,7 @@ def verify(base: str | os.PathLike, loras: list[tuple[str, float]], merged: str 
             elif mtype == "MOSTLY_Q8_0":
                 thr = 1e-2
             else:
-                floor = _quantization_floor(base_path, gb, mtype, tokens, logits["base_reference"], tmp, n_ctx)
+                floor = _quantization_floor(base_path, mtype, tokens, logits["base_reference"], tmp, n_ctx)
                 report["merged_quantization_floor"] = floor
                 thr = 1.5 * floor + 1e-3
             checks["merged"] = ("reference", "merged", thr)
@@ -250,11 +248,13 @@ def _ref_logits(model, tokens) -> np.ndarray:
 def _prompts(rt, gb, prompts, tokens) -> list[list[int]]:
     """Prompts for the greedy check: chat prompts rendered with the base's template, else slices of the text."""
     if prompts:
-        from .chat import render_chat
+        from .data import Tokenizer
 
-        template = gb.file.get("tokenizer.chat_template")
-        return [rt.tokenize(render_chat(template, msgs, add_generation_prompt=True), add_bos=True, special=True)
-                for msgs in prompts]
+        tok = Tokenizer(gb.path)
+        try:
+            return [tok.encode(tok.render(msgs, add_generation_prompt=True)) for msgs in prompts]
+        finally:
+            tok.close()
     starts = [0, len(tokens) // 4, len(tokens) // 2, 3 * len(tokens) // 4]
     return [tokens[: s + 12] if s == 0 else [tokens[0]] + tokens[s: s + 12] for s in starts]
 

@@ -1,0 +1,161 @@
+"""verify: correct adapters pass, deliberately broken ones fail with exit 1, bad input exits 2."""
+
+import json
+import subprocess
+import sys
+
+import gguf
+import numpy as np
+import pytest
+
+from conftest import ARCHS, ROOT, fixture
+from lora2gguf import archs
+from lora2gguf.convert import convert
+from lora2gguf.gguf_file import GGUFFile
+from lora2gguf.gguf_write import copy_fields
+from lora2gguf.verify import verify
+from peft_helpers import make_peft_adapter
+
+CLI = [sys.executable, "-m", "lora2gguf.cli"]
+PLAIN = dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "up_proj"])
+
+
+def run_verify(*args):
+    r = subprocess.run(CLI + ["verify", *map(str, args), "--json"], capture_output=True, text=True)
+    return r.returncode, (json.loads(r.stdout) if r.stdout.strip().startswith("{") else None), r.stderr
+
+
+def rewrite_adapter(src, dst, alpha=None, tensor_fn=None):
+    """Copy a GGUF LoRA, optionally with another alpha or with tensors changed by tensor_fn(name, arr)."""
+    with GGUFFile(src) as f:
+        w = gguf.GGUFWriter(str(dst), f.get("general.architecture"))
+        copy_fields(f, w, skip=lambda k: alpha is not None and k == "adapter.lora.alpha")
+        if alpha is not None:
+            w.add_float32("adapter.lora.alpha", alpha)
+        for name in f.tensors:
+            t = f.tensor(name)
+            w.add_tensor(name, tensor_fn(name, t) if tensor_fn else t)
+        w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+    return dst
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_correct_adapter_passes(arch, tmp_path):
+    peft_dir = make_peft_adapter(fixture(arch, "hf"), tmp_path / "a", seed=2, **PLAIN)
+    rc, rep, err = run_verify("--base", fixture(arch), "--lora", peft_dir)
+    assert rc == 0, err
+    assert rep["pass"] and rep["pairs"]["runtime"]["mean_kl"] <= 1e-5
+    assert rep["adapter_effect"]["kl_base_to_reference"] > 1e-2
+    assert rep["adapters"][0]["base_match"] is True
+    assert rep["pairs"]["runtime"]["greedy"]["identical"] == 1.0
+
+
+def test_merged_files_pass_and_quantized_floor(tmp_path):
+    from lora2gguf.merge import merge
+
+    peft_dir = make_peft_adapter(fixture("qwen3", "hf"), tmp_path / "a", seed=3, **PLAIN)
+    gguf_lora = convert(peft_dir, fixture("qwen3"), tmp_path / "a.gguf")
+    for quant in ("f32", "q8_0", "q4_k_m"):
+        merged = merge(fixture("qwen3"), [(gguf_lora, 1.0)], tmp_path / f"m-{quant}.gguf", quant=quant)
+        rep = verify(fixture("qwen3"), [(str(gguf_lora), 1.0)], merged=merged)
+        assert rep["pass"], (quant, rep["pairs"])
+        if quant == "f32":
+            assert rep["pairs"]["merged"]["mean_kl"] <= 1e-5
+        if quant == "q4_k_m":
+            assert rep["merged_quantization_floor"] > 0
+
+
+def test_wrong_alpha_fails(tmp_path):
+    peft_dir = make_peft_adapter(fixture("qwen2", "hf"), tmp_path / "a", seed=4, **PLAIN)
+    good = convert(peft_dir, fixture("qwen2"), tmp_path / "good.gguf")
+    bad = rewrite_adapter(good, tmp_path / "bad.gguf", alpha=16.0)
+    rc, rep, _ = run_verify("--base", fixture("qwen2"), "--lora", peft_dir, "--runtime-lora", bad)
+    assert rc == 1 and not rep["pass"] and not rep["pairs"]["runtime"]["pass"]
+
+
+def test_missing_qk_permutation_fails(tmp_path):
+    """A converter that forgets llama.cpp's q/k row order for the llama family."""
+    peft_dir = make_peft_adapter(fixture("llama", "hf"), tmp_path / "a", seed=5, **PLAIN)
+    good = convert(peft_dir, fixture("llama"), tmp_path / "good.gguf")
+    heads = {"attn_q": 4, "attn_k": 2}
+
+    def unpermute(name, t):
+        kind = name.split(".")[2]
+        return archs.unpermute_rows(t, heads[kind]) if kind in heads and name.endswith("lora_b") else t
+
+    bad = rewrite_adapter(good, tmp_path / "bad.gguf", tensor_fn=unpermute)
+    rc, rep, _ = run_verify("--base", fixture("llama"), "--lora", peft_dir, "--runtime-lora", bad)
+    assert rc == 1 and rep["pairs"]["runtime"]["mean_kl"] > 1e-3
+    rc, rep, _ = run_verify("--base", fixture("llama"), "--lora", peft_dir, "--runtime-lora", good)
+    assert rc == 0
+
+
+def test_ignored_rslora_scale_fails(tmp_path):
+    """What llama.cpp's converter does with rsLoRA: alpha written as is, PEFT's alpha/sqrt(r) ignored."""
+    peft_dir = make_peft_adapter(fixture("qwen3", "hf"), tmp_path / "a", seed=6, use_rslora=True, **PLAIN)
+    cfg = json.loads((peft_dir / "adapter_config.json").read_text())
+    plain_dir = tmp_path / "as-plain"
+    plain_dir.mkdir()
+    (plain_dir / "adapter_model.safetensors").write_bytes((peft_dir / "adapter_model.safetensors").read_bytes())
+    (plain_dir / "adapter_config.json").write_text(json.dumps({**cfg, "use_rslora": False}))
+    wrong = convert(plain_dir, fixture("qwen3"), tmp_path / "wrong.gguf")
+    rc, rep, _ = run_verify("--base", fixture("qwen3"), "--lora", peft_dir, "--runtime-lora", wrong)
+    assert rc == 1 and not rep["pass"]
+
+
+def test_adapter_for_another_base_fails(tmp_path):
+    """Same arch and shapes, different weights: only the recorded fingerprint can tell."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import make_fixtures as mf
+
+    other = tmp_path / "other-qwen3.gguf"
+    saved = dict(mf.SEED)
+    try:
+        mf.SEED["qwen3"] = 1234
+        mf.write_gguf(other, "qwen3", mf.hf_weights("qwen3", len(mf.vocab()[0])), "f32")
+    finally:
+        mf.SEED.update(saved)
+    peft_dir = make_peft_adapter(fixture("qwen3", "hf"), tmp_path / "a", seed=7, **PLAIN)
+    made_for_other = convert(peft_dir, other, tmp_path / "other.gguf")
+    rc, rep, _ = run_verify("--base", fixture("qwen3"), "--lora", made_for_other)
+    assert rc == 1 and rep["adapters"][0]["base_match"] is False
+    assert any("different base" in w for w in rep["warnings"])
+
+
+def test_noop_adapter_fails(tmp_path):
+    import peft
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(fixture("llama", "hf"))
+    peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"])).save_pretrained(
+        tmp_path / "zero")  # PEFT's own init: B = 0
+    rc, rep, _ = run_verify("--base", fixture("llama"), "--lora", tmp_path / "zero")
+    assert rc == 1 and any("no-op" in w for w in rep["warnings"])
+
+
+def test_bad_input_exit_2(tmp_path):
+    rc, rep, err = run_verify("--base", fixture("llama"), "--lora", tmp_path / "missing")
+    assert rc == 2 and rep is None and err.startswith("error: ") and len(err.strip().splitlines()) == 1
+    rc, _, err = run_verify("--base", fixture("llama", "hf"), "--lora", tmp_path)
+    assert rc == 2 and "GGUF base" in err
+
+
+def test_human_table(tmp_path):
+    peft_dir = make_peft_adapter(fixture("llama", "hf"), tmp_path / "a", seed=8, **PLAIN)
+    r = subprocess.run(CLI + ["verify", "--base", str(fixture("llama")), "--lora", str(peft_dir)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and "runtime" in r.stdout and r.stdout.strip().endswith("PASS")
+
+
+@pytest.mark.slow
+def test_smollm2_end_to_end(smollm2_f32, smollm2_hf, tmp_path):
+    from lora2gguf.merge import merge
+
+    peft_dir = make_peft_adapter(smollm2_hf, tmp_path / "a", seed=9, b_std=0.05,
+                                 r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"])
+    gguf_lora = convert(peft_dir, smollm2_f32, tmp_path / "a.gguf")
+    merged = merge(smollm2_f32, [(gguf_lora, 1.0)], tmp_path / "m.gguf", quant="q4_k_m")
+    rep = verify(smollm2_f32, [(str(peft_dir), 1.0)], merged=merged)
+    assert rep["pass"], rep["pairs"]
+    assert rep["pairs"]["runtime"]["mean_kl"] <= 1e-5 and rep["adapter_effect"]["kl_base_to_reference"] > 1e-2
+    assert np.isfinite(rep["views"]["merged"]["perplexity"])
