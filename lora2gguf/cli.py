@@ -49,7 +49,8 @@ def inspect_cmd(path: str, base: str | None, as_json: bool) -> None:
 def verify_cmd(ctx, base, loras, merged, runtime_lora, text_file, prompts_file, n_tokens, max_kl, as_json):
     """Prove parity: reference (PyTorch, PEFT math) vs llama.cpp runtime LoRA vs merged file.
     Exit 0 when every pair is within its threshold, 1 when not, 2 on bad input."""
-    from .verify import format_report, parse_lora_arg, read_prompts, read_text, verify
+    from .merge import parse_lora_arg
+    from .verify import format_report, read_prompts, read_text, verify
 
     report = verify(base, [parse_lora_arg(a) for a in loras], merged=merged, runtime_lora=runtime_lora,
                     text=read_text(text_file) if text_file else None,
