@@ -141,25 +141,6 @@ def export_cmd(adapter_gguf: str, base: str, out: str, force: bool) -> None:
     click.echo(f"wrote {export(adapter_gguf, base, out, force=force)}")
 
 
-@cli.command("merge")
-@click.option("--base", required=True, type=click.Path(), help="Base model .gguf (any type: F32, F16, Q8_0, K-quants...).")
-@click.option("--lora", "loras", required=True, multiple=True, metavar="ADAPTER[:SCALE]",
-              help="PEFT adapter dir or GGUF LoRA file, scale 1.0 by default; repeat for several.")
-@click.option("--quant", default="f16", show_default=True, metavar="TYPE",
-              help="Output type: f32, f16, bf16, q8_0, q6_k, q5_k_m, q4_k_m, q4_0, ... (llama.cpp's file types).")
-@click.option("-o", "--out", required=True, type=click.Path(), help="Merged GGUF file to write.")
-@click.option("--threads", type=int, default=None, help="Threads for llama.cpp's quantizer (default: all).")
-@click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
-@click.pass_context
-def merge_cmd(ctx: click.Context, base: str, loras: tuple[str, ...], quant: str, out: str, threads: int | None,
-              force: bool) -> None:
-    """Bake LoRA adapters into a GGUF base and write it at any llama.cpp quantization."""
-    from .merge import merge, parse_lora_arg
-
-    pairs = [parse_lora_arg(a) for a in loras]
-    click.echo(f"wrote {merge(base, pairs, out, quant=quant, threads=threads, force=force, verbose=ctx.obj['verbose'])}")
-
-
 def main(argv: list[str] | None = None) -> int:
     """Entry point: bad input → `error: <one line>` on stderr and exit 2 (traceback only with -v)."""
     args = sys.argv[1:] if argv is None else argv
