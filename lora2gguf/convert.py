@@ -127,8 +127,6 @@ def convert(adapter_dir: str | os.PathLike, base: str | os.PathLike, out: str | 
     if outtype not in OUTTYPES:
         raise Lora2GGUFError(f"--outtype {outtype!r} is not one of {', '.join(OUTTYPES)}")
     out = check_output(out, force, inputs=[adapter_dir, base])
-    if out.suffix.lower() != ".gguf":
-        raise Lora2GGUFError(f"{out}: the output should be a .gguf file")
     adapter = load_peft(adapter_dir)
     refuse_unsupported(adapter)
     # PEFT resets fan_in_fan_out to False on nn.Linear, and every target of these archs is an nn.Linear
