@@ -3,6 +3,7 @@ transformers + the real PEFT; quantized bases and outputs; byte identity of unto
 llama.cpp's own quantizer; metadata; errors."""
 
 import ctypes
+import functools
 import hashlib
 import warnings
 
@@ -87,6 +88,11 @@ def llama_logits(path, tokens):
         return rt.logits(tokens)
 
 
+@functools.lru_cache(maxsize=None)
+def base_logits(path, tokens: tuple):
+    return llama_logits(path, list(tokens))
+
+
 @pytest.mark.parametrize("arch,case", ALL, ids=[f"{a}-{c}" for a, c in ALL])
 def test_f32_merge_matches_reference_and_peft(arch, case, tmp_path):
     adapters = make(arch, CASES.get(case) or ARCH_CASES[(arch, case)], tmp_path)
@@ -95,7 +101,7 @@ def test_f32_merge_matches_reference_and_peft(arch, case, tmp_path):
     ours = llama_logits(out, tokens)
     ref = ref_logits(fixture(arch), adapters, tokens)
     theirs = peft_multi_logits(fixture(arch, "hf"), adapters, tokens)
-    plain = llama_logits(fixture(arch), tokens)
+    plain = base_logits(fixture(arch), tuple(tokens))
     assert ref.std(-1).mean() > SPREAD
     m_ref, m_peft = compare(ref, ours), compare(theirs, ours)
     print(arch, case, "vs reference", m_ref, "vs peft", m_peft)
@@ -136,9 +142,11 @@ def layer0_adapters(tmp_path_factory):
     return {arch: make_peft_adapter(fixture(arch, "hf"), d / arch, seed=5, b_std=0.2, **LAYER0) for arch in ARCHS}
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("kind,quant", [("q8_0", "q8_0"), ("q4_k_m", "q4_k_m"), ("f16", "f16"), ("q4_k_m", "f16"),
-                                        ("f32", "q8_0")])
+QUANT_CASES = [(a, k, q) for a in ARCHS for k, q in [("q8_0", "q8_0"), ("q4_k_m", "q4_k_m")]] + [
+    ("llama", "f16", "f16"), ("qwen2", "q4_k_m", "f16"), ("qwen3", "f32", "q8_0"), ("llama", "q8_0", "q4_k_m")]
+
+
+@pytest.mark.parametrize("arch,kind,quant", QUANT_CASES, ids=["-".join(c) for c in QUANT_CASES])
 def test_quantized_merge_loads_generates_and_keeps_untouched_bytes(arch, kind, quant, layer0_adapters, tmp_path):
     adapter = layer0_adapters[arch]
     out = merge(fixture(arch, kind), [(adapter, 1.0)], tmp_path / "m.gguf", quant=quant)
@@ -147,7 +155,7 @@ def test_quantized_merge_loads_generates_and_keeps_untouched_bytes(arch, kind, q
     with LlamaRuntime(out) as rt:
         merged = rt.logits(tokens)
         assert len(rt.greedy(tokens[:8], 8)) > 0
-    before = compare(ref, llama_logits(fixture(arch, kind), tokens))["mean_kl"]
+    before = compare(ref, base_logits(fixture(arch, kind), tuple(tokens)))["mean_kl"]
     after = compare(ref, merged)["mean_kl"]
     print(arch, kind, "→", quant, "KL to the adapted reference: base", before, "merged", after)
     assert after < 0.25 * before, "the merged file must carry the adapter"
@@ -171,13 +179,18 @@ def llama_cpp_quantize(src, dst, ftype):
     assert llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(p)) == 0
 
 
+@pytest.fixture(scope="module")
+def dora_llama(tmp_path_factory):
+    return make("llama", CASES["dora"], tmp_path_factory.mktemp("dora"))
+
+
 @pytest.mark.parametrize("kind", ["f32", "f16"])
 @pytest.mark.parametrize("quant", ["q4_k_m", "q8_0", "q5_k_s"])
-def test_quantized_output_is_llama_quantize_of_our_f32(kind, quant, tmp_path):
+def test_quantized_output_is_llama_quantize_of_our_f32(kind, quant, dora_llama, tmp_path):
     """From a float base, --quant X is byte for byte what llama.cpp's quantizer writes from our f32 merge."""
     import llama_cpp
 
-    adapters = make("llama", CASES["dora"], tmp_path)
+    adapters = dora_llama
     f32 = merge(fixture("llama", kind), adapters, tmp_path / "m-f32.gguf", quant="f32")
     llama_cpp_quantize(f32, tmp_path / "theirs.gguf", getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{quant.upper()}"))
     ours = merge(fixture("llama", kind), adapters, tmp_path / "ours.gguf", quant=quant)
