@@ -150,7 +150,7 @@ def describe_gguf_adapter(f: GGUFFile, base: str | os.PathLike | None = None) ->
         "lora_alpha": alpha, "ranks": sorted(set(ranks.values())), "targets": targets, "lora_tensors": len(pairs),
         "layers": sorted({int(m.group(1)) for g in pairs if (m := re.match(r"blk\.(\d+)\.", g))}),
         "dtypes": dict(Counter(f.tensors[k].type.name for ab in pairs.values() for k in ab)),
-        "scales": sorted({(alpha / r if alpha else 1.0) for r in ranks.values()}),
+        "llama_cpp_scales": sorted({(alpha / r if alpha else 1.0) for r in ranks.values()}),
         "provenance": provenance(f) or None,
     }
     if base is not None:

@@ -150,7 +150,7 @@ def test_inspect_adapter(llama_adapter, capsys):
     info = inspect_json(capsys, path)
     assert info["kind"] == "gguf-adapter" and info["lora_alpha"] == 16.0 and info["ranks"] == [4, 8]
     assert info["targets"] == ["attn_q", "attn_v", "output"] and info["layers"] == [0, 1]
-    assert info["scales"] == [2.0, 4.0]  # llama.cpp's alpha / r; PEFT's rsLoRA scale is folded into lora_b
+    assert info["llama_cpp_scales"] == [2.0, 4.0]  # llama.cpp's alpha / r; PEFT's rsLoRA scale is folded into lora_b
     prov = info["provenance"]
     assert prov["base.name"] == "tiny-llama" and prov["peft_config"]["use_rslora"] is True
     assert prov["target_modules"] == ["lm_head", "q_proj", "v_proj"] and prov["version"]

@@ -356,15 +356,21 @@ def smollm2_adapter(smollm2_hf, tmp_path_factory):
     return {"plain": plain, "rslora": rs}
 
 
+@pytest.fixture(scope="module")
+def smollm2_runtime(smollm2_f32):
+    """SmolLM2 loaded once in llama.cpp, with its base logits on the test tokens."""
+    with LlamaRuntime(smollm2_f32) as rt:
+        tokens = rt.tokenize(TEXT)[:40]
+        yield rt, tokens, rt.logits(tokens)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["plain", "rslora"])
-def test_smollm2(kind, smollm2_f32, smollm2_hf, smollm2_adapter, tmp_path):
+def test_smollm2(kind, smollm2_f32, smollm2_hf, smollm2_adapter, smollm2_runtime, tmp_path):
     adapter_dir = smollm2_adapter[kind]
     out = convert(adapter_dir, smollm2_f32, tmp_path / "a.gguf")
-    with LlamaRuntime(smollm2_f32) as rt:
-        tokens = rt.tokenize(TEXT)[:48]
-        base = rt.logits(tokens)
-        ours = llama_logits(rt, out, tokens)
+    rt, tokens, base = smollm2_runtime
+    ours = llama_logits(rt, out, tokens)
     assert compare(base, ours)["mean_kl"] > 1e-2
     for name, theirs in (("reference", ref_logits(smollm2_f32, adapter_dir, tokens)),
                          ("peft", peft_logits(smollm2_hf, adapter_dir, tokens))):
