@@ -43,7 +43,7 @@ from .quantize import OutputType, llama_quantize, output_type, takes_file_type
 
 F32 = GGMLQuantizationType.F32
 KEY_ADAPTERS, KEY_SCALES, KEY_SHA256 = "lora2gguf.merge.adapters", "lora2gguf.merge.scales", "lora2gguf.merge.sha256"
-ROW_BLOCK = 1 << 20  # elements per float64 block of the merge math (8 MB)
+ROW_BLOCK = 1 << 18  # elements per block of the merge math (1 MB of float32)
 
 # Bias tensors llama.cpp loads when present (optional slots), by HF module suffix: q/k/v for every arch
 # (create_tensor_qkv in llama-model.cpp), o/gate/up/down only for llama (src/models/llama.cpp).
@@ -204,12 +204,19 @@ def _rows(m: ModuleLoRA, rows: slice) -> ModuleLoRA:
     return dataclasses.replace(m, B=m.B[rows], magnitude=mag, bias=None)
 
 
-def _blocks(shape: tuple[int, ...]) -> list[slice]:
-    step = max(1, ROW_BLOCK // max(1, shape[1]))
-    return [slice(i, i + step) for i in range(0, shape[0], step)]
+class RowPool:
+    """Runs a function over the row blocks of a tensor on n threads (numpy releases the GIL)."""
+
+    def __init__(self, n: int):
+        self.n, self.pool = n, ThreadPoolExecutor(n)
+
+    def map(self, fn, shape: tuple[int, ...]) -> None:
+        """Blocks of at most ROW_BLOCK elements, and at least n of them when there are enough rows."""
+        step = max(1, min(ROW_BLOCK // max(1, shape[1]), -(-shape[0] // self.n)))
+        list(self.pool.map(fn, [slice(i, i + step) for i in range(0, shape[0], step)]))
 
 
-def _merge_dora(w: np.ndarray, mods: list[tuple[ModuleLoRA, float]], pool: ThreadPoolExecutor) -> np.ndarray:
+def _merge_dora(w: np.ndarray, mods: list[tuple[ModuleLoRA, float]], pool: RowPool) -> np.ndarray:
     """adapter.merged_weight itself (HF layout), in row blocks: DoRA's row norms are row-wise for linear
     layers; an embedding with DoRA is merged whole."""
     if any(m.magnitude is not None and (m.embedding or m.fan_in_fan_out) for m, _ in mods):
@@ -219,20 +226,21 @@ def _merge_dora(w: np.ndarray, mods: list[tuple[ModuleLoRA, float]], pool: Threa
     def block(rows: slice) -> None:
         out[rows] = merged_weight(w[rows], [(_rows(m, rows), u) for m, u in mods])
 
-    list(pool.map(block, _blocks(w.shape)))
+    pool.map(block, w.shape)
     return out
 
 
 def _merge_plain(src: TensorInfo, raw: np.ndarray, mods: list[tuple[ModuleLoRA, float]], heads: int | None,
-                 pool: ThreadPoolExecutor) -> np.ndarray:
-    """W + Σ u·s·B·A for plain LoRA: merged_weight's sum, in float64 and rounded to float32 once, but with
-    three passes over memory instead of about ten, in GGUF layout (B's rows permuted like the base's q/k
-    rather than un-permuting W), row blocks decoded and merged in parallel."""
+                 pool: RowPool) -> np.ndarray:
+    """W + Σ u·s·B·A for plain LoRA, merged_weight's sum computed the way PEFT's own merge does it: the
+    scales folded into B, B·A and the sum in float32 (the output's precision; float64 here cost 3x the
+    time for changes below one float32 ulp). In GGUF layout (B's rows permuted like the base's q/k rather
+    than un-permuting W), row blocks decoded and merged in parallel, about three passes over memory."""
     factors = []
     for m, u in mods:
         a, b = m.factors()  # b @ a == ΔW / scale; rows of b are rows of W
-        b = b.astype(np.float64) * (m.scale * u)
-        factors.append((a.astype(np.float64), archs.permute_rows(b, heads) if heads else b))
+        b = (b.astype(np.float64) * (m.scale * u)).astype(np.float32)
+        factors.append((np.ascontiguousarray(a, np.float32), archs.permute_rows(b, heads) if heads else b))
     if src.type in (F32, GGMLQuantizationType.F16):
         data = raw.view(np.float32 if src.type == F32 else np.float16).reshape(src.shape)
     else:
@@ -242,16 +250,14 @@ def _merge_plain(src: TensorInfo, raw: np.ndarray, mods: list[tuple[ModuleLoRA, 
     def block(rows: slice) -> None:
         if out is not data:
             out[rows] = data[rows]
-        acc = factors[0][1][rows] @ factors[0][0]
-        for a, b in factors[1:]:
-            acc += b[rows] @ a
-        np.add(out[rows], acc, out=out[rows], casting="same_kind")
+        for a, b in factors:
+            out[rows] += b[rows] @ a
 
-    list(pool.map(block, _blocks(src.shape)))
+    pool.map(block, src.shape)
     return out
 
 
-def _merged(fh, job: Job, spec, pool: ThreadPoolExecutor) -> np.ndarray:
+def _merged(fh, job: Job, spec, pool: RowPool) -> np.ndarray:
     """The output tensor in GGUF layout, float32."""
     heads = archs.qk_heads(job.hf, spec.n_head, spec.n_head_kv) if spec.facts.permute_qk else None
     if job.replacement is not None:
@@ -281,7 +287,7 @@ def _set_types(jobs: list[Job], out: OutputType) -> None:
         j.info = PlannedTensor(j.info.name, j.info.shape, out.direct, nbytes_of(j.info.shape, out.direct))
 
 
-def _tensor_data(fh, job: Job, spec, pool: ThreadPoolExecutor) -> np.ndarray:
+def _tensor_data(fh, job: Job, spec, pool: RowPool) -> np.ndarray:
     src, want = job.source, job.info.type
     if not job.touched:
         if src.type == want:
@@ -300,7 +306,12 @@ def _write(path: Path, base: GGUFBase, jobs: list[Job], ftype: LlamaFileType, re
     for key, values in record.items():  # earlier merges of this base stay on record, first
         old = f.get(key)
         w.add_array(key, (old.tolist() if isinstance(old, np.ndarray) else list(old or [])) + values)
-    with open(base.path, "rb", buffering=0) as fh, ThreadPoolExecutor(threads or os.cpu_count() or 1) as pool:
+    from threadpoolctl import threadpool_limits
+
+    # One BLAS thread per block: numpy's OpenBLAS would spread each rank-r product over every core and
+    # spin between calls (10x the CPU time, slower in wall time too); the pool parallelises instead.
+    pool = RowPool(threads or os.cpu_count() or 1)
+    with open(base.path, "rb", buffering=0) as fh, pool.pool, threadpool_limits(1, user_api="blas"):
         write_streaming(path, w, [j.info for j in jobs], (_tensor_data(fh, j, base.spec, pool) for j in jobs),
                         progress=lambda t: bar.update(1))
 
