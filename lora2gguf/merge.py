@@ -330,6 +330,8 @@ def merge(base: str | os.PathLike, loras: list[tuple[str | os.PathLike, float]],
     from tqdm import tqdm
 
     qtype = output_type(quant)
+    if threads is not None and threads < 1:
+        raise Lora2GGUFError(f"--threads {threads}: give a positive number of threads")
     if not loras:
         raise Lora2GGUFError("no adapter given; pass --lora ADAPTER[:SCALE] at least once")
     for p, s in loras:
