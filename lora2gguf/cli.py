@@ -141,6 +141,34 @@ def export_cmd(adapter_gguf: str, base: str, out: str, force: bool) -> None:
     click.echo(f"wrote {export(adapter_gguf, base, out, force=force)}")
 
 
+@cli.command("demo")
+@click.option("--workdir", default="demo-out", show_default=True, type=click.Path(), help="Where outputs go.")
+@click.option("--base", type=click.Path(), help="A GGUF base (default: SmolLM2-135M-Instruct, downloaded once).")
+@click.option("--steps", default=40, show_default=True, help="Training steps per adapter (trade quality for time).")
+@click.option("--json", "as_json", is_flag=True, help="Also print the summary as one JSON object on stdout.")
+def demo_cmd(workdir: str, base: str | None, steps: int, as_json: bool) -> None:
+    """Train two adapters, convert, hot-swap, merge to q4_k_m, verify: the whole pipeline on a real model."""
+    from .demo import format_summary, run_demo
+
+    summary = run_demo(workdir, base=base, steps=steps, log=lambda m: click.echo(m, err=as_json))
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+    else:
+        click.echo(format_summary(summary))
+
+
+@cli.command("modelfile")
+@click.option("--base", required=True, type=click.Path(), help="The GGUF base.")
+@click.option("--lora", required=True, type=click.Path(), help="The GGUF LoRA adapter.")
+@click.option("-o", "--out", required=True, type=click.Path(), help="Modelfile to write.")
+@click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
+def modelfile_cmd(base: str, lora: str, out: str, force: bool) -> None:
+    """Write an Ollama Modelfile: FROM base, ADAPTER lora (then `ollama create NAME -f OUT`)."""
+    from .demo import write_modelfile
+
+    click.echo(f"wrote {write_modelfile(base, lora, out, force=force)}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: bad input → `error: <one line>` on stderr and exit 2 (traceback only with -v)."""
     args = sys.argv[1:] if argv is None else argv

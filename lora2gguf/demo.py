@@ -1,0 +1,186 @@
+"""`lora2gguf demo`: the whole story on a real model in a few minutes of CPU.
+
+One base (SmolLM2-135M-Instruct by default), two adapters that each teach a narrow behaviour a program
+can check (answers as one JSON object; answers that open with "Ahoy matey!"), trained on our own
+datasets in fixtures/demo/, then: converted to GGUF LoRA, hot-swapped on one loaded llama.cpp model,
+merged into q4_k_m, scored on held-out prompts, verified, and written out as Ollama Modelfiles.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+DEMO_DATA = Path(__file__).resolve().parent.parent / "fixtures" / "demo"
+
+
+@dataclass(frozen=True)
+class Behaviour:
+    name: str
+    data: str  # training JSONL under fixtures/demo/
+    marker: str  # an answer adheres when it starts with this
+
+    def adheres(self, text: str) -> bool:
+        return text.strip().startswith(self.marker)
+
+
+BEHAVIOURS = (Behaviour("json", "json-train.jsonl", '{"answer": "'),
+              Behaviour("pirate", "pirate-train.jsonl", "Ahoy matey!"))
+
+
+def modelfile(base: str | os.PathLike, lora: str | os.PathLike) -> str:
+    """An Ollama Modelfile that serves `base` with the GGUF LoRA `lora` on top."""
+    return f"FROM {Path(base).resolve()}\nADAPTER {Path(lora).resolve()}\n"
+
+
+def write_modelfile(base, lora, out: str | os.PathLike, force: bool = False) -> Path:
+    from .gguf_write import check_output
+
+    out = check_output(out, force, [base, lora])
+    for p in (base, lora):
+        if not Path(p).is_file():
+            from .errors import Lora2GGUFError
+
+            raise Lora2GGUFError(f"{p}: no such file")
+    out.write_text(modelfile(base, lora))
+    return out
+
+
+def serve_commands(base: Path, loras: dict[str, Path]) -> list[str]:
+    first = next(iter(loras.values()))
+    lora_args = " ".join(f"--lora {p}" for p in loras.values())
+    return [
+        f"llama-cli -m {base} --lora {first} -p 'What is the capital of Peru?'",
+        f"llama-server -m {base} {lora_args} --lora-init-without-apply",
+        "curl -s localhost:8080/lora-adapters -d '[{\"id\": 0, \"scale\": 1.0}, {\"id\": 1, \"scale\": 0.0}]'"
+        "   # hot-swap: pick the adapter per request or globally",
+    ]
+
+
+def _answers(rt, prompt_ids: list[list[int]], n_tokens: int) -> list[str]:
+    """Greedy answers, only as long as needed to see whether they open with a marker."""
+    return [rt.detokenize(rt.greedy(ids, n_tokens)) for ids in prompt_ids]
+
+
+def _adherence(behaviour: Behaviour, answers: list[str]) -> float:
+    return sum(behaviour.adheres(a) for a in answers) / len(answers)
+
+
+def run_demo(workdir: str | os.PathLike, base: str | os.PathLike | None = None, steps: int = 40,
+             lr: float = 1e-3, seq_len: int = 96, max_prompts: int | None = None, log=print) -> dict:
+    from .data import Tokenizer
+    from .merge import merge
+    from .runtime import LlamaRuntime
+    from .smollm2 import smollm2_gguf
+    from .train import TrainConfig, train
+    from .verify import verify
+
+    work = Path(workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    stages: dict[str, float] = {}
+    t0 = time.perf_counter()
+    base = Path(base) if base else smollm2_gguf()
+    stages["obtain base"] = time.perf_counter() - t0
+    log(f"base: {base} ({base.stat().st_size / 1e6:.0f} MB)")
+    prompts = [json.loads(line)["messages"] for line in (DEMO_DATA / "eval-prompts.jsonl").read_text().splitlines()
+               if line.strip()][:max_prompts]
+
+    ggufs: dict[str, Path] = {}
+    for b in BEHAVIOURS:
+        t = time.perf_counter()
+        res = train(TrainConfig(base=str(base), data=str(DEMO_DATA / b.data), out=str(work / f"{b.name}-peft"),
+                                rank=8, alpha=16, lr=lr, steps=steps, batch_size=4, seq_len=seq_len, dropout=0.0,
+                                targets="all-linear", gguf=str(work / f"{b.name}.gguf"), force=True,
+                                progress=False, seed=0))
+        ggufs[b.name] = res.gguf
+        stages[f"train+convert {b.name}"] = time.perf_counter() - t
+        log(f"trained {b.name}: loss {res.losses[0]:.3f} → {res.losses[-1]:.3f} in {res.steps} steps; "
+            f"{res.gguf.stat().st_size / 1e3:.0f} KB GGUF LoRA")
+
+    merged: dict[str, Path] = {}
+    for b in BEHAVIOURS:
+        t = time.perf_counter()
+        merged[b.name] = merge(base, [(ggufs[b.name], 1.0)], work / f"merged-{b.name}-q4_k_m.gguf",
+                               quant="q4_k_m", force=True, progress=False)
+        stages[f"merge {b.name} → q4_k_m"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    rt = LlamaRuntime(base, n_ctx=256)
+    load_s = time.perf_counter() - t
+    tok = Tokenizer(base)
+    prompt_ids = [tok.encode(tok.render(m, add_generation_prompt=True)) for m in prompts]
+    tok.close()
+    n_gen = max(len(rt.tokenize(b.marker, add_bos=False)) for b in BEHAVIOURS) + 2
+    t = time.perf_counter()
+    answers: dict[str, dict[str, list[str]]] = {b.name: {} for b in BEHAVIOURS}
+    base_answers = _answers(rt, prompt_ids, n_gen)
+    swap_s = []
+    for b in BEHAVIOURS:  # hot-swap on the loaded model: no reload
+        answers[b.name]["base"] = base_answers
+        ts = time.perf_counter()
+        rt.set_adapters([(ggufs[b.name], 1.0)])
+        swap_s.append(time.perf_counter() - ts)
+        answers[b.name]["runtime"] = _answers(rt, prompt_ids, n_gen)
+    rt.close()
+    for b in BEHAVIOURS:
+        with LlamaRuntime(merged[b.name], n_ctx=256) as mrt:
+            answers[b.name]["merged_q4_k_m"] = _answers(mrt, prompt_ids, n_gen)
+    adherence = {b.name: {view: _adherence(b, a) for view, a in answers[b.name].items()} for b in BEHAVIOURS}
+    samples = {b.name: {view: a[0] for view, a in answers[b.name].items()} for b in BEHAVIOURS}
+    stages["score (greedy, held-out prompts)"] = time.perf_counter() - t
+
+    kls = {}
+    for b in BEHAVIOURS:
+        t = time.perf_counter()
+        rep = verify(base, [(str(ggufs[b.name]), 1.0)], merged=merged[b.name], n_tokens=128)
+        kls[b.name] = {"kl_base_to_reference": rep["adapter_effect"]["kl_base_to_reference"],
+                       "runtime_vs_reference": rep["pairs"]["runtime"]["mean_kl"],
+                       "merged_vs_reference": rep["pairs"]["merged"]["mean_kl"],
+                       "merged_floor": rep.get("merged_quantization_floor"), "pass": rep["pass"]}
+        stages[f"verify {b.name}"] = time.perf_counter() - t
+
+    for b in BEHAVIOURS:
+        (work / f"Modelfile.{b.name}").write_text(modelfile(base, ggufs[b.name]))
+    summary = {
+        "base": str(base), "base_mb": base.stat().st_size / 1e6, "held_out_prompts": len(prompts),
+        "adapters": {b.name: {"adherence": adherence[b.name], "kl": kls[b.name],
+                              "gguf_kb": ggufs[b.name].stat().st_size / 1e3,
+                              "gguf_percent_of_base": 100 * ggufs[b.name].stat().st_size / base.stat().st_size,
+                              "sample": samples[b.name]} for b in BEHAVIOURS},
+        "model_load_s": load_s, "adapter_swap_s": max(swap_s), "stages_s": stages,
+        "total_s": time.perf_counter() - t0, "workdir": str(work),
+        "modelfiles": [str(work / f"Modelfile.{b.name}") for b in BEHAVIOURS],
+        "commands": serve_commands(base, ggufs),
+    }
+    return summary
+
+
+def format_summary(s: dict) -> str:
+    lines = [f"base {s['base']} ({s['base_mb']:.0f} MB); {s['held_out_prompts']} held-out prompts per behaviour", ""]
+    hdr = (f"{'adapter':<8}{'base':>7}{'runtime':>9}{'merged':>8}{'KL base→adapter':>17}{'KL runtime':>12}"
+           f"{'KL merged':>11}{'floor':>9}{'size':>9}  verify")
+    lines += [hdr, "-" * len(hdr)]
+    for name, a in s["adapters"].items():
+        ad, kl = a["adherence"], a["kl"]
+        floor = f"{kl['merged_floor']:.2g}" if kl["merged_floor"] is not None else "-"
+        lines.append(f"{name:<8}{ad['base']:>7.0%}{ad['runtime']:>9.0%}{ad['merged_q4_k_m']:>8.0%}"
+                     f"{kl['kl_base_to_reference']:>17.3g}{kl['runtime_vs_reference']:>12.2g}"
+                     f"{kl['merged_vs_reference']:>11.2g}{floor:>9}{a['gguf_kb']:>6.0f} KB  "
+                     f"{'pass' if kl['pass'] else 'FAIL'}")
+    lines.append("(adherence: greedy answers that open with the trained marker; merged = q4_k_m)")
+    lines.append("")
+    for name, a in s["adapters"].items():
+        lines.append(f"{name}: first held-out answer — base: {a['sample']['base'].strip()[:60]!r}")
+        lines.append(f"{'':<{len(name)}}  with adapter: {a['sample']['runtime'].strip()[:60]!r}")
+    lines.append("")
+    lines.append(f"model load {s['model_load_s']:.2f} s vs adapter hot-swap {s['adapter_swap_s'] * 1e3:.1f} ms")
+    lines.append("stages: " + ", ".join(f"{k} {v:.1f} s" for k, v in s["stages_s"].items()))
+    lines.append(f"total {s['total_s']:.0f} s; outputs in {s['workdir']}")
+    lines.append("")
+    lines.append("Serve them:")
+    lines += [f"  ollama create demo-{Path(m).suffix[1:]} -f {m}" for m in s["modelfiles"]]
+    lines += [f"  {c}" for c in s["commands"]]
+    return "\n".join(lines)

@@ -1,0 +1,38 @@
+"""The demo on a tiny fixture base: the whole pipeline runs, its summary has the promised shape, and the
+trained adapters change behaviour where the base does not."""
+
+import json
+import subprocess
+import sys
+
+from conftest import fixture
+from lora2gguf.demo import BEHAVIOURS, format_summary, run_demo
+
+
+def test_demo_on_fixture(tmp_path):
+    s = run_demo(tmp_path / "work", base=fixture("llama"), steps=40, lr=1e-2, seq_len=256, max_prompts=6,
+                 log=lambda m: None)
+    assert set(s["adapters"]) == {b.name for b in BEHAVIOURS}
+    for name, a in s["adapters"].items():
+        ad = a["adherence"]
+        assert set(ad) == {"base", "runtime", "merged_q4_k_m"}
+        assert ad["base"] == 0.0, (name, a["sample"])  # a random base never opens with the marker
+        assert ad["runtime"] >= 0.8 and ad["merged_q4_k_m"] >= 0.5, (name, ad, a["sample"])
+        assert a["kl"]["runtime_vs_reference"] <= 1e-5 and a["kl"]["pass"]
+        assert 0 < a["gguf_kb"]
+    for m in s["modelfiles"]:
+        text = open(m).read()
+        assert text.startswith("FROM ") and "\nADAPTER " in text
+    table = format_summary(s)
+    assert "hot-swap" in table and "llama-server" in table and "json" in table and "pirate" in table
+    json.dumps(s)  # the --json summary is plain JSON
+
+
+def test_modelfile_command(tmp_path):
+    out = tmp_path / "Modelfile"
+    cmd = [sys.executable, "-m", "lora2gguf.cli", "modelfile", "--base", str(fixture("llama")),
+           "--lora", str(fixture("llama")), "-o", str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 0 and out.read_text().startswith(f"FROM {fixture('llama')}")
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 2 and "already exists" in r.stderr
