@@ -366,6 +366,8 @@ def merge(base: str | os.PathLike, loras: list[tuple[str | os.PathLike, float]],
             os.close(fd)
             try:  # F32 file type: the intermediate's metadata is exactly that of our f32 output
                 _write(Path(mid), b, jobs, LlamaFileType.ALL_F32, record, bar, threads)
+                del jobs, adapters, a  # the quantizer's buffers come on top of what we still hold: drop it
+                b.close()
                 bar.set_description(f"quantize → {qtype.label}")
                 llama_quantize(mid, tmp, qtype.ftype, threads, verbose, on_tensor=lambda: bar.update(1))
             finally:
