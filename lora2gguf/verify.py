@@ -85,24 +85,32 @@ def _base_match(adapter_gguf: Path, gb) -> tuple[bool | None, str]:
     return c["match"], c["verdict"]
 
 
-def _greedy_reference(model, prompt: list[int], n: int, eog: set[int]) -> list[int]:
-    import torch
+def _teacher_forced(logits_of, prompts: list[list[int]], conts: list[list[int]]) -> list[list[int]]:
+    """Each view's greedy choice at every step of llama.cpp's own greedy continuation, in one evaluation
+    per prompt: a view that picks the same token at every step would have generated the same text."""
+    preds = []
+    for p, c in zip(prompts, conts):
+        lg = logits_of(p + c)
+        preds.append(lg[len(p) - 1: len(p) - 1 + len(c)].argmax(-1).tolist())
+    return preds
 
-    seq, out = list(prompt), []
-    with torch.no_grad():
-        for _ in range(n):
-            nxt = int(model(torch.tensor([seq]))[0, -1].argmax())
-            if nxt in eog:
+
+def _agreement(a: list[list[int]], b: list[list[int]], conts: list[list[int]]) -> dict:
+    """Greedy agreement of two views from their teacher-forced choices on the same continuations: the
+    common prefix ends where they choose differently, or after the first step where both left the
+    continuation (past it the teacher-forced context is no longer what either would have generated)."""
+    prefixes = []
+    for x, y, c in zip(a, b, conts):
+        n = 0
+        for px, py, pc in zip(x, y, c):
+            if px != py:
                 break
-            out.append(nxt)
-            seq.append(nxt)
-    return out
-
-
-def _agreement(a: list[list[int]], b: list[list[int]]) -> dict:
-    same = [x == y for x, y in zip(a, b)]
-    prefix = [next((i for i, (p, q) in enumerate(zip(x, y)) if p != q), min(len(x), len(y))) for x, y in zip(a, b)]
-    return {"identical": float(np.mean(same)), "mean_common_prefix": float(np.mean(prefix))}
+            n += 1
+            if px != pc:
+                break
+        prefixes.append(n)
+    return {"identical": float(np.mean([n == len(c) for n, c in zip(prefixes, conts)])),
+            "mean_common_prefix": float(np.mean(prefixes))}
 
 
 def _quantization_floor(base_path: Path, ftype_name: str, tokens, base_ref_logits, tmp: Path, n_ctx) -> float:
@@ -177,25 +185,25 @@ def verify(base: str | os.PathLike, loras: list[tuple[str, float]], merged: str 
         if len(tokens) < 16:
             raise Lora2GGUFError(f"the text gives only {len(tokens)} tokens; give at least 16 (--text)")
         report["tokens"] = len(tokens)
-        eog = {rt.llm.token_eos()}
         prompt_tokens = _prompts(rt, gb, prompts, tokens)
 
         base_ref = reference_model(gb)
         logits = {"base_reference": _ref_logits(base_ref, tokens)}
         logits["base_runtime"] = rt.logits(tokens)
         del base_ref
-        ref = reference_model(gb, [(a.lora, a.scale) for a in adapters])
-        logits["reference"] = _ref_logits(ref, tokens)
-        greedy = {"reference": [_greedy_reference(ref, p, n_greedy, eog) for p in prompt_tokens]}
-        del ref
         rt.set_adapters([(a.runtime_path, a.scale) for a in adapters])
         logits["runtime"] = rt.logits(tokens)
-        greedy["runtime"] = [rt.greedy(p, n_greedy) for p in prompt_tokens]
+        conts = [rt.greedy(p, n_greedy) for p in prompt_tokens]  # llama.cpp's greedy text, runtime LoRA
         rt.set_adapters([])
+        greedy = {"runtime": conts}
+        ref = reference_model(gb, [(a.lora, a.scale) for a in adapters])
+        logits["reference"] = _ref_logits(ref, tokens)
+        greedy["reference"] = _teacher_forced(lambda seq: _ref_logits(ref, seq), prompt_tokens, conts)
+        del ref
         if merged:
             with LlamaRuntime(merged, n_ctx=n_ctx, verbose=verbose) as mrt:
                 logits["merged"] = mrt.logits(tokens)
-                greedy["merged"] = [mrt.greedy(p, n_greedy) for p in prompt_tokens]
+                greedy["merged"] = _teacher_forced(mrt.logits, prompt_tokens, conts)
 
         base_type = _file_type(base_path)
         report["views"] = {k: {"perplexity": perplexity(v, np.array(tokens))} for k, v in logits.items()}
@@ -222,7 +230,7 @@ def verify(base: str | os.PathLike, loras: list[tuple[str, float]], merged: str 
         ok = True
         for name, (p, q, thr) in checks.items():
             m = compare(logits[p], logits[q])
-            m["greedy"] = _agreement(greedy[p], greedy[q])
+            m["greedy"] = _agreement(greedy[p], greedy[q], conts)
             if thr is not None:
                 m["max_kl_allowed"] = max_kl if max_kl is not None else thr
                 m["pass"] = m["mean_kl"] <= m["max_kl_allowed"]
