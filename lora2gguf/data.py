@@ -85,6 +85,17 @@ class Tokenizer:
         self.rt.close()
 
 
+def open_tokenizer(base: str, tokenizer: str | None = None) -> Tokenizer:
+    """The tokenizer of --tokenizer, else of the base GGUF (an HF-directory base has no GGUF tokenizer)."""
+    path = tokenizer or base
+    if Path(path).is_dir() or Path(path).name == "config.json":
+        raise Lora2GGUFError(f"{base}: a Hugging Face directory has no GGUF tokenizer; pass --tokenizer "
+                             "MODEL.gguf (the GGUF you will serve) so training sees the tokens llama.cpp makes")
+    if not Path(path).is_file():
+        raise Lora2GGUFError(f"{path}: no such file")
+    return Tokenizer(path)
+
+
 _ENV = None
 _COMPILED: dict = {}
 
@@ -260,3 +271,17 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor | No
         targets[i, : n - 1] = torch.tensor(e.labels[1:])  # position t predicts token t+1
         mask[i, :n] = 1
     return {"ids": ids, "targets": targets, "attention_mask": None if bool(mask.all()) else mask}
+
+
+class Order:
+    """The data stream: epoch e visits the examples in a permutation seeded by (seed, e)."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self._perms = n, seed, {}
+
+    def __getitem__(self, pos: int) -> int:
+        epoch = pos // self.n
+        if epoch not in self._perms:
+            self._perms = {epoch: torch.randperm(self.n, generator=torch.Generator().manual_seed(
+                self.seed * 1_000_003 + epoch)).tolist()}
+        return self._perms[epoch][pos % self.n]

@@ -5,6 +5,10 @@ A LoRALinear wraps a frozen nn.Linear: y = base(x) + B(A(dropout(x))) · scale, 
 adapter_config.json + adapter_model.safetensors with the keys PEFT's save_pretrained writes
 (`base_model.model.<module>.lora_A.weight`), so the result loads with `peft.PeftModel.from_pretrained`
 and with every lora2gguf verb.
+
+Also the rest of the trainable model: the frozen base loaded from a GGUF without copying what needs no
+conversion, and the training loss, which applies the (frozen) LM head to trained positions only and a
+chunk at a time.
 """
 
 from __future__ import annotations
@@ -13,7 +17,9 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import archs
@@ -25,13 +31,41 @@ PREFIX = "base_model.model."
 ALL_LINEAR = tuple(p.split(".")[-1] for p in archs.LAYER_LINEARS)
 
 
+class DropoutLoRA(torch.autograd.Function):
+    """PEFT's lora_B(lora_A(dropout(x))) · scale in training, as (x ⊙ mask) Aᵀ Bᵀ · scale/(1-p).
+
+    Same math, less memory: autograd through nn.Dropout keeps, per projection, a float copy of the
+    dropped-out input and a float mask (8 bytes an element; q, k and v each keep their own). This keeps
+    x, which the projections reading the same input share, and a boolean mask (1 byte), and rebuilds the
+    dropped-out input in backward. Computes in x's dtype (bf16 under autocast), gradients in A/B's."""
+
+    @staticmethod
+    def forward(ctx, x, A, B, mask, scale: float):
+        with torch.autocast(x.device.type, enabled=False):
+            a, b = A.to(x.dtype), B.to(x.dtype)
+            u = F.linear(torch.where(mask, x, 0), a)
+            ctx.save_for_backward(x, mask, a, b, u)
+            ctx.scale, ctx.param_dtype = scale, A.dtype
+            return F.linear(u, b) * scale
+
+    @staticmethod
+    def backward(ctx, g):
+        x, mask, a, b, u = ctx.saved_tensors
+        with torch.autocast(x.device.type, enabled=False):
+            g2 = g.reshape(-1, g.shape[-1])
+            gu = F.linear(g2, b.t()) * ctx.scale  # (N, r)
+            grad_b = (g2.t() @ u.reshape(-1, u.shape[-1])) * ctx.scale
+            grad_a = gu.t() @ torch.where(mask, x, 0).reshape(-1, x.shape[-1])
+            grad_x = torch.where(mask, F.linear(gu, a.t()).reshape(x.shape), 0) if ctx.needs_input_grad[0] else None
+        return grad_x, grad_a.to(ctx.param_dtype), grad_b.to(ctx.param_dtype), None, None
+
+
 class LoRALinear(nn.Module):
     def __init__(self, base: nn.Linear, r: int, alpha: float, rslora: bool = False, dropout: float = 0.0):
         super().__init__()
         self.base_layer = base
-        self.r, self.alpha = r, alpha
+        self.r, self.alpha, self.p = r, alpha, dropout
         self.scale = alpha / math.sqrt(r) if rslora else alpha / r
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         dev = base.weight.device
         # LoRA weights stay float32 whatever the base dtype: optimizer updates are tiny.
         self.lora_A = nn.Linear(base.in_features, r, bias=False, device=dev, dtype=torch.float32)
@@ -40,9 +74,13 @@ class LoRALinear(nn.Module):
         nn.init.zeros_(self.lora_B.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # As PEFT: the input goes to the LoRA weights' dtype (autocast, if on, then picks the compute dtype).
-        lora = self.lora_B(self.lora_A(self.dropout(x.to(self.lora_A.weight.dtype))))
-        return self.base_layer(x) + lora * self.scale
+        y = self.base_layer(x)
+        if self.training and self.p > 0 and torch.is_grad_enabled():
+            keep = torch.rand(x.shape, device=x.device) >= self.p
+            lora = DropoutLoRA.apply(x, self.lora_A.weight, self.lora_B.weight, keep, self.scale / (1 - self.p))
+        else:  # as PEFT: the input goes to the LoRA weights' dtype (autocast, if on, picks the compute dtype)
+            lora = self.lora_B(self.lora_A(x.to(self.lora_A.weight.dtype))) * self.scale
+        return y + lora
 
 
 def resolve_targets(targets: str | list[str]) -> list[str]:
@@ -124,3 +162,100 @@ def save_adapter(out_dir: str | Path, layers: dict[str, LoRALinear], config: dic
     with atomic_output(out_dir / "adapter_config.json") as tmp:
         tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return out_dir
+
+
+class HeadLoss(torch.autograd.Function):
+    """Σ cross-entropy of (h @ headᵀ) over rows of h, a chunk of rows at a time. The head is frozen, so
+    the only gradient is w.r.t. h: computed here, chunk by chunk, and kept (rows × width) for backward.
+    Full-vocabulary logits never exist for the whole batch, unlike model(ids) followed by the loss."""
+
+    @staticmethod
+    def forward(ctx, h, head, targets, chunk: int):
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        grad = torch.empty_like(h) if ctx.needs_input_grad[0] else None
+        for i in range(0, h.shape[0], chunk):
+            logits = F.linear(h[i:i + chunk], head).float()
+            t = targets[i:i + chunk]
+            lse = logits.logsumexp(-1)
+            total += (lse - logits.gather(1, t[:, None])[:, 0]).sum()
+            if grad is not None:  # d loss / d logits = softmax - onehot
+                p = logits.sub_(lse[:, None]).exp_()
+                p[torch.arange(len(t), device=t.device), t] -= 1
+                grad[i:i + chunk] = F.linear(p.to(h.dtype), head.t().to(h.dtype))
+        ctx.save_for_backward(grad)
+        return total
+
+    @staticmethod
+    def backward(ctx, g):
+        (grad,) = ctx.saved_tensors
+        return grad * g, None, None, None
+
+
+def hidden_states(model, ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """Transformer.forward up to the final norm (the head is applied by HeadLoss, on trained rows only)."""
+    B, T = ids.shape
+    x = model.model.embed_tokens(ids)
+    if attention_mask is None:
+        positions, mask = torch.arange(T, device=ids.device).expand(B, T), None
+    else:
+        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        causal = torch.ones(T, T, dtype=torch.bool, device=ids.device).tril()
+        mask = causal[None, None] & attention_mask.bool()[:, None, None, :]
+        mask = mask | torch.eye(T, dtype=torch.bool, device=ids.device)
+    cos, sin = model.rope(positions)
+    for layer in model.model.layers:
+        if model.grad_checkpointing and model.training:
+            x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+        else:
+            x = layer(x, cos, sin, mask)
+    return model.model.norm(x)
+
+
+class LossModel(nn.Module):
+    """Summed next-token loss in one forward, so that DistributedDataParallel sees the whole step."""
+
+    def __init__(self, model: nn.Module, chunk: int = 1024):
+        super().__init__()
+        self.model, self.chunk = model, chunk
+
+    def forward(self, ids, attention_mask, targets):
+        h = hidden_states(self.model, ids, attention_mask)
+        keep = targets != -100
+        m = self.model
+        head = m.model.embed_tokens.weight if m.spec.tied_embeddings else m.lm_head.weight
+        return HeadLoss.apply(h[keep], head, targets[keep], self.chunk)
+
+
+def load_base_model(base, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    """Transformer.from_base, except that on CPU in fp32 the F32 tensors of a GGUF are used in place,
+    straight from the file's memory map: the frozen base is never written, so it costs the file's
+    pages and no copy (quantized tensors and permuted q/k rows are still dequantized/copied)."""
+    from .base import GGUFBase
+    from .model import Rope, Transformer
+
+    if not (isinstance(base, GGUFBase) and dtype == torch.float32 and device.type == "cpu"):
+        return Transformer.from_base(base, dtype=dtype, device=device)
+    import warnings
+
+    from gguf import GGMLQuantizationType
+
+    from .archs import qk_heads
+
+    spec = base.spec
+    with torch.device("meta"):
+        model = Transformer(spec, None)
+    state = {}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*not writable.*")
+        for name in base.hf_names():
+            info = base.file.tensors[base.gguf_name(name)]
+            permuted = spec.facts.permute_qk and qk_heads(name, spec.n_head, spec.n_head_kv)
+            if info.type == GGMLQuantizationType.F32 and not permuted:
+                arr = base.file.raw(info.name).view(np.float32).reshape(info.shape)
+            else:
+                arr = base.tensor(name)
+            state[name] = torch.from_numpy(arr)
+    model.load_state_dict(state, strict=True, assign=True)
+    ff = base.rope_freqs()
+    model.rope = Rope(spec, torch.from_numpy(ff) if ff is not None else None)
+    return model.eval().requires_grad_(False)

@@ -19,15 +19,15 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .errors import Lora2GGUFError
-from .lora import adapter_config, inject_lora, load_lora_state, lora_parameters, resolve_targets, save_adapter
+from .lora import (LossModel, adapter_config, inject_lora, load_base_model, load_lora_state, lora_parameters,
+                   resolve_targets, save_adapter)
 
 LOG_NAME, PLOT_NAME, STATE_NAME = "train_log.jsonl", "loss.png", "trainer_state.pt"
 # Changing any of these between a checkpoint and --resume would silently train another run.
@@ -81,18 +81,6 @@ class TrainResult:
     rank: int = 0
 
 
-class LossModel(nn.Module):
-    """The model plus its loss, in one forward, so that DistributedDataParallel sees the whole step."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, ids, attention_mask, targets):
-        logits = self.model(ids, attention_mask)
-        return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
-
-
 def pick_device(name: str, local_rank: int = 0) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
@@ -126,20 +114,6 @@ def lr_lambda(warmup: int, total: int):
             return (step + 1) / (warmup + 1)
         return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
     return f
-
-
-class Order:
-    """The data stream: epoch e visits the examples in a permutation seeded by (seed, e)."""
-
-    def __init__(self, n: int, seed: int):
-        self.n, self.seed, self._perms = n, seed, {}
-
-    def __getitem__(self, pos: int) -> int:
-        epoch = pos // self.n
-        if epoch not in self._perms:
-            self._perms = {epoch: torch.randperm(self.n, generator=torch.Generator().manual_seed(
-                self.seed * 1_000_003 + epoch)).tolist()}
-        return self._perms[epoch][pos % self.n]
 
 
 def rng_state() -> dict:
@@ -224,18 +198,6 @@ def prepare_output(cfg: TrainConfig, rank: int) -> Path:
     return out
 
 
-def open_tokenizer(cfg: TrainConfig):
-    from .data import Tokenizer
-
-    path = cfg.tokenizer or cfg.base
-    if Path(path).is_dir() or Path(path).name == "config.json":
-        raise Lora2GGUFError(f"{cfg.base}: a Hugging Face directory has no GGUF tokenizer; pass --tokenizer "
-                             "MODEL.gguf (the GGUF you will serve) so training sees the tokens llama.cpp makes")
-    if not Path(path).is_file():
-        raise Lora2GGUFError(f"{path}: no such file")
-    return Tokenizer(path)
-
-
 def file_sha256(path: str) -> str:
     import hashlib
 
@@ -286,14 +248,114 @@ def train(cfg: TrainConfig, on_step=None) -> TrainResult:
             dist.destroy_process_group()
 
 
-def _train(cfg, on_step, out, device, cdtype, rank, world, warn) -> TrainResult:
-    from tqdm import tqdm
+@dataclass
+class Run:
+    """Everything one training run holds; its methods are the pieces of the loop."""
 
+    cfg: TrainConfig
+    out: Path
+    device: torch.device
+    cdtype: torch.dtype
+    rank: int
+    world: int
+    pad_id: int
+    model: nn.Module
+    net: nn.Module  # LossModel, wrapped in DistributedDataParallel under torchrun
+    layers: dict
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    args: dict  # what a checkpoint must agree on to be resumed
+    adapter_config: dict
+
+    def forward(self, module: nn.Module, examples, backward_scale: float | None = None) -> torch.Tensor:
+        """Summed loss of these examples; with backward_scale, also backpropagates loss × scale."""
+        from .data import collate
+
+        batch = {k: (v.to(self.device) if v is not None else None) for k, v in collate(examples, self.pad_id).items()}
+        with torch.autocast(self.device.type, dtype=self.cdtype, enabled=self.cdtype != torch.float32):
+            loss = module(batch["ids"], batch["attention_mask"], batch["targets"])
+        if backward_scale is not None:
+            self.scaler.scale(loss * backward_scale).backward()
+        return loss.detach().float()
+
+    def all_sum(self, x: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            torch.distributed.all_reduce(x)
+        return x
+
+    def step(self, batch: list) -> tuple[float, float, float]:
+        """One optimizer step on a global batch → (mean loss per trained token, lr used, grad norm)."""
+        B, K, world = self.cfg.batch_size, self.cfg.grad_accum, self.world
+        n_trained = sum(e.n_trained for e in batch)
+        loss_sum = torch.zeros((), device=self.device)
+        for j in range(K):
+            shard = batch[j * B:(j + 1) * B][self.rank::world]
+            sync = world == 1 or j == K - 1  # DDP: all-reduce gradients on the last micro-batch only
+            with contextlib.nullcontext() if sync else self.net.no_sync():
+                # the mean over the global batch's trained tokens; DDP averages over ranks, hence × world
+                loss_sum += self.forward(self.net, shard, backward_scale=world / n_trained)
+        self.scaler.unscale_(self.opt)
+        params = [p for g in self.opt.param_groups for p in g["params"]]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm).item()
+        lr = self.sched.get_last_lr()[0]
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+        return self.all_sum(loss_sum).item() / n_trained, lr, grad_norm
+
+    def evaluate(self, examples: list) -> float:
+        m = self.net.module if self.world > 1 else self.net  # not through DDP: no gradients, no hooks
+        m.eval()
+        total = torch.zeros((), device=self.device)
+        with torch.no_grad():
+            for i in range(0, len(examples), self.cfg.batch_size):
+                if shard := examples[i:i + self.cfg.batch_size][self.rank::self.world]:
+                    total += self.forward(m, shard)
+        m.train()
+        return self.all_sum(total).item() / sum(e.n_trained for e in examples)
+
+    def save_checkpoint(self, step: int) -> Path:
+        """OUT/checkpoint-<step>: the adapter (usable as is) and the trainer state (every rank's RNG)."""
+        rngs = [rng_state()]
+        if self.world > 1:
+            rngs = [None] * self.world
+            torch.distributed.all_gather_object(rngs, rng_state())
+        d = self.out / f"checkpoint-{step}"
+        if self.rank == 0:
+            from .gguf_write import atomic_output
+
+            save_adapter(d, self.layers, self.adapter_config)
+            with atomic_output(d / STATE_NAME) as tmp:  # written last: a checkpoint with it is complete
+                torch.save({"step": step, "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
+                            "scaler": self.scaler.state_dict(), "rng": rngs, "args": self.args,
+                            "data_position": step * self.cfg.batch_size * self.cfg.grad_accum}, tmp)
+        return d
+
+    def load_checkpoint(self, ck: Path) -> int:
+        """Restore a checkpoint's LoRA weights, optimizer, schedule and RNG → the step to continue from."""
+        from safetensors.torch import load_file
+
+        state = torch.load(ck / STATE_NAME, map_location="cpu", weights_only=True)
+        changed = [k for k in self.args if state["args"].get(k) != self.args[k]]
+        if changed:
+            raise Lora2GGUFError(f"{ck}: this run differs from the checkpoint's in {', '.join(changed)}; resume "
+                                 "with the same settings and data, or start over with --force")
+        load_lora_state(self.layers, load_file(ck / "adapter_model.safetensors", device=str(self.device)))
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"][self.rank])
+        return state["step"]
+
+
+def setup(cfg, out, device, cdtype, rank, world, warn) -> tuple[Run, list, list]:
+    """Tokenize the data, load the frozen base, add LoRA, build the optimizer → (run, train, eval examples)."""
     from .base import open_base
-    from .data import collate, load_dataset
-    from .model import Transformer
+    from .data import load_dataset, open_tokenizer
 
-    tok = open_tokenizer(cfg)
+    tok = open_tokenizer(cfg.base, cfg.tokenizer)
     try:
         train_ex = load_dataset(cfg.data, tok, cfg.seq_len, warn)
         eval_ex = load_dataset(cfg.eval_data, tok, cfg.seq_len, warn) if cfg.eval_data else []
@@ -303,7 +365,7 @@ def _train(cfg, on_step, out, device, cdtype, rank, world, warn) -> TrainResult:
         if tok.n_vocab > base.spec.n_vocab:
             raise Lora2GGUFError(f"{tok.path}: tokenizer has {tok.n_vocab} tokens but {cfg.base} has "
                                  f"{base.spec.n_vocab}; use the tokenizer of this model")
-        model = Transformer.from_base(base, dtype=cdtype, device=device)  # frozen base in the compute dtype
+        model = load_base_model(base, cdtype, device)  # frozen base in the compute dtype
         base_name = base.spec.name or Path(cfg.base).name
     if rank == 0:  # only now that the inputs are known good
         out.mkdir(parents=True, exist_ok=True)
@@ -319,138 +381,75 @@ def _train(cfg, on_step, out, device, cdtype, rank, world, warn) -> TrainResult:
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
+        # every rank loaded the same base: only LoRA weights need syncing (and mapped weights are read-only)
+        frozen = [n for n, p in net.named_parameters() if not p.requires_grad]
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(net, frozen)
         net = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None,
                                       broadcast_buffers=False)
-    G, B, K = cfg.batch_size * cfg.grad_accum, cfg.batch_size, cfg.grad_accum
-    total = cfg.steps or max(1, math.ceil((cfg.epochs or 1.0) * len(train_ex) / G))
+    total = cfg.steps or max(1, math.ceil((cfg.epochs or 1.0) * len(train_ex) / (cfg.batch_size * cfg.grad_accum)))
     warmup = cfg.warmup if cfg.warmup is not None else int(0.03 * total)
-    eval_every = cfg.eval_every or max(1, total // 10)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)  # LoRA A/B only
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(warmup, total))
-    amp = cdtype != torch.float32
-    scaler = torch.amp.GradScaler(device.type, enabled=cdtype == torch.float16)
+    scaler = torch.amp.GradScaler(device.type, enabled=cdtype == torch.float16)  # fp16 needs loss scaling
     args = {k: getattr(cfg, k) for k in RESUME_KEYS} | {
         "targets": resolve_targets(cfg.targets), "warmup": warmup, "total_steps": total,
         "data_sha256": file_sha256(cfg.data)}
     config = adapter_config(args["targets"], cfg.rank, cfg.alpha, cfg.rslora, cfg.dropout, base_name)
+    run = Run(cfg, out, device, cdtype, rank, world, tok.pad_id, model, net, layers, opt, sched, scaler, args, config)
+    return run, train_ex, eval_ex
 
+
+def _train(cfg, on_step, out, device, cdtype, rank, world, warn) -> TrainResult:
+    from tqdm import tqdm
+
+    from .data import Order
+
+    run, train_ex, eval_ex = setup(cfg, out, device, cdtype, rank, world, warn)
+    total, G = run.args["total_steps"], cfg.batch_size * cfg.grad_accum
+    eval_every = cfg.eval_every or max(1, total // 10)
     start = 0
     if cfg.resume:
-        from safetensors.torch import load_file
-
         ck = latest_checkpoint(out)
-        state = torch.load(ck / STATE_NAME, map_location="cpu", weights_only=True)
-        changed = [k for k in args if state["args"].get(k) != args[k]]
-        if changed:
-            raise Lora2GGUFError(f"{ck}: this run differs from the checkpoint's in {', '.join(changed)}; resume "
-                                 "with the same settings and data, or start over with --force")
-        load_lora_state(layers, load_file(ck / "adapter_model.safetensors", device=str(device)))
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        set_rng_state(state["rng"][rank])
-        start = state["step"]
+        start = run.load_checkpoint(ck)
         warn(f"resuming from {ck} (step {start} of {total})")
     log_path = out / LOG_NAME
     if rank == 0:  # drop log lines past the checkpoint we resume from
         old = log_path.read_text().splitlines() if cfg.resume and log_path.is_file() else []
         log_path.write_text("".join(line + "\n" for line in old if json.loads(line)["step"] <= start))
-
-    def to_dev(batch):
-        return {k: (v.to(device) if v is not None else None) for k, v in batch.items()}
-
-    def run(module, examples, backward_scale=None):
-        batch = to_dev(collate(examples, tok.pad_id))
-        with torch.autocast(device.type, dtype=cdtype, enabled=amp):
-            loss = module(batch["ids"], batch["attention_mask"], batch["targets"])
-        if backward_scale is not None:
-            scaler.scale(loss * backward_scale).backward()
-        return loss.detach().float()
-
-    def all_sum(x: torch.Tensor) -> torch.Tensor:
-        if world > 1:
-            torch.distributed.all_reduce(x)
-        return x
-
-    def evaluate() -> float:
-        m = net.module if world > 1 else net  # not through DDP: no gradients, no hooks
-        m.eval()
-        total_loss = torch.zeros((), device=device)
-        with torch.no_grad():
-            for i in range(0, len(eval_ex), B):
-                if shard := eval_ex[i:i + B][rank::world]:
-                    total_loss += run(m, shard)
-        m.train()
-        return all_sum(total_loss).item() / sum(e.n_trained for e in eval_ex)
-
-    def save_checkpoint(step: int) -> Path:
-        rngs = [None] * world
-        if world > 1:
-            torch.distributed.all_gather_object(rngs, rng_state())
-        else:
-            rngs = [rng_state()]
-        d = out / f"checkpoint-{step}"
-        if rank == 0:
-            from .gguf_write import atomic_output
-
-            save_adapter(d, layers, config)
-            with atomic_output(d / STATE_NAME) as tmp:  # written last: a checkpoint with it is complete
-                torch.save({"step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                            "scaler": scaler.state_dict(), "rng": rngs, "args": args,
-                            "data_position": step * G}, tmp)
-        return d
-
     order = Order(len(train_ex), cfg.seed)
-    result = TrainResult(out, start, model=model, layers=layers, optimizer=opt, rank=rank)
+    result = TrainResult(out, start, model=run.model, layers=run.layers, optimizer=run.opt, rank=rank)
     bar = tqdm(total=total, initial=start, disable=not cfg.progress or rank != 0, dynamic_ncols=True,
                desc="train", unit="step", file=sys.stderr)
-    eval_loss = None
     with Interrupt() as intr, bar:
         for step in range(start, total):
             t0 = time.perf_counter()
             batch = [train_ex[order[step * G + i]] for i in range(G)]
-            n_trained = sum(e.n_trained for e in batch)
-            loss_sum = torch.zeros((), device=device)
-            for j in range(K):
-                shard = batch[j * B:(j + 1) * B][rank::world]
-                no_sync = world > 1 and j < K - 1
-                with net.no_sync() if no_sync else contextlib.nullcontext():
-                    # mean over the global batch's trained tokens; DDP averages over ranks, hence × world
-                    loss_sum += run(net, shard, backward_scale=world / n_trained)
-            scaler.unscale_(opt)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm).item()
-            lr = sched.get_last_lr()[0]
-            scaler.step(opt)
-            scaler.update()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            loss = all_sum(loss_sum).item() / n_trained
+            loss, lr, grad_norm = run.step(batch)
             tok_s = sum(len(e.ids) for e in batch) / (time.perf_counter() - t0)
             done = step + 1
-            eval_loss = evaluate() if eval_ex and (done % eval_every == 0 or done == total) else None
+            result.eval_loss = run.evaluate(eval_ex) if eval_ex and (done % eval_every == 0 or done == total) else None
             result.losses.append(loss)
             result.steps = done
             if rank == 0:
                 with open(log_path, "a") as f:
-                    f.write(json.dumps({"step": done, "loss": loss, "eval_loss": eval_loss, "lr": lr,
+                    f.write(json.dumps({"step": done, "loss": loss, "eval_loss": result.eval_loss, "lr": lr,
                                         "tokens_per_s": round(tok_s, 1), "grad_norm": grad_norm}) + "\n")
             bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tok_s:.0f}", refresh=False)
             bar.update(1)
             if on_step is not None:
                 on_step(done)
             stop = torch.tensor([float(intr.requested)], device=device)
-            if world > 1:
+            if world > 1:  # every rank stops at the same step, or the collectives would hang
                 torch.distributed.all_reduce(stop, op=torch.distributed.ReduceOp.MAX)
             if stop.item() or (cfg.save_every and done % cfg.save_every == 0 and done < total):
-                d = save_checkpoint(done)
+                d = run.save_checkpoint(done)
                 if stop.item():
                     if rank == 0:
                         plot_losses(log_path, out / PLOT_NAME, warn)
                     warn(f"interrupted at step {done}: checkpoint saved in {d}; continue with --resume")
                     raise KeyboardInterrupt
-    result.eval_loss = eval_loss
     if rank == 0:
-        save_adapter(out, layers, config)
+        save_adapter(out, run.layers, run.adapter_config)
         plot_losses(log_path, out / PLOT_NAME, warn)
         if cfg.gguf:
             from .convert import convert
@@ -460,4 +459,3 @@ def _train(cfg, on_step, out, device, cdtype, rank, world, warn) -> TrainResult:
     if world > 1:
         torch.distributed.barrier()
     return result
-

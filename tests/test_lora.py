@@ -116,3 +116,89 @@ def test_all_linear_is_every_projection_not_the_head():
     assert resolve_targets("all-linear") == sorted(
         ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
     assert resolve_targets(" v_proj , q_proj ") == ["q_proj", "v_proj"]
+
+
+def test_dropout_lora_is_peft_math_with_a_saved_mask():
+    """Training-mode LoRA (custom autograd, boolean mask) == lora_B(lora_A(dropout(x)))·scale with the same
+    mask, values and gradients; gradcheck in float64."""
+    import torch.nn.functional as F
+
+    from lora2gguf.lora import DropoutLoRA
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 12, dtype=torch.float64, requires_grad=True)
+    A = torch.randn(4, 12, dtype=torch.float64, requires_grad=True)
+    B = torch.randn(7, 4, dtype=torch.float64, requires_grad=True)
+    keep = torch.rand(2, 5, 12) >= 0.3
+    ours = DropoutLoRA.apply(x, A, B, keep, 2.0 / 0.7)
+    peft_math = F.linear(F.linear(x * keep / 0.7, A), B) * 2.0  # nn.Dropout scales kept inputs by 1/(1-p)
+    torch.testing.assert_close(ours, peft_math)
+    gy = torch.randn_like(ours)
+    for a, b in zip(torch.autograd.grad(ours, (x, A, B), gy), torch.autograd.grad(peft_math, (x, A, B), gy)):
+        torch.testing.assert_close(a, b)
+    assert torch.autograd.gradcheck(lambda x, A, B: DropoutLoRA.apply(x, A, B, keep, 2.0 / 0.7), (x, A, B))
+
+
+def test_lora_dropout_rate_and_eval_mode():
+    model, layers = our_model("llama", "q_proj", 8, 16, dropout=0.25)
+    layer = next(iter(layers.values()))
+    randomize_b(layers)
+    x = torch.randn(4, 64, 64)
+    with torch.no_grad():
+        layer.eval()
+        clean = layer(x) - layer.base_layer(x)
+    layer.train()
+    with torch.enable_grad():
+        noisy = layer(x) - layer.base_layer(x)
+    assert not torch.allclose(clean, noisy), "dropout is on in training"
+    torch.manual_seed(3)
+    keep = (torch.rand(x.shape) >= 0.25).float().mean().item()
+    assert abs(keep - 0.75) < 0.01
+    torch.manual_seed(3)
+    noisy = layer(x) - layer.base_layer(x)  # the same mask as drawn above: check against it
+    mask = torch.rand(x.shape, generator=torch.Generator().manual_seed(3)) >= 0.25
+    want = layer.lora_B(layer.lora_A(x * mask / 0.75)) * layer.scale
+    torch.testing.assert_close(noisy, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+def test_training_loss_equals_cross_entropy_of_the_model_logits(arch):
+    """LossModel (hidden states, then the head on trained rows a chunk at a time, gradient computed in
+    forward) == cross-entropy of Transformer.forward's logits: value and LoRA gradients, padded or not."""
+    import torch.nn.functional as F
+
+    from lora2gguf.lora import LossModel, lora_parameters
+
+    model, layers = our_model(arch, "all-linear", 8, 16)
+    randomize_b(layers)
+    model.train()
+    ids = torch.randint(3, 300, (3, 40), generator=torch.Generator().manual_seed(0))
+    targets = torch.randint(3, 300, (3, 40), generator=torch.Generator().manual_seed(1))
+    targets[:, :7] = -100
+    mask = torch.ones(3, 40, dtype=torch.long)
+    mask[1, 30:], targets[1, 30:] = 0, -100
+    params = lora_parameters(layers)
+    for attention_mask in (None, mask):
+        want = F.cross_entropy(model(ids, attention_mask).flatten(0, 1), targets.flatten(), reduction="sum")
+        want_grads = torch.autograd.grad(want, params)
+        for chunk in (1024, 7):
+            got = LossModel(model, chunk)(ids, attention_mask, targets)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=0)
+            for g, w in zip(torch.autograd.grad(got, params), want_grads):
+                torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6 * w.abs().max().item())
+
+
+def test_gguf_f32_tensors_used_in_place_and_model_unchanged():
+    """load_base_model maps F32 GGUF tensors instead of copying them; same model as Transformer.from_base."""
+    from lora2gguf.lora import load_base_model
+
+    tokens = token_ids(300, 32, seed=9)
+    name = "model.layers.0.mlp.up_proj.weight"
+    for kind in ("f32", "q8_0"):
+        with open_base(fixture("llama", kind)) as b:
+            ours = load_base_model(b, torch.float32, torch.device("cpu"))
+            ref = Transformer.from_base(b)
+            file_addr = b.file.raw(b.gguf_name(name)).ctypes.data
+        assert np.array_equal(reference_logits(ours, tokens), reference_logits(ref, tokens))
+        in_place = ours.get_parameter(name).data_ptr() == file_addr
+        assert in_place == (kind == "f32"), "F32 is used in place; quantized tensors are dequantized"

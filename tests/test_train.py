@@ -196,10 +196,12 @@ def test_torchrun_two_processes_match_one(tmp_path):
     ddp, one = log_rows(tmp_path / "ddp"), log_rows(tmp_path / "one")
     assert [r["step"] for r in ddp] == [1, 2, 3, 4]
     np.testing.assert_allclose([r["loss"] for r in ddp], [r["loss"] for r in one], rtol=1e-4)
+    # Adam turns float-summation-order noise in near-zero gradients into full-size steps for a few
+    # elements, so compare each tensor as a whole (relative Frobenius error), not element by element
     ta, tb = adapter_tensors(tmp_path / "ddp"), adapter_tensors(tmp_path / "one")
     assert ta.keys() == tb.keys()
     for k in ta:
-        torch.testing.assert_close(ta[k], tb[k], rtol=1e-3, atol=1e-5)
+        assert (ta[k] - tb[k]).norm() <= 1e-3 * tb[k].norm(), k
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
