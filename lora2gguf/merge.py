@@ -1,21 +1,23 @@
 """`lora2gguf merge`: bake LoRA adapters into a GGUF base, writing any llama.cpp type.
 
-Math: PEFT's own (adapter.merged_weight / merged_bias, float64: rsLoRA, rank/alpha patterns, DoRA),
-applied in HF layout (q/k un-permuted, then permuted back for the llama family). modules_to_save and
-trained biases replace their tensor. On a tied base, an adapter on lm_head or embed_tokens unties them:
-a new output.weight starts from the base embedding, as in PEFT's forward, where the head keeps the
-original shared weight plus only lm_head's own LoRA (PEFT's merge_and_unload, and reference_model,
-instead let an embed_tokens update leak into the tied head).
+Math: W + Σ u·s·B·A with PEFT's scale s per module (rsLoRA, rank/alpha patterns) and the user's u. Plain
+LoRA is summed in float32 as PEFT's own merge does, straight in GGUF layout (B's q/k rows permuted like
+the base's); DoRA goes through adapter.merged_weight (float64, in HF layout); biases through merged_bias.
+modules_to_save and trained biases replace their tensor. On a tied base, LoRA on lm_head or embed_tokens
+unties them: a new output.weight starts from the base embedding, as in PEFT's forward, where the head
+keeps the original shared weight plus only lm_head's own LoRA (PEFT's merge_and_unload, and
+reference_model, instead let an embed_tokens update leak into the tied head).
 
-Streaming: the plan (names, shapes, types) is fixed up front from the base's header, then tensors are
-read, merged and written one at a time (row blocks for the float64 math), read with pread rather than
-through the base's memory map so that finished tensors do not stay resident.
+Streaming: the plan (names, shapes, types) is fixed from the base's header, then tensors are read into
+fresh memory (not through a memory map, whose pages would stay resident), merged in row blocks on a
+thread pool, written, and dropped, one at a time.
 
 Types: f32/f16/bf16 are written directly. Quantized types go through an intermediate file in the output
-directory (merged tensors F32, untouched tensors byte-for-byte as in the base) and llama.cpp's quantizer,
-which copies every tensor already of its target type and quantizes the rest. So from a float base the
-result is byte-identical to `llama-quantize` of our f32 output, and from a quantized base the tensors
-no adapter touches keep their exact bytes wherever their type is what the output uses.
+directory (merged tensors F16 for an F16 base as llama-export-lora writes them, F32 otherwise; untouched
+tensors byte-for-byte as in the base) and llama.cpp's quantizer, which copies every tensor already of
+its target type and quantizes the rest. So from an F16 (F32) base the result is byte-identical to
+`llama-quantize` of our f16 (f32) output, and from a quantized base the tensors no adapter touches keep
+their exact bytes wherever their type is what the output uses.
 """
 
 from __future__ import annotations
@@ -90,11 +92,8 @@ def load_adapter(path: str | os.PathLike, spec) -> tuple[PeftAdapter, str]:
         return a, _sha256(files)
     if not p.is_file():
         raise Lora2GGUFError(f"{p}: no such file or directory; --lora takes a PEFT directory or a GGUF LoRA file")
-    try:
-        from .adapter_gguf import load_gguf_lora
-    except ImportError:
-        raise Lora2GGUFError(f"{p}: reading GGUF LoRA files is not available in this version; "
-                             "pass the PEFT adapter directory instead") from None
+    from .adapter_gguf import load_gguf_lora
+
     return load_gguf_lora(p, spec), _sha256([p])
 
 
@@ -278,13 +277,14 @@ def _merged(fh, job: Job, spec, pool: RowPool) -> np.ndarray:
     return archs.permute_rows(t, heads) if heads else t
 
 
-def _set_types(jobs: list[Job], out: OutputType) -> None:
+def _set_types(jobs: list[Job], out: OutputType, f16_base: bool) -> None:
     """Direct types: llama.cpp's choice per tensor (file type for 2-D weights, others keep theirs; merged
-    1-D tensors F32). Quantized types: the intermediate keeps untouched tensors as they are, merged F32."""
+    1-D tensors F32). Quantized types: the intermediate is our f16 output for an F16 base, our f32 output
+    otherwise, except that untouched tensors keep their bytes and type (llama.cpp copies or requantizes)."""
     for j in jobs:
-        if out.direct is None or not takes_file_type(j.info.name, j.info.shape):
-            continue
-        j.info = PlannedTensor(j.info.name, j.info.shape, out.direct, nbytes_of(j.info.shape, out.direct))
+        t = out.direct or (GGMLQuantizationType.F16 if f16_base else F32)
+        if takes_file_type(j.info.name, j.info.shape) and (out.direct or j.touched):
+            j.info = PlannedTensor(j.info.name, j.info.shape, t, nbytes_of(j.info.shape, t))
 
 
 def _tensor_data(fh, job: Job, spec, pool: RowPool) -> np.ndarray:
@@ -353,7 +353,8 @@ def merge(base: str | os.PathLike, loras: list[tuple[str | os.PathLike, float]],
             record[KEY_SCALES].append(float(s))
             record[KEY_SHA256].append(digest)
         jobs = _plan(b, adapters)
-        _set_types(jobs, qtype)
+        f16_base = b.file.get("general.file_type") == LlamaFileType.MOSTLY_F16
+        _set_types(jobs, qtype, f16_base)
         n = len(jobs)
         with tqdm(total=n if qtype.direct else 2 * n, desc=f"merge → {qtype.label}", unit="tensor", file=sys.stderr,
                   disable=(not sys.stderr.isatty()) if progress is None else not progress) as bar, \
@@ -364,8 +365,9 @@ def merge(base: str | os.PathLike, loras: list[tuple[str | os.PathLike, float]],
                 return out
             fd, mid = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".merged.part", dir=out.parent)
             os.close(fd)
-            try:  # F32 file type: the intermediate's metadata is exactly that of our f32 output
-                _write(Path(mid), b, jobs, LlamaFileType.ALL_F32, record, bar, threads)
+            try:  # the intermediate's metadata is exactly that of our f16 / f32 output
+                mid_type = LlamaFileType.MOSTLY_F16 if f16_base else LlamaFileType.ALL_F32
+                _write(Path(mid), b, jobs, mid_type, record, bar, threads)
                 del jobs, adapters, a  # the quantizer's buffers come on top of what we still hold: drop it
                 b.close()
                 bar.set_description(f"quantize → {qtype.label}")

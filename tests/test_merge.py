@@ -186,13 +186,14 @@ def dora_llama(tmp_path_factory):
 
 @pytest.mark.parametrize("kind", ["f32", "f16"])
 @pytest.mark.parametrize("quant", ["q4_k_m", "q8_0", "q5_k_s"])
-def test_quantized_output_is_llama_quantize_of_our_f32(kind, quant, dora_llama, tmp_path):
-    """From a float base, --quant X is byte for byte what llama.cpp's quantizer writes from our f32 merge."""
+def test_quantized_output_is_llama_quantize_of_our_float_merge(kind, quant, dora_llama, tmp_path):
+    """From an F32 (F16) base, --quant X is byte for byte what llama.cpp's quantizer writes from our f32
+    (f16) merge."""
     import llama_cpp
 
     adapters = dora_llama
-    f32 = merge(fixture("llama", kind), adapters, tmp_path / "m-f32.gguf", quant="f32")
-    llama_cpp_quantize(f32, tmp_path / "theirs.gguf", getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{quant.upper()}"))
+    merged = merge(fixture("llama", kind), adapters, tmp_path / "m.gguf", quant=kind)
+    llama_cpp_quantize(merged, tmp_path / "theirs.gguf", getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{quant.upper()}"))
     ours = merge(fixture("llama", kind), adapters, tmp_path / "ours.gguf", quant=quant)
     assert ours.read_bytes() == (tmp_path / "theirs.gguf").read_bytes()
 
