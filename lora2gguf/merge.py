@@ -230,11 +230,12 @@ def _merge_dora(w: np.ndarray, mods: list[tuple[ModuleLoRA, float]], pool: RowPo
 
 
 def _merge_plain(src: TensorInfo, raw: np.ndarray, mods: list[tuple[ModuleLoRA, float]], heads: int | None,
-                 pool: RowPool) -> np.ndarray:
+                 pool: RowPool, dtype: type) -> np.ndarray:
     """W + Σ u·s·B·A for plain LoRA, merged_weight's sum computed the way PEFT's own merge does it: the
     scales folded into B, B·A and the sum in float32 (the output's precision; float64 here cost 3x the
     time for changes below one float32 ulp). In GGUF layout (B's rows permuted like the base's q/k rather
-    than un-permuting W), row blocks decoded and merged in parallel, about three passes over memory."""
+    than un-permuting W); each row block is decoded, merged and stored as `dtype` (float32 or float16)
+    on the pool: one pass over the tensor."""
     factors = []
     for m, u in mods:
         a, b = m.factors()  # b @ a == ΔW / scale; rows of b are rows of W
@@ -244,25 +245,27 @@ def _merge_plain(src: TensorInfo, raw: np.ndarray, mods: list[tuple[ModuleLoRA, 
         data = raw.view(np.float32 if src.type == F32 else np.float16).reshape(src.shape)
     else:
         data = _decode(raw, src)  # gguf-py dequantizes a whole tensor at once
-    out = data if data.dtype == np.float32 else np.empty(src.shape, np.float32)
+    out = data if data.dtype == dtype else np.empty(src.shape, dtype)
 
     def block(rows: slice) -> None:
-        if out is not data:
-            out[rows] = data[rows]
+        w = data[rows].astype(np.float32)  # a copy, even when already float32
         for a, b in factors:
-            out[rows] += b[rows] @ a
+            w += b[rows] @ a
+        out[rows] = w
 
     pool.map(block, src.shape)
     return out
 
 
 def _merged(fh, job: Job, spec, pool: RowPool) -> np.ndarray:
-    """The output tensor in GGUF layout, float32."""
+    """The output tensor in GGUF layout: float16 when that is the type written and the merge allows it
+    (plain LoRA), float32 otherwise."""
     heads = archs.qk_heads(job.hf, spec.n_head, spec.n_head_kv) if spec.facts.permute_qk else None
     if job.replacement is not None:
         t = np.asarray(job.replacement, np.float32)
     elif not job.hf.endswith(".bias") and all(m.magnitude is None for m, _ in job.loras):
-        t = _merge_plain(job.source, _read(fh, job.source), job.loras, heads, pool)
+        half = job.info.type == GGMLQuantizationType.F16
+        t = _merge_plain(job.source, _read(fh, job.source), job.loras, heads, pool, np.float16 if half else np.float32)
         heads = None  # already in GGUF layout
     else:
         base = None if job.source is None else _decode(_read(fh, job.source), job.source)
@@ -294,7 +297,7 @@ def _tensor_data(fh, job: Job, spec, pool: RowPool) -> np.ndarray:
             return _read(fh, src)  # byte for byte
         return encode(_decode(_read(fh, src), src), want)
     t = _merged(fh, job, spec, pool)
-    return t if want == F32 else encode(t, want)
+    return t if t.dtype == np.float16 or want == F32 else encode(t, want)
 
 
 def _write(path: Path, base: GGUFBase, jobs: list[Job], ftype: LlamaFileType, record: dict, bar,
@@ -312,8 +315,22 @@ def _write(path: Path, base: GGUFBase, jobs: list[Job], ftype: LlamaFileType, re
     # spin between calls (10x the CPU time, slower in wall time too); the pool parallelises instead.
     pool = RowPool(threads or os.cpu_count() or 1)
     with open(base.path, "rb", buffering=0) as fh, pool.pool, threadpool_limits(1, user_api="blas"):
-        write_streaming(path, w, [j.info for j in jobs], (_tensor_data(fh, j, base.spec, pool) for j in jobs),
-                        progress=lambda t: bar.update(1))
+        data = _ahead(lambda j: _tensor_data(fh, j, base.spec, pool), jobs)
+        write_streaming(path, w, [j.info for j in jobs], data, progress=lambda t: bar.update(1))
+
+
+def _ahead(fn, items):
+    """fn(item) for each item, in order, the next one computed while the caller writes this one out
+    (so at most two results are alive)."""
+    with ThreadPoolExecutor(1) as ex:
+        pending = None
+        for item in items:
+            nxt = ex.submit(fn, item)
+            if pending is not None:
+                yield pending.result()
+            pending = nxt
+        if pending is not None:
+            yield pending.result()
 
 
 def _as_umask_allows(path: Path) -> None:
