@@ -81,15 +81,15 @@ def big_inputs(cache: Path) -> tuple[Path, Path]:
     return make(cache)
 
 
-def timed(cmd: list[str]) -> tuple[float, int]:
-    """(wall seconds, peak RSS in MB) of one command, from GNU time."""
+def timed(cmd: list[str]) -> tuple[float, float, int]:
+    """(wall seconds, CPU seconds, peak RSS in MB) of one command, from GNU time."""
     with tempfile.NamedTemporaryFile("r", suffix=".time") as tf:
-        r = subprocess.run(["/usr/bin/time", "-f", "%e %M", "-o", tf.name, *cmd], stdout=subprocess.DEVNULL,
+        r = subprocess.run(["/usr/bin/time", "-f", "%e %U %S %M", "-o", tf.name, *cmd], stdout=subprocess.DEVNULL,
                            stderr=subprocess.PIPE, text=True)
         if r.returncode != 0:
             sys.exit(f"failed ({r.returncode}): {' '.join(cmd)}\n{r.stderr[-2000:]}")
-        wall, rss = tf.read().split()[-2:]
-    return float(wall), int(rss) // 1024
+        wall, user, sys_, rss = tf.read().split()[-4:]
+    return float(wall), float(user) + float(sys_), int(rss) // 1024
 
 
 def bench(name: str, base: Path, adapter: Path, tools: tuple[Path, Path], work: Path, runs: int) -> dict:
@@ -116,18 +116,21 @@ def bench(name: str, base: Path, adapter: Path, tools: tuple[Path, Path], work: 
         res["export"].append(e)
         res["quantize"].append(q)
     med = lambda xs: statistics.median(xs)  # noqa: E731
+    pair = [(e[0] + q[0], e[1] + q[1], max(e[2], q[2])) for e, q in zip(res["export"], res["quantize"])]
     row = {
         "base": name, "base_mb": base.stat().st_size // 2**20,
-        "ours_s": med([w for w, _ in res["ours"]]), "ours_mb": max(m for _, m in res["ours"]),
-        "export_s": med([w for w, _ in res["export"]]), "quantize_s": med([w for w, _ in res["quantize"]]),
-        "pair_s": med([e[0] + q[0] for e, q in zip(res["export"], res["quantize"])]),
-        "pair_mb": max(max(e[1], q[1]) for e, q in zip(res["export"], res["quantize"])),
+        "ours_s": med([r[0] for r in res["ours"]]), "ours_cpu": med([r[1] for r in res["ours"]]),
+        "ours_mb": max(r[2] for r in res["ours"]),
+        "export_s": med([r[0] for r in res["export"]]), "quantize_s": med([r[0] for r in res["quantize"]]),
+        "pair_s": med([p[0] for p in pair]), "pair_cpu": med([p[1] for p in pair]), "pair_mb": max(p[2] for p in pair),
         "runs": res,
     }
     row["wall_ratio"], row["rss_ratio"] = row["ours_s"] / row["pair_s"], row["ours_mb"] / row["pair_mb"]
-    print(f"{name}: ours {row['ours_s']:.2f} s {row['ours_mb']} MB | export-lora {row['export_s']:.2f} s + quantize "
-          f"{row['quantize_s']:.2f} s = {row['pair_s']:.2f} s, {row['pair_mb']} MB | wall x{row['wall_ratio']:.2f} "
-          f"RSS x{row['rss_ratio']:.2f}  (all runs: {res})", flush=True)
+    row["cpu_ratio"] = row["ours_cpu"] / row["pair_cpu"]
+    print(f"{name}: ours {row['ours_s']:.2f} s (CPU {row['ours_cpu']:.2f} s) {row['ours_mb']} MB | export-lora "
+          f"{row['export_s']:.2f} s + quantize {row['quantize_s']:.2f} s = {row['pair_s']:.2f} s (CPU "
+          f"{row['pair_cpu']:.2f} s), {row['pair_mb']} MB | wall x{row['wall_ratio']:.2f} CPU x{row['cpu_ratio']:.2f} "
+          f"RSS x{row['rss_ratio']:.2f}  (all runs, (wall, CPU, MB): {res})", flush=True)
     return row
 
 
@@ -195,12 +198,12 @@ def main() -> None:
             rows.append(bench("SmolLM2-135M F32", *smollm2_inputs(a.cache), tools, work, a.runs))
         if a.only in (None, "big"):
             rows.append(bench("big llama F16", *big_inputs(a.cache), tools, work, a.runs))
-        print("\n| base | ours: wall, peak RSS | export-lora + quantize: wall, peak RSS | wall ratio | RSS ratio |")
-        print("|---|---|---|---|---|")
+        print("\n| base | ours: wall (CPU), peak RSS | export-lora + quantize: wall (CPU), peak RSS | wall | CPU | RSS |")
+        print("|---|---|---|---:|---:|---:|")
         for r in rows:
-            print(f"| {r['base']} ({r['base_mb']} MB) | {r['ours_s']:.2f} s, {r['ours_mb']} MB | "
-                  f"{r['export_s']:.2f} + {r['quantize_s']:.2f} = {r['pair_s']:.2f} s, {r['pair_mb']} MB | "
-                  f"{r['wall_ratio']:.2f}x | {r['rss_ratio']:.2f}x |")
+            print(f"| {r['base']} ({r['base_mb']} MB) | {r['ours_s']:.1f} s ({r['ours_cpu']:.1f} s), {r['ours_mb']} MB | "
+                  f"{r['export_s']:.1f} + {r['quantize_s']:.1f} = {r['pair_s']:.1f} s ({r['pair_cpu']:.1f} s), "
+                  f"{r['pair_mb']} MB | {r['wall_ratio']:.2f}× | {r['cpu_ratio']:.2f}× | {r['rss_ratio']:.2f}× |")
         if a.quality:
             quality(*smollm2_inputs(a.cache), tools, work)
     finally:
