@@ -144,7 +144,7 @@ def export_cmd(adapter_gguf: str, base: str, out: str, force: bool) -> None:
 @cli.command("demo")
 @click.option("--workdir", default="demo-out", show_default=True, type=click.Path(), help="Where outputs go.")
 @click.option("--base", type=click.Path(), help="A GGUF base (default: SmolLM2-135M-Instruct, downloaded once).")
-@click.option("--steps", default=40, show_default=True, help="Training steps per adapter (trade quality for time).")
+@click.option("--steps", default=20, show_default=True, help="Training steps per adapter (trade quality for time).")
 @click.option("--json", "as_json", is_flag=True, help="Also print the summary as one JSON object on stdout.")
 def demo_cmd(workdir: str, base: str | None, steps: int, as_json: bool) -> None:
     """Train two adapters, convert, hot-swap, merge to q4_k_m, verify: the whole pipeline on a real model."""

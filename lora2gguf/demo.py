@@ -69,7 +69,7 @@ def _adherence(behaviour: Behaviour, answers: list[str]) -> float:
     return sum(behaviour.adheres(a) for a in answers) / len(answers)
 
 
-def run_demo(workdir: str | os.PathLike, base: str | os.PathLike | None = None, steps: int = 40,
+def run_demo(workdir: str | os.PathLike, base: str | os.PathLike | None = None, steps: int = 20,
              lr: float = 1e-3, seq_len: int = 96, max_prompts: int | None = None, log=print) -> dict:
     from .data import Tokenizer
     from .merge import merge
