@@ -22,6 +22,7 @@ their exact bytes wherever their type is what the output uses.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import hashlib
 import math
@@ -333,6 +334,15 @@ def _ahead(fn, items):
             yield pending.result()
 
 
+def _release_free_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc keeps it in per-thread arenas after our pool's
+    tensors are gone, ~15 MB that would otherwise sit under the quantizer's peak)."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 def _as_umask_allows(path: Path) -> None:
     umask = os.umask(0)
     os.umask(umask)
@@ -387,6 +397,7 @@ def merge(base: str | os.PathLike, loras: list[tuple[str | os.PathLike, float]],
                 _write(Path(mid), b, jobs, mid_type, record, bar, threads)
                 del jobs, adapters, a  # the quantizer's buffers come on top of what we still hold: drop it
                 b.close()
+                _release_free_memory()
                 bar.set_description(f"quantize → {qtype.label}")
                 llama_quantize(mid, tmp, qtype.ftype, threads, verbose, on_tensor=lambda: bar.update(1))
             finally:
