@@ -159,3 +159,15 @@ def test_smollm2_end_to_end(smollm2_f32, smollm2_hf, tmp_path):
     assert rep["pass"], rep["pairs"]
     assert rep["pairs"]["runtime"]["mean_kl"] <= 1e-5 and rep["adapter_effect"]["kl_base_to_reference"] > 1e-2
     assert np.isfinite(rep["views"]["merged"]["perplexity"])
+
+
+def test_llama_cpp_converter_rslora_fails(tmp_path):
+    """llama.cpp's own convert_lora_to_gguf.py writes rsLoRA's alpha as is: verify catches it."""
+    from test_adapter_gguf import llama_cpp_convert
+
+    peft_dir = make_peft_adapter(fixture("llama", "hf"), tmp_path / "a", seed=10, use_rslora=True, **PLAIN)
+    theirs = llama_cpp_convert(peft_dir, fixture("llama", "hf"), tmp_path / "theirs.gguf")
+    rc, rep, _ = run_verify("--base", fixture("llama"), "--lora", peft_dir, "--runtime-lora", theirs)
+    assert rc == 1 and not rep["pairs"]["runtime"]["pass"]
+    rc, rep, _ = run_verify("--base", fixture("llama"), "--lora", peft_dir)  # ours, converted on the fly
+    assert rc == 0
