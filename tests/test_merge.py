@@ -262,7 +262,7 @@ def run_cli(args, capsys):
 def test_cli_merges(plain_llama, tmp_path, capsys):
     out = tmp_path / "m.gguf"
     rc = main(["merge", "--base", str(fixture("llama")), "--lora", f"{plain_llama}:0.5", "--quant", "Q4_K_M",
-               "-o", str(out)])
+               "-o", str(out), "--threads", "1"])
     assert rc == 0 and out.is_file() and f"wrote {out}" in capsys.readouterr().out
     with GGUFFile(out) as m:
         assert m.get("lora2gguf.merge.scales").tolist() == [0.5]
@@ -277,6 +277,7 @@ ERRORS = {  # case → (options replacing the valid ones, given the test's paths
     "missing dir": (lambda p: {"-o": str(p["tmp"] / "nodir" / "m.gguf")}, "does not exist"),
     "base is a dir": (lambda p: {"--base": str(p["tmp"])}, "GGUF base file"),
     "adapter missing": (lambda p: {"--lora": str(p["tmp"] / "nope")}, "no such file or directory"),
+    "zero threads": (lambda p: {"--threads": "0"}, "positive number of threads"),
 }
 
 
