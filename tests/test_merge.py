@@ -361,8 +361,8 @@ def test_smollm2_q4_k_m_from_q4_1_original(smollm2_adapter, tmp_path):
     out = merge(smollm2_gguf(), [(smollm2_adapter, 1.0)], tmp_path / "m.gguf", quant="q4_k_m")
     with LlamaRuntime(out) as rt:
         prompt = rt.tokenize("The capital of France is")
-        text = rt.detokenize(rt.greedy(prompt, 12))
+        text = rt.detokenize(rt.greedy(prompt, 4))  # a few tokens: each eval is slow on a loaded machine
     print("smollm2 q4_k_m merged:", repr(text))
-    assert len(text.strip()) > 0
+    assert "Paris" in text, "the merged model still answers like SmolLM2 (the adapter is mild)"
     with GGUFFile(out) as m:
         assert m.get("general.file_type") == 15 and m.tensors["blk.0.ffn_down.weight"].type.name == "Q6_K"
