@@ -262,3 +262,18 @@ def test_cli_refusals_are_one_line_errors(tmp_path, capsys):
         assert len(err) == 1 and err[0].startswith("error: ") and msg in err[0], err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl", "e"], "refusals write nothing"
     assert [p.name for p in (tmp_path / "e").iterdir()] == ["keep.txt"]
+
+
+@pytest.mark.slow
+def test_smollm2_real_template_training_matches_peft(tmp_path, smollm2_f32, smollm2_hf):
+    """A real model: BPE tokenizer, special tokens, its own chat template; the result loads in PEFT."""
+    out = tmp_path / "out"
+    res = train(cfg(out, base=smollm2_f32, data="chat.jsonl", steps=3, batch_size=2, rank=4, lr=1e-3,
+                    targets="q_proj,v_proj", seq_len=96))
+    assert all(np.isfinite(res.losses)) and load_peft(out).config["target_modules"] == ["q_proj", "v_proj"]
+    tokens = token_ids(49152, 32, seed=12)
+    theirs = peft_logits(smollm2_hf, out, tokens)
+    with open_base(smollm2_f32) as b:
+        ref = reference_logits(reference_model(b, [(load_peft(out), 1.0)]), tokens)
+    m = compare(theirs, ref)
+    assert m["mean_kl"] <= 1e-5 and m["top1"] == 1.0, m
