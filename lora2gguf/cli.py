@@ -100,14 +100,17 @@ def merge_cmd(ctx: click.Context, base: str, loras: tuple[str, ...], quant: str,
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda", "mps"]))
 @click.option("--dtype", default="auto", show_default=True, type=click.Choice(["auto", "bf16", "fp16", "fp32"]),
               help="auto: bf16 autocast on CUDA, fp32 elsewhere.")
-@click.option("--grad-checkpointing", is_flag=True, help="Recompute activations: less memory, ~30% slower.")
+@click.option("--grad-checkpointing", is_flag=True, help="Recompute activations in backward: less memory, more time.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--save-every", default=0, show_default=True, help="Checkpoint every N steps (0: only on Ctrl-C).")
 @click.option("--resume", is_flag=True, help="Continue from the latest OUT/checkpoint-<step>.")
 @click.option("--gguf", type=click.Path(), help="Also convert the adapter to this GGUF LoRA file at the end.")
 @click.option("--force", is_flag=True, help="Start over in an existing OUT; overwrite an existing --gguf.")
 def train_cmd(**kwargs) -> None:
-    """Train a LoRA adapter on the weights and tokenizer of a GGUF base (works under torchrun too)."""
+    """Train a LoRA adapter on the weights and tokenizer of a GGUF base (works under torchrun too).
+
+    The loss covers text, completions and assistant turns (chat rendered with the GGUF's template).
+    Batches are padded with an attention mask, not packed. Ctrl-C saves a checkpoint; --resume continues."""
     from .train import TrainConfig, train
 
     result = train(TrainConfig(**kwargs))
