@@ -7,7 +7,8 @@ rendering and tokenizing prefixes of the record and matching them against the wh
 so no assumption is made about how a template or tokenizer joins pieces.
 
 Batches are padded (right side) with an attention mask, never packed: each sequence attends only to
-itself, exactly as at inference.
+itself, exactly as at inference. The order of examples is a seeded permutation per epoch (`Order`), so a
+run's data position is just its step number.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ DEFAULT_CHAT_TEMPLATE = (
 class Example:
     ids: list[int]
     labels: list[int]  # aligned with ids; IGNORE where no loss (the model predicts labels[t] from ids[:t])
-    source: str = ""  # file:line, for messages
+    source: str = ""  # file:line of the record, for messages
 
     @property
     def n_trained(self) -> int:
