@@ -191,26 +191,6 @@ class HeadLoss(torch.autograd.Function):
         return grad * g, None, None, None
 
 
-def hidden_states(model, ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-    """Transformer.forward up to the final norm (the head is applied by HeadLoss, on trained rows only)."""
-    B, T = ids.shape
-    x = model.model.embed_tokens(ids)
-    if attention_mask is None:
-        positions, mask = torch.arange(T, device=ids.device).expand(B, T), None
-    else:
-        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        causal = torch.ones(T, T, dtype=torch.bool, device=ids.device).tril()
-        mask = causal[None, None] & attention_mask.bool()[:, None, None, :]
-        mask = mask | torch.eye(T, dtype=torch.bool, device=ids.device)
-    cos, sin = model.rope(positions)
-    for layer in model.model.layers:
-        if model.grad_checkpointing and model.training:
-            x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
-        else:
-            x = layer(x, cos, sin, mask)
-    return model.model.norm(x)
-
-
 class LossModel(nn.Module):
     """Summed next-token loss in one forward, so that DistributedDataParallel sees the whole step."""
 
@@ -219,7 +199,7 @@ class LossModel(nn.Module):
         self.model, self.chunk = model, chunk
 
     def forward(self, ids, attention_mask, targets):
-        h = hidden_states(self.model, ids, attention_mask)
+        h = self.model.hidden_states(ids, attention_mask)
         keep = targets != -100
         m = self.model
         head = m.model.embed_tokens.weight if m.spec.tied_embeddings else m.lm_head.weight

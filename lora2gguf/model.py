@@ -127,6 +127,12 @@ class Transformer(nn.Module):
         self.grad_checkpointing = False
 
     def forward(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.hidden_states(ids, attention_mask)
+        head = self.model.embed_tokens.weight if self.spec.tied_embeddings else self.lm_head.weight
+        return F.linear(x, head).float()
+
+    def hidden_states(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Everything up to and including the final norm (training applies the head to trained rows only)."""
         B, T = ids.shape
         x = self.model.embed_tokens(ids)
         if attention_mask is None:
@@ -143,9 +149,7 @@ class Transformer(nn.Module):
                 x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, mask)
-        x = self.model.norm(x)
-        head = self.model.embed_tokens.weight if self.spec.tied_embeddings else self.lm_head.weight
-        return F.linear(x, head).float()
+        return self.model.norm(x)
 
     @classmethod
     def from_base(cls, base, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
