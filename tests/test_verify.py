@@ -4,17 +4,15 @@ import json
 import subprocess
 import sys
 
-import gguf
 import numpy as np
 import pytest
 
 from conftest import ARCHS, ROOT, fixture
 from lora2gguf import archs
 from lora2gguf.convert import convert
-from lora2gguf.gguf_file import GGUFFile
-from lora2gguf.gguf_write import copy_fields
 from lora2gguf.verify import verify
 from peft_helpers import make_peft_adapter
+from test_adapter_gguf import rewrite_gguf
 
 CLI = [sys.executable, "-m", "lora2gguf.cli"]
 PLAIN = dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "up_proj"])
@@ -23,20 +21,6 @@ PLAIN = dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o
 def run_verify(*args):
     r = subprocess.run(CLI + ["verify", *map(str, args), "--json"], capture_output=True, text=True)
     return r.returncode, (json.loads(r.stdout) if r.stdout.strip().startswith("{") else None), r.stderr
-
-
-def rewrite_adapter(src, dst, alpha=None, tensor_fn=None):
-    """Copy a GGUF LoRA, optionally with another alpha or with tensors changed by tensor_fn(name, arr)."""
-    with GGUFFile(src) as f:
-        w = gguf.GGUFWriter(str(dst), f.get("general.architecture"))
-        copy_fields(f, w, skip=lambda k: alpha is not None and k == "adapter.lora.alpha")
-        if alpha is not None:
-            w.add_float32("adapter.lora.alpha", alpha)
-        for name in f.tensors:
-            t = f.tensor(name)
-            w.add_tensor(name, tensor_fn(name, t) if tensor_fn else t)
-        w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
-    return dst
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -68,22 +52,21 @@ def test_merged_files_pass_and_quantized_floor(tmp_path):
 def test_wrong_alpha_fails(tmp_path):
     peft_dir = make_peft_adapter(fixture("qwen2", "hf"), tmp_path / "a", seed=4, **PLAIN)
     good = convert(peft_dir, fixture("qwen2"), tmp_path / "good.gguf")
-    bad = rewrite_adapter(good, tmp_path / "bad.gguf", alpha=16.0)
+    bad = rewrite_gguf(good, tmp_path / "bad.gguf", alpha=16.0)
     rc, rep, _ = run_verify("--base", fixture("qwen2"), "--lora", peft_dir, "--runtime-lora", bad)
     assert rc == 1 and not rep["pass"] and not rep["pairs"]["runtime"]["pass"]
 
 
 def test_missing_qk_permutation_fails(tmp_path):
     """A converter that forgets llama.cpp's q/k row order for the llama family."""
-    peft_dir = make_peft_adapter(fixture("llama", "hf"), tmp_path / "a", seed=5, **PLAIN)
+    peft_dir = make_peft_adapter(fixture("llama", "hf"), tmp_path / "a", seed=5, r=4, lora_alpha=8,
+                                 target_modules=["q_proj", "k_proj"])
     good = convert(peft_dir, fixture("llama"), tmp_path / "good.gguf")
-    heads = {"attn_q": 4, "attn_k": 2}
 
-    def unpermute(name, t):
-        kind = name.split(".")[2]
-        return archs.unpermute_rows(t, heads[kind]) if kind in heads and name.endswith("lora_b") else t
+    def unpermute(t):  # q and k only: lora_b of q is (64, r) over 4 heads, of k (32, r) over 2 KV heads
+        return archs.unpermute_rows(t, {64: 4, 32: 2}[t.shape[0]]) if t.shape[1] == 4 else t
 
-    bad = rewrite_adapter(good, tmp_path / "bad.gguf", tensor_fn=unpermute)
+    bad = rewrite_gguf(good, tmp_path / "bad.gguf", tensor_fn=unpermute)
     rc, rep, _ = run_verify("--base", fixture("llama"), "--lora", peft_dir, "--runtime-lora", bad)
     assert rc == 1 and rep["pairs"]["runtime"]["mean_kl"] > 1e-3
     rc, rep, _ = run_verify("--base", fixture("llama"), "--lora", peft_dir, "--runtime-lora", good)
