@@ -45,10 +45,12 @@ def rewrite_gguf(src, dst, alpha=None, tensor_fn=None):
     return Path(dst)
 
 
-def shuffled_base(arch, dst):
-    """A model with the fixture's exact names, shapes and value distribution but other weights."""
+def shuffled_base(arch_or_path, dst):
+    """A model with the base's exact names, shapes and value distribution but other weights (F32 bases:
+    a fixture arch name or a path)."""
     rng = np.random.default_rng(0)
-    return rewrite_gguf(fixture(arch), dst, tensor_fn=lambda t: rng.permutation(t.reshape(-1)).reshape(t.shape))
+    src = arch_or_path if isinstance(arch_or_path, Path) else fixture(arch_or_path)
+    return rewrite_gguf(src, dst, tensor_fn=lambda t: rng.permutation(t.reshape(-1)).reshape(t.shape))
 
 
 def assert_same_deltas(got, want, rtol=1e-5):

@@ -9,10 +9,11 @@ import pytest
 
 from conftest import ARCHS, ROOT, fixture
 from lora2gguf import archs
+from lora2gguf.base import open_base
 from lora2gguf.convert import convert
 from lora2gguf.verify import verify
 from peft_helpers import make_peft_adapter
-from test_adapter_gguf import rewrite_gguf
+from test_adapter_gguf import rewrite_gguf, shuffled_base
 
 CLI = [sys.executable, "-m", "lora2gguf.cli"]
 PLAIN = dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "up_proj"])
@@ -49,58 +50,74 @@ def test_merged_files_pass_and_quantized_floor(tmp_path):
             assert rep["merged_quantization_floor"] > 0
 
 
-def test_wrong_alpha_fails(tmp_path):
-    peft_dir = make_peft_adapter(fixture("qwen2", "hf"), tmp_path / "a", seed=4, **PLAIN)
-    good = convert(peft_dir, fixture("qwen2"), tmp_path / "good.gguf")
+# Every deliberately broken case runs on the three fixture archs and on SmolLM2-135M (slow).
+BASES = [*ARCHS, pytest.param("smollm2", marks=pytest.mark.slow)]
+LLAMA_FAMILY = ["llama", pytest.param("smollm2", marks=pytest.mark.slow)]  # q/k rows permuted by llama.cpp
+
+
+@pytest.fixture
+def base_pair(request):
+    """(GGUF base, transformers dir with the same weights) for a name in BASES."""
+    def get(name):
+        if name == "smollm2":
+            return request.getfixturevalue("smollm2_f32"), request.getfixturevalue("smollm2_hf")
+        return fixture(name), fixture(name, "hf")
+    return get
+
+
+@pytest.mark.parametrize("base", BASES)
+def test_wrong_alpha_fails(base, base_pair, tmp_path):
+    gguf_base, hf = base_pair(base)
+    peft_dir = make_peft_adapter(hf, tmp_path / "a", seed=4, **PLAIN)
+    good = convert(peft_dir, gguf_base, tmp_path / "good.gguf")
     bad = rewrite_gguf(good, tmp_path / "bad.gguf", alpha=16.0)
-    rc, rep, _ = run_verify("--base", fixture("qwen2"), "--lora", peft_dir, "--runtime-lora", bad)
+    rc, rep, _ = run_verify("--base", gguf_base, "--lora", peft_dir, "--runtime-lora", bad)
     assert rc == 1 and not rep["pass"] and not rep["pairs"]["runtime"]["pass"]
 
 
-def test_missing_qk_permutation_fails(tmp_path):
+@pytest.mark.parametrize("base", LLAMA_FAMILY)
+def test_missing_qk_permutation_fails(base, base_pair, tmp_path):
     """A converter that forgets llama.cpp's q/k row order for the llama family."""
-    peft_dir = make_peft_adapter(fixture("llama", "hf"), tmp_path / "a", seed=5, r=4, lora_alpha=8,
-                                 target_modules=["q_proj", "k_proj"])
-    good = convert(peft_dir, fixture("llama"), tmp_path / "good.gguf")
+    gguf_base, hf = base_pair(base)
+    peft_dir = make_peft_adapter(hf, tmp_path / "a", seed=5, r=4, lora_alpha=8, target_modules=["q_proj", "k_proj"])
+    good = convert(peft_dir, gguf_base, tmp_path / "good.gguf")
+    with open_base(gguf_base) as b:
+        heads = {b.spec.n_head * b.spec.head_dim: b.spec.n_head, b.spec.n_head_kv * b.spec.head_dim: b.spec.n_head_kv}
 
-    def unpermute(t):  # q and k only: lora_b of q is (64, r) over 4 heads, of k (32, r) over 2 KV heads
-        return archs.unpermute_rows(t, {64: 4, 32: 2}[t.shape[0]]) if t.shape[1] == 4 else t
+    def unpermute(t):  # lora_b of q and k are (heads x head_dim, r); lora_a is (r, hidden)
+        return archs.unpermute_rows(t, heads[t.shape[0]]) if t.shape[1] == 4 else t
 
     bad = rewrite_gguf(good, tmp_path / "bad.gguf", tensor_fn=unpermute)
-    rc, rep, _ = run_verify("--base", fixture("llama"), "--lora", peft_dir, "--runtime-lora", bad)
+    rc, rep, _ = run_verify("--base", gguf_base, "--lora", peft_dir, "--runtime-lora", bad)
     assert rc == 1 and rep["pairs"]["runtime"]["mean_kl"] > 1e-3
-    rc, rep, _ = run_verify("--base", fixture("llama"), "--lora", peft_dir, "--runtime-lora", good)
+    rc, rep, _ = run_verify("--base", gguf_base, "--lora", peft_dir, "--runtime-lora", good)
     assert rc == 0
 
 
-def test_ignored_rslora_scale_fails(tmp_path):
+@pytest.mark.parametrize("base", BASES)
+def test_ignored_rslora_scale_fails(base, base_pair, tmp_path):
     """What llama.cpp's converter does with rsLoRA: alpha written as is, PEFT's alpha/sqrt(r) ignored."""
-    peft_dir = make_peft_adapter(fixture("qwen3", "hf"), tmp_path / "a", seed=6, use_rslora=True, **PLAIN)
+    gguf_base, hf = base_pair(base)
+    peft_dir = make_peft_adapter(hf, tmp_path / "a", seed=6, use_rslora=True, **PLAIN)
     cfg = json.loads((peft_dir / "adapter_config.json").read_text())
     plain_dir = tmp_path / "as-plain"
     plain_dir.mkdir()
     (plain_dir / "adapter_model.safetensors").write_bytes((peft_dir / "adapter_model.safetensors").read_bytes())
     (plain_dir / "adapter_config.json").write_text(json.dumps({**cfg, "use_rslora": False}))
-    wrong = convert(plain_dir, fixture("qwen3"), tmp_path / "wrong.gguf")
-    rc, rep, _ = run_verify("--base", fixture("qwen3"), "--lora", peft_dir, "--runtime-lora", wrong)
+    wrong = convert(plain_dir, gguf_base, tmp_path / "wrong.gguf")
+    rc, rep, _ = run_verify("--base", gguf_base, "--lora", peft_dir, "--runtime-lora", wrong)
     assert rc == 1 and not rep["pass"]
 
 
-def test_adapter_for_another_base_fails(tmp_path):
-    """Same arch and shapes, different weights: only the recorded fingerprint can tell."""
-    sys.path.insert(0, str(ROOT / "scripts"))
-    import make_fixtures as mf
-
-    other = tmp_path / "other-qwen3.gguf"
-    saved = dict(mf.SEED)
-    try:
-        mf.SEED["qwen3"] = 1234
-        mf.write_gguf(other, "qwen3", mf.hf_weights("qwen3", len(mf.vocab()[0])), "f32")
-    finally:
-        mf.SEED.update(saved)
-    peft_dir = make_peft_adapter(fixture("qwen3", "hf"), tmp_path / "a", seed=7, **PLAIN)
-    made_for_other = convert(peft_dir, other, tmp_path / "other.gguf")
-    rc, rep, _ = run_verify("--base", fixture("qwen3"), "--lora", made_for_other)
+@pytest.mark.parametrize("base", BASES)
+def test_adapter_for_another_base_fails(base, base_pair, tmp_path):
+    """Same arch, names and shapes, other weights: only the recorded fingerprint can tell."""
+    gguf_base, hf = base_pair(base)
+    other = shuffled_base(gguf_base, tmp_path / "other.gguf")
+    peft_dir = make_peft_adapter(hf, tmp_path / "a", seed=7, **PLAIN)
+    made_for_other = convert(peft_dir, other, tmp_path / "other-lora.gguf")
+    other.unlink()
+    rc, rep, _ = run_verify("--base", gguf_base, "--lora", made_for_other)
     assert rc == 1 and rep["adapters"][0]["base_match"] is False
     assert any("different base" in w for w in rep["warnings"])
 
@@ -144,13 +161,15 @@ def test_smollm2_end_to_end(smollm2_f32, smollm2_hf, tmp_path):
     assert np.isfinite(rep["views"]["merged"]["perplexity"])
 
 
-def test_llama_cpp_converter_rslora_fails(tmp_path):
+@pytest.mark.parametrize("base", BASES)
+def test_llama_cpp_converter_rslora_fails(base, base_pair, tmp_path):
     """llama.cpp's own convert_lora_to_gguf.py writes rsLoRA's alpha as is: verify catches it."""
     from test_adapter_gguf import llama_cpp_convert
 
-    peft_dir = make_peft_adapter(fixture("llama", "hf"), tmp_path / "a", seed=10, use_rslora=True, **PLAIN)
-    theirs = llama_cpp_convert(peft_dir, fixture("llama", "hf"), tmp_path / "theirs.gguf")
-    rc, rep, _ = run_verify("--base", fixture("llama"), "--lora", peft_dir, "--runtime-lora", theirs)
+    gguf_base, hf = base_pair(base)
+    peft_dir = make_peft_adapter(hf, tmp_path / "a", seed=10, use_rslora=True, **PLAIN)
+    theirs = llama_cpp_convert(peft_dir, hf, tmp_path / "theirs.gguf")
+    rc, rep, _ = run_verify("--base", gguf_base, "--lora", peft_dir, "--runtime-lora", theirs)
     assert rc == 1 and not rep["pairs"]["runtime"]["pass"]
-    rc, rep, _ = run_verify("--base", fixture("llama"), "--lora", peft_dir)  # ours, converted on the fly
+    rc, rep, _ = run_verify("--base", gguf_base, "--lora", peft_dir)  # ours, converted on the fly
     assert rc == 0
