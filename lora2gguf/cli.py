@@ -90,6 +90,8 @@ def merge_cmd(ctx: click.Context, base: str, loras: tuple[str, ...], quant: str,
 @click.option("--rslora", is_flag=True, help="Scale by alpha/sqrt(rank) instead of alpha/rank.")
 @click.option("--dropout", default=0.05, show_default=True)
 @click.option("--targets", default="all-linear", show_default=True, help="all-linear or e.g. q_proj,v_proj.")
+@click.option("--layers", help="Adapt only these layers, e.g. 20-29 (PEFT's layers_to_transform); the layers "
+              "below the first one get no backward pass, so training is faster. Default: all.")
 @click.option("--lr", default=2e-4, show_default=True)
 @click.option("--steps", type=int, help="Optimizer steps (default: one epoch).")
 @click.option("--epochs", type=float, help="Epochs instead of --steps.")
@@ -105,6 +107,8 @@ def merge_cmd(ctx: click.Context, base: str, loras: tuple[str, ...], quant: str,
 @click.option("--save-every", default=0, show_default=True, help="Checkpoint every N steps (0: only on Ctrl-C).")
 @click.option("--resume", is_flag=True, help="Continue from the latest OUT/checkpoint-<step>.")
 @click.option("--gguf", type=click.Path(), help="Also convert the adapter to this GGUF LoRA file at the end.")
+@click.option("--gguf-outtype", default="f32", show_default=True, type=click.Choice(["f32", "f16", "bf16", "q8_0"]),
+              help="Tensor type of the --gguf file (f16 halves it at no measurable cost).")
 @click.option("--force", is_flag=True, help="Start over in an existing OUT; overwrite an existing --gguf.")
 def train_cmd(**kwargs) -> None:
     """Train a LoRA adapter on the weights and tokenizer of a GGUF base (works under torchrun too).

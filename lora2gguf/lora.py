@@ -98,16 +98,36 @@ def resolve_targets(targets: str | list[str]) -> list[str]:
     return sorted(set(names))
 
 
+def parse_layers(spec: str | None, n_layer: int | None = None) -> list[int] | None:
+    """`--layers`: a comma list of layer indices and ranges ("20-29", "0,2,4-6") → sorted indices;
+    None or "all" → None (every layer). Checked against n_layer when given."""
+    if spec is None or spec.strip() in ("", "all"):
+        return None
+    out: set[int] = set()
+    try:
+        for part in spec.split(","):
+            lo, _, hi = part.strip().partition("-")
+            out.update(range(int(lo), int(hi or lo) + 1))
+    except ValueError:
+        raise Lora2GGUFError(f"--layers {spec!r}: use layer indices and ranges, e.g. 20-29 or 0,2,4-6") from None
+    if not out or (n_layer is not None and max(out) >= n_layer):
+        raise Lora2GGUFError(f"--layers {spec!r}: the model has layers 0-{(n_layer or 1) - 1}")
+    return sorted(out)
+
+
 def inject_lora(model: nn.Module, targets: str | list[str], r: int, alpha: float, rslora: bool = False,
-                dropout: float = 0.0) -> dict[str, LoRALinear]:
-    """Freeze `model` and wrap every target projection in a LoRALinear. Returns HF module path → layer."""
+                dropout: float = 0.0, layers: list[int] | None = None) -> dict[str, LoRALinear]:
+    """Freeze `model` and wrap every target projection (of `layers`, default all) in a LoRALinear.
+    Returns HF module path → layer. Layers below the first adapted one get no backward pass at all:
+    nothing there requires a gradient, so autograd records nothing."""
     if r <= 0:
         raise Lora2GGUFError(f"--rank must be positive, got {r}")
     short = resolve_targets(targets)
     model.requires_grad_(False)
     wrapped: dict[str, LoRALinear] = {}
     for name, module in list(model.named_modules()):
-        if isinstance(module, nn.Linear) and name.split(".")[-1] in short and name.startswith("model.layers."):
+        if (isinstance(module, nn.Linear) and name.split(".")[-1] in short and name.startswith("model.layers.")
+                and (layers is None or int(name.split(".")[2]) in layers)):
             parent, attr = name.rsplit(".", 1)
             layer = LoRALinear(module, r, alpha, rslora, dropout)
             setattr(model.get_submodule(parent), attr, layer)
@@ -139,14 +159,15 @@ def load_lora_state(layers: dict[str, LoRALinear], state: dict[str, torch.Tensor
             layer.lora_B.weight.copy_(state[f"{PREFIX}{name}.lora_B.weight"])
 
 
-def adapter_config(targets: list[str], r: int, alpha: float, rslora: bool, dropout: float, base_name: str) -> dict:
+def adapter_config(targets: list[str], r: int, alpha: float, rslora: bool, dropout: float, base_name: str,
+                   layers: list[int] | None = None) -> dict:
     """The adapter_config.json PEFT writes for this LoraConfig (the keys PEFT reads, plus its defaults)."""
     return {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_name,
         "r": r, "lora_alpha": alpha, "use_rslora": rslora, "lora_dropout": dropout,
         "target_modules": sorted(targets), "bias": "none", "fan_in_fan_out": False, "use_dora": False,
         "lora_bias": False, "modules_to_save": None, "init_lora_weights": True, "inference_mode": True,
-        "rank_pattern": {}, "alpha_pattern": {}, "layers_to_transform": None, "layers_pattern": None,
+        "rank_pattern": {}, "alpha_pattern": {}, "layers_to_transform": layers, "layers_pattern": None,
         "revision": None,
     }
 

@@ -27,7 +27,7 @@ from torch import nn
 
 from .errors import Lora2GGUFError
 from .lora import (LossModel, adapter_config, inject_lora, load_base_model, load_lora_state, lora_parameters,
-                   resolve_targets, save_adapter)
+                   parse_layers, resolve_targets, save_adapter)
 
 LOG_NAME, PLOT_NAME, STATE_NAME = "train_log.jsonl", "loss.png", "trainer_state.pt"
 # Changing any of these between a checkpoint and --resume would silently train another run.
@@ -47,6 +47,7 @@ class TrainConfig:
     rslora: bool = False
     dropout: float = 0.05
     targets: str = "all-linear"
+    layers: str | None = None  # PEFT's layers_to_transform, e.g. "20-29"; None: every layer
     lr: float = 2e-4
     steps: int | None = None
     epochs: float | None = None  # default: 1 epoch when neither steps nor epochs is given
@@ -64,6 +65,7 @@ class TrainConfig:
     eval_every: int | None = None  # default: ten evaluations per run
     resume: bool = False
     gguf: str | None = None
+    gguf_outtype: str = "f32"
     force: bool = False
     progress: bool = True
 
@@ -168,6 +170,11 @@ def check_config(cfg: TrainConfig) -> None:
         if not ok:
             raise Lora2GGUFError(msg)
     resolve_targets(cfg.targets)
+    parse_layers(cfg.layers)
+    from .convert import OUTTYPES
+
+    if cfg.gguf_outtype not in OUTTYPES:
+        raise Lora2GGUFError(f"--gguf-outtype {cfg.gguf_outtype!r} is not one of {', '.join(OUTTYPES)}")
 
 
 def prepare_output(cfg: TrainConfig, rank: int) -> Path:
@@ -365,13 +372,14 @@ def setup(cfg, out, device, cdtype, rank, world, warn) -> tuple[Run, list, list]
         if tok.n_vocab > base.spec.n_vocab:
             raise Lora2GGUFError(f"{tok.path}: tokenizer has {tok.n_vocab} tokens but {cfg.base} has "
                                  f"{base.spec.n_vocab}; use the tokenizer of this model")
+        layer_ids = parse_layers(cfg.layers, base.spec.n_layer)
         model = load_base_model(base, cdtype, device)  # frozen base in the compute dtype
         base_name = base.spec.name or Path(cfg.base).name
     if rank == 0:  # only now that the inputs are known good
         out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
-    layers = inject_lora(model, cfg.targets, cfg.rank, cfg.alpha, cfg.rslora, cfg.dropout)
+    layers = inject_lora(model, cfg.targets, cfg.rank, cfg.alpha, cfg.rslora, cfg.dropout, layer_ids)
     model.grad_checkpointing = cfg.grad_checkpointing
     model.train()
     params = lora_parameters(layers)
@@ -392,9 +400,9 @@ def setup(cfg, out, device, cdtype, rank, world, warn) -> tuple[Run, list, list]
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(warmup, total))
     scaler = torch.amp.GradScaler(device.type, enabled=cdtype == torch.float16)  # fp16 needs loss scaling
     args = {k: getattr(cfg, k) for k in RESUME_KEYS} | {
-        "targets": resolve_targets(cfg.targets), "warmup": warmup, "total_steps": total,
+        "targets": resolve_targets(cfg.targets), "layers": layer_ids, "warmup": warmup, "total_steps": total,
         "data_sha256": file_sha256(cfg.data)}
-    config = adapter_config(args["targets"], cfg.rank, cfg.alpha, cfg.rslora, cfg.dropout, base_name)
+    config = adapter_config(args["targets"], cfg.rank, cfg.alpha, cfg.rslora, cfg.dropout, base_name, layer_ids)
     run = Run(cfg, out, device, cdtype, rank, world, tok.pad_id, model, net, layers, opt, sched, scaler, args, config)
     return run, train_ex, eval_ex
 
@@ -454,7 +462,7 @@ def _train(cfg, on_step, out, device, cdtype, rank, world, warn) -> TrainResult:
         if cfg.gguf:
             from .convert import convert
 
-            convert(out, cfg.base, cfg.gguf, outtype="f32", force=cfg.force)
+            convert(out, cfg.base, cfg.gguf, outtype=cfg.gguf_outtype, force=cfg.force)
             result.gguf = Path(cfg.gguf)
     if world > 1:
         torch.distributed.barrier()

@@ -277,3 +277,27 @@ def test_smollm2_real_template_training_matches_peft(tmp_path, smollm2_f32, smol
         ref = reference_logits(reference_model(b, [(load_peft(out), 1.0)]), tokens)
     m = compare(theirs, ref)
     assert m["mean_kl"] <= 1e-5 and m["top1"] == 1.0, m
+
+
+def test_layers_subset_f16_gguf_and_peft_agrees(tmp_path):
+    """--layers 1: LoRA on layer 1 only, saved as PEFT's layers_to_transform (PEFT loads it and agrees),
+    --gguf-outtype f16 writes F16 tensors for blk.1 only; an out-of-range layer is a one-line error."""
+    from lora2gguf.gguf_file import GGUFFile
+
+    out = tmp_path / "out"
+    train(cfg(out, "qwen2", steps=8, layers="1", gguf=str(tmp_path / "a.gguf"), gguf_outtype="f16"))
+    keys = adapter_tensors(out)
+    assert keys and all(".layers.1." in k for k in keys)
+    assert json.loads((out / "adapter_config.json").read_text())["layers_to_transform"] == [1]
+    tokens = token_ids(300, 64, seed=12)
+    with open_base(fixture("qwen2")) as b:
+        ref = reference_logits(reference_model(b, [(load_peft(out), 1.0)]), tokens)
+        plain = reference_logits(reference_model(b), tokens)
+    assert compare(plain, ref)["mean_kl"] > 1e-3
+    assert compare(peft_logits(fixture("qwen2", "hf"), out, tokens), ref)["mean_kl"] <= 1e-5
+    with GGUFFile(tmp_path / "a.gguf") as f:
+        assert f.tensors and all(t.name.startswith("blk.1.") and t.type.name == "F16" for t in f.tensors.values())
+    with pytest.raises(Lora2GGUFError, match="layers 0-1"):
+        train(cfg(tmp_path / "bad", "qwen2", layers="2"))
+    with pytest.raises(Lora2GGUFError, match="--layers"):
+        train(cfg(tmp_path / "bad", "qwen2", layers="x-y"))
