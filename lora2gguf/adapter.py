@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -143,41 +144,87 @@ def read_config(path: Path) -> dict:
     for key in ("r", "lora_alpha"):
         if not isinstance(cfg.get(key), (int, float)) or isinstance(cfg.get(key), bool):
             raise Lora2GGUFError(f"{cfg_path}: '{key}' is missing or not a number")
-    if cfg["r"] <= 0:
-        raise Lora2GGUFError(f"{cfg_path}: 'r' must be positive, got {cfg['r']}")
+        if not math.isfinite(cfg[key]):  # Python's json reads NaN / Infinity
+            raise Lora2GGUFError(f"{cfg_path}: '{key}' must be a finite number, got {cfg[key]}")
+    if cfg["r"] <= 0 or cfg["r"] != int(cfg["r"]):
+        raise Lora2GGUFError(f"{cfg_path}: 'r' must be a positive integer, got {cfg['r']}")
+    for key in ("rank_pattern", "alpha_pattern"):
+        pat = cfg.get(key) or {}
+        if not isinstance(pat, dict) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                and math.isfinite(v) and (v > 0 or key == "alpha_pattern")
+                                                for v in pat.values()):
+            raise Lora2GGUFError(f"{cfg_path}: '{key}' must map module patterns to "
+                                 f"{'positive ranks' if key == 'rank_pattern' else 'finite alphas'}")
+    targets = cfg.get("target_modules")
+    if targets is not None and not isinstance(targets, str) and not (
+            isinstance(targets, list) and all(isinstance(t, str) for t in targets)):
+        raise Lora2GGUFError(f"{cfg_path}: 'target_modules' must be a list of module names or a regex string")
     return cfg
+
+
+def targeted(cfg: dict, module: str) -> bool:
+    """Whether adapter_config.json's target_modules selects this module, by PEFT's rule
+    (peft.tuners.tuners_utils.check_target_module_exists): a regex string must match the whole module
+    path, a list entry the path or its last components. "all-linear" (or no list) selects any module."""
+    t = cfg.get("target_modules")
+    if t is None or t == "all-linear":
+        return True
+    if isinstance(t, str):
+        try:
+            return re.fullmatch(t, module) is not None
+        except re.error:
+            return True  # not ours to judge; PEFT would refuse it, the tensors say what is adapted
+    return any(module == k or module.endswith("." + k) for k in t)
 
 
 _ST_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2"}
 
 
-def read_safetensors_f32(path: Path) -> dict[str, np.ndarray]:
-    """Every tensor of a safetensors file as float32 numpy, without torch (importing torch costs ~3 s,
-    more than the whole convert). Parsed by hand because safetensors' numpy loader cannot read bf16."""
-    import struct
+def safetensors_header(path: Path, float_only: bool = True) -> dict:
+    """The header of a safetensors file ({name: {dtype, shape, data_offsets}}, plus __metadata__), after the
+    safetensors library itself has validated the file: header length and JSON, known dtypes, every
+    tensor's offsets matching its shape and dtype, no overlap, the data section covered exactly (so a
+    truncated file is caught here). float_only: any tensor that is not F32/F16/BF16/F64 is an error."""
+    from safetensors import SafetensorError, safe_open
 
     try:
-        with open(path, "rb") as fh:
+        with safe_open(str(path), framework="numpy"):
+            pass
+        with open(path, "rb") as fh:  # the library checked it: read the offsets it validated
             (n,) = struct.unpack("<Q", fh.read(8))
             header = json.loads(fh.read(n))
-            data = np.frombuffer(fh.read(), dtype=np.uint8)
-        out = {}
+    except (SafetensorError, OSError, ValueError, struct.error) as e:  # JSONDecodeError is a ValueError
+        why = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise Lora2GGUFError(f"{path}: not a readable safetensors file ({why}); the file is truncated or "
+                             "corrupt, save or download it again") from None
+    if float_only:
         for key, info in header.items():
-            if key == "__metadata__":
-                continue
-            dt = _ST_DTYPES.get(info["dtype"])
-            if dt is None:
-                raise ValueError(f"tensor {key} has dtype {info['dtype']}, expected F32/F16/BF16/F64")
-            lo, hi = info["data_offsets"]
-            shape = tuple(info["shape"])
-            if not 0 <= lo <= hi <= len(data) or hi - lo != int(np.prod(shape)) * np.dtype(dt).itemsize:
-                raise ValueError(f"tensor {key} data offsets {lo}..{hi} do not fit its shape or the file")
-            arr = data[lo:hi].view(dt).reshape(shape)
-            # bf16 is the top half of a float32
-            out[key] = (arr.astype(np.uint32) << 16).view(np.float32) if info["dtype"] == "BF16" else arr.astype(np.float32)
-        return out
-    except (OSError, ValueError, KeyError, TypeError, AttributeError, struct.error) as e:  # JSONDecodeError is a ValueError
-        raise Lora2GGUFError(f"{path}: not a readable safetensors file ({e})") from None
+            if key != "__metadata__" and info["dtype"] not in _ST_DTYPES:
+                raise Lora2GGUFError(f"{path}: tensor {key} has dtype {info['dtype']}; expected a floating-point "
+                                     f"type ({', '.join(_ST_DTYPES)})")
+    return header
+
+
+def read_safetensors_f32(path: Path) -> dict[str, np.ndarray]:
+    """Every tensor of a safetensors file as float32 numpy, without torch (importing torch costs ~3 s,
+    more than the whole convert). The safetensors library validates the file (safetensors_header); the
+    bytes are then viewed by hand because safetensors' numpy loader cannot produce bf16."""
+    header = safetensors_header(path)
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(8 + struct.unpack("<Q", fh.read(8))[0])
+            data = np.frombuffer(fh.read(), dtype=np.uint8)
+    except OSError as e:
+        raise Lora2GGUFError(f"{path}: cannot read it ({e})") from None
+    out = {}
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        lo, hi = info["data_offsets"]
+        arr = data[lo:hi].view(_ST_DTYPES[info["dtype"]]).reshape(tuple(info["shape"]))
+        # bf16 is the top half of a float32
+        out[key] = (arr.astype(np.uint32) << 16).view(np.float32) if info["dtype"] == "BF16" else arr.astype(np.float32)
+    return out
 
 
 def read_tensors(path: Path) -> dict[str, np.ndarray]:
@@ -185,17 +232,24 @@ def read_tensors(path: Path) -> dict[str, np.ndarray]:
     if st.is_file():
         return read_safetensors_f32(st)
     if binf.is_file():
-        import pickle
+        import warnings
 
         import torch
 
         try:  # weights_only: tensors and plain containers only, never arbitrary objects
-            sd = torch.load(binf, map_location="cpu", weights_only=True)
-        except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as e:
-            raise Lora2GGUFError(f"{binf}: refused to load ({str(e).splitlines()[0][:200]}); only plain "
-                                 "tensor files are accepted") from None
-        if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-            raise Lora2GGUFError(f"{binf}: expected a dict of tensors")
+            with warnings.catch_warnings():  # torch warns about pickle protocols it may not support
+                warnings.simplefilter("ignore")
+                sd = torch.load(binf, map_location="cpu", weights_only=True)
+        except Exception as e:  # whatever an untrusted file makes the unpickler raise, it is the file's fault
+            why = (str(e).splitlines() or [type(e).__name__])[0][:200]
+            raise Lora2GGUFError(f"{binf}: refused to load ({why}); only plain tensor files are accepted, "
+                                 "prefer adapter_model.safetensors") from None
+        if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
+            raise Lora2GGUFError(f"{binf}: expected a dict of tensors (what PEFT's save_pretrained writes)")
+        for k, v in sd.items():
+            if not v.is_floating_point():
+                raise Lora2GGUFError(f"{binf}: tensor {k} has dtype {str(v.dtype).removeprefix('torch.')}; "
+                                     "expected a floating-point type")
         return {k: v.float().numpy() for k, v in sd.items()}
     raise Lora2GGUFError(f"{path}: no adapter_model.safetensors or adapter_model.bin")
 
@@ -230,6 +284,16 @@ def load_peft(path: str | Path) -> PeftAdapter:
             full[name.replace(".modules_to_save.default.", ".").replace(".original_module.", ".")] = t
     if not parts and not full:
         raise Lora2GGUFError(f"{path}: the adapter holds no LoRA tensors")
+    known = {p.split(".")[-1] for p in archs.LAYER_LINEARS} | {"embed_tokens", "lm_head"}
+    for mod in sorted(parts):
+        if mod.split(".")[-1] not in known:
+            raise Lora2GGUFError(f"{path}: target module {mod} has no GGUF tensor in the supported archs "
+                                 f"({', '.join(sorted(archs.ARCHS))}); supported targets: {', '.join(sorted(known))}")
+    untargeted = sorted(m for m in parts if not targeted(cfg, m))
+    if untargeted:
+        raise Lora2GGUFError(f"{path}: target_modules {cfg.get('target_modules')!r} in adapter_config.json does not "
+                             f"cover {untargeted[0]}, which has LoRA tensors; the config and the weights belong to "
+                             "different adapters (PEFT cannot load it either)")
     fan = bool(cfg.get("fan_in_fan_out", False))
     modules: dict[str, ModuleLoRA] = {}
     for mod, p in sorted(parts.items()):

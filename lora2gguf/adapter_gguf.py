@@ -23,15 +23,38 @@ TOKEN_EMBD = "token_embd.weight"
 
 
 def _check_header(f: GGUFFile) -> str:
-    if f.get("general.type") != "adapter":
+    if f.string("general.type") != "adapter":
         raise Lora2GGUFError(f"{f.path}: general.type is {f.get('general.type')!r}, not 'adapter'; "
                              "this is not a GGUF LoRA adapter")
-    if f.get("adapter.type") != "lora":
+    if f.string("adapter.type") != "lora":
         raise Lora2GGUFError(f"{f.path}: adapter.type is {f.get('adapter.type')!r}; only 'lora' adapters are supported")
-    arch = f.get("general.architecture")
+    arch = f.string("general.architecture")
     if arch is None:
         raise Lora2GGUFError(f"{f.path}: no general.architecture in the adapter's metadata")
     return archs.arch_facts(arch, str(f.path)).name
+
+
+def _alpha(f: GGUFFile) -> float:
+    """adapter.lora.alpha (absent: 0, which llama.cpp reads as scale 1); a finite number or an error."""
+    return f.number("adapter.lora.alpha", 0.0)
+
+
+def _rank(f: GGUFFile, base_name: str, ka: str, kb: str) -> int:
+    """The rank of a lora_a / lora_b pair from their shapes, or an error if they cannot multiply."""
+    a, b = f.tensors[ka].shape, f.tensors[kb].shape
+    if len(a) != 2 or len(b) != 2:
+        raise Lora2GGUFError(f"{f.path}: {ka} {a} and {kb} {b} are not both matrices; the file is corrupt")
+    r_a = a[1] if base_name == TOKEN_EMBD else a[0]  # token_embd's lora_a is (vocab, r), others (r, in)
+    if r_a != b[1] or r_a < 1:
+        raise Lora2GGUFError(f"{f.path}: {ka} {a} and {kb} {b} do not multiply (rank mismatch); the file is corrupt")
+    return int(r_a)
+
+
+def _finite(f: GGUFFile, name: str, t: np.ndarray) -> np.ndarray:
+    if not np.isfinite(t).all():
+        raise Lora2GGUFError(f"{f.path}: tensor {name} contains NaN or Inf; the adapter is broken "
+                             "(retrain, or check the training run for divergence)")
+    return t
 
 
 def _pairs(f: GGUFFile) -> dict[str, tuple[str, str]]:
@@ -47,6 +70,7 @@ def _pairs(f: GGUFFile) -> dict[str, tuple[str, str]]:
         if len(p) != 2:
             raise Lora2GGUFError(f"{f.path}: {base_name} has lora_{'a' if 'a' in p else 'b'} without its pair; "
                                  "the adapter is incomplete")
+        _rank(f, base_name, p["a"], p["b"])
     return {k: (p["a"], p["b"]) for k, p in sorted(parts.items())}
 
 
@@ -67,7 +91,7 @@ def load_gguf_lora(path: str | os.PathLike, spec=None) -> PeftAdapter:
         if spec is not None and spec.arch != arch:
             raise Lora2GGUFError(f"{path}: adapter is for arch {arch}, the base is {spec.arch}; "
                                  "llama.cpp refuses it (\"model arch and LoRA arch mismatch\")")
-        alpha = float(f.get("adapter.lora.alpha", 0.0))
+        alpha = _alpha(f)
         pairs = _pairs(f)
         if not pairs:
             raise Lora2GGUFError(f"{path}: the adapter holds no LoRA tensors")
@@ -80,7 +104,7 @@ def load_gguf_lora(path: str | os.PathLike, spec=None) -> PeftAdapter:
             if hf is None or not hf.endswith(".weight") or hf.endswith("norm.weight"):
                 raise Lora2GGUFError(f"{path}: LoRA on {gname}, which is not a projection or embedding of a "
                                      f"{n_layer}-layer {arch} model")
-            a, b = f.tensor(ka), f.tensor(kb)
+            a, b = _finite(f, ka, f.tensor(ka)), _finite(f, kb, f.tensor(kb))
             if a.ndim != 2 or b.ndim != 2:
                 raise Lora2GGUFError(f"{path}: {ka}/{kb} are not matrices")
             emb = gname == TOKEN_EMBD
@@ -113,6 +137,26 @@ def load_gguf_lora(path: str | os.PathLike, spec=None) -> PeftAdapter:
     return adapter
 
 
+def recorded_fingerprint(f: GGUFFile):
+    """The base fingerprint convert recorded in this adapter (fingerprint.Fingerprint), None when there is
+    none (not written by lora2gguf); corrupt fingerprint metadata is an error, not a mismatch."""
+    from . import fingerprint
+
+    s, v = f.fields.get(fingerprint.KEY_STRUCTURE), f.fields.get(fingerprint.KEY_SAMPLE)
+    if s is None and v is None:
+        return None
+    ok = (s is not None and v is not None and s.type.name == "STRING" and isinstance(v.value, np.ndarray)
+          and v.value.ndim == 1 and len(v.value) % fingerprint.PER_TENSOR == 0)
+    if ok:
+        with np.errstate(all="ignore"):
+            sample = v.value.astype(np.float32)
+        ok = bool(np.isfinite(sample).all())
+    if not ok:
+        raise Lora2GGUFError(f"{f.path}: its base fingerprint metadata ({fingerprint.KEY_STRUCTURE}, "
+                             f"{fingerprint.KEY_SAMPLE}) is corrupt; the file is damaged")
+    return fingerprint.Fingerprint(str(s.value), sample)
+
+
 def provenance(f: GGUFFile) -> dict:
     """Our lora2gguf.* metadata (except the fingerprint sample), decoded."""
     out = {}
@@ -140,11 +184,13 @@ def describe_gguf_adapter(f: GGUFFile, base: str | os.PathLike | None = None) ->
 
     arch = _check_header(f)
     pairs = _pairs(f)
-    alpha = float(f.get("adapter.lora.alpha", 0.0))
+    alpha = _alpha(f)
     ranks = {}
     for gname, (ka, kb) in pairs.items():
         b = f.tensors[kb]
         ranks[gname] = int(b.shape[-1])  # ggml ne[0] of lora_b: the rank llama.cpp divides by
+        for k in (ka, kb):  # adapters are small: a broken one is worth saying so when inspected
+            _finite(f, k, f.tensor(k))
     targets = sorted({re.sub(r"^blk\.\d+\.", "", g).removesuffix(".weight") for g in pairs})
     info = {
         "lora_alpha": alpha, "ranks": sorted(set(ranks.values())), "targets": targets, "lora_tensors": len(pairs),
@@ -160,11 +206,12 @@ def describe_gguf_adapter(f: GGUFFile, base: str | os.PathLike | None = None) ->
             if b.spec.arch != arch:
                 info["base_check"] = {"match": False, "verdict": f"arch mismatch: adapter {arch}, base {b.spec.arch}"}
                 return info
-            recorded = fingerprint.from_gguf_fields(f)
+            recorded = recorded_fingerprint(f)
             if recorded is None:
                 info["base_check"] = {"match": None, "verdict": "no fingerprint recorded (not written by lora2gguf)"}
             else:
-                info["base_check"] = fingerprint.compare(recorded, fingerprint.fingerprint(b))
+                with np.errstate(all="ignore"):  # digest() rounds to float16: large values overflow, harmlessly
+                    info["base_check"] = fingerprint.compare(recorded, fingerprint.fingerprint(b))
             try:
                 load_gguf_lora(f.path, b.spec)
             except Lora2GGUFError as e:

@@ -43,6 +43,48 @@ class ModelSpec:
         return asdict(self)
 
 
+def expected_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
+    """HF tensor name → the shape (HF layout) a model of this spec has: what the metadata/config promises
+    and everything downstream (merge, the reference model, LoRA shape checks) relies on."""
+    n_q, n_kv, e, hd = spec.n_head * spec.head_dim, spec.n_head_kv * spec.head_dim, spec.n_embd, spec.head_dim
+    per = {"input_layernorm.weight": (e,), "post_attention_layernorm.weight": (e,),
+           "self_attn.q_proj.weight": (n_q, e), "self_attn.k_proj.weight": (n_kv, e),
+           "self_attn.v_proj.weight": (n_kv, e), "self_attn.o_proj.weight": (e, n_q),
+           "mlp.gate_proj.weight": (spec.n_ff, e), "mlp.up_proj.weight": (spec.n_ff, e),
+           "mlp.down_proj.weight": (e, spec.n_ff), "self_attn.q_proj.bias": (n_q,),
+           "self_attn.k_proj.bias": (n_kv,), "self_attn.v_proj.bias": (n_kv,),
+           "self_attn.q_norm.weight": (hd,), "self_attn.k_norm.weight": (hd,)}
+    out = {}
+    for name in archs.hf_tensor_names(spec.arch, spec.n_layer, spec.tied_embeddings):
+        if name in ("model.embed_tokens.weight", "lm_head.weight"):
+            out[name] = (spec.n_vocab, e)
+        elif name == "model.norm.weight":
+            out[name] = (e,)
+        else:
+            out[name] = per[name.split(".", 3)[3]]
+    return out
+
+
+def check_dims(spec_fields: dict[str, int], where) -> None:
+    """Sizes from metadata/config.json must be positive (a zero head count would divide by zero later)."""
+    for key, v in spec_fields.items():
+        if v < 1:
+            raise Lora2GGUFError(f"{where}: {key} is {v}; it must be positive (the model description is corrupt)")
+
+
+def check_shapes(spec: ModelSpec, shapes: dict[str, tuple[int, ...]], where, name_of=lambda h: h,
+                 source: str = "the model's metadata") -> None:
+    """Every tensor the spec implies exists with the shape it implies (shapes: HF name → HF-layout shape)."""
+    for hf, want in expected_shapes(spec).items():
+        got = shapes.get(hf)
+        if got is None:
+            raise Lora2GGUFError(f"{where}: tensor {name_of(hf)} is missing; the file is not a complete "
+                                 f"{spec.arch} model")
+        if tuple(got) != want:
+            raise Lora2GGUFError(f"{where}: tensor {name_of(hf)} has shape {tuple(got)}, {source} implies "
+                                 f"{want}; the file is corrupt or its description does not match it")
+
+
 class GGUFBase:
     """A GGUF base model. Tensors come back float32 in HF layout (q/k rows un-permuted)."""
 
@@ -57,6 +99,8 @@ class GGUFBase:
                 raise Lora2GGUFError(f"{self.path}: tensor {missing[0]} is missing "
                                      f"({len(missing)} expected tensors missing); the file is not a complete "
                                      f"{self.spec.arch} model")
+            check_shapes(self.spec, {h: self.file.tensors[g].shape for g, h in self._gguf_to_hf.items()},
+                         self.path, self.gguf_name)
         except Exception:
             self.file.close()
             raise
@@ -65,33 +109,38 @@ class GGUFBase:
         f = self.file
         if f.get("general.type", "model") == "adapter":
             raise Lora2GGUFError(f"{self.path}: this is a LoRA adapter, not a base model")
-        arch = f.get("general.architecture")
+        arch = f.string("general.architecture")
         if arch is None:
             raise Lora2GGUFError(f"{self.path}: no general.architecture in the GGUF metadata")
         facts = archs.arch_facts(arch, str(self.path))
 
-        def need(key):
-            v = f.get(f"{arch}.{key}")
+        def need(key, kind=int):
+            v = f.number(f"{arch}.{key}", None, kind)
             if v is None:
                 raise Lora2GGUFError(f"{self.path}: metadata {arch}.{key} is missing")
             return v
 
-        n_embd, n_head = int(need("embedding_length")), int(need("attention.head_count"))
-        n_head_kv = int(f.get(f"{arch}.attention.head_count_kv", n_head))
-        head_dim = int(f.get(f"{arch}.attention.key_length", n_embd // n_head))
+        n_embd, n_head = need("embedding_length"), need("attention.head_count")
+        check_dims({f"{arch}.embedding_length": n_embd, f"{arch}.attention.head_count": n_head}, self.path)
+        n_head_kv = f.number(f"{arch}.attention.head_count_kv", n_head, int)
+        head_dim = f.number(f"{arch}.attention.key_length", n_embd // n_head, int)
         if "token_embd.weight" not in f.tensors:
             raise Lora2GGUFError(f"{self.path}: tensor token_embd.weight is missing")
-        n_vocab = int(f.get(f"{arch}.vocab_size", f.tensors["token_embd.weight"].shape[0]))
-        scaling = str(f.get(f"{arch}.rope.scaling.type", "none"))
+        n_vocab = f.number(f"{arch}.vocab_size", f.tensors["token_embd.weight"].shape[0], int)
+        scaling = f.string(f"{arch}.rope.scaling.type", "none")
         if scaling not in ("none", "linear"):
             raise Lora2GGUFError(f"{self.path}: rope scaling {scaling!r} is not supported (none, linear)")
+        n_layer, n_ff = need("block_count"), need("feed_forward_length")
+        check_dims({f"{arch}.block_count": n_layer, f"{arch}.feed_forward_length": n_ff,
+                    f"{arch}.attention.head_count_kv": n_head_kv, f"{arch}.attention.key_length": head_dim,
+                    f"{arch}.vocab_size": n_vocab}, self.path)
         return ModelSpec(
-            arch=facts.name, n_layer=int(need("block_count")), n_embd=n_embd,
-            n_ff=int(need("feed_forward_length")), n_head=n_head, n_head_kv=n_head_kv, head_dim=head_dim,
-            n_vocab=n_vocab, n_ctx_train=int(f.get(f"{arch}.context_length", 2048)),
-            rope_theta=float(f.get(f"{arch}.rope.freq_base", 10000.0)),
-            rope_scaling_type=scaling, rope_scaling_factor=float(f.get(f"{arch}.rope.scaling.factor", 1.0)),
-            norm_eps=float(need("attention.layer_norm_rms_epsilon")),
+            arch=facts.name, n_layer=n_layer, n_embd=n_embd,
+            n_ff=n_ff, n_head=n_head, n_head_kv=n_head_kv, head_dim=head_dim,
+            n_vocab=n_vocab, n_ctx_train=f.number(f"{arch}.context_length", 2048, int),
+            rope_theta=f.number(f"{arch}.rope.freq_base", 10000.0),
+            rope_scaling_type=scaling, rope_scaling_factor=f.number(f"{arch}.rope.scaling.factor", 1.0),
+            norm_eps=need("attention.layer_norm_rms_epsilon", float),
             tied_embeddings="output.weight" not in f.tensors,
             qk_norm="blk.0.attn_q_norm.weight" in f.tensors,
             attn_bias="blk.0.attn_q.bias" in f.tensors,
@@ -138,8 +187,12 @@ class HFBase:
             self.config = json.loads(cfg_path.read_text())
         except FileNotFoundError:
             raise Lora2GGUFError(f"{cfg_path}: not found; a Hugging Face model directory needs config.json") from None
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise Lora2GGUFError(f"{cfg_path}: invalid JSON ({e})") from None
+        except OSError as e:
+            raise Lora2GGUFError(f"{cfg_path}: cannot read it ({e})") from None
+        if not isinstance(self.config, dict):
+            raise Lora2GGUFError(f"{cfg_path}: expected a JSON object")
         self.spec = self._read_spec()
         self._files = self._index()
 
@@ -156,6 +209,8 @@ class HFBase:
             if rtype not in ("none", "linear"):
                 raise Lora2GGUFError(f"{self.path}/config.json: rope scaling {rtype!r} is not supported (none, linear)")
             rope_theta = c.get("rope_theta", (c.get("rope_parameters") or {}).get("rope_theta", 10000.0))
+            check_dims({k: int(c[k]) for k in ("hidden_size", "num_attention_heads", "num_hidden_layers",
+                                                 "intermediate_size", "vocab_size")}, self.path / "config.json")
             return ModelSpec(
                 arch=facts.name, n_layer=int(c["num_hidden_layers"]), n_embd=n_embd,
                 n_ff=int(c["intermediate_size"]), n_head=n_head,
@@ -170,20 +225,38 @@ class HFBase:
             )
         except KeyError as e:
             raise Lora2GGUFError(f"{self.path}/config.json: key {e.args[0]} is missing") from None
+        except (TypeError, ValueError, AttributeError) as e:
+            raise Lora2GGUFError(f"{self.path}/config.json: a value has the wrong type ({e})") from None
 
     def _index(self) -> dict[str, Path]:
-        """HF tensor name → the safetensors file holding it."""
+        """HF tensor name → the safetensors file holding it. Every file is validated by the safetensors
+        library, and every tensor the config implies must be there with its shape."""
+        from .adapter import safetensors_header
+
         idx = self.path / "model.safetensors.index.json"
         if idx.is_file():
-            weight_map = json.loads(idx.read_text())["weight_map"]
-            return {k: self.path / v for k, v in weight_map.items()}
-        single = self.path / "model.safetensors"
-        if not single.is_file():
-            raise Lora2GGUFError(f"{self.path}: no model.safetensors or model.safetensors.index.json")
-        from safetensors import safe_open
-
-        with safe_open(single, framework="numpy") as f:
-            return {k: single for k in f.keys()}
+            try:
+                weight_map = json.loads(idx.read_text())["weight_map"]
+                files = {k: self.path / v for k, v in weight_map.items()}
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+                raise Lora2GGUFError(f"{idx}: not a valid safetensors index ({type(e).__name__}: {e})") from None
+        else:
+            single = self.path / "model.safetensors"
+            if not single.is_file():
+                raise Lora2GGUFError(f"{self.path}: no model.safetensors or model.safetensors.index.json")
+            files = None
+        shapes, located, wanted = {}, {}, set(self.hf_names())
+        for f in sorted(set(files.values())) if files is not None else [single]:
+            if not f.is_file():
+                raise Lora2GGUFError(f"{f}: no such file (listed in {idx.name})")
+            for k, info in safetensors_header(f, float_only=False).items():
+                if k != "__metadata__" and (files is None or files.get(k) == f):
+                    shapes[k], located[k] = tuple(info["shape"]), f
+                    if k in wanted and info["dtype"] not in ("F32", "F16", "BF16", "F64"):
+                        raise Lora2GGUFError(f"{f}: tensor {k} has dtype {info['dtype']}; expected a floating-point "
+                                             "type (F32, F16, BF16, F64)")
+        check_shapes(self.spec, shapes, self.path, source="config.json")
+        return located
 
     def hf_names(self) -> list[str]:
         s = self.spec

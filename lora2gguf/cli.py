@@ -4,12 +4,14 @@ so that `lora2gguf --help` starts fast."""
 from __future__ import annotations
 
 import json
+import signal
 import sys
+import threading
 
 import click
 
 from . import __version__
-from .errors import Lora2GGUFError
+from .errors import Lora2GGUFError, Terminated
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -176,10 +178,31 @@ def modelfile_cmd(base: str, lora: str, out: str, force: bool) -> None:
     click.echo(f"wrote {write_modelfile(base, lora, out, force=force)}")
 
 
+TERMINATING = (signal.SIGTERM, signal.SIGHUP)
+
+
+def _terminate(signum, frame) -> None:
+    """SIGTERM/SIGHUP (kill, a closed terminal, a job scheduler) by default end the process on the spot,
+    leaving a hidden temp output behind. Raised as Terminated instead, they take Ctrl-C's clean-up path.
+    A second signal while that runs ends the process at once."""
+    for s in TERMINATING:
+        signal.signal(s, signal.SIG_DFL)
+    raise Terminated(signum)
+
+
+def _catch_termination():
+    """Install _terminate (main thread only: Python delivers signals there); returns the undo."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    old = {s: signal.signal(s, _terminate) for s in TERMINATING}
+    return lambda: [signal.signal(s, h) for s, h in old.items()]
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: bad input → `error: <one line>` on stderr and exit 2 (traceback only with -v)."""
     args = sys.argv[1:] if argv is None else argv
     verbose = "-v" in args or "--verbose" in args
+    restore = _catch_termination()
     try:
         rc = cli.main(args=args, prog_name="lora2gguf", standalone_mode=False)
     except Lora2GGUFError as e:
@@ -190,12 +213,21 @@ def main(argv: list[str] | None = None) -> int:
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         return 130
-    except click.ClickException as e:
-        e.show()
+    except click.UsageError as e:  # one line too, with where to look
+        cmd = e.ctx.command_path if e.ctx is not None else "lora2gguf"
+        click.echo(f"error: {e.format_message()} (see '{cmd} --help')", err=True)
         return 2
+    except click.ClickException as e:
+        click.echo(f"error: {e.format_message()}", err=True)
+        return 2
+    except Terminated as e:
+        click.echo(f"terminated by {signal.Signals(e.signum).name}", err=True)
+        return 128 + e.signum
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         return 130
+    finally:
+        restore()
     return rc if isinstance(rc, int) else 0
 
 

@@ -53,16 +53,28 @@ class Tokenizer:
 
         self.path = Path(gguf_path)
         with GGUFFile(self.path) as f:
+            if f.get("general.type") == "adapter":
+                raise Lora2GGUFError(f"{self.path}: this is a LoRA adapter, not a base model; pass the base GGUF")
             tokens = f.get("tokenizer.ggml.tokens")
             if tokens is None:
                 raise Lora2GGUFError(f"{self.path}: no tokenizer in this GGUF; pass --tokenizer with a GGUF "
                                      "of the same model")
-            self.template = f.get("tokenizer.chat_template")
-            self.bos_id, self.eos_id = f.get("tokenizer.ggml.bos_token_id"), f.get("tokenizer.ggml.eos_token_id")
-            self.bos_token = tokens[self.bos_id] if self.bos_id is not None else ""
-            self.eos_token = tokens[self.eos_id] if self.eos_id is not None else ""
+            if isinstance(tokens, str) or not hasattr(tokens, "__len__") or not len(tokens):
+                raise Lora2GGUFError(f"{self.path}: metadata tokenizer.ggml.tokens is not a list of tokens; "
+                                     "the file is corrupt")
+            self.template = f.string("tokenizer.chat_template")
+            ids = {}
+            for what in ("bos", "eos", "padding"):
+                key = f"tokenizer.ggml.{what}_token_id"
+                ids[what] = f.number(key, None, int)
+                if ids[what] is not None and not 0 <= ids[what] < len(tokens):
+                    raise Lora2GGUFError(f"{self.path}: metadata {key} is {ids[what]}, outside the vocabulary of "
+                                         f"{len(tokens)} tokens; the file is corrupt")
+            self.bos_id, self.eos_id = ids["bos"], ids["eos"]
+            self.bos_token = str(tokens[self.bos_id]) if self.bos_id is not None else ""
+            self.eos_token = str(tokens[self.eos_id]) if self.eos_id is not None else ""
             self.n_vocab = len(tokens)
-            pad = f.get("tokenizer.ggml.padding_token_id")
+            pad = ids["padding"]
         self.pad_id = int(pad if pad is not None else (self.eos_id or 0))
         # llama-cpp-python prints a context-size warning through sys.stderr even when quiet: irrelevant here
         with contextlib.redirect_stderr(io.StringIO()):

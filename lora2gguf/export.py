@@ -72,7 +72,7 @@ def export(adapter_gguf: str | os.PathLike, base: str | os.PathLike, out: str | 
     from safetensors.numpy import save_file
 
     from . import fingerprint
-    from .adapter_gguf import load_gguf_lora
+    from .adapter_gguf import load_gguf_lora, recorded_fingerprint
     from .base import open_base
     from .gguf_file import GGUFFile
 
@@ -81,9 +81,10 @@ def export(adapter_gguf: str | os.PathLike, base: str | os.PathLike, out: str | 
     with open_base(base) as b:
         adapter = load_gguf_lora(src, b.spec)
         with GGUFFile(src) as f:
-            recorded = fingerprint.from_gguf_fields(f)
+            recorded = recorded_fingerprint(f)
         if recorded is not None:
-            check = fingerprint.compare(recorded, fingerprint.fingerprint(b))
+            with np.errstate(all="ignore"):  # digest() rounds to float16: large values overflow, harmlessly
+                check = fingerprint.compare(recorded, fingerprint.fingerprint(b))
             if not check["match"]:
                 raise Lora2GGUFError(f"{src}: was converted for another base than {base} ({check['verdict']}); "
                                      "pass the base it was made for")

@@ -10,6 +10,7 @@ offset against the file size so that a truncated or corrupt file becomes one cle
 
 from __future__ import annotations
 
+import math
 import mmap
 import os
 import struct
@@ -32,6 +33,8 @@ _SCALAR = {
     GGUFValueType.FLOAT64: "<d",
 }
 _NUMPY = {k: np.dtype(v) for k, v in _SCALAR.items()}
+_NUMBER = {t for t in _SCALAR if t != GGUFValueType.BOOL}
+MAX_ARRAY_DEPTH = 4  # arrays of arrays: gguf-py writes them, nothing we read nests deeper
 
 
 class StringArray:
@@ -138,7 +141,7 @@ class GGUFFile:
         for _ in range(n_kv):
             key = cur.string("metadata key")
             vtype = self._vtype(cur.unpack("<I", f"type of {key}"), key)
-            self.fields[key] = self._value(cur, vtype, key)
+            self.fields[key] = self._value(cur, vtype, key, 0)
         infos = []
         for _ in range(n_tensors):
             name = cur.string("tensor name")
@@ -152,8 +155,7 @@ class GGUFFile:
             except ValueError:
                 raise Lora2GGUFError(f"{self.path}: tensor {name} has unknown GGML type {raw_type}") from None
             infos.append((name, ne, ttype, cur.unpack("<Q", f"offset of {name}")))
-        align = self.fields.get("general.alignment")
-        self.alignment = int(align.value) if align else GGUF_DEFAULT_ALIGNMENT
+        self.alignment = self.number("general.alignment", GGUF_DEFAULT_ALIGNMENT, int)
         if self.alignment <= 0 or self.alignment & (self.alignment - 1):
             raise Lora2GGUFError(f"{self.path}: corrupt GGUF (alignment {self.alignment} is not a power of two)")
         self.data_offset = -(-cur.pos // self.alignment) * self.alignment
@@ -164,7 +166,10 @@ class GGUFFile:
             block, type_size = GGML_QUANT_SIZES[ttype]
             if not ne or ne[0] % block:
                 raise Lora2GGUFError(f"{self.path}: tensor {name} shape {ne} does not fit {ttype.name} blocks of {block}")
-            nbytes = ne[0] // block * type_size * int(np.prod(ne[1:], dtype=np.int64))
+            nbytes = ne[0] // block * type_size * math.prod(ne[1:])  # Python ints: a corrupt shape cannot wrap around
+            if off % self.alignment:  # ggml refuses these too
+                raise Lora2GGUFError(f"{self.path}: corrupt GGUF (tensor {name} data offset {off} is not a multiple of "
+                                     f"the alignment {self.alignment})")
             start = self.data_offset + off
             if start + nbytes > self.size:
                 raise Lora2GGUFError(
@@ -178,7 +183,7 @@ class GGUFFile:
         except ValueError:
             raise Lora2GGUFError(f"{self.path}: metadata {key} has unknown GGUF value type {raw}") from None
 
-    def _value(self, cur: _Cursor, vtype: GGUFValueType, key: str) -> Field:
+    def _value(self, cur: _Cursor, vtype: GGUFValueType, key: str, depth: int) -> Field:
         if vtype == GGUFValueType.STRING:
             return Field(vtype, cur.string(key))
         if vtype == GGUFValueType.FLOAT32:  # shortest decimal that round-trips: 1e-05, not 9.99999974e-06
@@ -187,6 +192,8 @@ class GGUFFile:
             return Field(vtype, cur.unpack(_SCALAR[vtype], key))
         if vtype != GGUFValueType.ARRAY:
             raise Lora2GGUFError(f"{self.path}: metadata {key} has unsupported type {vtype}")
+        if depth >= MAX_ARRAY_DEPTH:
+            raise Lora2GGUFError(f"{self.path}: corrupt GGUF (metadata {key} nests arrays {depth + 1} deep)")
         etype = self._vtype(cur.unpack("<I", key), key)
         count = cur.unpack("<Q", key)
         if etype in _NUMPY:
@@ -213,12 +220,39 @@ class GGUFFile:
                 cur.need(size + 1 - cur.pos, key)  # raises: truncated
             cur.pos = pos
             return Field(vtype, StringArray(cur.buf, np.array(offsets, np.int64), np.array(lengths, np.int64)), etype)
-        return Field(vtype, [self._value(cur, etype, key).value for _ in range(count)], etype)
+        if count > len(cur.buf) // 12:  # each nested array takes at least 12 bytes (type, count)
+            raise Lora2GGUFError(f"{self.path}: corrupt GGUF (metadata {key} claims {count} arrays)")
+        return Field(vtype, [self._value(cur, etype, key, depth + 1).value for _ in range(count)], etype)
 
     # -- metadata ---------------------------------------------------------------------------------
     def get(self, key: str, default: Any = None) -> Any:
         f = self.fields.get(key)
         return default if f is None else f.value
+
+    def number(self, key: str, default: Any = None, kind: type = float) -> Any:
+        """A numeric metadata value as `kind` (float or int), `default` when absent; a value of another
+        type, or one that is not finite, is a corrupt file and an error naming the key."""
+        f = self.fields.get(key)
+        if f is None:
+            return default
+        if f.type not in _NUMBER:
+            what = f"an array of {f.elem_type.name.lower()}" if f.elem_type is not None else f"a {f.type.name.lower()}"
+            raise Lora2GGUFError(f"{self.path}: metadata {key} is {what}, not a number; the file is corrupt or "
+                                 "was written by a broken tool")
+        if not math.isfinite(f.value) or (kind is int and f.value != int(f.value)):
+            raise Lora2GGUFError(f"{self.path}: metadata {key} is {f.value}, not a finite "
+                                 f"{'integer' if kind is int else 'number'}; the file is corrupt")
+        return kind(f.value)
+
+    def string(self, key: str, default: Any = None) -> Any:
+        """A string metadata value, `default` when absent; any other type is an error naming the key."""
+        f = self.fields.get(key)
+        if f is None:
+            return default
+        if f.type != GGUFValueType.STRING:
+            raise Lora2GGUFError(f"{self.path}: metadata {key} is a {f.type.name.lower()}, not a string; the file "
+                                 "is corrupt or was written by a broken tool")
+        return f.value
 
     # -- tensors ----------------------------------------------------------------------------------
     def raw(self, name: str) -> np.ndarray:

@@ -20,11 +20,12 @@ from .gguf_file import GGUFFile, StringArray
 def check_output(out: str | os.PathLike, force: bool, inputs: Iterable[str | os.PathLike] = ()) -> Path:
     """Validate an output path before any heavy work."""
     out = Path(out)
-    if not out.parent.exists() and str(out.parent) != "":
-        raise Lora2GGUFError(f"{out}: directory {out.parent} does not exist; create it first")
+    if not out.parent.is_dir():
+        what = "is not a directory" if out.parent.exists() else "does not exist"
+        raise Lora2GGUFError(f"{out}: directory {out.parent} {what}; create it first")
     for i in inputs:
-        if Path(i).exists() and out.exists() and out.resolve() == Path(i).resolve():
-            raise Lora2GGUFError(f"{out}: the output path is also an input; choose another output path")
+        if Path(i).exists() and out.exists() and (out.resolve() == Path(i).resolve() or os.path.samefile(out, i)):
+            raise Lora2GGUFError(f"{out}: the output path is also an input ({i}); choose another output path")
     if out.exists() and not force:
         raise Lora2GGUFError(f"{out}: already exists; pass --force to overwrite it")
     if out.is_dir():

@@ -17,14 +17,14 @@ def _file_type_name(v) -> str | None:
         return None
     try:
         return LlamaFileType(int(v)).name
-    except ValueError:
+    except (ValueError, TypeError):
         return str(v)
 
 
 def describe(path: str, base: str | None = None) -> dict:
     p = Path(path)
     if p.is_dir():
-        if (p / "adapter_config.json").is_file():
+        if any((p / n).exists() for n in ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")):
             from .adapter import describe_peft_dir
 
             return describe_peft_dir(p)
@@ -33,7 +33,7 @@ def describe(path: str, base: str | None = None) -> dict:
     with GGUFFile(p) as f:
         info = {
             "path": str(p), "kind": "gguf-adapter" if f.get("general.type") == "adapter" else "gguf-model",
-            "architecture": f.get("general.architecture"), "name": f.get("general.name"),
+            "architecture": f.string("general.architecture"), "name": f.string("general.name"),
             "file_type": _file_type_name(f.get("general.file_type")), "gguf_version": f.version,
             "tensor_count": len(f.tensors), "tensor_bytes": sum(t.nbytes for t in f.tensors.values()),
             "tensor_types": dict(Counter(t.type.name for t in f.tensors.values())),

@@ -78,14 +78,18 @@ def _sha256(paths: list[Path]) -> str:
     return h.hexdigest()
 
 
-def load_adapter(path: str | os.PathLike, spec) -> tuple[PeftAdapter, str]:
+def load_adapter(path: str | os.PathLike, spec, base: GGUFBase | None = None) -> tuple[PeftAdapter, str]:
     """A PEFT directory or a GGUF LoRA file, in HF layout with its scale; and its sha256 fingerprint
-    (adapter_config.json then the weights for PEFT, the file for GGUF)."""
+    (adapter_config.json then the weights for PEFT, the file for GGUF). Refused when it was made for
+    another model: another arch (PEFT's recorded class), or, for a GGUF LoRA converted by us, a base whose
+    fingerprint is not `base`'s (same shapes, other weights: the merge would be silently wrong)."""
     p = Path(path)
     if p.is_dir():
         from .adapter import load_peft
+        from .convert import check_arch
 
         a = load_peft(p)
+        check_arch(a, spec, base.path if base is not None else "the base")
         for m in a.modules.values():  # PEFT resets fan_in_fan_out on nn.Linear, the only kind these archs have
             m.fan_in_fan_out = False
         files = [p / "adapter_config.json"] + [f for f in (p / "adapter_model.safetensors", p / "adapter_model.bin")
@@ -95,7 +99,25 @@ def load_adapter(path: str | os.PathLike, spec) -> tuple[PeftAdapter, str]:
         raise Lora2GGUFError(f"{p}: no such file or directory; --lora takes a PEFT directory or a GGUF LoRA file")
     from .adapter_gguf import load_gguf_lora
 
-    return load_gguf_lora(p, spec), _sha256([p])
+    a = load_gguf_lora(p, spec)
+    if base is not None:
+        _check_fingerprint(p, base)
+    return a, _sha256([p])
+
+
+def _check_fingerprint(path: Path, base: GGUFBase) -> None:
+    from . import fingerprint
+    from .adapter_gguf import recorded_fingerprint
+    from .gguf_file import GGUFFile
+
+    with GGUFFile(path) as f:
+        recorded = recorded_fingerprint(f)
+    if recorded is not None:
+        with np.errstate(all="ignore"):  # digest() rounds to float16: large values overflow, harmlessly
+            check = fingerprint.compare(recorded, fingerprint.fingerprint(base))
+        if not check["match"]:
+            raise Lora2GGUFError(f"{path}: was converted for another base than {base.path} ({check['verdict']}); "
+                                 "merge it into the base it was made for")
 
 
 @dataclass
@@ -137,13 +159,16 @@ def _plan(base: GGUFBase, adapters: list[tuple[PeftAdapter, float]]) -> list[Job
         except Lora2GGUFError:
             g = None
         if g is None or (g not in hf_of and not hf.endswith(".bias")):
-            raise Lora2GGUFError(f"adapter replaces {hf}, which {base.path} does not have")
+            src = next(a.path for a, _ in adapters if hf in a.full_weights)
+            raise Lora2GGUFError(f"{src}: the adapter replaces {hf}, which {base.path} does not have")
         wanted[g] = hf
     for g, hf in wanted.items():
         if g not in tensors and hf.endswith(".bias"):
             module = hf[:-len(".bias")]
             if not any(module.endswith(s) for s in BIAS_SLOTS[spec.arch]):
-                raise Lora2GGUFError(f"adapter adds a bias to {module}, but llama.cpp's {spec.arch} has no bias "
+                src = next((a.path for a, _ in adapters if hf in a.full_weights or (
+                    module in a.modules and a.modules[module].bias is not None)), "adapter")
+                raise Lora2GGUFError(f"{src}: the adapter adds a bias to {module}, but llama.cpp's {spec.arch} has no bias "
                                      f"tensor there (only {', '.join(s.split('.')[-1] for s in BIAS_SLOTS[spec.arch])}); "
                                      "retrain without lora_bias / bias='all' for that module")
 
@@ -175,8 +200,9 @@ def _read(fh, t: TensorInfo) -> np.ndarray:
     fh.seek(t.offset)
     while got < t.nbytes:
         n = fh.readinto(view[got:])
-        if not n:
-            raise Lora2GGUFError(f"tensor {t.name}: the base file ended early; it is truncated")
+        if not n:  # the header was checked against the size at open: the file shrank since
+            raise Lora2GGUFError(f"{fh.name}: tensor {t.name}: the base file ended early (was it changed while "
+                                 "merging?); it is truncated")
         got += n
     return buf
 
@@ -277,7 +303,7 @@ def _merged(fh, job: Job, spec, pool: RowPool) -> np.ndarray:
         else:
             t = _merge_dora(base, job.loras, pool)
     if t.shape != job.info.shape:
-        raise Lora2GGUFError(f"adapter gives {job.hf} shape {t.shape}, the base has {job.info.shape}")
+        raise Lora2GGUFError(f"{fh.name}: an adapter gives {job.hf} shape {t.shape}, the base has {job.info.shape}")
     return archs.permute_rows(t, heads) if heads else t
 
 
@@ -373,7 +399,7 @@ def merge(base: str | os.PathLike, loras: list[tuple[str | os.PathLike, float]],
                                  "first with llama-gguf-split --merge")
         adapters, record = [], {KEY_ADAPTERS: [], KEY_SCALES: [], KEY_SHA256: []}
         for p, s in loras:
-            a, digest = load_adapter(p, b.spec)
+            a, digest = load_adapter(p, b.spec, b)
             a.check_base(dataclasses.replace(b.spec, tied_embeddings=False), f"base {b.path.name}")
             adapters.append((a, float(s)))
             record[KEY_ADAPTERS].append(Path(p).name)

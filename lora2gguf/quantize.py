@@ -92,22 +92,31 @@ def llama_quantize(src: str | os.PathLike, dst: str | os.PathLike, ftype: LlamaF
     params.nthread = threads or 0  # 0: llama.cpp uses every hardware thread
     params.allow_requantize = True
     errors: list[str] = []
+    raised: list[BaseException] = []
 
     @llama_cpp.llama_log_callback
     def log(level: int, text: bytes, user_data) -> None:
-        line = text.decode("utf-8", errors="replace")
-        if verbose:
-            sys.stderr.write(line)
-        if level in (2, 3) or "error" in line.lower():  # WARN, ERROR: keep for the message
-            errors.append(line.strip())
-        if on_tensor and _TENSOR_LINE.match(line):
-            on_tensor()
+        # An exception cannot cross llama.cpp's C frames: ctypes would print and drop it. That includes
+        # the KeyboardInterrupt / Terminated a signal handler raises here, in the main thread, while
+        # llama.cpp works: keep it and raise it once llama.cpp returns, so the caller's clean-up runs.
+        try:
+            line = text.decode("utf-8", errors="replace")
+            if verbose:
+                sys.stderr.write(line)
+            if level in (2, 3) or "error" in line.lower():  # WARN, ERROR: keep for the message
+                errors.append(line.strip())
+            if on_tensor and _TENSOR_LINE.match(line):
+                on_tensor()
+        except BaseException as e:  # noqa: B036 — re-raised below, outside the C call
+            raised.append(e)
 
     llama_cpp.llama_log_set(log, ctypes.c_void_p(0))
     try:
         rc = llama_cpp.llama_model_quantize(os.fsencode(src), os.fsencode(dst), ctypes.byref(params))
     finally:
         llama_cpp.llama_log_set(lc_logger.llama_log_callback, ctypes.c_void_p(0))
+    if raised:
+        raise raised[0]
     if rc != 0:
         why = next((e for e in reversed(errors) if "failed to quantize" in e), errors[-1] if errors else "no reason given")
         raise Lora2GGUFError(f"{Path(dst)}: llama.cpp could not quantize to {LlamaFileType(ftype).name} ({why}); "
