@@ -157,9 +157,9 @@ def export_cmd(adapter_gguf: str, base: str, out: str, force: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Also print the summary as one JSON object on stdout.")
 def demo_cmd(workdir: str, base: str | None, steps: int, as_json: bool) -> None:
     """Train two adapters, convert, hot-swap, merge to q4_k_m, verify: the whole pipeline on a real model."""
-    from .demo import format_summary, run_demo
+    from .demo import Recipe, format_summary, run_demo
 
-    summary = run_demo(workdir, base=base, steps=steps, log=lambda m: click.echo(m, err=as_json))
+    summary = run_demo(workdir, base=base, recipe=Recipe(steps=steps), log=lambda m: click.echo(m, err=as_json))
     if as_json:
         click.echo(json.dumps(summary, indent=2))
     else:

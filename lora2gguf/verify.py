@@ -113,9 +113,20 @@ def _agreement(a: list[list[int]], b: list[list[int]], conts: list[list[int]]) -
             "mean_common_prefix": float(np.mean(prefixes))}
 
 
+_FLOORS: dict[tuple, float] = {}  # one process verifying several adapters on one base measures it once
+
+
 def _quantization_floor(base_path: Path, ftype_name: str, tokens, base_ref_logits, tmp: Path, n_ctx) -> float:
     """KL(reference ‖ llama.cpp) of the base alone quantized to ftype_name by llama.cpp: what that
     quantization costs without any adapter."""
+    st = base_path.stat()
+    key = (str(base_path.resolve()), st.st_size, st.st_mtime_ns, ftype_name, tuple(tokens), n_ctx)
+    if key not in _FLOORS:
+        _FLOORS[key] = _measure_floor(base_path, ftype_name, tokens, base_ref_logits, tmp, n_ctx)
+    return _FLOORS[key]
+
+
+def _measure_floor(base_path: Path, ftype_name: str, tokens, base_ref_logits, tmp: Path, n_ctx) -> float:
     from gguf import LlamaFileType
 
     from .gguf_write import dequantize_file
