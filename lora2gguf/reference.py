@@ -31,7 +31,11 @@ def reference_model(base, adapters: list[tuple[PeftAdapter, float]] = (), dtype:
         a.check_base(dataclasses.replace(base.spec, tied_embeddings=False), f"base {base.spec.name}")
     model = Transformer.from_base(base)
     mods = modules_by_target(adapters)
-    if "lm_head" in mods and base.spec.tied_embeddings:  # untie: the head gets its own copy
+    touched = set(mods) | {t.rsplit(".", 1)[0] for a, _ in adapters for t in a.full_weights}
+    # PEFT on a tied base: a LoRA or modules_to_save on embed_tokens changes the lookup only, the head
+    # keeps multiplying by the original embedding (and a LoRA on lm_head changes the head only). So untie:
+    # the head gets its own copy of the original weight before either side is changed.
+    if base.spec.tied_embeddings and touched & {"lm_head", "model.embed_tokens"}:
         model.spec = dataclasses.replace(model.spec, tied_embeddings=False)
         model.lm_head = nn.Linear(base.spec.n_embd, base.spec.n_vocab, bias=False)
         model.lm_head.weight = nn.Parameter(model.model.embed_tokens.weight.detach().clone(), requires_grad=False)
