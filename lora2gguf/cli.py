@@ -210,7 +210,10 @@ def main(argv: list[str] | None = None) -> int:
             raise
         click.echo(f"error: {e}", err=True)
         return e.exit_code
-    except click.exceptions.Abort:
+    except click.exceptions.Abort as e:  # click turns KeyboardInterrupt (so Terminated too) into Abort
+        if isinstance(e.__context__, Terminated):
+            click.echo(f"terminated by {signal.Signals(e.__context__.signum).name}", err=True)
+            return 128 + e.__context__.signum
         click.echo("aborted", err=True)
         return 130
     except click.UsageError as e:  # one line too, with where to look

@@ -18,7 +18,7 @@ from typing import Callable
 
 from gguf import GGMLQuantizationType, LlamaFileType
 
-from .errors import Lora2GGUFError
+from .errors import Lora2GGUFError, signals_deferred
 
 
 @dataclass(frozen=True)
@@ -96,9 +96,8 @@ def llama_quantize(src: str | os.PathLike, dst: str | os.PathLike, ftype: LlamaF
 
     @llama_cpp.llama_log_callback
     def log(level: int, text: bytes, user_data) -> None:
-        # An exception cannot cross llama.cpp's C frames: ctypes would print and drop it. That includes
-        # the KeyboardInterrupt / Terminated a signal handler raises here, in the main thread, while
-        # llama.cpp works: keep it and raise it once llama.cpp returns, so the caller's clean-up runs.
+        # An exception cannot cross llama.cpp's C frames (ctypes would print and drop it): keep it and
+        # raise it once llama.cpp returns. Signals are held meanwhile (signals_deferred).
         try:
             line = text.decode("utf-8", errors="replace")
             if verbose:
@@ -112,7 +111,8 @@ def llama_quantize(src: str | os.PathLike, dst: str | os.PathLike, ftype: LlamaF
 
     llama_cpp.llama_log_set(log, ctypes.c_void_p(0))
     try:
-        rc = llama_cpp.llama_model_quantize(os.fsencode(src), os.fsencode(dst), ctypes.byref(params))
+        with signals_deferred():  # Ctrl-C / SIGTERM: after the C call, so the caller removes its temp files
+            rc = llama_cpp.llama_model_quantize(os.fsencode(src), os.fsencode(dst), ctypes.byref(params))
     finally:
         llama_cpp.llama_log_set(lc_logger.llama_log_callback, ctypes.c_void_p(0))
     if raised:

@@ -22,7 +22,7 @@ from robust_corpus import BASE, build_valid, gguf_layout
 # a warning (numpy overflow, ...) would be an extra stderr line beside the CLI's one error line
 pytestmark = pytest.mark.filterwarnings("error")
 
-EXAMPLES = 250  # per target; ~10 ms each
+EXAMPLES = 500  # per target; ~5-10 ms each
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
