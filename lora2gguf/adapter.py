@@ -310,6 +310,10 @@ def load_peft(path: str | Path) -> PeftAdapter:
         if r != A.shape[0]:
             raise Lora2GGUFError(f"{path}: {mod} has rank {A.shape[0]} but adapter_config.json says r={r} "
                                  "(check r / rank_pattern)")
+        for kind in ("lora_magnitude_vector", "lora_B.bias") if not emb else ():  # per output row of a linear
+            if kind in p and p[kind].shape != (n_out := B.shape[0],):
+                raise Lora2GGUFError(f"{path}: {mod}.{kind} has shape {tuple(p[kind].shape)}, expected ({n_out},) "
+                                     "for its LoRA pair; the adapter file is corrupt")
         modules[mod] = ModuleLoRA(mod, A, B, r, alpha, scale, embedding=emb, fan_in_fan_out=fan and not emb,
                                   magnitude=p.get("lora_magnitude_vector"), bias=p.get("lora_B.bias"))
     return PeftAdapter(path, cfg, modules, full)

@@ -160,6 +160,8 @@ def read_jsonl(path: str | os.PathLike) -> list[tuple[str, dict]]:
         raise Lora2GGUFError(f"{path}: no such file") from None
     except UnicodeDecodeError as e:
         raise Lora2GGUFError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:  # a directory, unreadable, ...
+        raise Lora2GGUFError(f"{path}: cannot read it ({e.strerror or e}); expected a JSONL file") from None
     out = []
     for n, line in enumerate(lines, 1):
         if not line.strip():

@@ -158,9 +158,13 @@ def _plan(base: GGUFBase, adapters: list[tuple[PeftAdapter, float]]) -> list[Job
             g = base.gguf_name(hf)
         except Lora2GGUFError:
             g = None
+        src = next(a.path for a, _ in adapters if hf in a.full_weights)
         if g is None or (g not in hf_of and not hf.endswith(".bias")):
-            src = next(a.path for a, _ in adapters if hf in a.full_weights)
             raise Lora2GGUFError(f"{src}: the adapter replaces {hf}, which {base.path} does not have")
+        want = tensors[g].shape if g in tensors else None
+        if want is not None and full[hf].shape != want:
+            raise Lora2GGUFError(f"{src}: the adapter's {hf} has shape {full[hf].shape}, {base.path} has {want}; "
+                                 "the adapter was made for another model")
         wanted[g] = hf
     for g, hf in wanted.items():
         if g not in tensors and hf.endswith(".bias"):

@@ -401,6 +401,15 @@ def gguf_cases() -> list[Case]:
              verbs=("export", "merge", "verify")),
         Case("gguf-base:adapter-as-base", "gguf-base", a(lambda v, d: shutil.copy(v.gguf, d) and d),
              r"this is a LoRA adapter, not a base model", verbs=("convert", "merge", "export", "verify", "train")),
+        Case("gguf-base:metadata-disagrees-with-tensors", "gguf-base",
+             a(lambda v, d: rewrite_adapter(v.base, d, fields={"llama.feed_forward_length": (128, _vt("UINT32"))})),
+             r"tensor blk\.0\.ffn_\w+\.weight has shape \(\d+, \d+\), the model's metadata implies"),
+        Case("gguf-base:block-count-is-a-string", "gguf-base",
+             a(lambda v, d: rewrite_adapter(v.base, d, fields={"llama.block_count": ("two", _vt("STRING"))})),
+             r"metadata llama\.block_count is a string, not a number"),
+        Case("gguf-base:zero-heads", "gguf-base",
+             a(lambda v, d: rewrite_adapter(v.base, d, fields={"llama.attention.head_count": (0, _vt("UINT32"))})),
+             r"llama\.attention\.head_count is 0; it must be positive"),
     ]
     return out
 
@@ -458,6 +467,16 @@ def peft_cases() -> list[Case]:
         Case("peft:wrong-shapes", P,
              with_tensors(lambda t: {k: (x[:, :32] if "lora_A" in k and "down_proj" not in k else x) for k, x in t.items()}),
              r"changes a \d+x32 weight but base \S+ has \d+x64", verbs=("convert", "merge", "verify")),
+        Case("peft:dora-magnitude-wrong-shape", P,
+             with_tensors(lambda t: t | {f"{PREFIX}model.layers.0.self_attn.q_proj.lora_magnitude_vector":
+                                         np.ones(10, np.float32)}, peft_config(use_dora=True)),
+             r"model\.layers\.0\.self_attn\.q_proj\.lora_magnitude_vector has shape \(10,\), expected \(64,\)"),
+        Case("peft:modules_to_save-wrong-shape", P,
+             with_tensors(lambda t: t | {f"{PREFIX}model.norm.modules_to_save.default.weight": np.ones(32, np.float32)},
+                          peft_config(modules_to_save=["model.norm"])),
+             r"the adapter's model\.norm\.weight has shape \(32,\), \S+ has \(64,\)", verbs=("merge", "convert", "verify"),
+             expect_for={"convert": r"full weights from modules_to_save .*cannot hold",
+                         "verify": r"full weights from modules_to_save .*cannot hold"}),
         Case("peft:layer-beyond-base", P,
              with_tensors(lambda t: {k.replace("layers.1.", "layers.5."): x for k, x in t.items()}),
              r"model\.layers\.5\.\S+ is beyond the 2 layers", verbs=("convert", "merge", "verify")),
@@ -546,6 +565,8 @@ def jsonl_cases() -> list[Case]:
         Case("jsonl:no-known-field", J, text('{"input": "the cat"}\n'), r":1: expected a \"text\", \"prompt\"\+\"completion\""),
         Case("jsonl:text-not-a-string", J, text('{"text": 42}\n'), r":1: field 'text' must be a string"),
         Case("jsonl:not-utf8", J, text(b'{"text": "the \xff\xfe cat"}\n'), r"not UTF-8 text"),
+        Case("jsonl:is-a-directory", J, lambda v, d: (d.with_suffix(".jsonl").mkdir(), d.with_suffix(".jsonl"))[1],
+             r"cannot read it \(Is a directory\); expected a JSONL file"),
         Case("jsonl:messages-without-assistant", J, text('{"messages": [{"role": "user", "content": "hi"}]}\n'),
              r":1: no assistant message"),
     ]
