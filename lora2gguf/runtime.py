@@ -85,6 +85,7 @@ class LlamaRuntime:
         scales = (ctypes.c_float * max(n, 1))(*[float(s) for _, s in adapters])
         if lc.llama_set_adapters_lora(self.llm.ctx, arr if n else None, n, scales if n else None):
             raise Lora2GGUFError(f"{self.path}: llama.cpp could not set the LoRA adapters")
+        self.llm.reset()  # the KV cache was computed with the previous adapters: no prefix reuse across
 
     # -- evaluation -------------------------------------------------------------------------------
     def logits(self, tokens: Sequence[int]) -> np.ndarray:
@@ -98,8 +99,15 @@ class LlamaRuntime:
     def greedy(self, tokens: Sequence[int], n: int) -> list[int]:
         """Greedy continuation of n tokens (argmax of llama.cpp's logits), stopping at end of generation."""
         out: list[int] = []
-        self.llm.reset()
-        self.llm.eval(list(tokens))
+        tokens = list(tokens)
+        # Reuse the KV cache of the longest prefix shared with the last evaluation (chat prompts share
+        # their system prompt), as llama-cpp-python's generate() does; at least one token is evaluated.
+        cached = self.llm.input_ids[: self.llm.n_tokens]
+        p = 0
+        while p < min(len(cached), len(tokens) - 1) and cached[p] == tokens[p]:
+            p += 1
+        self.llm.n_tokens = p  # eval() drops the cache past n_tokens
+        self.llm.eval(tokens[p:])
         for _ in range(n):
             nxt = int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
             if self._lc.llama_vocab_is_eog(self._lc.llama_model_get_vocab(self.llm.model), nxt):
