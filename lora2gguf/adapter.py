@@ -241,9 +241,14 @@ def read_tensors(path: Path) -> dict[str, np.ndarray]:
                 warnings.simplefilter("ignore")
                 sd = torch.load(binf, map_location="cpu", weights_only=True)
         except Exception as e:  # whatever an untrusted file makes the unpickler raise, it is the file's fault
-            why = (str(e).splitlines() or [type(e).__name__])[0][:200]
-            raise Lora2GGUFError(f"{binf}: refused to load ({why}); only plain tensor files are accepted, "
-                                 "prefer adapter_model.safetensors") from None
+            text = str(e) or type(e).__name__
+            lines = [x.strip() for x in text.splitlines() if x.strip()]
+            # torch's refusal: boilerplate, then what the pickle asked for (a GLOBAL it blocks, an opcode)
+            what = next((x for x in lines[1:] if re.search(r"unsupported", x, re.I) and "file an issue" not in x), None)
+            why = f"it holds more than tensors: {what}" if what else lines[0]
+            why = re.split(r"(?<=[a-z])\. ", why)[0].rstrip(".")[:160]
+            raise Lora2GGUFError(f"{binf}: refused to load ({why}); only plain tensors are loaded from a pickle "
+                                 "(torch.load weights_only), never code: save the adapter as safetensors") from None
         if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
             raise Lora2GGUFError(f"{binf}: expected a dict of tensors (what PEFT's save_pretrained writes)")
         for k, v in sd.items():

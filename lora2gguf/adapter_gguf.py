@@ -25,7 +25,7 @@ TOKEN_EMBD = "token_embd.weight"
 def _check_header(f: GGUFFile) -> str:
     if f.string("general.type") != "adapter":
         raise Lora2GGUFError(f"{f.path}: general.type is {f.get('general.type')!r}, not 'adapter'; "
-                             "this is not a GGUF LoRA adapter")
+                             "this is not a GGUF LoRA adapter (a base model goes after --base)")
     if f.string("adapter.type") != "lora":
         raise Lora2GGUFError(f"{f.path}: adapter.type is {f.get('adapter.type')!r}; only 'lora' adapters are supported")
     arch = f.string("general.architecture")
@@ -103,7 +103,7 @@ def load_gguf_lora(path: str | os.PathLike, spec=None) -> PeftAdapter:
             hf = hf_of.get(gname)
             if hf is None or not hf.endswith(".weight") or hf.endswith("norm.weight"):
                 raise Lora2GGUFError(f"{path}: LoRA on {gname}, which is not a projection or embedding of a "
-                                     f"{n_layer}-layer {arch} model")
+                                     f"{n_layer}-layer {arch} model; the adapter was made for another model")
             a, b = _finite(f, ka, f.tensor(ka)), _finite(f, kb, f.tensor(kb))
             if a.ndim != 2 or b.ndim != 2:
                 raise Lora2GGUFError(f"{path}: {ka}/{kb} are not matrices")

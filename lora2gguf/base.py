@@ -108,7 +108,8 @@ class GGUFBase:
     def _read_spec(self) -> ModelSpec:
         f = self.file
         if f.get("general.type", "model") == "adapter":
-            raise Lora2GGUFError(f"{self.path}: this is a LoRA adapter, not a base model")
+            raise Lora2GGUFError(f"{self.path}: this is a LoRA adapter, not a base model; pass the model it was "
+                                 "made for as --base")
         arch = f.string("general.architecture")
         if arch is None:
             raise Lora2GGUFError(f"{self.path}: no general.architecture in the GGUF metadata")

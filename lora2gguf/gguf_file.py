@@ -34,6 +34,7 @@ _SCALAR = {
 }
 _NUMPY = {k: np.dtype(v) for k, v in _SCALAR.items()}
 _NUMBER = {t for t in _SCALAR if t != GGUFValueType.BOOL}
+DAMAGED = "the file is damaged: write or download it again"
 MAX_ARRAY_DEPTH = 4  # arrays of arrays: gguf-py writes them, nothing we read nests deeper
 
 
@@ -101,7 +102,7 @@ class _Cursor:
         try:
             return s.decode("utf-8")
         except UnicodeDecodeError:
-            raise Lora2GGUFError(f"{self.path}: corrupt GGUF ({what} is not UTF-8)") from None
+            raise Lora2GGUFError(f"{self.path}: corrupt GGUF ({what} is not UTF-8); " + DAMAGED) from None
 
 
 class GGUFFile:
@@ -136,7 +137,7 @@ class GGUFFile:
         n_kv = cur.unpack("<Q", "metadata count")
         # Each entry needs at least a few bytes: absurd counts are corruption, not a 2^60-iteration loop.
         if n_tensors > self.size // 8 or n_kv > self.size // 8:
-            raise Lora2GGUFError(f"{self.path}: corrupt GGUF header ({n_tensors} tensors, {n_kv} keys)")
+            raise Lora2GGUFError(f"{self.path}: corrupt GGUF header ({n_tensors} tensors, {n_kv} keys); " + DAMAGED)
         self.fields: dict[str, Field] = {}
         for _ in range(n_kv):
             key = cur.string("metadata key")
@@ -147,29 +148,30 @@ class GGUFFile:
             name = cur.string("tensor name")
             n_dims = cur.unpack("<I", f"dims of {name}")
             if n_dims > 8:
-                raise Lora2GGUFError(f"{self.path}: corrupt tensor info for {name} ({n_dims} dimensions)")
+                raise Lora2GGUFError(f"{self.path}: corrupt tensor info for {name} ({n_dims} dimensions); " + DAMAGED)
             ne = [cur.unpack("<Q", f"shape of {name}") for _ in range(n_dims)]
             raw_type = cur.unpack("<I", f"type of {name}")
             try:
                 ttype = GGMLQuantizationType(raw_type)
             except ValueError:
-                raise Lora2GGUFError(f"{self.path}: tensor {name} has unknown GGML type {raw_type}") from None
+                raise Lora2GGUFError(f"{self.path}: tensor {name} has unknown GGML type {raw_type}; " + DAMAGED) from None
             infos.append((name, ne, ttype, cur.unpack("<Q", f"offset of {name}")))
         self.alignment = self.number("general.alignment", GGUF_DEFAULT_ALIGNMENT, int)
         if self.alignment <= 0 or self.alignment & (self.alignment - 1):
-            raise Lora2GGUFError(f"{self.path}: corrupt GGUF (alignment {self.alignment} is not a power of two)")
+            raise Lora2GGUFError(f"{self.path}: corrupt GGUF (alignment {self.alignment} is not a power of two); " + DAMAGED)
         self.data_offset = -(-cur.pos // self.alignment) * self.alignment
         self.tensors: dict[str, TensorInfo] = {}
         for name, ne, ttype, off in infos:
             if name in self.tensors:
-                raise Lora2GGUFError(f"{self.path}: corrupt GGUF (tensor {name} appears twice)")
+                raise Lora2GGUFError(f"{self.path}: corrupt GGUF (tensor {name} appears twice); " + DAMAGED)
             block, type_size = GGML_QUANT_SIZES[ttype]
             if not ne or ne[0] % block:
-                raise Lora2GGUFError(f"{self.path}: tensor {name} shape {ne} does not fit {ttype.name} blocks of {block}")
+                raise Lora2GGUFError(f"{self.path}: tensor {name} shape {ne} does not fit {ttype.name} blocks of "
+                                     f"{block}; " + DAMAGED)
             nbytes = ne[0] // block * type_size * math.prod(ne[1:])  # Python ints: a corrupt shape cannot wrap around
             if off % self.alignment:  # ggml refuses these too
                 raise Lora2GGUFError(f"{self.path}: corrupt GGUF (tensor {name} data offset {off} is not a multiple of "
-                                     f"the alignment {self.alignment})")
+                                     f"the alignment {self.alignment}); " + DAMAGED)
             start = self.data_offset + off
             if start + nbytes > self.size:
                 raise Lora2GGUFError(
@@ -181,7 +183,7 @@ class GGUFFile:
         try:
             return GGUFValueType(raw)
         except ValueError:
-            raise Lora2GGUFError(f"{self.path}: metadata {key} has unknown GGUF value type {raw}") from None
+            raise Lora2GGUFError(f"{self.path}: metadata {key} has unknown GGUF value type {raw}; " + DAMAGED) from None
 
     def _value(self, cur: _Cursor, vtype: GGUFValueType, key: str, depth: int) -> Field:
         if vtype == GGUFValueType.STRING:
@@ -191,9 +193,9 @@ class GGUFFile:
         if vtype in _SCALAR:
             return Field(vtype, cur.unpack(_SCALAR[vtype], key))
         if vtype != GGUFValueType.ARRAY:
-            raise Lora2GGUFError(f"{self.path}: metadata {key} has unsupported type {vtype}")
+            raise Lora2GGUFError(f"{self.path}: metadata {key} has unsupported type {vtype}; " + DAMAGED)
         if depth >= MAX_ARRAY_DEPTH:
-            raise Lora2GGUFError(f"{self.path}: corrupt GGUF (metadata {key} nests arrays {depth + 1} deep)")
+            raise Lora2GGUFError(f"{self.path}: corrupt GGUF (metadata {key} nests arrays {depth + 1} deep); " + DAMAGED)
         etype = self._vtype(cur.unpack("<I", key), key)
         count = cur.unpack("<Q", key)
         if etype in _NUMPY:
@@ -204,7 +206,7 @@ class GGUFFile:
             return Field(vtype, arr, etype)
         if etype == GGUFValueType.STRING:
             if count > len(cur.buf) // 8:
-                raise Lora2GGUFError(f"{self.path}: corrupt GGUF (metadata {key} claims {count} strings)")
+                raise Lora2GGUFError(f"{self.path}: corrupt GGUF (metadata {key} claims {count} strings); " + DAMAGED)
             # String lengths must be walked one by one (decoding is deferred). This loop is most of the time
             # to open a real model (49k tokens + merges), so it is kept tight: one bounds check at the end.
             offsets, lengths = [0] * count, [0] * count
@@ -221,7 +223,7 @@ class GGUFFile:
             cur.pos = pos
             return Field(vtype, StringArray(cur.buf, np.array(offsets, np.int64), np.array(lengths, np.int64)), etype)
         if count > len(cur.buf) // 12:  # each nested array takes at least 12 bytes (type, count)
-            raise Lora2GGUFError(f"{self.path}: corrupt GGUF (metadata {key} claims {count} arrays)")
+            raise Lora2GGUFError(f"{self.path}: corrupt GGUF (metadata {key} claims {count} arrays); " + DAMAGED)
         return Field(vtype, [self._value(cur, etype, key, depth + 1).value for _ in range(count)], etype)
 
     # -- metadata ---------------------------------------------------------------------------------

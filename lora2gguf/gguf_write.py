@@ -88,21 +88,23 @@ def write_streaming(path: Path, writer: GGUFWriter, plan: list[PlannedTensor],
                                np.dtype(np.uint8) if raw else (
             np.dtype(np.float32) if t.type == GGMLQuantizationType.F32 else np.dtype(np.float16)),
             t.nbytes, raw_dtype=t.type)
-    writer.write_header_to_file(path)
-    writer.write_kv_data_to_file()
-    writer.write_ti_data_to_file()
-    n = 0
-    for t, arr in zip(plan, data):
-        arr = np.ascontiguousarray(arr)
-        if arr.nbytes != t.nbytes:
-            raise AssertionError(f"{t.name}: {arr.nbytes} bytes, planned {t.nbytes}")
-        writer.write_tensor_data(arr)
-        n += 1
-        if progress:
-            progress(t)
-    if n != len(plan):
-        raise AssertionError(f"wrote {n} of {len(plan)} tensors")
-    writer.close()
+    try:
+        writer.write_header_to_file(path)
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        n = 0
+        for t, arr in zip(plan, data):
+            arr = np.ascontiguousarray(arr)
+            if arr.nbytes != t.nbytes:
+                raise AssertionError(f"{t.name}: {arr.nbytes} bytes, planned {t.nbytes}")
+            writer.write_tensor_data(arr)
+            n += 1
+            if progress:
+                progress(t)
+        if n != len(plan):
+            raise AssertionError(f"wrote {n} of {len(plan)} tensors")
+    finally:  # on a failure too: the temp file is then removed, and must not stay open
+        writer.close()
 
 
 def encode(arr: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:

@@ -173,8 +173,9 @@ def gguf_byte_cases(kind: str) -> dict[str, tuple[Callable[[Path, Path], Path], 
                                                             u32(77))]), r"unknown GGUF value type 77"),
         "string-length-overflow": (lambda s, d: patched(s, d, [(lay(s)["kv_start"], u64((1 << 64) - 1))]),
                                    r"truncated GGUF"),
-        "shape-overflow": (lambda s, d: patched(s, d, [(lay(s)["infos"][0]["dims_at"] + 8, u64(1 << 62))]),
-                           r"past the end of the file|does not fit|too large"),
+        # a dimension of 2^64-1: numpy's int64 product of the shape wraps to -1 (a negative byte size)
+        "shape-overflow": (lambda s, d: patched(s, d, [(lay(s)["infos"][0]["dims_at"] + 8, u64((1 << 64) - 1))]),
+                           r"tensor \S+ data ends at byte \d+, past the end of the file"),
     }
 
 
@@ -499,6 +500,10 @@ def peft_cases() -> list[Case]:
              r"adapter_model\.safetensors: not a readable safetensors file"),
         # pickles
         Case("peft:bin-pickle-that-runs-code", P, evil_bin, r"adapter_model\.bin: refused to load"),
+        Case("peft:bin-torch-zip-that-runs-code", P,  # torch.save's own zip format, the pickle inside runs code
+             lambda v, d: torch_bin(lambda: {f"{PREFIX}model.layers.0.self_attn.q_proj.lora_A.weight":
+                                             _Evil(d.parent / "PWNED")})(v, d),
+             r"adapter_model\.bin: refused to load \(it holds more than tensors: .*GLOBAL posix\.system"),
         Case("peft:bin-not-a-torch-file", P, garbage_bin, r"adapter_model\.bin: refused to load"),
         Case("peft:bin-dict-of-non-tensors", P,
              torch_bin(lambda: {f"{PREFIX}model.layers.0.self_attn.q_proj.lora_A.weight": [1, 2, 3]}),
