@@ -217,3 +217,17 @@ def describe_gguf_adapter(f: GGUFFile, base: str | os.PathLike | None = None) ->
             except Lora2GGUFError as e:
                 info["base_check"] = {"match": False, "verdict": f"does not fit the base: {e}"}
     return info
+
+
+def base_match(path: str | os.PathLike, base) -> tuple[bool | None, str]:
+    """Was the GGUF LoRA at `path` converted for `base` (an open GGUFBase/HFBase)? (match, verdict) from
+    the fingerprint convert recorded; (None, why) when there is none (not written by lora2gguf)."""
+    from . import fingerprint
+
+    with GGUFFile(path) as f:
+        recorded = recorded_fingerprint(f)
+    if recorded is None:
+        return None, "no fingerprint recorded (not written by lora2gguf)"
+    with np.errstate(all="ignore"):  # digest() rounds to float16: large values overflow, harmlessly
+        c = fingerprint.compare(recorded, fingerprint.fingerprint(base))
+    return c["match"], c["verdict"]

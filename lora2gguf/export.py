@@ -71,23 +71,17 @@ def export(adapter_gguf: str | os.PathLike, base: str | os.PathLike, out: str | 
     """Write the GGUF LoRA at `adapter_gguf` (for `base`) as a PEFT adapter directory at `out`."""
     from safetensors.numpy import save_file
 
-    from . import fingerprint
-    from .adapter_gguf import load_gguf_lora, recorded_fingerprint
+    from .adapter_gguf import base_match, load_gguf_lora
     from .base import open_base
-    from .gguf_file import GGUFFile
 
     src, out = Path(adapter_gguf), Path(out)
     check_output_dir(out, force, [src, Path(base)])
     with open_base(base) as b:
         adapter = load_gguf_lora(src, b.spec)
-        with GGUFFile(src) as f:
-            recorded = recorded_fingerprint(f)
-        if recorded is not None:
-            with np.errstate(all="ignore"):  # digest() rounds to float16: large values overflow, harmlessly
-                check = fingerprint.compare(recorded, fingerprint.fingerprint(b))
-            if not check["match"]:
-                raise Lora2GGUFError(f"{src}: was converted for another base than {base} ({check['verdict']}); "
-                                     "pass the base it was made for")
+        match, verdict = base_match(src, b)
+        if match is False:
+            raise Lora2GGUFError(f"{src}: was converted for another base than {base} ({verdict}); "
+                                 "pass the base it was made for")
         name = adapter.config["gguf"].get("peft_base_model") or b.spec.name or str(base)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".part", dir=out.parent))
     try:

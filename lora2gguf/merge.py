@@ -106,18 +106,12 @@ def load_adapter(path: str | os.PathLike, spec, base: GGUFBase | None = None) ->
 
 
 def _check_fingerprint(path: Path, base: GGUFBase) -> None:
-    from . import fingerprint
-    from .adapter_gguf import recorded_fingerprint
-    from .gguf_file import GGUFFile
+    from .adapter_gguf import base_match
 
-    with GGUFFile(path) as f:
-        recorded = recorded_fingerprint(f)
-    if recorded is not None:
-        with np.errstate(all="ignore"):  # digest() rounds to float16: large values overflow, harmlessly
-            check = fingerprint.compare(recorded, fingerprint.fingerprint(base))
-        if not check["match"]:
-            raise Lora2GGUFError(f"{path}: was converted for another base than {base.path} ({check['verdict']}); "
-                                 "merge it into the base it was made for")
+    match, verdict = base_match(path, base)
+    if match is False:
+        raise Lora2GGUFError(f"{path}: was converted for another base than {base.path} ({verdict}); "
+                             "merge it into the base it was made for")
 
 
 @dataclass

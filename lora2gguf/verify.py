@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .adapter_gguf import base_match
 from .errors import Lora2GGUFError
 from .metrics import compare, perplexity
 
@@ -70,19 +71,6 @@ def _file_type(path: Path) -> str:
         return LlamaFileType(int(ft)).name if ft is not None else "ALL_F32"
     except ValueError:
         return str(ft)
-
-
-def _base_match(adapter_gguf: Path, gb) -> tuple[bool | None, str]:
-    """Compare the base fingerprint recorded in the adapter (by convert) with this base's."""
-    from . import fingerprint
-    from .gguf_file import GGUFFile
-
-    with GGUFFile(adapter_gguf) as f:
-        recorded = fingerprint.from_gguf_fields(f)
-    if recorded is None:
-        return None, "no fingerprint recorded (not written by lora2gguf)"
-    c = fingerprint.compare(recorded, fingerprint.fingerprint(gb))
-    return c["match"], c["verdict"]
 
 
 def _teacher_forced(logits_of, prompts: list[list[int]], conts: list[list[int]]) -> list[list[int]]:
@@ -181,7 +169,7 @@ def verify(base: str | os.PathLike, loras: list[tuple[str, float]], merged: str 
                 a.runtime_path = convert(path, base_path, tmp / f"adapter-{i}.gguf")
             else:
                 a.runtime_path = path
-            match, verdict = _base_match(a.runtime_path, gb)
+            match, verdict = base_match(a.runtime_path, gb)
             entry = {"path": str(path), "scale": scale, "runtime_file": str(a.runtime_path),
                      "base_match": match, "base_verdict": verdict}
             if match is False:
