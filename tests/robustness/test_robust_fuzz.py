@@ -140,3 +140,35 @@ def test_fuzz_safetensors_adapter(work):
 
     run()
     assert outcomes["refused"] > EXAMPLES // 4 and outcomes["loaded"] > 0, outcomes
+
+
+def test_fuzz_gguf_base_header(work):
+    """A base model's header (metadata, tensor infos: what every verb reads first), through GGUFBase: the
+    spec, every tensor's presence and shape, and the fingerprint sample convert records."""
+    from lora2gguf import fingerprint
+    from lora2gguf.base import GGUFBase
+
+    d, _ = work
+    good = BASE.read_bytes()
+    lay = gguf_layout(BASE)
+    outcomes = {"loaded": 0, "refused": 0}
+
+    @settings(FUZZ, max_examples=EXAMPLES // 2)
+    @given(m=mutations(lay["data"], lay["data"]))  # edits in the header only: the data is all values
+    def run(m):
+        p = d / f"b{next(_n)}.gguf"
+        p.write_bytes(mutate(good, *m))
+        try:
+            with GGUFBase(p) as b:
+                fingerprint.fingerprint(b)
+                assert b.spec.n_layer >= 1 and b.spec.n_head >= 1
+        except Lora2GGUFError as e:
+            assert str(e).startswith(str(p)), e
+            outcomes["refused"] += 1
+        else:
+            outcomes["loaded"] += 1
+        finally:
+            p.unlink()
+
+    run()
+    assert outcomes["refused"] > EXAMPLES // 8 and outcomes["loaded"] > 0, outcomes
