@@ -37,15 +37,15 @@ def modelfile(base: str | os.PathLike, lora: str | os.PathLike) -> str:
 
 
 def write_modelfile(base, lora, out: str | os.PathLike, force: bool = False) -> Path:
-    from .gguf_write import check_output
+    from .errors import Lora2GGUFError
+    from .gguf_write import atomic_output, check_output
 
     out = check_output(out, force, [base, lora])
     for p in (base, lora):
         if not Path(p).is_file():
-            from .errors import Lora2GGUFError
-
             raise Lora2GGUFError(f"{p}: no such file")
-    out.write_text(modelfile(base, lora))
+    with atomic_output(out) as tmp:
+        tmp.write_text(modelfile(base, lora))
     return out
 
 

@@ -60,6 +60,21 @@ def _load_adapter(path: Path, spec):
     return load_gguf_lora(path, spec)
 
 
+def _check_merged(path: Path, gb) -> None:
+    """Read the merged file's header before llama.cpp does (its refusals say little): a GGUF model of the
+    base's architecture and shapes."""
+    from .base import GGUFBase
+
+    if not path.is_file():
+        raise Lora2GGUFError(f"{path}: no such merged GGUF file (--merged)")
+    with GGUFBase(path) as mb:
+        got, want = mb.spec, gb.spec
+        for what in ("arch", "n_layer", "n_embd", "n_vocab", "n_head", "n_head_kv"):
+            if getattr(got, what) != getattr(want, what):
+                raise Lora2GGUFError(f"{path}: not a merge of {gb.path}: {what} is {getattr(got, what)}, the base "
+                                     f"has {getattr(want, what)}; give the merged file made from this base")
+
+
 def _file_type(path: Path) -> str:
     from gguf import LlamaFileType
 
@@ -161,8 +176,11 @@ def verify(base: str | os.PathLike, loras: list[tuple[str, float]], merged: str 
             lora = _load_adapter(path, spec)
             lora.check_base(spec, f"base {base_path}")
             a = Adapter(path, scale, lora)
-            if runtime_lora:
+            if runtime_lora:  # read it ourselves first: llama.cpp aborts the process on some broken files
                 a.runtime_path = Path(runtime_lora)
+                if not a.runtime_path.is_file():
+                    raise Lora2GGUFError(f"{a.runtime_path}: no such GGUF LoRA file (--runtime-lora)")
+                _load_adapter(a.runtime_path, spec).check_base(spec, f"base {base_path}")
             elif path.is_dir():
                 from .convert import convert
 
@@ -178,6 +196,8 @@ def verify(base: str | os.PathLike, loras: list[tuple[str, float]], merged: str 
             report["adapters"].append(entry)
             adapters.append(a)
 
+        if merged:
+            _check_merged(Path(merged), gb)
         n_ctx = max(64, n_tokens + 8, 256)
         rt = stack.enter_context(LlamaRuntime(base_path, n_ctx=n_ctx, verbose=verbose))
         tokens = rt.tokenize(text or DEFAULT_TEXT)[:n_tokens]
@@ -303,6 +323,8 @@ def read_prompts(path: str) -> list[list[dict]]:
     """JSONL, one conversation per line: {"messages": [{"role": ..., "content": ...}, ...]} or a bare list."""
     import json
 
+    from .data import ROLES
+
     out = []
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
@@ -318,6 +340,9 @@ def read_prompts(path: str) -> list[list[dict]]:
         msgs = obj.get("messages") if isinstance(obj, dict) else obj
         if not isinstance(msgs, list) or not all(isinstance(m, dict) and "role" in m and "content" in m for m in msgs):
             raise Lora2GGUFError(f"{path}:{i}: expected {{\"messages\": [{{\"role\": ..., \"content\": ...}}]}}")
+        bad = [m["role"] for m in msgs if m["role"] not in ROLES]
+        if bad:
+            raise Lora2GGUFError(f"{path}:{i}: unknown role {bad[0]!r}; expected one of {', '.join(ROLES)}")
         out.append(msgs)
     if not out:
         raise Lora2GGUFError(f"{path}: no prompts")

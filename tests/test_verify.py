@@ -173,3 +173,17 @@ def test_llama_cpp_converter_rslora_fails(base, base_pair, tmp_path):
     assert rc == 1 and not rep["pairs"]["runtime"]["pass"]
     rc, rep, _ = run_verify("--base", gguf_base, "--lora", peft_dir)  # ours, converted on the fly
     assert rc == 0
+
+
+def test_broken_runtime_lora_merged_and_prompts_exit_2(tmp_path):
+    """Read before llama.cpp is: a NaN in the --runtime-lora file, a --merged file of another model, a
+    prompt with an unknown role are one-line refusals (llama.cpp would abort or say little)."""
+    peft_dir = make_peft_adapter(fixture("qwen2", "hf"), tmp_path / "a", seed=11, **PLAIN)
+    good = convert(peft_dir, fixture("qwen2"), tmp_path / "good.gguf")
+    nan = rewrite_gguf(good, tmp_path / "nan.gguf", tensor_fn=lambda t: np.where(t == t.flat[0], np.nan, t))
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"messages": [{"role": "narrator", "content": "hi"}]}) + "\n")
+    for args, want in [(("--runtime-lora", nan), "nan.gguf"), (("--merged", fixture("qwen3")), "not a merge of"),
+                       (("--prompts", prompts), "unknown role 'narrator'")]:
+        rc, rep, err = run_verify("--base", fixture("qwen2"), "--lora", peft_dir, *args)
+        assert rc == 2 and rep is None and want in err and len(err.strip().splitlines()) == 1, (args, err)
