@@ -25,39 +25,89 @@ from torch import nn
 from . import archs
 from .errors import Lora2GGUFError
 from .gguf_write import atomic_output
+from .model import DecoderLayer, RMSNormFunction, RopeQKV, SwiGLU
 
 PREFIX = "base_model.model."
 # "all-linear" in PEFT's sense for a decoder: every projection of every layer, not the LM head.
 ALL_LINEAR = tuple(p.split(".")[-1] for p in archs.LAYER_LINEARS)
 
 
-class DropoutLoRA(torch.autograd.Function):
-    """PEFT's lora_B(lora_A(dropout(x))) · scale in training, as (x ⊙ mask) Aᵀ Bᵀ · scale/(1-p).
+def dropped_positions(n: int, p: float) -> torch.Tensor:
+    """Sorted flat indices of the n inputs that dropout zeroes, each independently with probability p
+    (nn.Dropout's Bernoulli mask), drawn as the gaps between them: geometric, P(gap = k) = (1-p)^(k-1)·p,
+    so about n·p random numbers rather than n. Drawn on the CPU from torch's generator (which checkpoints
+    and activation checkpointing save and restore)."""
+    log_q, k = math.log1p(-p), int(n * p + 6 * math.sqrt(n * p) + 16)  # enough gaps, but for ~1e-9
+    parts, last = [], -1
+    while last < n:
+        gaps = torch.rand(k, dtype=torch.float64).neg_().log1p_().div_(log_q).floor_().add_(1)
+        parts.append(gaps.cumsum_(0).add_(last).long())
+        last = int(parts[-1][-1])
+    idx = torch.cat(parts) if len(parts) > 1 else parts[0]
+    return idx[:int(torch.searchsorted(idx, n))]
 
-    Same math, less memory: autograd through nn.Dropout keeps, per projection, a float copy of the
-    dropped-out input and a float mask (8 bytes an element; q, k and v each keep their own). This keeps
-    x, which the projections reading the same input share, and a boolean mask (1 byte), and rebuilds the
-    dropped-out input in backward. Computes in x's dtype (bf16 under autocast), gradients in A/B's."""
+
+def _drop(x2: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
+    if idx is None:
+        return x2
+    x2 = x2.clone()
+    x2.view(-1)[idx] = 0
+    return x2
+
+
+class LoRAProjection(torch.autograd.Function):
+    """y = x·Wᵀ + bias + residual with W frozen, then for each LoRA j on its block of output columns:
+    y[:, a_j:b_j] += (dropout_j(x)·A_jᵀ)·s_j·B_jᵀ — PEFT's lora_B(lora_A(dropout(x)))·scale, with
+    s_j = scale_j/(1-p) and the positions in drops_j zeroed.
+
+    One GEMM for the frozen weight however many projections read x (q/k/v, gate/up concatenated); each
+    LoRA added into that output by a GEMM (addmm), the residual too; no gradient for frozen weights, so
+    backward needs no x: it keeps each LoRA's dropped-out input (x itself without dropout, shared), its
+    (N, r) product and its dropped positions (8 bytes each, PEFT keeps a float mask). Computes in W's
+    dtype (bf16 under autocast), A/B gradients in theirs."""
 
     @staticmethod
-    def forward(ctx, x, A, B, mask, scale: float):
+    def forward(ctx, x, weight, bias, residual, spans, drops, *ab):
         with torch.autocast(x.device.type, enabled=False):
-            a, b = A.to(x.dtype), B.to(x.dtype)
-            u = F.linear(torch.where(mask, x, 0), a)
-            ctx.save_for_backward(x, mask, a, b, u)
-            ctx.scale, ctx.param_dtype = scale, A.dtype
-            return F.linear(u, b) * scale
+            x2 = x.reshape(-1, x.shape[-1]).to(weight.dtype).contiguous()
+            if residual is None:
+                y = F.linear(x2, weight, bias)
+            else:
+                y = torch.addmm(residual.reshape(-1, weight.shape[0]).to(weight.dtype), x2, weight.t())
+                if bias is not None:
+                    y += bias
+            us, xms = [], []
+            for (a, b, s), idx, A, B in zip(spans, drops, ab[0::2], ab[1::2]):
+                xms.append(_drop(x2, idx))
+                us.append((xms[-1] @ A.to(x2.dtype).t()).mul_(s))
+                y[:, a:b].addmm_(us[-1], B.to(x2.dtype).t())
+        ctx.spans, ctx.x_shape = spans, x.shape
+        ctx.save_for_backward(weight, *us, *xms, *drops, *ab)
+        return y.view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
-    def backward(ctx, g):
-        x, mask, a, b, u = ctx.saved_tensors
-        with torch.autocast(x.device.type, enabled=False):
-            g2 = g.reshape(-1, g.shape[-1])
-            gu = F.linear(g2, b.t()) * ctx.scale  # (N, r)
-            grad_b = (g2.t() @ u.reshape(-1, u.shape[-1])) * ctx.scale
-            grad_a = gu.t() @ torch.where(mask, x, 0).reshape(-1, x.shape[-1])
-            grad_x = torch.where(mask, F.linear(gu, a.t()).reshape(x.shape), 0) if ctx.needs_input_grad[0] else None
-        return grad_x, grad_a.to(ctx.param_dtype), grad_b.to(ctx.param_dtype), None, None
+    def backward(ctx, gy):
+        weight, *rest = ctx.saved_tensors
+        n = len(ctx.spans)
+        us, xms, drops, ab = rest[:n], rest[n:2 * n], rest[2 * n:3 * n], rest[3 * n:]
+        with torch.autocast(gy.device.type, enabled=False):
+            gy2 = gy.reshape(-1, gy.shape[-1]).to(weight.dtype)
+            gx = gy2 @ weight if ctx.needs_input_grad[0] else None
+            grads = []
+            for (a, b, s), u, xm, idx, A, B in zip(ctx.spans, us, xms, drops, ab[0::2], ab[1::2]):
+                g = gy2[:, a:b]
+                gu = (g @ B.to(gy2.dtype)).mul_(s)
+                grads += [(gu.t() @ xm).to(A.dtype), (g.t() @ u).to(B.dtype)]
+                if gx is None:
+                    continue
+                if idx is None:
+                    gx.addmm_(gu, A.to(gy2.dtype))
+                else:  # the gradient only reaches the inputs that were kept
+                    gl = gu @ A.to(gy2.dtype)
+                    gl.view(-1)[idx] = 0
+                    gx += gl
+        gx = gx.view(ctx.x_shape) if gx is not None else None
+        return gx, None, None, gy if ctx.needs_input_grad[3] else None, None, None, *grads
 
 
 class LoRALinear(nn.Module):
@@ -74,13 +124,94 @@ class LoRALinear(nn.Module):
         nn.init.zeros_(self.lora_B.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base_layer(x)
-        if self.training and self.p > 0 and torch.is_grad_enabled():
-            keep = torch.rand(x.shape, device=x.device) >= self.p
-            lora = DropoutLoRA.apply(x, self.lora_A.weight, self.lora_B.weight, keep, self.scale / (1 - self.p))
-        else:  # as PEFT: the input goes to the LoRA weights' dtype (autocast, if on, picks the compute dtype)
-            lora = self.lora_B(self.lora_A(x.to(self.lora_A.weight.dtype))) * self.scale
-        return y + lora
+        if self.training and torch.is_grad_enabled():
+            return project(x, self.base_layer.weight, self.base_layer.bias, [(self, 0, self.base_layer.out_features)])
+        # as PEFT: the input goes to the LoRA weights' dtype (autocast, if on, picks the compute dtype)
+        return self.base_layer(x) + self.lora_B(self.lora_A(x.to(self.lora_A.weight.dtype))) * self.scale
+
+
+def project(x, weight, bias, loras, residual=None) -> torch.Tensor:
+    """LoRAProjection for the LoRALinear modules in `loras` [(module, first output column, end)], drawing
+    each one's dropout positions when it trains."""
+    spans, drops, ab = [], [], []
+    for m, a, b in loras:
+        p = m.p if m.training and torch.is_grad_enabled() else 0.0
+        spans.append((a, b, m.scale / (1 - p)))
+        drops.append(dropped_positions(x.numel(), p).to(x.device) if p > 0 else None)
+        ab += [m.lora_A.weight, m.lora_B.weight]
+    return LoRAProjection.apply(x, weight, bias, residual, tuple(spans), tuple(drops), *ab)
+
+
+def concat_rows(ts: list[torch.Tensor]) -> torch.Tensor:
+    """The row blocks `ts` as one matrix: a view when they already lie so in one storage (F32 tensors used
+    in place from a GGUF, stored in this order), else a copy."""
+    t0, rows = ts[0], sum(t.shape[0] for t in ts)
+    st = t0.untyped_storage()
+    if all(t.is_contiguous() and t.dtype == t0.dtype and t.shape[1:] == t0.shape[1:] for t in ts) and all(
+            b.untyped_storage().data_ptr() == st.data_ptr() and b.storage_offset() == a.storage_offset() + a.numel()
+            for a, b in zip(ts, ts[1:])):
+        return torch.empty(0, dtype=t0.dtype, device=t0.device).set_(st, t0.storage_offset(), (rows, *t0.shape[1:]))
+    return torch.cat(ts)
+
+
+class Projection:
+    """Projections of one layer that read the same input, computed as one: their frozen weights
+    concatenated by rows (each module's weight and bias then become views of the block: nothing is
+    duplicated, and the modules compute as before), each one's LoRA, if it has one, on its columns."""
+
+    def __init__(self, modules: list[nn.Module]):
+        linears = [m.base_layer if isinstance(m, LoRALinear) else m for m in modules]
+        self.weight = concat_rows([lin.weight for lin in linears])
+        biases = [lin.bias for lin in linears]
+        self.bias = concat_rows(biases) if biases[0] is not None else None
+        self.loras, a = [], 0
+        for m, lin in zip(modules, linears):
+            b = a + lin.out_features
+            lin.weight = nn.Parameter(self.weight[a:b], requires_grad=False)
+            if self.bias is not None:
+                lin.bias = nn.Parameter(self.bias[a:b], requires_grad=False)
+            if isinstance(m, LoRALinear):
+                self.loras.append((m, a, b))
+            a = b
+
+    def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        return project(x, self.weight, self.bias, self.loras, residual)
+
+
+class TrainingLayer(DecoderLayer):
+    """A DecoderLayer computed for training: its parameters and its math, in fewer and larger steps. q/k/v
+    run as one GEMM against their concatenated frozen weights, gate/up as another (small GEMMs run poorly
+    on a CPU: SmolLM2's GQA k/v are 576×192); each LoRA is added into its GEMM's output and the residual
+    by the o_proj/down_proj GEMMs; RMSNorm, rope and SwiGLU are single autograd functions; attention
+    reads k/v once per group (SDPA's enable_gqa). fuse_for_training makes a model's layers these, in
+    place: module names, parameters and the adapter the LoRALinear modules save do not change."""
+
+    qkv: Projection
+    o: Projection
+    gate_up: Projection
+    down: Projection
+
+    def forward(self, x, cos, sin, mask):
+        attn, (B, T, _) = self.self_attn, x.shape
+        norm1, norm2 = self.input_layernorm, self.post_attention_layernorm
+        qk = (attn.q_norm.weight, attn.k_norm.weight, attn.q_norm.eps) if hasattr(attn, "q_norm") else (None, None, 0.0)
+        half = cos.shape[-1] // 2  # cos/sin repeat over the two halves of a head
+        qkv = self.qkv(RMSNormFunction.apply(x, norm1.weight, norm1.eps))
+        q, k, v = RopeQKV.apply(qkv, cos[..., :half], sin[..., :half], attn.n_head, attn.n_head_kv, *qk)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
+        x = self.o(y.transpose(1, 2).reshape(B, T, -1), residual=x)
+        return self.down(SwiGLU.apply(self.gate_up(RMSNormFunction.apply(x, norm2.weight, norm2.eps))), residual=x)
+
+
+def fuse_for_training(model: nn.Module) -> None:
+    """Turn each layer of `model` (after inject_lora, on its device) into a TrainingLayer."""
+    for layer in model.model.layers:
+        at, mlp = layer.self_attn, layer.mlp
+        layer.qkv = Projection([at.q_proj, at.k_proj, at.v_proj])
+        layer.o = Projection([at.o_proj])
+        layer.gate_up = Projection([mlp.gate_proj, mlp.up_proj])
+        layer.down = Projection([mlp.down_proj])
+        layer.__class__ = TrainingLayer
 
 
 def resolve_targets(targets: str | list[str]) -> list[str]:
@@ -188,7 +319,8 @@ def save_adapter(out_dir: str | Path, layers: dict[str, LoRALinear], config: dic
 class HeadLoss(torch.autograd.Function):
     """Σ cross-entropy of (h @ headᵀ) over rows of h, a chunk of rows at a time. The head is frozen, so
     the only gradient is w.r.t. h: computed here, chunk by chunk, and kept (rows × width) for backward.
-    Full-vocabulary logits never exist for the whole batch, unlike model(ids) followed by the loss."""
+    Full-vocabulary logits never exist for the whole batch, unlike model(ids) followed by the loss; a
+    chunk's logits become log-probabilities, then the gradient softmax − onehot, in place."""
 
     @staticmethod
     def forward(ctx, h, head, targets, chunk: int):
@@ -197,11 +329,13 @@ class HeadLoss(torch.autograd.Function):
         for i in range(0, h.shape[0], chunk):
             logits = F.linear(h[i:i + chunk], head).float()
             t = targets[i:i + chunk]
-            lse = logits.logsumexp(-1)
-            total += (lse - logits.gather(1, t[:, None])[:, 0]).sum()
+            rows = torch.arange(len(t), device=t.device)
+            with torch.autocast(h.device.type, enabled=False):
+                logp = torch.log_softmax(logits, -1, out=logits)
+            total -= logp[rows, t].sum()
             if grad is not None:  # d loss / d logits = softmax - onehot
-                p = logits.sub_(lse[:, None]).exp_()
-                p[torch.arange(len(t), device=t.device), t] -= 1
+                p = logp.exp_()
+                p[rows, t] -= 1
                 grad[i:i + chunk] = F.linear(p.to(h.dtype), head.t().to(h.dtype))
         ctx.save_for_backward(grad)
         return total
@@ -230,7 +364,9 @@ class LossModel(nn.Module):
 def load_base_model(base, dtype: torch.dtype, device: torch.device) -> nn.Module:
     """Transformer.from_base, except that on CPU in fp32 the F32 tensors of a GGUF are used in place,
     straight from the file's memory map: the frozen base is never written, so it costs the file's
-    pages and no copy (quantized tensors and permuted q/k rows are still dequantized/copied)."""
+    pages and no copy (quantized tensors and permuted q/k rows are still dequantized/copied). They are
+    views of one tensor over the file, so that projections stored next to each other (gate/up) fuse
+    without a copy (concat_rows)."""
     from .base import GGUFBase
     from .model import Rope, Transformer
 
@@ -245,14 +381,21 @@ def load_base_model(base, dtype: torch.dtype, device: torch.device) -> nn.Module
     spec = base.spec
     with torch.device("meta"):
         model = Transformer(spec, None)
-    state = {}
+    state, mapped = {}, None
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*not writable.*")
         for name in base.hf_names():
             info = base.file.tensors[base.gguf_name(name)]
             permuted = spec.facts.permute_qk and qk_heads(name, spec.n_head, spec.n_head_kv)
             if info.type == GGMLQuantizationType.F32 and not permuted:
-                arr = base.file.raw(info.name).view(np.float32).reshape(info.shape)
+                raw = base.file.raw(info.name)
+                if mapped is None:  # one tensor over the whole mapped file: neighbours (gate, up) share storage
+                    whole = isinstance(raw.base, memoryview) and raw.base.nbytes == base.file.size
+                    mapped = torch.frombuffer(raw.base, dtype=torch.uint8) if whole else False
+                if mapped is not False:
+                    state[name] = mapped[info.offset:info.offset + info.nbytes].view(torch.float32).view(info.shape)
+                    continue
+                arr = raw.view(np.float32).reshape(info.shape)
             else:
                 arr = base.tensor(name)
             state[name] = torch.from_numpy(arr)

@@ -161,3 +161,109 @@ class Transformer(nn.Module):
         model.load_state_dict(state, strict=True, assign=True)
         model.rope = Rope(base.spec, torch.from_numpy(ff) if ff is not None else None)
         return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+# -- Training-time forms of the computations above ------------------------------------------------------
+# The same math as RMSNorm, rope and the MLP's activation, as autograd functions that make fewer passes
+# over memory and keep less for backward than autograd through the modules would. Only training uses them
+# (lora.TrainingLayer); the reference forward above, which verify and the KL tests measure, does not.
+
+def rms_forward(x: torch.Tensor, w: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """RMSNorm.forward's arithmetic (same operations, same order; fp32 at least) → (output, 1/rms)."""
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))
+    r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (xf * r).mul_(w.to(xf.dtype)).to(x.dtype), r
+
+
+def rms_backward(g: torch.Tensor, x: torch.Tensor, w: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """d/dx of x·r·w with r = (mean(x²) + eps)^-½: r·(g⊙w) − x·r³·⟨g⊙w, x⟩/D."""
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))
+    gw = g.to(xf.dtype) * w.to(xf.dtype)
+    c = (gw * xf).sum(-1, keepdim=True).mul_(r.pow(3)).div_(x.shape[-1])
+    return gw.mul_(r).addcmul_(xf, c, value=-1).to(g.dtype)
+
+
+class RMSNormFunction(torch.autograd.Function):
+    """RMSNorm with a frozen weight: keeps x and 1/rms (not the four intermediates autograd would)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps: float):
+        y, r = rms_forward(x, weight, eps)
+        ctx.save_for_backward(x, weight, r)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight, r = ctx.saved_tensors
+        return rms_backward(g, x, weight, r), None, None
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: int, out: torch.Tensor) -> torch.Tensor:
+    """x·cos + rotate_half(x)·sin (sign 1) or its transpose (sign -1, the gradient), into `out`, with cos and
+    sin given for one half of the head (the other half repeats them)."""
+    h = x.shape[-1] // 2
+    x1, x2, o1, o2 = x[..., :h], x[..., h:], out[..., :h], out[..., h:]
+    torch.mul(x1, cos, out=o1).addcmul_(x2, sin, value=-sign)
+    torch.mul(x2, cos, out=o2).addcmul_(x1, sin, value=sign)
+    return out
+
+
+class RopeQKV(torch.autograd.Function):
+    """The output of one fused q/k/v projection, (B, T, (H + 2·Hkv)·D), → rotated q (B, H, T, D), rotated k
+    and v (B, Hkv, T, D), each contiguous, as Attention.forward computes them (with qwen3's per-head q/k
+    RMSNorm before rope when q_norm/k_norm are given). Backward writes the projection's gradient in one
+    tensor, where autograd through slices would zero-fill one per slice and add them."""
+
+    @staticmethod
+    def forward(ctx, qkv, cos, sin, n_head: int, n_head_kv: int, q_norm, k_norm, eps: float):
+        B, T, _ = qkv.shape
+        heads = qkv.view(B, T, n_head + 2 * n_head_kv, -1).transpose(1, 2)
+        cos, sin = cos.to(qkv.dtype), sin.to(qkv.dtype)
+        out, rs = [], []
+        for x, w in ((heads[:, :n_head], q_norm), (heads[:, n_head:n_head + n_head_kv], k_norm)):
+            r = None
+            if w is not None:
+                x, r = rms_forward(x, w, eps)
+            out.append(rotate(x, cos, sin, 1, torch.empty(x.shape, dtype=x.dtype, device=x.device)))
+            rs.append(r)
+        out.append(heads[:, n_head + n_head_kv:].contiguous())
+        ctx.save_for_backward(cos, sin, qkv if q_norm is not None else None, q_norm, k_norm, *rs)
+        ctx.n_head, ctx.n_head_kv = n_head, n_head_kv
+        return tuple(out)
+
+    @staticmethod
+    def backward(ctx, gq, gk, gv):
+        cos, sin, qkv, q_norm, k_norm, rq, rk = ctx.saved_tensors
+        H, Hkv = ctx.n_head, ctx.n_head_kv
+        B, _, T, D = gq.shape
+        grad = torch.empty(B, T, H + 2 * Hkv, D, dtype=gq.dtype, device=gq.device)
+        gh = grad.transpose(1, 2)
+        for (a, b), g, w, r in (((0, H), gq, q_norm, rq), ((H, H + Hkv), gk, k_norm, rk)):
+            if w is None:
+                rotate(g, cos, sin, -1, gh[:, a:b])
+            else:
+                x = qkv.view(B, T, H + 2 * Hkv, D).transpose(1, 2)[:, a:b]
+                gh[:, a:b] = rms_backward(rotate(g, cos, sin, -1, torch.empty_like(g)), x, w, r)
+        gh[:, H + Hkv:] = gv
+        return grad.view(B, T, -1), None, None, None, None, None, None, None
+
+
+class SwiGLU(torch.autograd.Function):
+    """silu(gate)·up on one fused gate/up projection (…, 2·F) → (…, F), as MLP.forward computes it; keeps only
+    the projection for backward, which writes its gradient in one tensor."""
+
+    @staticmethod
+    def forward(ctx, h):
+        f = h.shape[-1] // 2
+        ctx.save_for_backward(h)
+        return F.silu(h[..., :f]).mul_(h[..., f:])
+
+    @staticmethod
+    def backward(ctx, g):
+        (h,) = ctx.saved_tensors
+        f = h.shape[-1] // 2
+        gate, up = h[..., :f], h[..., f:]
+        grad = torch.empty_like(h)
+        torch.mul(g, F.silu(gate), out=grad[..., f:])
+        torch.ops.aten.silu_backward.grad_input(g * up, gate, grad_input=grad[..., :f])
+        return grad

@@ -15,9 +15,7 @@ import math
 import os
 import random
 import shutil
-import signal
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,14 +23,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .checkpoint import RESUME_KEYS, Interrupt, latest_checkpoint, load_checkpoint, save_checkpoint
 from .errors import Lora2GGUFError
-from .lora import (LossModel, adapter_config, inject_lora, load_base_model, load_lora_state, lora_parameters,
+from .lora import (LossModel, adapter_config, fuse_for_training, inject_lora, load_base_model, lora_parameters,
                    parse_layers, resolve_targets, save_adapter)
 
-LOG_NAME, PLOT_NAME, STATE_NAME = "train_log.jsonl", "loss.png", "trainer_state.pt"
-# Changing any of these between a checkpoint and --resume would silently train another run.
-RESUME_KEYS = ("rank", "alpha", "rslora", "dropout", "targets", "batch_size", "grad_accum", "seq_len", "seed",
-               "lr", "warmup", "weight_decay", "max_grad_norm")
+LOG_NAME, PLOT_NAME = "train_log.jsonl", "loss.png"
 
 
 @dataclass
@@ -116,45 +112,6 @@ def lr_lambda(warmup: int, total: int):
             return (step + 1) / (warmup + 1)
         return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
     return f
-
-
-def rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def set_rng_state(s: dict) -> None:
-    torch.set_rng_state(s["torch"])
-    random.setstate(s["python"])
-    if s.get("cuda") and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
-
-
-def latest_checkpoint(out: Path) -> Path | None:
-    ckpts = [p for p in out.glob("checkpoint-*") if (p / STATE_NAME).is_file() and p.name[11:].isdigit()]
-    return max(ckpts, key=lambda p: int(p.name[11:]), default=None)
-
-
-class Interrupt:
-    """First Ctrl-C: finish the step, save a checkpoint, stop. A second one stops at once."""
-
-    def __init__(self):
-        self.requested, self._old = False, None
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            self._old = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        print("\ninterrupt: saving a checkpoint after this step (Ctrl-C again to stop now)", file=sys.stderr)
-
-    def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
 
 
 def check_config(cfg: TrainConfig) -> None:
@@ -323,40 +280,6 @@ class Run:
         m.train()
         return self.all_sum(total).item() / sum(e.n_trained for e in examples)
 
-    def save_checkpoint(self, step: int) -> Path:
-        """OUT/checkpoint-<step>: the adapter (usable as is) and the trainer state (every rank's RNG)."""
-        rngs = [rng_state()]
-        if self.world > 1:
-            rngs = [None] * self.world
-            torch.distributed.all_gather_object(rngs, rng_state())
-        d = self.out / f"checkpoint-{step}"
-        if self.rank == 0:
-            from .gguf_write import atomic_output
-
-            save_adapter(d, self.layers, self.adapter_config)
-            with atomic_output(d / STATE_NAME) as tmp:  # written last: a checkpoint with it is complete
-                torch.save({"step": step, "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
-                            "scaler": self.scaler.state_dict(), "rng": rngs, "args": self.args,
-                            "data_position": step * self.cfg.batch_size * self.cfg.grad_accum}, tmp)
-        return d
-
-    def load_checkpoint(self, ck: Path) -> int:
-        """Restore a checkpoint's LoRA weights, optimizer, schedule and RNG → the step to continue from."""
-        from safetensors.torch import load_file
-
-        state = torch.load(ck / STATE_NAME, map_location="cpu", weights_only=True)
-        changed = [k for k in self.args if state["args"].get(k) != self.args[k]]
-        if changed:
-            raise Lora2GGUFError(f"{ck}: this run differs from the checkpoint's in {', '.join(changed)}; resume "
-                                 "with the same settings and data, or start over with --force")
-        load_lora_state(self.layers, load_file(ck / "adapter_model.safetensors", device=str(self.device)))
-        self.opt.load_state_dict(state["optimizer"])
-        self.sched.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
-        set_rng_state(state["rng"][self.rank])
-        return state["step"]
-
-
 def setup(cfg, out, device, cdtype, rank, world, warn) -> tuple[Run, list, list]:
     """Tokenize the data, load the frozen base, add LoRA, build the optimizer → (run, train, eval examples)."""
     from .base import open_base
@@ -380,6 +303,7 @@ def setup(cfg, out, device, cdtype, rank, world, warn) -> tuple[Run, list, list]
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     layers = inject_lora(model, cfg.targets, cfg.rank, cfg.alpha, cfg.rslora, cfg.dropout, layer_ids)
+    fuse_for_training(model)  # the same model and math, computed in fewer and larger steps
     model.grad_checkpointing = cfg.grad_checkpointing
     model.train()
     params = lora_parameters(layers)
@@ -418,7 +342,7 @@ def _train(cfg, on_step, out, device, cdtype, rank, world, warn) -> TrainResult:
     start = 0
     if cfg.resume:
         ck = latest_checkpoint(out)
-        start = run.load_checkpoint(ck)
+        start = load_checkpoint(run, ck)
         warn(f"resuming from {ck} (step {start} of {total})")
     log_path = out / LOG_NAME
     if rank == 0:  # drop log lines past the checkpoint we resume from
@@ -450,7 +374,7 @@ def _train(cfg, on_step, out, device, cdtype, rank, world, warn) -> TrainResult:
             if world > 1:  # every rank stops at the same step, or the collectives would hang
                 torch.distributed.all_reduce(stop, op=torch.distributed.ReduceOp.MAX)
             if stop.item() or (cfg.save_every and done % cfg.save_every == 0 and done < total):
-                d = run.save_checkpoint(done)
+                d = save_checkpoint(run, done)
                 if stop.item():
                     if rank == 0:
                         plot_losses(log_path, out / PLOT_NAME, warn)

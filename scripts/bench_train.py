@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -133,8 +134,9 @@ def main() -> None:
         p.add_argument(f"--{k}")
     a = p.parse_args()
     if a.side:
+        load0 = os.getloadavg()[0]
         res = run_ours(a) if a.side == "ours" else run_peft(a)
-        print(json.dumps(res | {"peak_rss_mb": peak_rss_mb()}))
+        print(json.dumps(res | {"peak_rss_mb": peak_rss_mb(), "load": [load0, os.getloadavg()[0]]}))
         return
     import torch
 
@@ -145,10 +147,12 @@ def main() -> None:
             for side in results:
                 results[side].append(child(side, a))
                 print(side, results[side][-1], file=sys.stderr)
+    loads = [x for rs in results.values() for r in rs for x in r.pop("load")]
     best = {s: {k: (min if k == "peak_rss_mb" else max)(r[k] for r in rs) for k in rs[0]} for s, rs in results.items()}
     o, q = best["ours"], best["peft"]
     print(f"SmolLM2-135M, fp32 CPU ({torch.get_num_threads()} threads), batch {a.batch} x seq {a.seq_len}, rank {a.rank}, "
-          f"all-linear, dropout 0.05, median step of {a.steps} after {a.warmup}, best of {a.rounds} rounds\n")
+          f"all-linear, dropout 0.05, median step of {a.steps} after {a.warmup}, best of {a.rounds} rounds; 1-minute "
+          f"load average {min(loads):.1f}-{max(loads):.1f} at the start and end of each run\n")
     print("| | tokens/s (wall) | tokens per CPU-second | peak RSS (MB) |\n|---|---:|---:|---:|")
     for name, r in (("lora2gguf train", o), ("transformers + PEFT", q)):
         print(f"| {name} | {r['tokens_per_s']:.0f} | {r['tokens_per_cpu_s']:.0f} | {r['peak_rss_mb']:.0f} |")

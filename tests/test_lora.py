@@ -118,25 +118,68 @@ def test_all_linear_is_every_projection_not_the_head():
     assert resolve_targets(" v_proj , q_proj ") == ["q_proj", "v_proj"]
 
 
-def test_dropout_lora_is_peft_math_with_a_saved_mask():
-    """Training-mode LoRA (custom autograd, boolean mask) == lora_B(lora_A(dropout(x)))·scale with the same
-    mask, values and gradients; gradcheck in float64."""
+def test_lora_projection_is_peft_math():
+    """Training-mode LoRA (one GEMM on the concatenated frozen weights of projections that read the same
+    input, each LoRA with its own dropout positions, the residual and bias added) == PEFT's
+    base(x) + lora_B(lora_A(dropout(x)))·scale per projection with the same masks: values and gradients,
+    gradcheck in float64; and without dropout or residual."""
     import torch.nn.functional as F
 
-    from lora2gguf.lora import DropoutLoRA
+    from lora2gguf.lora import LoRAProjection
 
     torch.manual_seed(0)
-    x = torch.randn(2, 5, 12, dtype=torch.float64, requires_grad=True)
-    A = torch.randn(4, 12, dtype=torch.float64, requires_grad=True)
-    B = torch.randn(7, 4, dtype=torch.float64, requires_grad=True)
-    keep = torch.rand(2, 5, 12) >= 0.3
-    ours = DropoutLoRA.apply(x, A, B, keep, 2.0 / 0.7)
-    peft_math = F.linear(F.linear(x * keep / 0.7, A), B) * 2.0  # nn.Dropout scales kept inputs by 1/(1-p)
-    torch.testing.assert_close(ours, peft_math)
-    gy = torch.randn_like(ours)
-    for a, b in zip(torch.autograd.grad(ours, (x, A, B), gy), torch.autograd.grad(peft_math, (x, A, B), gy)):
+    f64 = dict(dtype=torch.float64)
+    x = torch.randn(2, 5, 12, **f64, requires_grad=True)
+    res = torch.randn(2, 5, 10, **f64, requires_grad=True)
+    W1, W2, bias = torch.randn(7, 12, **f64), torch.randn(3, 12, **f64), torch.randn(10, **f64)
+    A1, A2 = (torch.randn(4, 12, **f64, requires_grad=True) for _ in range(2))
+    B1, B2 = torch.randn(7, 4, **f64, requires_grad=True), torch.randn(3, 4, **f64, requires_grad=True)
+    keep1, keep2 = torch.rand(2, 5, 12) >= 0.3, torch.rand(2, 5, 12) >= 0.3
+    drops = tuple((~k).flatten().nonzero()[:, 0] for k in (keep1, keep2))
+    W = torch.cat([W1, W2])
+
+    def ours(x, res, A1, B1, A2, B2):
+        return LoRAProjection.apply(x, W, bias, res, ((0, 7, 2.0 / 0.7), (7, 10, 1.5 / 0.7)), drops, A1, B1, A2, B2)
+
+    def peft_math(x, res, A1, B1, A2, B2):  # nn.Dropout scales kept inputs by 1/(1-p)
+        return res + torch.cat([F.linear(x, W1, bias[:7]) + F.linear(F.linear(x * keep1 / 0.7, A1), B1) * 2.0,
+                                F.linear(x, W2, bias[7:]) + F.linear(F.linear(x * keep2 / 0.7, A2), B2) * 1.5], -1)
+
+    args = (x, res, A1, B1, A2, B2)
+    got, want = ours(*args), peft_math(*args)
+    torch.testing.assert_close(got, want)
+    gy = torch.randn_like(got)
+    for a, b in zip(torch.autograd.grad(got, args, gy), torch.autograd.grad(want, args, gy)):
         torch.testing.assert_close(a, b)
-    assert torch.autograd.gradcheck(lambda x, A, B: DropoutLoRA.apply(x, A, B, keep, 2.0 / 0.7), (x, A, B))
+    assert torch.autograd.gradcheck(ours, args)
+
+    def plain(x, A1, B1):  # one projection, no dropout, no residual or bias
+        return LoRAProjection.apply(x, W1, None, None, ((0, 7, 2.0),), (None,), A1, B1)
+    torch.testing.assert_close(plain(x, A1, B1), F.linear(x, W1) + F.linear(F.linear(x, A1), B1) * 2.0)
+    assert torch.autograd.gradcheck(plain, (x, A1, B1))
+
+
+def test_dropped_positions_are_independent_bernoulli():
+    """Dropout positions drawn as geometric gaps: every position dropped with probability p, independently
+    of the others (rate, per-position spread and neighbour correlation of 400 draws)."""
+    from lora2gguf.lora import dropped_positions
+
+    torch.manual_seed(0)
+    n, draws = 5000, 400
+    for p in (0.05, 0.5):
+        counts, pairs = torch.zeros(n), 0.0
+        for _ in range(draws):
+            idx = dropped_positions(n, p)
+            assert idx.dtype == torch.int64 and bool((idx[1:] > idx[:-1]).all()) and 0 <= idx.min() and idx.max() < n
+            m = torch.zeros(n)
+            m[idx] = 1
+            counts += m
+            pairs += (m[1:] * m[:-1]).mean().item()
+        rate = counts.sum().item() / (n * draws)
+        assert abs(rate - p) < 4 * math.sqrt(p * (1 - p) / (n * draws)), (p, rate)
+        assert 0.85 < counts.var().item() / (draws * p * (1 - p)) < 1.15, "per-position counts are binomial"
+        assert abs(pairs / draws - p * p) < 0.1 * p * p, "neighbours drop independently"
+    assert dropped_positions(1, 0.5).numel() in (0, 1)
 
 
 def test_lora_dropout_rate_and_eval_mode():
@@ -151,41 +194,81 @@ def test_lora_dropout_rate_and_eval_mode():
     with torch.enable_grad():
         noisy = layer(x) - layer.base_layer(x)
     assert not torch.allclose(clean, noisy), "dropout is on in training"
+    from lora2gguf.lora import dropped_positions
+
     torch.manual_seed(3)
-    keep = (torch.rand(x.shape) >= 0.25).float().mean().item()
-    assert abs(keep - 0.75) < 0.01
+    keep = torch.ones(x.numel(), dtype=torch.bool)
+    keep[dropped_positions(x.numel(), 0.25)] = False
+    assert abs(keep.float().mean().item() - 0.75) < 0.01
     torch.manual_seed(3)
-    noisy = layer(x) - layer.base_layer(x)  # the same mask as drawn above: check against it
-    mask = torch.rand(x.shape, generator=torch.Generator().manual_seed(3)) >= 0.25
-    want = layer.lora_B(layer.lora_A(x * mask / 0.75)) * layer.scale
+    noisy = layer(x) - layer.base_layer(x)  # the same positions as drawn above: check against them
+    want = layer.lora_B(layer.lora_A(x * keep.view(x.shape) / 0.75)) * layer.scale
     torch.testing.assert_close(noisy, want, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
 def test_training_loss_equals_cross_entropy_of_the_model_logits(arch):
-    """LossModel (hidden states, then the head on trained rows a chunk at a time, gradient computed in
-    forward) == cross-entropy of Transformer.forward's logits: value and LoRA gradients, padded or not."""
+    """The training loss == cross-entropy of the reference forward's logits (model.py's layers, PEFT's LoRA
+    formula, autograd throughout): value and LoRA gradients, within fp32 tolerance, unpadded and left-padded
+    (positions shift, attention masked). Both training forms: LoRALinear in the model's own layers, and
+    the fused TrainingLayer (q/k/v and gate/up as one GEMM each, custom autograd functions); and the head
+    applied a chunk of rows at a time."""
     import torch.nn.functional as F
 
-    from lora2gguf.lora import LossModel, lora_parameters
+    from lora2gguf.lora import LossModel, TrainingLayer, fuse_for_training, lora_parameters
 
     model, layers = our_model(arch, "all-linear", 8, 16)
     randomize_b(layers)
-    model.train()
     ids = torch.randint(3, 300, (3, 40), generator=torch.Generator().manual_seed(0))
     targets = torch.randint(3, 300, (3, 40), generator=torch.Generator().manual_seed(1))
     targets[:, :7] = -100
     mask = torch.ones(3, 40, dtype=torch.long)
-    mask[1, 30:], targets[1, 30:] = 0, -100
+    mask[1, :12], targets[1, :12] = 0, -100
     params = lora_parameters(layers)
+    want = {}
+    model.eval()  # dropout is 0: eval's LoRA formula is the training math, through autograd
     for attention_mask in (None, mask):
-        want = F.cross_entropy(model(ids, attention_mask).flatten(0, 1), targets.flatten(), reduction="sum")
-        want_grads = torch.autograd.grad(want, params)
-        for chunk in (1024, 7):
-            got = LossModel(model, chunk)(ids, attention_mask, targets)
-            torch.testing.assert_close(got, want, rtol=1e-5, atol=0)
-            for g, w in zip(torch.autograd.grad(got, params), want_grads):
-                torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6 * w.abs().max().item())
+        loss = F.cross_entropy(model(ids, attention_mask).flatten(0, 1), targets.flatten(), reduction="sum")
+        want[attention_mask is None] = loss, torch.autograd.grad(loss, params)
+    model.train()
+    for fused in (False, True):
+        if fused:
+            fuse_for_training(model)
+            assert all(type(layer) is TrainingLayer for layer in model.model.layers)
+        for attention_mask in (None, mask):
+            loss, grads = want[attention_mask is None]
+            for chunk in (1024, 7):
+                got = LossModel(model, chunk)(ids, attention_mask, targets)
+                torch.testing.assert_close(got, loss, rtol=1e-5, atol=0)
+                for g, w in zip(torch.autograd.grad(got, params), grads):  # fp32 summation-order noise
+                    torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5 * w.abs().max().item())
+                    assert (g - w).norm() <= 1e-5 * w.norm()
+
+
+def test_fused_weights_are_views_and_the_model_computes_the_same():
+    """fuse_for_training concatenates q/k/v and gate/up without duplicating them: each module's weight is a
+    view of its group's block, and gate/up, stored next to each other in the GGUF, stay in the mapped file
+    (no copy at all). The fused model's forward (eval) equals the reference; layers without LoRA too."""
+    from lora2gguf.lora import fuse_for_training, load_base_model
+
+    tokens = token_ids(300, 32, seed=9)
+    with open_base(fixture("llama")) as b:
+        model = load_base_model(b, torch.float32, torch.device("cpu"))
+        ref = reference_logits(Transformer.from_base(b), tokens)
+        gate_addr = b.file.raw(b.gguf_name("model.layers.0.mlp.gate_proj.weight")).ctypes.data
+    inject_lora(model, "q_proj,v_proj,down_proj", 4, 8, layers=[1])
+    fuse_for_training(model)
+    for layer in model.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        for group, mods in ((layer.qkv, (attn.q_proj, attn.k_proj, attn.v_proj)), (layer.gate_up, (mlp.gate_proj, mlp.up_proj))):
+            block, row = group.weight, 0
+            for m in mods:
+                w = getattr(m, "base_layer", m).weight
+                assert w.data_ptr() == block[row:].data_ptr() and w.untyped_storage().data_ptr() == block.untyped_storage().data_ptr()
+                row += w.shape[0]
+            assert row == block.shape[0]
+    assert model.model.layers[0].gate_up.weight.data_ptr() == gate_addr, "gate/up fused in place in the mapped file"
+    np.testing.assert_allclose(reference_logits(model.eval(), tokens), ref, rtol=1e-4, atol=1e-4)
 
 
 def test_gguf_f32_tensors_used_in_place_and_model_unchanged():

@@ -100,3 +100,68 @@ def test_smollm2_reference_matches_llama_cpp(smollm2_f32):
     m = compare(theirs, reference_logits(model, tokens))
     print("smollm2", m)
     assert m["mean_kl"] <= 1e-5 and m["top1"] == 1.0
+
+
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_training_forms_are_the_reference_math(qk_norm):
+    """The autograd functions training uses (RMSNormFunction, RopeQKV with and without qwen3's per-head
+    q/k norm, SwiGLU) == autograd through the reference modules' arithmetic: values and gradients in
+    float64 (and gradcheck); RMSNorm's and SwiGLU's forward bit for bit with the modules' in float32."""
+    import torch.nn.functional as F
+
+    from lora2gguf.model import RMSNorm, RMSNormFunction, RopeQKV, SwiGLU, rotate_half
+
+    torch.manual_seed(0)
+    B, T, H, Hkv, D = 2, 5, 4, 2, 8
+
+    def norm(dim, dtype=torch.float64):
+        n = RMSNorm(dim, 1e-5).to(dtype).requires_grad_(False)
+        n.weight.normal_()
+        return n
+
+    def rms(x, n):  # RMSNorm.forward's arithmetic in float64 (the module itself computes in fp32)
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + n.eps) * n.weight
+
+    n = norm(D)
+    x = torch.randn(B, T, D, dtype=torch.float64, requires_grad=True)
+    ours, want = RMSNormFunction.apply(x, n.weight, n.eps), rms(x, n)
+    torch.testing.assert_close(ours, want)
+    gy = torch.randn_like(want)
+    torch.testing.assert_close(torch.autograd.grad(ours, x, gy)[0], torch.autograd.grad(want, x, gy)[0])
+    assert torch.autograd.gradcheck(lambda x: RMSNormFunction.apply(x, n.weight, n.eps), (x,))
+    n32, x32 = norm(64, torch.float32), torch.randn(3, 64)
+    assert torch.equal(RMSNormFunction.apply(x32, n32.weight, n32.eps), n32(x32))
+
+    ang = torch.randn(B, 1, T, D // 2, dtype=torch.float64)  # rope angles per position, one head-half
+    cos, sin = ang.cos(), ang.sin()
+    qn, kn = (norm(D), norm(D)) if qk_norm else (None, None)
+    norm_weights = (qn.weight, kn.weight) if qk_norm else (None, None)
+
+    def reference(qkv):  # Attention.forward's arithmetic
+        q, k, v = qkv.view(B, T, H + 2 * Hkv, D).split([H, Hkv, Hkv], dim=2)
+        if qk_norm:
+            q, k = rms(q, qn), rms(k, kn)
+        c, s = torch.cat((cos, cos), -1), torch.cat((sin, sin), -1)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        return q * c + rotate_half(q) * s, k * c + rotate_half(k) * s, v
+
+    def fused(qkv):
+        return RopeQKV.apply(qkv, cos, sin, H, Hkv, *norm_weights, 1e-5)
+
+    qkv = torch.randn(B, T, (H + 2 * Hkv) * D, dtype=torch.float64, requires_grad=True)
+    ours, want = fused(qkv), reference(qkv)
+    for a, b in zip(ours, want):
+        assert a.is_contiguous()
+        torch.testing.assert_close(a, b)
+    gys = [torch.randn_like(t) for t in want]
+    torch.testing.assert_close(torch.autograd.grad(ours, qkv, gys)[0], torch.autograd.grad(want, qkv, gys)[0])
+    assert torch.autograd.gradcheck(fused, (qkv,))
+
+    h = torch.randn(B, T, 2 * D, dtype=torch.float64, requires_grad=True)
+    ours, want = SwiGLU.apply(h), F.silu(h[..., :D]) * h[..., D:]
+    torch.testing.assert_close(ours, want)
+    gy = torch.randn_like(want)
+    torch.testing.assert_close(torch.autograd.grad(ours, h, gy)[0], torch.autograd.grad(want, h, gy)[0])
+    assert torch.autograd.gradcheck(SwiGLU.apply, (h,))
+    h32 = torch.randn(3, 2 * 64)
+    assert torch.equal(SwiGLU.apply(h32), F.silu(h32[:, :64]) * h32[:, 64:])

@@ -1,0 +1,76 @@
+"""Checkpoints: Ctrl-C (a real SIGINT too) saves one, a crash leaves the periodic ones, and --resume
+continues the same run bit for bit; a resume with other settings is refused."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import ROOT
+from lora2gguf.adapter import load_peft
+from lora2gguf.errors import Lora2GGUFError
+from lora2gguf.train import train
+from test_train import assert_same_adapter, cfg, cli_args, log_rows, one_thread  # noqa: F401 (autouse fixture)
+
+
+def interrupt_at(step):
+    def hook(done):
+        if done == step:
+            signal.raise_signal(signal.SIGINT)  # what Ctrl-C delivers
+    return hook
+
+
+def test_ctrl_c_then_resume_equals_uninterrupted_run(tmp_path):
+    """Dropout on (RNG state matters), grad accumulation, warmup + cosine: bitwise equal on CPU."""
+    kw = dict(steps=8, batch_size=2, grad_accum=2, dropout=0.1, warmup=2)
+    train(cfg(tmp_path / "full", **kw))
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg(tmp_path / "cut", **kw), on_step=interrupt_at(3))
+    assert (tmp_path / "cut" / "checkpoint-3" / "trainer_state.pt").is_file()
+    assert not (tmp_path / "cut" / "adapter_model.safetensors").exists(), "no final adapter from a cut run"
+    res = train(cfg(tmp_path / "cut", resume=True, **kw))
+    assert res.steps == 8 and len(res.losses) == 5
+    assert_same_adapter(tmp_path / "full", tmp_path / "cut")
+    assert [r["loss"] for r in log_rows(tmp_path / "cut")] == [r["loss"] for r in log_rows(tmp_path / "full")]
+
+
+def test_crash_resumes_from_latest_periodic_checkpoint(tmp_path):
+    kw = dict(steps=7, batch_size=2, dropout=0.1)
+    train(cfg(tmp_path / "full", **kw))
+
+    def crash(done):
+        if done == 5:
+            raise RuntimeError("power cut")
+    with pytest.raises(RuntimeError):
+        train(cfg(tmp_path / "cut", save_every=2, **kw), on_step=crash)
+    assert sorted(p.name for p in (tmp_path / "cut").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    train(cfg(tmp_path / "cut", save_every=2, resume=True, **kw))
+    assert_same_adapter(tmp_path / "full", tmp_path / "cut")
+    assert [r["step"] for r in log_rows(tmp_path / "cut")] == list(range(1, 8)), "log lines past step 4 replaced"
+    with pytest.raises(Lora2GGUFError, match="differs from the checkpoint's in lr"):
+        train(cfg(tmp_path / "cut", save_every=2, resume=True, **(kw | {"lr": 1e-3})))
+
+
+def test_real_sigint_to_the_cli_saves_a_checkpoint(tmp_path):
+    out = tmp_path / "out"
+    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "lora2gguf.cli", *cli_args(out, "--steps", "100000")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if (out / "train_log.jsonl").is_file() and len((out / "train_log.jsonl").read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    (ckpt,) = out.glob("checkpoint-*")
+    step = int(ckpt.name.split("-")[1])
+    assert f"checkpoint saved in {ckpt}" in err and "Traceback" not in err
+    assert step == len(log_rows(out)) >= 2
+    assert load_peft(ckpt).config["r"] == 8, "a checkpoint is a usable adapter directory too"
+    assert torch.load(ckpt / "trainer_state.pt", weights_only=True)["step"] == step
