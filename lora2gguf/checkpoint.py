@@ -65,12 +65,18 @@ def load_checkpoint(run: Run, ck: Path) -> int:
     """Restore a checkpoint's LoRA weights, optimizer, schedule and RNG → the step to continue from."""
     from safetensors.torch import load_file
 
-    state = torch.load(ck / STATE_NAME, map_location="cpu", weights_only=True)
-    changed = [k for k in run.args if state["args"].get(k) != run.args[k]]
+    try:
+        state = torch.load(ck / STATE_NAME, map_location="cpu", weights_only=True)
+        changed = [k for k in run.args if state["args"].get(k) != run.args[k]]
+        lora = load_file(ck / "adapter_model.safetensors", device=str(run.device))
+    except Exception as e:  # truncated or foreign files: torch, pickle and safetensors raise many kinds
+        raise Lora2GGUFError(f"{ck}: unreadable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
+                             "delete this checkpoint directory to resume from an earlier one, or start over "
+                             "with --force") from None
     if changed:
         raise Lora2GGUFError(f"{ck}: this run differs from the checkpoint's in {', '.join(changed)}; resume "
                              "with the same settings and data, or start over with --force")
-    load_lora_state(run.layers, load_file(ck / "adapter_model.safetensors", device=str(run.device)))
+    load_lora_state(run.layers, lora)
     run.opt.load_state_dict(state["optimizer"])
     run.sched.load_state_dict(state["scheduler"])
     run.scaler.load_state_dict(state["scaler"])

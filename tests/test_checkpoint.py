@@ -74,3 +74,12 @@ def test_real_sigint_to_the_cli_saves_a_checkpoint(tmp_path):
     assert step == len(log_rows(out)) >= 2
     assert load_peft(ckpt).config["r"] == 8, "a checkpoint is a usable adapter directory too"
     assert torch.load(ckpt / "trainer_state.pt", weights_only=True)["step"] == step
+
+
+def test_truncated_checkpoint_is_a_one_line_refusal(tmp_path):
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg(tmp_path / "cut", steps=6, batch_size=2), on_step=interrupt_at(2))
+    state = tmp_path / "cut" / "checkpoint-2" / "trainer_state.pt"
+    state.write_bytes(state.read_bytes()[:100])
+    with pytest.raises(Lora2GGUFError, match="checkpoint-2: unreadable checkpoint"):
+        train(cfg(tmp_path / "cut", steps=6, batch_size=2, resume=True))
