@@ -319,24 +319,26 @@ def save_adapter(out_dir: str | Path, layers: dict[str, LoRALinear], config: dic
 class HeadLoss(torch.autograd.Function):
     """Σ cross-entropy of (h @ headᵀ) over rows of h, a chunk of rows at a time. The head is frozen, so
     the only gradient is w.r.t. h: computed here, chunk by chunk, and kept (rows × width) for backward.
-    Full-vocabulary logits never exist for the whole batch, unlike model(ids) followed by the loss; a
-    chunk's logits become log-probabilities, then the gradient softmax − onehot, in place."""
+    Full-vocabulary logits never exist for the whole batch, unlike model(ids) followed by the loss: one
+    chunk's buffer holds logits, then log-probabilities, then the gradient softmax − onehot, in place."""
 
     @staticmethod
     def forward(ctx, h, head, targets, chunk: int):
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         grad = torch.empty_like(h) if ctx.needs_input_grad[0] else None
-        for i in range(0, h.shape[0], chunk):
-            logits = F.linear(h[i:i + chunk], head).float()
-            t = targets[i:i + chunk]
-            rows = torch.arange(len(t), device=t.device)
-            with torch.autocast(h.device.type, enabled=False):
-                logp = torch.log_softmax(logits, -1, out=logits)
-            total -= logp[rows, t].sum()
-            if grad is not None:  # d loss / d logits = softmax - onehot
-                p = logp.exp_()
-                p[rows, t] -= 1
-                grad[i:i + chunk] = F.linear(p.to(h.dtype), head.t().to(h.dtype))
+        head = head.to(h.dtype)
+        buf = torch.empty(min(chunk, len(h)), len(head), dtype=h.dtype, device=h.device)
+        with torch.autocast(h.device.type, enabled=False):  # in h's dtype (bf16 under autocast), as F.linear
+            for i in range(0, len(h), chunk):
+                n = len(h[i:i + chunk])
+                logp = torch.mm(h[i:i + n], head.t(), out=buf[:n]).float()
+                logp = torch.log_softmax(logp, -1, out=logp)
+                t, rows = targets[i:i + n], torch.arange(n, device=h.device)
+                total -= logp[rows, t].sum()
+                if grad is not None:  # d loss / d logits = softmax - onehot
+                    p = logp.exp_()
+                    p[rows, t] -= 1
+                    torch.mm(p.to(h.dtype), head, out=grad[i:i + n])
         ctx.save_for_backward(grad)
         return total
 
@@ -349,7 +351,7 @@ class HeadLoss(torch.autograd.Function):
 class LossModel(nn.Module):
     """Summed next-token loss in one forward, so that DistributedDataParallel sees the whole step."""
 
-    def __init__(self, model: nn.Module, chunk: int = 1024):
+    def __init__(self, model: nn.Module, chunk: int = 256):
         super().__init__()
         self.model, self.chunk = model, chunk
 

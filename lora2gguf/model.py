@@ -249,21 +249,22 @@ class RopeQKV(torch.autograd.Function):
 
 
 class SwiGLU(torch.autograd.Function):
-    """silu(gate)·up on one fused gate/up projection (…, 2·F) → (…, F), as MLP.forward computes it; keeps only
-    the projection for backward, which writes its gradient in one tensor."""
+    """silu(gate)·up on one fused gate/up projection (…, 2·F) → (…, F), as MLP.forward computes it; backward
+    writes the projection's gradient in one tensor (autograd through the two slices would zero-fill two
+    and add them)."""
 
     @staticmethod
     def forward(ctx, h):
         f = h.shape[-1] // 2
-        ctx.save_for_backward(h)
-        return F.silu(h[..., :f]).mul_(h[..., f:])
+        s = F.silu(h[..., :f])
+        ctx.save_for_backward(h, s)
+        return s * h[..., f:]
 
     @staticmethod
     def backward(ctx, g):
-        (h,) = ctx.saved_tensors
+        h, s = ctx.saved_tensors
         f = h.shape[-1] // 2
-        gate, up = h[..., :f], h[..., f:]
         grad = torch.empty_like(h)
-        torch.mul(g, F.silu(gate), out=grad[..., f:])
-        torch.ops.aten.silu_backward.grad_input(g * up, gate, grad_input=grad[..., :f])
+        torch.mul(g, s, out=grad[..., f:])
+        torch.ops.aten.silu_backward.grad_input(g * h[..., f:], h[..., :f], grad_input=grad[..., :f])
         return grad
