@@ -34,6 +34,41 @@ def _quiet_stderr(enabled: bool = True):
         os.close(devnull)
 
 
+def _cpu_has_amx() -> bool:
+    try:
+        return any(line.startswith("flags") and " amx_tile" in line for line in open("/proc/cpuinfo"))
+    except OSError:  # not Linux: ggml has no AMX path there either
+        return False
+
+
+@contextlib.contextmanager
+def _without_amx(llama_cpp):
+    """Load a model without llama.cpp's extra CPU buffer types where the CPU has AMX. A build with AMX
+    (GGML_NATIVE on a Sapphire Rapids machine) moves quantized weights into its AMX buffer, and on this
+    project's 2-core KVM machines (llama-cpp-python 0.3.36) those kernels die with SIGILL at the first
+    batched matmul (`tilezero` in ggml_backend_amx_mul_mat; Q4_1, Q8_0 and K-quant models alike, any
+    prompt of more than a few tokens), although a small C program's AMX tiles work there: the cause is
+    in ggml or the VM, not found. llama-cpp-python's Llama() has no argument for use_extra_bufts, so its
+    default params are patched for the load. Elsewhere llama.cpp keeps its defaults (the extra types are its repacked CPU
+    kernels there)."""
+    lc = llama_cpp.llama_cpp
+    default = lc.llama_model_default_params
+    if not _cpu_has_amx():
+        yield
+        return
+
+    def params():
+        p = default()
+        p.use_extra_bufts = False
+        return p
+
+    lc.llama_model_default_params = params
+    try:
+        yield
+    finally:
+        lc.llama_model_default_params = default
+
+
 class LlamaRuntime:
     def __init__(self, model_path: str | os.PathLike, n_ctx: int = 512, n_threads: int | None = None,
                  vocab_only: bool = False, verbose: bool = False):
@@ -43,7 +78,7 @@ class LlamaRuntime:
         self.path = Path(model_path)
         self.verbose = verbose
         self._adapters: dict[str, object] = {}
-        with _quiet_stderr(not verbose):
+        with _quiet_stderr(not verbose), _without_amx(llama_cpp):
             try:
                 self.llm = llama_cpp.Llama(
                     model_path=str(self.path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=True,

@@ -29,3 +29,24 @@ def test_greedy_prefix_reuse_and_adapter_swap(tmp_path):
     assert plain == [fresh(p) for p in prompts]
     assert adapted == [fresh(p, [(lora, 1.0)]) for p in prompts]
     assert adapted != plain and again == plain[0]
+
+
+def test_batched_eval_of_quantized_models_runs(tmp_path):
+    """A whole prompt through each quantized fixture, in a child process so that a crash in llama.cpp's
+    CPU kernels (SIGILL in its AMX path, before runtime._without_amx) fails this test and not the run."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    code = ("import sys, numpy as np; sys.path.insert(0, 'tests'); from conftest import fixture, token_ids; "
+            "from lora2gguf.runtime import LlamaRuntime\n"
+            "for arch in ('llama', 'qwen3'):\n"
+            "    for kind in ('q4_k_m', 'q8_0', 'f32'):\n"
+            "        with LlamaRuntime(fixture(arch, kind), n_ctx=128) as rt:\n"
+            "            x = rt.logits(token_ids(rt.n_vocab, 96))\n"
+            "            assert x.shape == (96, rt.n_vocab) and np.isfinite(x).all()\n"
+            "            print(arch, kind, int(x[-1].argmax()))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, (r.returncode, r.stderr[-2000:])
+    assert len(r.stdout.splitlines()) == 6, r.stdout
