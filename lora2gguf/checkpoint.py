@@ -1,7 +1,7 @@
 """Checkpoints of a training run: OUT/checkpoint-<step> holds the adapter (a usable PEFT directory) and
 trainer_state.pt (optimizer, schedule, loss scaler, every rank's RNG, the settings it was trained with),
-so that --resume continues the same run bit for bit on the same machine. Ctrl-C finishes the current
-step and saves one (Interrupt)."""
+so that --resume continues the same run bit for bit on the same machine. Ctrl-C (or SIGTERM, SIGHUP)
+finishes the current step and saves one (Interrupt)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .errors import Lora2GGUFError
+from .errors import Lora2GGUFError, Terminated
 from .lora import load_lora_state, save_adapter
 
 if TYPE_CHECKING:
@@ -85,22 +85,35 @@ def load_checkpoint(run: Run, ck: Path) -> int:
 
 
 class Interrupt:
-    """First Ctrl-C: finish the step, save a checkpoint, stop. A second one stops at once."""
+    """First Ctrl-C, SIGTERM or SIGHUP (kill, a job scheduler's preemption, a closed terminal): finish the
+    step, save a checkpoint, stop. A second one stops at once. `stop()` raises what the signal means:
+    KeyboardInterrupt for Ctrl-C, Terminated (exit 128 + signal in the CLI) for the others."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
     def __init__(self):
-        self.requested, self._old = False, None
+        self.signum: int | None = None
+        self._old: dict = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self._old = signal.signal(signal.SIGINT, self._handle)
+            self._old = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         return self
 
     def _handle(self, signum, frame):
         if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        print("\ninterrupt: saving a checkpoint after this step (Ctrl-C again to stop now)", file=sys.stderr)
+            self.stop()
+        self.signum = signum
+        print(f"\n{signal.Signals(signum).name}: saving a checkpoint after this step (again to stop now)",
+              file=sys.stderr)
+
+    def stop(self):
+        raise KeyboardInterrupt if self.signum == signal.SIGINT else Terminated(self.signum)
 
     def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
+        for s, h in self._old.items():
+            signal.signal(s, h)

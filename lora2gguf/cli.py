@@ -106,7 +106,7 @@ def merge_cmd(ctx: click.Context, base: str, loras: tuple[str, ...], quant: str,
               help="auto: bf16 autocast on CUDA, fp32 elsewhere.")
 @click.option("--grad-checkpointing", is_flag=True, help="Recompute activations in backward: less memory, more time.")
 @click.option("--seed", default=0, show_default=True)
-@click.option("--save-every", default=0, show_default=True, help="Checkpoint every N steps (0: only on Ctrl-C).")
+@click.option("--save-every", default=0, show_default=True, help="Checkpoint every N steps (0: only on Ctrl-C or SIGTERM).")
 @click.option("--resume", is_flag=True, help="Continue from the latest OUT/checkpoint-<step>.")
 @click.option("--gguf", type=click.Path(), help="Also convert the adapter to this GGUF LoRA file at the end.")
 @click.option("--gguf-outtype", default="f32", show_default=True, type=click.Choice(["f32", "f16", "bf16", "q8_0"]),
@@ -116,7 +116,8 @@ def train_cmd(**kwargs) -> None:
     """Train a LoRA adapter on the weights and tokenizer of a GGUF base (works under torchrun too).
 
     The loss covers text, completions and assistant turns (chat rendered with the GGUF's template).
-    Batches are padded with an attention mask, not packed. Ctrl-C saves a checkpoint; --resume continues."""
+    Batches are padded with an attention mask, not packed. Ctrl-C or SIGTERM saves a checkpoint; --resume
+    continues."""
     from .train import TrainConfig, train
 
     result = train(TrainConfig(**kwargs))

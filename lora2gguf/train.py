@@ -142,14 +142,9 @@ def prepare_output(cfg: TrainConfig, rank: int) -> Path:
     if cfg.resume:
         if not out.is_dir() or latest_checkpoint(out) is None:
             raise Lora2GGUFError(f"{out}: no checkpoint-<step> directory to resume from; run without --resume")
-    elif out.is_dir() and any(out.iterdir()):
-        if not cfg.force:
-            raise Lora2GGUFError(f"{out}: already exists and is not empty; pass --resume to continue its run or "
-                                 "--force to start over (its checkpoints and log are removed)")
-        if rank == 0:
-            for p in out.glob("checkpoint-*"):
-                shutil.rmtree(p, ignore_errors=True)
-            (out / LOG_NAME).unlink(missing_ok=True)
+    elif out.is_dir() and any(out.iterdir()) and not cfg.force:
+        raise Lora2GGUFError(f"{out}: already exists and is not empty; pass --resume to continue its run or "
+                             "--force to start over (its checkpoints and log are removed)")
     if cfg.gguf:
         from .gguf_write import check_output
 
@@ -300,6 +295,10 @@ def setup(cfg, out, device, cdtype, rank, world, warn) -> tuple[Run, list, list]
         base_name = base.spec.name or Path(cfg.base).name
     if rank == 0:  # only now that the inputs are known good
         out.mkdir(parents=True, exist_ok=True)
+        if not cfg.resume:  # --force: the previous run's checkpoints and log go
+            for p in out.glob("checkpoint-*"):
+                shutil.rmtree(p, ignore_errors=True)
+            (out / LOG_NAME).unlink(missing_ok=True)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     layers = inject_lora(model, cfg.targets, cfg.rank, cfg.alpha, cfg.rslora, cfg.dropout, layer_ids)
@@ -379,7 +378,7 @@ def _train(cfg, on_step, out, device, cdtype, rank, world, warn) -> TrainResult:
                     if rank == 0:
                         plot_losses(log_path, out / PLOT_NAME, warn)
                     warn(f"interrupted at step {done}: checkpoint saved in {d}; continue with --resume")
-                    raise KeyboardInterrupt
+                    intr.stop()
     if rank == 0:
         save_adapter(out, run.layers, run.adapter_config)
         plot_losses(log_path, out / PLOT_NAME, warn)

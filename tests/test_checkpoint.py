@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 import pytest
 import torch
@@ -55,7 +56,9 @@ def test_crash_resumes_from_latest_periodic_checkpoint(tmp_path):
         train(cfg(tmp_path / "cut", save_every=2, resume=True, **(kw | {"lr": 1e-3})))
 
 
-def test_real_sigint_to_the_cli_saves_a_checkpoint(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_real_signal_to_the_cli_saves_a_checkpoint(tmp_path, sig):
+    """Ctrl-C, and SIGTERM as a job scheduler sends before it kills: the step ends, a checkpoint is saved."""
     out = tmp_path / "out"
     env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, "-m", "lora2gguf.cli", *cli_args(out, "--steps", "100000")],
@@ -65,15 +68,30 @@ def test_real_sigint_to_the_cli_saves_a_checkpoint(tmp_path):
         if (out / "train_log.jsonl").is_file() and len((out / "train_log.jsonl").read_text().splitlines()) >= 2:
             break
         time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, err
+    assert proc.returncode == 128 + sig, err
+    assert sig == signal.SIGINT or "terminated by SIGTERM" in err, err
     (ckpt,) = out.glob("checkpoint-*")
     step = int(ckpt.name.split("-")[1])
     assert f"checkpoint saved in {ckpt}" in err and "Traceback" not in err
     assert step == len(log_rows(out)) >= 2
     assert load_peft(ckpt).config["r"] == 8, "a checkpoint is a usable adapter directory too"
     assert torch.load(ckpt / "trainer_state.pt", weights_only=True)["step"] == step
+
+
+def test_force_with_bad_data_keeps_the_previous_run(tmp_path):
+    """--force starts over only once the new inputs are known good: a bad data line loses nothing."""
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg(tmp_path / "run", steps=6, batch_size=2), on_step=interrupt_at(2))
+    before = sorted(p.relative_to(tmp_path) for p in (tmp_path / "run").rglob("*"))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "the cat"}\n{"text": \n')
+    with pytest.raises(Lora2GGUFError, match="bad.jsonl:2"):
+        train(replace(cfg(tmp_path / "run", steps=6, batch_size=2, force=True), data=str(bad)))
+    assert sorted(p.relative_to(tmp_path) for p in (tmp_path / "run").rglob("*")) == before
+    train(cfg(tmp_path / "run", steps=6, batch_size=2, force=True))
+    assert not list((tmp_path / "run").glob("checkpoint-*")), "with good data, --force starts over"
 
 
 def test_truncated_checkpoint_is_a_one_line_refusal(tmp_path):
