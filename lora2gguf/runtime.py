@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import os
 from pathlib import Path
 from typing import Sequence
@@ -34,9 +35,11 @@ def _quiet_stderr(enabled: bool = True):
         os.close(devnull)
 
 
+@functools.cache
 def _cpu_has_amx() -> bool:
     try:
-        return any(line.startswith("flags") and " amx_tile" in line for line in open("/proc/cpuinfo"))
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and " amx_tile" in line for line in f)
     except OSError:  # not Linux: ggml has no AMX path there either
         return False
 

@@ -9,7 +9,7 @@ Finally the extra KL of --outtype f16/bf16/q8_0 over our f32 file.
 
     .venv/bin/python scripts/bench_convert.py [--runs 5]
 
-llama.cpp's script is taken from the llama-cpp-python sdist (LLAMA_CPP_DIR, default below) and run with
+llama.cpp's script is taken from the llama-cpp-python sdist (tests/llama_cpp_source.py) and run with
 this venv's python (transformers installed), offline, with `--base` an HF directory of SmolLM2 made by
 tests/peft_helpers.hf_dir_from_base. Outputs go to ~/.cache/lora2gguf-bench/convert.
 """
@@ -28,7 +28,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
-LLAMA_CPP = Path(os.environ.get("LLAMA_CPP_DIR", "/tmp/dl/llama_cpp_python-0.3.36/vendor/llama.cpp"))
 CACHE = Path.home() / ".cache" / "lora2gguf-bench" / "convert"
 
 
@@ -61,7 +60,10 @@ def ours_cmd(adapter: Path, base: Path, out: Path, outtype: str = "f32") -> list
 
 
 def theirs_cmd(adapter: Path, hf_dir: Path, out: Path) -> list[str]:
-    return [sys.executable, str(LLAMA_CPP / "convert_lora_to_gguf.py"), "--base", str(hf_dir), "--outtype", "f32",
+    from llama_cpp_source import llama_cpp_source
+
+    src = llama_cpp_source() or sys.exit("llama.cpp's source could not be had (see tests/llama_cpp_source.py)")
+    return [sys.executable, str(src / "convert_lora_to_gguf.py"), "--base", str(hf_dir), "--outtype", "f32",
             "--outfile", str(out), str(adapter)]
 
 

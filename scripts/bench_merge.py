@@ -31,7 +31,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "scripts")]
 
-LLAMA_SRC = Path(os.environ.get("LLAMA_CPP_SRC", "/tmp/dl/llama_cpp_python-0.3.36/vendor/llama.cpp"))
 LORA = dict(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                                  "down_proj"])
 PY = str(Path(sys.executable))
@@ -43,10 +42,10 @@ def build_tools(cache: Path) -> tuple[Path, Path]:
     tools = build / "bin" / "llama-export-lora", build / "bin" / "llama-quantize"
     if all(t.is_file() for t in tools):
         return tools
-    if not (LLAMA_SRC / "CMakeLists.txt").is_file():
-        sys.exit(f"llama.cpp source not found at {LLAMA_SRC}: unpack the llama-cpp-python sdist "
-                 "(pip download --no-deps --no-binary :all: llama-cpp-python) and set LLAMA_CPP_SRC")
-    subprocess.run(["cmake", "-S", str(LLAMA_SRC), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF",
+    from llama_cpp_source import llama_cpp_source
+
+    src = llama_cpp_source() or sys.exit("llama.cpp's source could not be had (see tests/llama_cpp_source.py)")
+    subprocess.run(["cmake", "-S", str(src), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF",
                     "-DGGML_NATIVE=ON", "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_BUILD_TESTS=OFF",
                     "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF"], check=True, stdout=subprocess.DEVNULL)
     subprocess.run(["cmake", "--build", str(build), "-j", str(os.cpu_count() or 2), "--target",

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import fixture, reference_logits, token_ids
+from llama_cpp_source import llama_cpp_source
 from lora2gguf.adapter import load_peft
 from lora2gguf.adapter_gguf import load_gguf_lora
 from lora2gguf.base import open_base
@@ -24,7 +25,6 @@ from lora2gguf.runtime import LlamaRuntime
 from peft_helpers import make_peft_adapter
 from test_convert import ALL, CASES
 
-LLAMA_CPP = Path("/tmp/dl/llama_cpp_python-0.3.36/vendor/llama.cpp")
 
 
 def rewrite_gguf(src, dst, alpha=None, tensor_fn=None):
@@ -103,9 +103,10 @@ def test_semantics_match_llama_cpp(alpha, tmp_path):
 # -- llama.cpp's own converter ---------------------------------------------------------------------
 def llama_cpp_convert(adapter_dir, hf_dir, out):
     """Run llama.cpp's convert_lora_to_gguf.py offline (skip the test when it cannot run here)."""
-    script = LLAMA_CPP / "convert_lora_to_gguf.py"
-    if not script.is_file():
-        pytest.skip(f"{script} not found (llama-cpp-python sdist not unpacked)")
+    src = llama_cpp_source()
+    if src is None:
+        pytest.skip("llama.cpp's source could not be had (pip download of the llama-cpp-python sdist failed)")
+    script = src / "convert_lora_to_gguf.py"
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     r = subprocess.run([sys.executable, str(script), "--base", str(hf_dir), "--outtype", "f32", "--outfile", str(out),
                         str(adapter_dir)], capture_output=True, text=True, env=env, timeout=600)

@@ -1,0 +1,35 @@
+"""llama.cpp's own source, for the tests and benchmarks that run its converter or build its tools: the
+vendor/llama.cpp tree of the llama-cpp-python sdist of the installed version, downloaded by pip once and
+unpacked into the lora2gguf cache (never into the repository). LLAMA_CPP_DIR points at another tree."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tarfile
+import tempfile
+from importlib.metadata import version
+from pathlib import Path
+
+
+def llama_cpp_source() -> Path | None:
+    """The llama.cpp source tree, or None when it is not here and cannot be downloaded."""
+    if os.environ.get("LLAMA_CPP_DIR"):
+        return Path(os.environ["LLAMA_CPP_DIR"])
+    from lora2gguf.smollm2 import cache_dir
+
+    name = f"llama_cpp_python-{version('llama-cpp-python')}"
+    tree = cache_dir() / name / "vendor" / "llama.cpp"
+    if (tree / "convert_lora_to_gguf.py").is_file():
+        return tree
+    with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
+        r = subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
+                            "-d", tmp, f"llama-cpp-python=={version('llama-cpp-python')}"], capture_output=True)
+        sdists = list(Path(tmp).glob("*.tar.gz"))
+        if r.returncode != 0 or not sdists:
+            return None
+        with tarfile.open(sdists[0]) as tar:
+            tar.extractall(tmp, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
+        os.replace(Path(tmp) / name, cache_dir() / name)  # whole or not at all
+    return tree
