@@ -52,13 +52,13 @@ def _without_amx(llama_cpp):
     batched matmul (`tilezero` in ggml_backend_amx_mul_mat; Q4_1, Q8_0 and K-quant models alike, any
     prompt of more than a few tokens), although a small C program's AMX tiles work there: the cause is
     in ggml or the VM, not found. llama-cpp-python's Llama() has no argument for use_extra_bufts, so its
-    default params are patched for the load. Elsewhere llama.cpp keeps its defaults (the extra types are its repacked CPU
-    kernels there)."""
-    lc = llama_cpp.llama_cpp
-    default = lc.llama_model_default_params
+    default params are patched for the load. Elsewhere llama.cpp keeps its defaults (there the extra types
+    are its repacked CPU kernels)."""
     if not _cpu_has_amx():
         yield
         return
+    lc = llama_cpp.llama_cpp
+    default = lc.llama_model_default_params
 
     def params():
         p = default()

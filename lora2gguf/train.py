@@ -134,7 +134,7 @@ def check_config(cfg: TrainConfig) -> None:
         raise Lora2GGUFError(f"--gguf-outtype {cfg.gguf_outtype!r} is not one of {', '.join(OUTTYPES)}")
 
 
-def prepare_output(cfg: TrainConfig, rank: int) -> Path:
+def prepare_output(cfg: TrainConfig) -> Path:
     """Refuse before any heavy work: an existing run without --force/--resume, an unusable --gguf path."""
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
@@ -193,7 +193,7 @@ def train(cfg: TrainConfig, on_step=None) -> TrainResult:
         raise Lora2GGUFError(f"--batch-size {cfg.batch_size} must be a multiple of the {world} processes")
     device = pick_device(cfg.device, local)
     cdtype = pick_dtype(cfg.dtype, device)
-    out = prepare_output(cfg, rank)
+    out = prepare_output(cfg)
     if world > 1:
         import torch.distributed as dist
 

@@ -26,7 +26,6 @@ from peft_helpers import make_peft_adapter
 from test_convert import ALL, CASES
 
 
-
 def rewrite_gguf(src, dst, alpha=None, tensor_fn=None):
     """A copy of a GGUF file with adapter.lora.alpha replaced (alpha=0: key dropped, which llama.cpp
     reads as 0) and/or every tensor passed through tensor_fn (F32 files only)."""

@@ -1,7 +1,10 @@
 """runtime: greedy decoding reuses the KV cache of a shared prompt prefix without changing its answers,
-and an adapter swap invalidates that cache."""
+an adapter swap invalidates that cache, and quantized models evaluate whole prompts on this CPU."""
 
-from conftest import fixture, token_ids
+import subprocess
+import sys
+
+from conftest import ROOT, fixture, token_ids
 from lora2gguf.convert import convert
 from lora2gguf.runtime import LlamaRuntime
 from peft_helpers import make_peft_adapter
@@ -31,14 +34,9 @@ def test_greedy_prefix_reuse_and_adapter_swap(tmp_path):
     assert adapted != plain and again == plain[0]
 
 
-def test_batched_eval_of_quantized_models_runs(tmp_path):
+def test_batched_eval_of_quantized_models_runs():
     """A whole prompt through each quantized fixture, in a child process so that a crash in llama.cpp's
     CPU kernels (SIGILL in its AMX path, before runtime._without_amx) fails this test and not the run."""
-    import subprocess
-    import sys
-
-    from conftest import ROOT
-
     code = ("import sys, numpy as np; sys.path.insert(0, 'tests'); from conftest import fixture, token_ids; "
             "from lora2gguf.runtime import LlamaRuntime\n"
             "for arch in ('llama', 'qwen3'):\n"
