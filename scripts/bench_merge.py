@@ -42,9 +42,9 @@ def build_tools(cache: Path) -> tuple[Path, Path]:
     tools = build / "bin" / "llama-export-lora", build / "bin" / "llama-quantize"
     if all(t.is_file() for t in tools):
         return tools
-    from llama_cpp_source import llama_cpp_source
+    from llama_cpp_source import llama_cpp_source_or_exit
 
-    src = llama_cpp_source() or sys.exit("llama.cpp's source could not be had (see tests/llama_cpp_source.py)")
+    src = llama_cpp_source_or_exit()
     subprocess.run(["cmake", "-S", str(src), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF",
                     "-DGGML_NATIVE=ON", "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_BUILD_TESTS=OFF",
                     "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF"], check=True, stdout=subprocess.DEVNULL)
