@@ -18,6 +18,7 @@ from . import archs
 from .adapter import ModuleLoRA, PeftAdapter
 from .errors import Lora2GGUFError
 from .gguf_file import GGUFFile
+from .lora_rules import check_tied_embedding, from_gguf_pair, llama_scale
 
 TOKEN_EMBD = "token_embd.weight"
 
@@ -108,10 +109,7 @@ def load_gguf_lora(path: str | os.PathLike, spec=None) -> PeftAdapter:
             if a.ndim != 2 or b.ndim != 2:
                 raise Lora2GGUFError(f"{path}: {ka}/{kb} are not matrices")
             emb = gname == TOKEN_EMBD
-            if emb:  # llama.cpp: lora_a (vocab, r) gathered by token, lora_b (dim, r) = PEFT's B
-                A, B = a.T, b
-            else:  # lora_a (r, in), lora_b (out, r): PEFT's lora_A / lora_B
-                A, B = a, b
+            A, B = from_gguf_pair(a, b, emb)
             if A.shape[0] != B.shape[1]:
                 raise Lora2GGUFError(f"{path}: {ka} {a.shape} and {kb} {b.shape} do not multiply; the file is corrupt")
             mod = hf[: -len(".weight")]
@@ -122,16 +120,13 @@ def load_gguf_lora(path: str | os.PathLike, spec=None) -> PeftAdapter:
             if permute and heads:
                 B = archs.unpermute_rows(B, heads)
             r = int(A.shape[0])
-            scale = alpha / r if alpha else 1.0
             modules[mod] = ModuleLoRA(mod, np.ascontiguousarray(A), np.ascontiguousarray(B), r,
-                                      alpha if alpha else float(r), scale, embedding=emb)
+                                      alpha if alpha else float(r), llama_scale(alpha, r), embedding=emb)
         ranks = Counter(m.r for m in modules.values())
         config = {"peft_type": "LORA", "r": ranks.most_common(1)[0][0], "lora_alpha": alpha,
                   "target_modules": sorted(modules), "gguf": provenance(f)}
     adapter = PeftAdapter(path, config, modules)
     if spec is not None:
-        from .convert import check_tied_embedding
-
         adapter.check_base(spec, "the base")
         check_tied_embedding(modules, spec, path, "the base")
     return adapter
@@ -196,7 +191,7 @@ def describe_gguf_adapter(f: GGUFFile, base: str | os.PathLike | None = None) ->
         "lora_alpha": alpha, "ranks": sorted(set(ranks.values())), "targets": targets, "lora_tensors": len(pairs),
         "layers": sorted({int(m.group(1)) for g in pairs if (m := re.match(r"blk\.(\d+)\.", g))}),
         "dtypes": dict(Counter(f.tensors[k].type.name for ab in pairs.values() for k in ab)),
-        "llama_cpp_scales": sorted({(alpha / r if alpha else 1.0) for r in ranks.values()}),
+        "llama_cpp_scales": sorted({llama_scale(alpha, r) for r in ranks.values()}),
         "provenance": provenance(f) or None,
     }
     if base is not None:

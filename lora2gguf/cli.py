@@ -174,7 +174,7 @@ def demo_cmd(workdir: str, base: str | None, steps: int, as_json: bool) -> None:
 @click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
 def modelfile_cmd(base: str, lora: str, out: str, force: bool) -> None:
     """Write an Ollama Modelfile: FROM base, ADAPTER lora (then `ollama create NAME -f OUT`)."""
-    from .demo import write_modelfile
+    from .modelfile import write_modelfile
 
     click.echo(f"wrote {write_modelfile(base, lora, out, force=force)}")
 

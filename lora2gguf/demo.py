@@ -31,24 +31,6 @@ BEHAVIOURS = (Behaviour("json", "json-train.jsonl", '{"answer": "'),
               Behaviour("pirate", "pirate-train.jsonl", "Ahoy matey!"))
 
 
-def modelfile(base: str | os.PathLike, lora: str | os.PathLike) -> str:
-    """An Ollama Modelfile that serves `base` with the GGUF LoRA `lora` on top."""
-    return f"FROM {Path(base).resolve()}\nADAPTER {Path(lora).resolve()}\n"
-
-
-def write_modelfile(base, lora, out: str | os.PathLike, force: bool = False) -> Path:
-    from .errors import Lora2GGUFError
-    from .gguf_write import atomic_output, check_output
-
-    out = check_output(out, force, [base, lora])
-    for p in (base, lora):
-        if not Path(p).is_file():
-            raise Lora2GGUFError(f"{p}: no such file")
-    with atomic_output(out) as tmp:
-        tmp.write_text(modelfile(base, lora))
-    return out
-
-
 def serve_commands(base: Path, loras: dict[str, Path]) -> list[str]:
     first = next(iter(loras.values()))
     lora_args = " ".join(f"--lora {p}" for p in loras.values())
@@ -91,6 +73,7 @@ def run_demo(workdir: str | os.PathLike, base: str | os.PathLike | None = None, 
     from .base import open_base
     from .data import Tokenizer
     from .merge import merge
+    from .modelfile import write_modelfile
     from .runtime import LlamaRuntime
     from .smollm2 import smollm2_gguf
     from .train import TrainConfig, train
@@ -165,7 +148,7 @@ def run_demo(workdir: str | os.PathLike, base: str | os.PathLike | None = None, 
         stages[f"verify {b.name}"] = time.perf_counter() - t
 
     for b in BEHAVIOURS:
-        (work / f"Modelfile.{b.name}").write_text(modelfile(base, ggufs[b.name]))
+        write_modelfile(base, ggufs[b.name], work / f"Modelfile.{b.name}", force=True)
     summary = {
         "base": str(base), "base_mb": base.stat().st_size / 1e6, "held_out_prompts": len(prompts),
         "adapters": {b.name: {"adherence": adherence[b.name], "kl": kls[b.name],

@@ -83,23 +83,20 @@ def load_adapter(path: str | os.PathLike, spec, base: GGUFBase | None = None) ->
     (adapter_config.json then the weights for PEFT, the file for GGUF). Refused when it was made for
     another model: another arch (PEFT's recorded class), or, for a GGUF LoRA converted by us, a base whose
     fingerprint is not `base`'s (same shapes, other weights: the merge would be silently wrong)."""
+    from .adapter_any import load_adapter as load_any
+
     p = Path(path)
     if p.is_dir():
-        from .adapter import load_peft
-        from .convert import check_arch
+        from .lora_rules import check_arch
 
-        a = load_peft(p)
+        a = load_any(p, spec)
         check_arch(a, spec, base.path if base is not None else "the base")
-        for m in a.modules.values():  # PEFT resets fan_in_fan_out on nn.Linear, the only kind these archs have
-            m.fan_in_fan_out = False
         files = [p / "adapter_config.json"] + [f for f in (p / "adapter_model.safetensors", p / "adapter_model.bin")
                                                  if f.is_file()][:1]
         return a, _sha256(files)
     if not p.is_file():
         raise Lora2GGUFError(f"{p}: no such file or directory; --lora takes a PEFT directory or a GGUF LoRA file")
-    from .adapter_gguf import load_gguf_lora
-
-    a = load_gguf_lora(p, spec)
+    a = load_any(p, spec)
     if base is not None:
         _check_fingerprint(p, base)
     return a, _sha256([p])

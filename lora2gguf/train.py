@@ -128,10 +128,9 @@ def check_config(cfg: TrainConfig) -> None:
             raise Lora2GGUFError(msg)
     resolve_targets(cfg.targets)
     parse_layers(cfg.layers)
-    from .convert import OUTTYPES
+    from .adapter_gguf_write import check_outtype
 
-    if cfg.gguf_outtype not in OUTTYPES:
-        raise Lora2GGUFError(f"--gguf-outtype {cfg.gguf_outtype!r} is not one of {', '.join(OUTTYPES)}")
+    check_outtype(cfg.gguf_outtype, "--gguf-outtype")
 
 
 def prepare_output(cfg: TrainConfig) -> Path:
@@ -149,11 +148,6 @@ def prepare_output(cfg: TrainConfig) -> Path:
         from .gguf_write import check_output
 
         check_output(cfg.gguf, cfg.force, [cfg.base])
-        try:
-            from .convert import convert  # noqa: F401
-        except ImportError:
-            raise Lora2GGUFError("--gguf needs lora2gguf.convert, which this installation lacks; train without "
-                                 "--gguf and convert later") from None
     return out
 
 
@@ -383,9 +377,10 @@ def _train(cfg, on_step, out, device, cdtype, rank, world, warn) -> TrainResult:
         save_adapter(out, run.layers, run.adapter_config)
         plot_losses(log_path, out / PLOT_NAME, warn)
         if cfg.gguf:
-            from .convert import convert
+            from .adapter_gguf_write import gguf_from_peft
+            from .gguf_write import check_output
 
-            convert(out, cfg.base, cfg.gguf, outtype=cfg.gguf_outtype, force=cfg.force)
+            gguf_from_peft(out, cfg.base, check_output(cfg.gguf, cfg.force, [out, cfg.base]), cfg.gguf_outtype)
             result.gguf = Path(cfg.gguf)
     if world > 1:
         torch.distributed.barrier()

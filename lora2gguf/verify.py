@@ -51,13 +51,9 @@ class Adapter:
 
 
 def _load_adapter(path: Path, spec):
-    if path.is_dir():
-        from .adapter import load_peft
+    from .adapter_any import load_adapter
 
-        return load_peft(path)
-    from .adapter_gguf import load_gguf_lora
-
-    return load_gguf_lora(path, spec)
+    return load_adapter(path, spec)
 
 
 def _check_merged(path: Path, gb) -> None:
@@ -182,9 +178,9 @@ def verify(base: str | os.PathLike, loras: list[tuple[str, float]], merged: str 
                     raise Lora2GGUFError(f"{a.runtime_path}: no such GGUF LoRA file (--runtime-lora)")
                 _load_adapter(a.runtime_path, spec).check_base(spec, f"base {base_path}")
             elif path.is_dir():
-                from .convert import convert
+                from .adapter_gguf_write import gguf_from_peft
 
-                a.runtime_path = convert(path, base_path, tmp / f"adapter-{i}.gguf")
+                a.runtime_path = gguf_from_peft(path, base_path, tmp / f"adapter-{i}.gguf")
             else:
                 a.runtime_path = path
             match, verdict = base_match(a.runtime_path, gb)
