@@ -73,6 +73,7 @@ def export(adapter_gguf: str | os.PathLike, base: str | os.PathLike, out: str | 
 
     from .adapter_gguf import base_match, load_gguf_lora
     from .base import open_base
+    from .gguf_write import fsync_path, part_prefix, remove_stale_parts, umask_mode
 
     src, out = Path(adapter_gguf), Path(out)
     check_output_dir(out, force, [src, Path(base)])
@@ -83,13 +84,19 @@ def export(adapter_gguf: str | os.PathLike, base: str | os.PathLike, out: str | 
             raise Lora2GGUFError(f"{src}: was converted for another base than {base} ({verdict}); "
                                  "pass the base it was made for")
         name = adapter.config["gguf"].get("peft_base_model") or b.spec.name or str(base)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".part", dir=out.parent))
+    remove_stale_parts(out)
+    tmp = Path(tempfile.mkdtemp(prefix=part_prefix(out), suffix=".part", dir=out.parent))
     try:
         (tmp / "adapter_config.json").write_text(json.dumps(peft_config(adapter, name), indent=2) + "\n")
         save_file(peft_tensors(adapter), str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        for f in tmp.iterdir():
+            os.chmod(f, umask_mode())
+            fsync_path(f)
+        os.chmod(tmp, umask_mode(directory=True))  # mkdtemp made it 0700: servers of other users read it
+        fsync_path(tmp)
         old = None
         if out.exists():  # --force, checked above: move the old one aside, then swap
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+            old = Path(tempfile.mkdtemp(prefix=part_prefix(out), suffix=".old.part", dir=out.parent))
             os.replace(out, old / "x")
         os.replace(tmp, out)
         if old is not None:

@@ -4,7 +4,9 @@ over an existing file without --force, never over an input, streaming tensor by 
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,14 +35,69 @@ def check_output(out: str | os.PathLike, force: bool, inputs: Iterable[str | os.
     return out
 
 
+def umask_mode(directory: bool = False) -> int:
+    """The mode an ordinary new file (directory) gets under this process's umask: 0644 (0755) under 022.
+    mkstemp/mkdtemp make theirs 0600/0700, which a server running as another user (llama-server, Ollama)
+    cannot read."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return (0o777 if directory else 0o666) & ~umask
+
+
+def fsync_path(path: Path) -> None:
+    """Flush a written file (or a directory's entries) to disk, so a crash after the rename cannot leave
+    the new name on an empty or partial file."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def part_prefix(out: Path) -> str:
+    """Temp names beside `out` carry the writer's pid: `.NAME.<pid>.XXXX.part`, so a later run can tell
+    a dead writer's leftovers (SIGKILL runs no clean-up) from a live one's."""
+    return f".{out.name}.{os.getpid()}."
+
+
+def remove_stale_parts(out: Path) -> list[Path]:
+    """Remove temp files and directories beside `out` left by writers that no longer run."""
+    removed = []
+    parent = out.parent if str(out.parent) else Path(".")
+    for p in parent.glob(f".{glob.escape(out.name)}.*.part"):
+        pid = p.name[len(out.name) + 2:].split(".", 1)[0]
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        removed.append(p)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 @contextlib.contextmanager
 def atomic_output(out: Path) -> Iterator[Path]:
-    """Yield a temp path beside `out`; on success rename it over `out`, on any failure remove it."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".part", dir=out.parent or ".")
+    """Yield a temp path beside `out`; on success flush it to disk, give it the umask's ordinary mode
+    and rename it over `out`; on any failure remove it. A dead writer's leftovers are removed first."""
+    remove_stale_parts(out)
+    fd, tmp = tempfile.mkstemp(prefix=part_prefix(out), suffix=".part", dir=out.parent or ".")
     os.close(fd)
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        os.chmod(tmp_path, umask_mode())
+        fsync_path(tmp_path)
         os.replace(tmp_path, out)
     except BaseException:
         tmp_path.unlink(missing_ok=True)

@@ -41,7 +41,8 @@ from .adapter import ModuleLoRA, PeftAdapter, merged_bias, merged_weight
 from .base import GGUFBase
 from .errors import Lora2GGUFError
 from .gguf_file import TensorInfo
-from .gguf_write import PlannedTensor, atomic_output, check_output, copy_fields, encode, nbytes_of, write_streaming
+from .gguf_write import (PlannedTensor, atomic_output, check_output, copy_fields, encode, nbytes_of, part_prefix,
+                         write_streaming)
 from .quantize import OutputType, llama_quantize, output_type, takes_file_type
 
 F32 = GGMLQuantizationType.F32
@@ -364,12 +365,6 @@ def _release_free_memory() -> None:
         pass
 
 
-def _as_umask_allows(path: Path) -> None:
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
-
-
 def merge(base: str | os.PathLike, loras: list[tuple[str | os.PathLike, float]], out: str | os.PathLike,
           quant: str = "f16", threads: int | None = None, force: bool = False, progress: bool | None = None,
           verbose: bool = False) -> Path:
@@ -407,11 +402,10 @@ def merge(base: str | os.PathLike, loras: list[tuple[str | os.PathLike, float]],
         with tqdm(total=n if qtype.direct else 2 * n, desc=f"merge → {qtype.label}", unit="tensor", file=sys.stderr,
                   disable=(not sys.stderr.isatty()) if progress is None else not progress) as bar, \
                 atomic_output(out) as tmp:
-            _as_umask_allows(tmp)  # mkstemp made it 0600; a model file is as readable as any other
             if qtype.direct is not None:
                 _write(tmp, b, jobs, qtype.ftype, record, bar, threads)
                 return out
-            fd, mid = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".merged.part", dir=out.parent)
+            fd, mid = tempfile.mkstemp(prefix=part_prefix(out), suffix=".merged.part", dir=out.parent)
             os.close(fd)
             try:  # the intermediate's metadata is exactly that of our f16 / f32 output
                 mid_type = LlamaFileType.MOSTLY_F16 if f16_base else LlamaFileType.ALL_F32

@@ -11,14 +11,30 @@ def modelfile(base: str | os.PathLike, lora: str | os.PathLike) -> str:
     return f"FROM {Path(base).resolve()}\nADAPTER {Path(lora).resolve()}\n"
 
 
-def write_modelfile(base, lora, out: str | os.PathLike, force: bool = False) -> Path:
+def check_pair(base, lora) -> None:
+    """The Modelfile is only written for a GGUF base and a GGUF LoRA that fits it: Ollama would otherwise
+    fail at `ollama create` or at the first request, far from the mistake."""
+    from .adapter_gguf import base_match, load_gguf_lora
+    from .base import GGUFBase
     from .errors import Lora2GGUFError
-    from .gguf_write import atomic_output, check_output
 
-    out = check_output(out, force, [base, lora])
     for p in (base, lora):
         if not Path(p).is_file():
             raise Lora2GGUFError(f"{p}: no such file")
+    with GGUFBase(base) as b:
+        adapter = load_gguf_lora(lora, b.spec)  # refuses a file that is not a GGUF LoRA
+        adapter.check_base(b.spec, f"base {base}")
+        match, verdict = base_match(lora, b)
+        if match is False:
+            raise Lora2GGUFError(f"{lora}: made for another base than {base} ({verdict}); give the base it "
+                                 "was converted for")
+
+
+def write_modelfile(base, lora, out: str | os.PathLike, force: bool = False) -> Path:
+    from .gguf_write import atomic_output, check_output
+
+    out = check_output(out, force, [base, lora])
+    check_pair(base, lora)
     with atomic_output(out) as tmp:
         tmp.write_text(modelfile(base, lora))
     return out

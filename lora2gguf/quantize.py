@@ -8,9 +8,11 @@ take the file's type (see `takes_file_type`). Every quantized type, q8_0 include
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import re
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +20,7 @@ from typing import Callable
 
 from gguf import GGMLQuantizationType, LlamaFileType
 
-from .errors import Lora2GGUFError, signals_deferred
+from .errors import Lora2GGUFError
 
 
 @dataclass(frozen=True)
@@ -83,41 +85,66 @@ def llama_quantize(src: str | os.PathLike, dst: str | os.PathLike, ftype: LlamaF
                    verbose: bool = False, on_tensor: Callable[[], None] | None = None) -> None:
     """Quantize a GGUF model file with llama.cpp (what `llama-quantize src dst TYPE` does). Tensors already
     of their target type are copied as is; other quantized tensors are requantized (allow_requantize).
-    llama.cpp's log goes to stderr only when verbose; its last error lines make the message otherwise."""
-    import llama_cpp
-    import llama_cpp._logger as lc_logger
+    llama.cpp's log goes to stderr only when verbose; its last error lines make the message otherwise.
 
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = int(ftype)
-    params.nthread = threads or 0  # 0: llama.cpp uses every hardware thread
-    params.allow_requantize = True
+    llama.cpp runs in a child process: inside its C call Python cannot act on a signal until the whole
+    model is done (minutes on 8B), while a child can be killed at once. Ctrl-C / SIGTERM here raise as
+    anywhere else, the child is killed and waited for, and the caller removes `dst`; the child dies
+    with this process too (PR_SET_PDEATHSIG), so even a SIGKILL leaves no writer behind."""
+    cmd = [sys.executable, "-m", "lora2gguf.quantize", os.fspath(src), os.fspath(dst), str(int(ftype)),
+           str(threads or 0)]
     errors: list[str] = []
-    raised: list[BaseException] = []
-
-    @llama_cpp.llama_log_callback
-    def log(level: int, text: bytes, user_data) -> None:
-        # An exception cannot cross llama.cpp's C frames (ctypes would print and drop it): keep it and
-        # raise it once llama.cpp returns. Signals are held meanwhile (signals_deferred).
-        try:
-            line = text.decode("utf-8", errors="replace")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            text=True, errors="replace", bufsize=1)
+    try:
+        for line in proc.stdout:
             if verbose:
                 sys.stderr.write(line)
-            if level in (2, 3) or "error" in line.lower():  # WARN, ERROR: keep for the message
+            if any(w in line.lower() for w in ("error", "failed", "warn")):  # keep for the message
                 errors.append(line.strip())
             if on_tensor and _TENSOR_LINE.match(line):
                 on_tensor()
-        except BaseException as e:  # noqa: B036 — re-raised below, outside the C call
-            raised.append(e)
-
-    llama_cpp.llama_log_set(log, ctypes.c_void_p(0))
-    try:
-        with signals_deferred():  # Ctrl-C / SIGTERM: after the C call, so the caller removes its temp files
-            rc = llama_cpp.llama_model_quantize(os.fsencode(src), os.fsencode(dst), ctypes.byref(params))
+        rc = proc.wait()
     finally:
-        llama_cpp.llama_log_set(lc_logger.llama_log_callback, ctypes.c_void_p(0))
-    if raised:
-        raise raised[0]
+        if proc.poll() is None:  # interrupted: stop llama.cpp now, not when it is done
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
     if rc != 0:
-        why = next((e for e in reversed(errors) if "failed to quantize" in e), errors[-1] if errors else "no reason given")
+        why = next((e for e in reversed(errors) if "failed to quantize" in e), errors[-1] if errors else
+                   f"the quantizer exited with status {rc}")
         raise Lora2GGUFError(f"{Path(dst)}: llama.cpp could not quantize to {LlamaFileType(ftype).name} ({why}); "
                              "run with --verbose to see llama.cpp's log")
+
+
+def _child(src: str, dst: str, ftype: int, threads: int) -> int:
+    """The quantizer process: llama.cpp's log on stdout, for the parent to read."""
+    import signal
+
+    with contextlib.suppress(OSError, AttributeError):  # Linux: die with the parent, whatever kills it
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() == 1:  # the parent died before prctl took effect
+        return 1
+    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(s, signal.SIG_DFL)  # die at once, mid-tensor: the parent removes the output
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = ftype
+    params.nthread = threads  # 0: llama.cpp uses every hardware thread
+    params.allow_requantize = True
+
+    @llama_cpp.llama_log_callback
+    def log(level: int, text: bytes, user_data) -> None:
+        sys.stdout.write(text.decode("utf-8", errors="replace"))
+        if text.endswith(b"\n"):
+            sys.stdout.flush()  # line by line: the parent's progress bar follows the tensors
+
+    llama_cpp.llama_log_set(log, ctypes.c_void_p(0))
+    rc = llama_cpp.llama_model_quantize(os.fsencode(src), os.fsencode(dst), ctypes.byref(params))
+    sys.stdout.flush()
+    return 0 if rc == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(_child(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])))

@@ -4,8 +4,12 @@
   runtime   — llama.cpp (llama-cpp-python): the base loaded once, the GGUF LoRA(s) applied at run time
   merged    — llama.cpp on a merged file (optional)
 
-Each view is evaluated once over the whole text (logits for every position). Pass/fail thresholds come
-from the types involved: for quantized files, from the quantization floor measured on the base itself.
+Each view is evaluated once over the whole text (logits for every position). Pass/fail thresholds follow
+the floor measured on the base alone at each file's type (llama.cpp's arithmetic, plus rounding for
+quantized types). A merged file must also show that it carries the adapter: a loose threshold for a
+quantized file would pass the base alone when the adapter moves the model less than the rounding does.
+Adapters a GGUF LoRA cannot express (DoRA, LoRA bias, modules_to_save) are checked on the merged file
+only; the runtime view is then skipped, with the reason in the report.
 """
 
 from __future__ import annotations
@@ -112,20 +116,20 @@ def _agreement(a: list[list[int]], b: list[list[int]], conts: list[list[int]]) -
             "mean_common_prefix": float(np.mean(prefixes))}
 
 
-_FLOORS: dict[tuple, float] = {}  # one process verifying several adapters on one base measures it once
+_BASE_ALONE: dict[tuple, np.ndarray] = {}  # one process verifying several adapters on one base quantizes it once
 
 
-def _quantization_floor(base_path: Path, ftype_name: str, tokens, base_ref_logits, tmp: Path, n_ctx) -> float:
-    """KL(reference ‖ llama.cpp) of the base alone quantized to ftype_name by llama.cpp: what that
-    quantization costs without any adapter."""
+def _base_alone(base_path: Path, ftype_name: str, tokens, tmp: Path, n_ctx: int) -> np.ndarray:
+    """llama.cpp's logits for the base alone, no adapter, quantized to ftype_name by llama.cpp: what a
+    merged file of that type would look like if it carried nothing."""
     st = base_path.stat()
     key = (str(base_path.resolve()), st.st_size, st.st_mtime_ns, ftype_name, tuple(tokens), n_ctx)
-    if key not in _FLOORS:
-        _FLOORS[key] = _measure_floor(base_path, ftype_name, tokens, base_ref_logits, tmp, n_ctx)
-    return _FLOORS[key]
+    if key not in _BASE_ALONE:
+        _BASE_ALONE[key] = _measure_base_alone(base_path, ftype_name, tokens, tmp, n_ctx)
+    return _BASE_ALONE[key]
 
 
-def _measure_floor(base_path: Path, ftype_name: str, tokens, base_ref_logits, tmp: Path, n_ctx) -> float:
+def _measure_base_alone(base_path: Path, ftype_name: str, tokens, tmp: Path, n_ctx: int) -> np.ndarray:
     from gguf import LlamaFileType
 
     from .gguf_write import dequantize_file
@@ -135,11 +139,50 @@ def _measure_floor(base_path: Path, ftype_name: str, tokens, base_ref_logits, tm
     src = base_path
     if _file_type(base_path) not in FULL_PRECISION:
         src = tmp / "base-f32.gguf"
-        dequantize_file(base_path, src)
+        if not src.exists():
+            dequantize_file(base_path, src)
     dst = tmp / f"base-{ftype_name}.gguf"
     llama_quantize(src, dst, LlamaFileType[ftype_name])
     with LlamaRuntime(dst, n_ctx=n_ctx) as rt:
-        return compare(base_ref_logits, rt.logits(tokens))["mean_kl"]
+        return rt.logits(tokens)
+
+
+def carried_fraction(base_ref: np.ndarray, ref: np.ndarray, base_alone: np.ndarray, merged: np.ndarray) -> float:
+    """How much of the adapter's effect a merged file carries, 1 = all of it, 0 = none: the change from
+    the base alone to the merged file (both at the merged file's type, so quantization noise mostly
+    cancels) projected on the adapter's change from base to reference. Changes are log-probability
+    differences, centred and weighted by the reference's probabilities (the Fisher metric, under which
+    the squared length of a small change is twice its KL). Quantization noise is spread over every
+    direction; along the adapter's it averages out over positions and vocabulary, so an adapter whose
+    KL is a tenth of the quantization floor still shows as ~1, and a file without it as ~0."""
+    from .metrics import log_softmax
+
+    num = den = 0.0
+    for i in range(0, len(ref), 32):  # (32, vocab) float64 at a time
+        sl = slice(i, i + 32)
+        lr = log_softmax(ref[sl])
+        p = np.exp(lr)
+        da = lr - log_softmax(base_ref[sl])
+        dm = log_softmax(merged[sl]) - log_softmax(base_alone[sl])
+        da -= (p * da).sum(-1, keepdims=True)
+        dm -= (p * dm).sum(-1, keepdims=True)
+        num += float((p * da * dm).sum())
+        den += float((p * da * da).sum())
+    return num / den if den > 0 else float("nan")
+
+
+CARRIED_RANGE = (0.5, 1.5)  # below: the adapter is (mostly) missing; above: applied more than once or over-scaled
+
+
+def _runtime_refusal(lora) -> str | None:
+    """Why a PEFT adapter cannot become a GGUF LoRA (DoRA, LoRA bias, modules_to_save...), or None."""
+    from .adapter_gguf_write import refuse_unsupported
+
+    try:
+        refuse_unsupported(lora)
+    except Lora2GGUFError as e:
+        return str(e)
+    return None
 
 
 def verify(base: str | os.PathLike, loras: list[tuple[str, float]], merged: str | os.PathLike | None = None,
@@ -159,7 +202,8 @@ def verify(base: str | os.PathLike, loras: list[tuple[str, float]], merged: str 
     if runtime_lora and (len(loras) != 1 or not Path(loras[0][0]).is_dir()):
         raise Lora2GGUFError("--runtime-lora checks one GGUF LoRA against its PEFT source: give exactly one "
                              "--lora PEFT_DIR")
-    report: dict = {"base": str(base_path), "adapters": [], "warnings": [], "views": {}, "pairs": {}}
+    report: dict = {"base": str(base_path), "adapters": [], "warnings": [], "views": {}, "pairs": {},
+                    "skipped": {}}
     with GGUFBase(base_path) as gb, tempfile.TemporaryDirectory(prefix="lora2gguf-verify-") as tmpd, \
             contextlib.ExitStack() as stack:
         tmp = Path(tmpd)
@@ -172,76 +216,89 @@ def verify(base: str | os.PathLike, loras: list[tuple[str, float]], merged: str 
             lora = _load_adapter(path, spec)
             lora.check_base(spec, f"base {base_path}")
             a = Adapter(path, scale, lora)
+            refusal = _runtime_refusal(lora) if path.is_dir() else None
             if runtime_lora:  # read it ourselves first: llama.cpp aborts the process on some broken files
                 a.runtime_path = Path(runtime_lora)
                 if not a.runtime_path.is_file():
                     raise Lora2GGUFError(f"{a.runtime_path}: no such GGUF LoRA file (--runtime-lora)")
                 _load_adapter(a.runtime_path, spec).check_base(spec, f"base {base_path}")
+            elif refusal:  # llama.cpp cannot apply it at run time; a merged file can still carry it
+                report["skipped"]["runtime"] = refusal
             elif path.is_dir():
                 from .adapter_gguf_write import gguf_from_peft
 
                 a.runtime_path = gguf_from_peft(path, base_path, tmp / f"adapter-{i}.gguf")
             else:
                 a.runtime_path = path
-            match, verdict = base_match(a.runtime_path, gb)
-            entry = {"path": str(path), "scale": scale, "runtime_file": str(a.runtime_path),
-                     "base_match": match, "base_verdict": verdict}
-            if match is False:
+            entry = {"path": str(path), "scale": scale, "runtime_file": a.runtime_path and str(a.runtime_path),
+                     "base_match": None, "base_verdict": "a PEFT directory records no base fingerprint"}
+            if a.runtime_path:
+                entry["base_match"], entry["base_verdict"] = base_match(a.runtime_path, gb)
+            if entry["base_match"] is False:
                 report["warnings"].append(f"{a.runtime_path} was made for a different base than {base_path}: "
-                                          f"{verdict}")
+                                          f"{entry['base_verdict']}")
             report["adapters"].append(entry)
             adapters.append(a)
+        run_runtime = "runtime" not in report["skipped"]
+        if not run_runtime and not merged:
+            raise Lora2GGUFError(f"{report['skipped']['runtime']} — so verify has no runtime LoRA to check: give "
+                                 "--merged MERGED.gguf (from lora2gguf merge) to verify the merge instead")
 
         if merged:
             _check_merged(Path(merged), gb)
-        n_ctx = max(64, n_tokens + 8, 256)
+        chat = _chat_prompts(gb, prompts) if prompts else None
+        # the context holds the text, and each prompt with its greedy continuation
+        n_ctx = max(256, n_tokens + 8, *[len(p) + n_greedy + 8 for p in chat or []])
         rt = stack.enter_context(LlamaRuntime(base_path, n_ctx=n_ctx, verbose=verbose))
         tokens = rt.tokenize(text or DEFAULT_TEXT)[:n_tokens]
         if len(tokens) < 16:
             raise Lora2GGUFError(f"the text gives only {len(tokens)} tokens; give at least 16 (--text)")
         report["tokens"] = len(tokens)
-        prompt_tokens = _prompts(rt, gb, prompts, tokens)
+        prompt_tokens = chat or _text_prompts(tokens)
 
+        logits = {"base_runtime": rt.logits(tokens)}
+        greedy: dict = {}
+        conts = None  # llama.cpp's greedy text: with the runtime LoRA, else from the merged file
+        if run_runtime:
+            rt.set_adapters([(a.runtime_path, a.scale) for a in adapters])
+            logits["runtime"] = rt.logits(tokens)
+            conts = greedy["runtime"] = [rt.greedy(p, n_greedy) for p in prompt_tokens]
+            rt.set_adapters([])
+        mtype = None
+        if merged:
+            mtype = _file_type(Path(merged))
+            with LlamaRuntime(merged, n_ctx=n_ctx, verbose=verbose) as mrt:
+                logits["merged"] = mrt.logits(tokens)
+                if conts is None:
+                    conts = [mrt.greedy(p, n_greedy) for p in prompt_tokens]
+                greedy["merged"] = _teacher_forced(mrt.logits, prompt_tokens, conts)
+            # the base itself when it is of the merged type already (merge keeps untouched tensors' bytes)
+            logits["base_alone_as_merged"] = (logits["base_runtime"] if mtype == _file_type(base_path) else
+                                              _base_alone(base_path, mtype, tokens, tmp, n_ctx))
         base_ref = reference_model(gb)
-        logits = {"base_reference": _ref_logits(base_ref, tokens)}
-        logits["base_runtime"] = rt.logits(tokens)
+        logits["base_reference"] = _ref_logits(base_ref, tokens)
         del base_ref
-        rt.set_adapters([(a.runtime_path, a.scale) for a in adapters])
-        logits["runtime"] = rt.logits(tokens)
-        conts = [rt.greedy(p, n_greedy) for p in prompt_tokens]  # llama.cpp's greedy text, runtime LoRA
-        rt.set_adapters([])
-        greedy = {"runtime": conts}
         ref = reference_model(gb, [(a.lora, a.scale) for a in adapters])
         logits["reference"] = _ref_logits(ref, tokens)
         greedy["reference"] = _teacher_forced(lambda seq: _ref_logits(ref, seq), prompt_tokens, conts)
         del ref
-        if merged:
-            with LlamaRuntime(merged, n_ctx=n_ctx, verbose=verbose) as mrt:
-                logits["merged"] = mrt.logits(tokens)
-                greedy["merged"] = _teacher_forced(mrt.logits, prompt_tokens, conts)
 
-        base_type = _file_type(base_path)
         report["views"] = {k: {"perplexity": perplexity(v, np.array(tokens))} for k, v in logits.items()}
         moved = compare(logits["base_reference"], logits["reference"])
         report["adapter_effect"] = {"kl_base_to_reference": moved["mean_kl"], "top1_changed": 1 - moved["top1"]}
+        # Thresholds follow the floor measured for each file type: what llama.cpp at that type costs on
+        # the base alone (its arithmetic at F32/F16/BF16, that plus the rounding for quantized types).
         floor_base = compare(logits["base_reference"], logits["base_runtime"])["mean_kl"]
-        checks = {"runtime": ("reference", "runtime",
-                              1e-4 if base_type in FULL_PRECISION else 1.5 * floor_base + 1e-4)}
-        if merged:
-            mtype = _file_type(Path(merged))
-            if mtype == "ALL_F32":
-                thr = 1e-4
-            elif mtype in FULL_PRECISION:
-                thr = 1e-3
-            elif mtype == "MOSTLY_Q8_0":
-                thr = 1e-2
-            else:
-                floor = _quantization_floor(base_path, mtype, tokens, logits["base_reference"], tmp, n_ctx)
-                report["merged_quantization_floor"] = floor
-                thr = 1.5 * floor + 1e-3
-            checks["merged"] = ("reference", "merged", thr)
-            checks["merged_vs_runtime"] = ("runtime", "merged", None)
         report["base_quantization_floor"] = floor_base
+        checks = {}
+        if run_runtime:
+            checks["runtime"] = ("reference", "runtime", 1.5 * floor_base + 1e-4)
+        if merged:
+            floor = compare(logits["base_reference"], logits["base_alone_as_merged"])["mean_kl"]
+            report["merged_quantization_floor"] = floor
+            checks["merged"] = ("reference", "merged", 1.5 * floor + (1e-4 if mtype == "ALL_F32" else 1e-3))
+            if run_runtime:
+                checks["merged_vs_runtime"] = ("runtime", "merged", None)
         ok = True
         for name, (p, q, thr) in checks.items():
             m = compare(logits[p], logits[q])
@@ -251,6 +308,10 @@ def verify(base: str | os.PathLike, loras: list[tuple[str, float]], merged: str 
                 m["pass"] = m["mean_kl"] <= m["max_kl_allowed"]
                 ok &= m["pass"]
             report["pairs"][name] = m
+        if merged:
+            c = _carries(logits)
+            report["merged_carries_adapter"] = c
+            ok &= c["pass"]
         if moved["mean_kl"] < 1e-6:
             report["warnings"].append("the adapters barely change the base (KL base→reference < 1e-6): "
                                       "a no-op adapter proves nothing")
@@ -261,6 +322,19 @@ def verify(base: str | os.PathLike, loras: list[tuple[str, float]], merged: str 
     return report
 
 
+def _carries(logits: dict) -> dict:
+    """Does the merged file carry the adapter, rather than pass on a loose quantization threshold alone?
+    The fraction of the adapter's effect it carries (carried_fraction) must lie in CARRIED_RANGE; the KL
+    margin over the base alone at the same type is reported beside it."""
+    frac = carried_fraction(logits["base_reference"], logits["reference"], logits["base_alone_as_merged"],
+                            logits["merged"])
+    kl_merged = compare(logits["reference"], logits["merged"])["mean_kl"]
+    kl_alone = compare(logits["reference"], logits["base_alone_as_merged"])["mean_kl"]
+    return {"fraction": frac, "allowed": list(CARRIED_RANGE), "kl_reference_to_merged": kl_merged,
+            "kl_reference_to_base_alone": kl_alone, "kl_margin": kl_alone - kl_merged,
+            "pass": bool(CARRIED_RANGE[0] <= frac <= CARRIED_RANGE[1])}
+
+
 def _ref_logits(model, tokens) -> np.ndarray:
     import torch
 
@@ -268,16 +342,19 @@ def _ref_logits(model, tokens) -> np.ndarray:
         return model(torch.tensor([tokens]))[0].numpy()
 
 
-def _prompts(rt, gb, prompts, tokens) -> list[list[int]]:
-    """Prompts for the greedy check: chat prompts rendered with the base's template, else slices of the text."""
-    if prompts:
-        from .data import Tokenizer
+def _chat_prompts(gb, prompts) -> list[list[int]]:
+    """Chat prompts for the greedy check, rendered with the base's template."""
+    from .data import Tokenizer
 
-        tok = Tokenizer(gb.path)
-        try:
-            return [tok.encode(tok.render(msgs, add_generation_prompt=True)) for msgs in prompts]
-        finally:
-            tok.close()
+    tok = Tokenizer(gb.path)
+    try:
+        return [tok.encode(tok.render(msgs, add_generation_prompt=True)) for msgs in prompts]
+    finally:
+        tok.close()
+
+
+def _text_prompts(tokens) -> list[list[int]]:
+    """Without chat prompts: four slices of the text."""
     starts = [0, len(tokens) // 4, len(tokens) // 2, 3 * len(tokens) // 4]
     return [tokens[: s + 12] if s == 0 else [tokens[0]] + tokens[s: s + 12] for s in starts]
 
@@ -292,7 +369,10 @@ def format_report(r: dict) -> str:
                  f"top-1 changed at {eff['top1_changed']:.0%} of positions")
     lines.append(f"base quantization floor (llama.cpp base vs reference base): {r['base_quantization_floor']:.3g}")
     if "merged_quantization_floor" in r:
-        lines.append(f"merged-type quantization floor: {r['merged_quantization_floor']:.3g}")
+        lines.append(f"merged-type quantization floor (base alone at the merged type vs reference base): "
+                     f"{r['merged_quantization_floor']:.3g}")
+    for view, why in r.get("skipped", {}).items():
+        lines.append(f"{view} view skipped: {why}")
     hdr = f"{'pair':<20}{'mean KL':>11}{'max KL':>11}{'top-1':>8}{'max|Δ|':>9}{'greedy':>8}{'limit':>10}  result"
     lines += ["", hdr, "-" * len(hdr)]
     for name, m in r["pairs"].items():
@@ -300,6 +380,13 @@ def format_report(r: dict) -> str:
         res = ("pass" if m["pass"] else "FAIL") if "pass" in m else "info"
         lines.append(f"{name:<20}{m['mean_kl']:>11.3g}{m['max_kl']:>11.3g}{m['top1']:>8.1%}"
                      f"{m['max_abs_dlogit']:>9.3g}{m['greedy']['identical']:>8.0%}{lim:>10}  {res}")
+    c = r.get("merged_carries_adapter")
+    if c:
+        lines.append("")
+        lines.append(f"merged carries the adapter: {c['fraction']:.3f} of its effect (allowed {c['allowed'][0]}-"
+                     f"{c['allowed'][1]})  {'pass' if c['pass'] else 'FAIL'}")
+        lines.append(f"  KL to reference: merged {c['kl_reference_to_merged']:.3g}, base alone at the merged type "
+                     f"{c['kl_reference_to_base_alone']:.3g} (margin {c['kl_margin']:.3g})")
     lines.append("")
     lines.append("perplexity: " + ", ".join(f"{k} {v['perplexity']:.3f}" for k, v in r["views"].items()))
     for w in r["warnings"]:

@@ -2,8 +2,6 @@
 trained adapters change behaviour where the base does not; on SmolLM2 (slow) it meets its targets."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 
@@ -28,16 +26,6 @@ def test_demo_on_fixture(tmp_path):
     table = format_summary(s)
     assert "hot-swap" in table and "llama-server" in table and "json" in table and "pirate" in table
     json.dumps(s)  # the --json summary is plain JSON
-
-
-def test_modelfile_command(tmp_path):
-    out = tmp_path / "Modelfile"
-    cmd = [sys.executable, "-m", "lora2gguf.cli", "modelfile", "--base", str(fixture("llama")),
-           "--lora", str(fixture("llama")), "-o", str(out)]
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    assert r.returncode == 0 and out.read_text().startswith(f"FROM {fixture('llama')}")
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    assert r.returncode == 2 and "already exists" in r.stderr
 
 
 @pytest.mark.slow

@@ -1,0 +1,53 @@
+"""modelfile: written for a GGUF base and a GGUF LoRA that fits it, refused for anything else."""
+
+import os
+import stat
+import subprocess
+import sys
+
+from conftest import fixture
+from lora2gguf.convert import convert
+from peft_helpers import make_peft_adapter
+
+CLI = [sys.executable, "-m", "lora2gguf.cli", "modelfile"]
+
+
+def test_modelfile_command(tmp_path):
+    lora = convert(make_peft_adapter(fixture("llama", "hf"), tmp_path / "a", r=4, lora_alpha=8,
+                                     target_modules=["q_proj"]), fixture("llama"), tmp_path / "a.gguf")
+    out = tmp_path / "Modelfile"
+    cmd = CLI + ["--base", str(fixture("llama")), "--lora", str(lora), "-o", str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert out.read_text() == f"FROM {fixture('llama').resolve()}\nADAPTER {lora.resolve()}\n"
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 2 and "already exists" in r.stderr
+
+
+def test_modelfile_refuses_a_base_as_lora_and_a_lora_for_another_base(tmp_path):
+    from test_adapter_gguf import shuffled_base
+
+    out = tmp_path / "Modelfile"
+    r = subprocess.run(CLI + ["--base", str(fixture("llama")), "--lora", str(fixture("llama")), "-o", str(out)],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "not a GGUF LoRA" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    other = shuffled_base(fixture("llama"), tmp_path / "other.gguf")
+    lora = convert(make_peft_adapter(fixture("llama", "hf"), tmp_path / "a", r=4, lora_alpha=8,
+                                     target_modules=["q_proj"]), other, tmp_path / "a.gguf")
+    r = subprocess.run(CLI + ["--base", str(fixture("llama")), "--lora", str(lora), "-o", str(out)],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "another base" in r.stderr
+    assert not out.exists() and not list(tmp_path.glob(".Modelfile*"))
+
+
+def test_modelfile_mode_follows_umask(tmp_path):
+    from lora2gguf.modelfile import write_modelfile
+
+    lora = convert(make_peft_adapter(fixture("llama", "hf"), tmp_path / "a", r=4, lora_alpha=8,
+                                     target_modules=["q_proj"]), fixture("llama"), tmp_path / "a.gguf")
+    old = os.umask(0o022)
+    try:
+        out = write_modelfile(fixture("llama"), lora, tmp_path / "Modelfile")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o644
