@@ -187,3 +187,98 @@ def test_broken_runtime_lora_merged_and_prompts_exit_2(tmp_path):
                        (("--prompts", prompts), "unknown role 'narrator'")]:
         rc, rep, err = run_verify("--base", fixture("qwen2"), "--lora", peft_dir, *args)
         assert rc == 2 and rep is None and want in err and len(err.strip().splitlines()) == 1, (args, err)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_base_alone_does_not_pass_as_a_small_effect_merge(arch, tmp_path):
+    """An adapter whose effect (KL) is ~1/10 of q4_k_m's rounding: llama.cpp's quantization of the base
+    alone, passed as --merged, would sit inside the floor-based KL limit. It must fail, because it does
+    not carry the adapter; the true merge of that adapter must pass."""
+    from gguf import LlamaFileType
+
+    from lora2gguf.merge import merge
+    from lora2gguf.quantize import llama_quantize
+
+    peft_dir = make_peft_adapter(fixture(arch, "hf"), tmp_path / "a", seed=3, b_std=0.01, **PLAIN)
+    gguf_lora = convert(peft_dir, fixture(arch), tmp_path / "a.gguf")
+    true = merge(fixture(arch), [(gguf_lora, 1.0)], tmp_path / "true.gguf", quant="q4_k_m")
+    alone = tmp_path / "alone.gguf"
+    llama_quantize(fixture(arch), alone, LlamaFileType.MOSTLY_Q4_K_M)
+    rc, rep, _ = run_verify("--base", fixture(arch), "--lora", gguf_lora, "--merged", alone)
+    effect, floor = rep["adapter_effect"]["kl_base_to_reference"], rep["merged_quantization_floor"]
+    assert effect < 0.25 * floor, (effect, floor)  # the case the KL limit alone cannot catch
+    assert rep["pairs"]["merged"]["pass"], rep["pairs"]["merged"]  # ... and does not: it is within the limit
+    assert rc == 1 and not rep["pass"] and not rep["merged_carries_adapter"]["pass"]
+    assert abs(rep["merged_carries_adapter"]["fraction"]) < 0.1
+    rc, rep, err = run_verify("--base", fixture(arch), "--lora", gguf_lora, "--merged", true)
+    assert rc == 0 and rep["merged_carries_adapter"]["pass"], (err, rep["merged_carries_adapter"])
+
+
+def test_merged_at_twice_the_scale_fails(tmp_path):
+    from lora2gguf.merge import merge
+
+    peft_dir = make_peft_adapter(fixture("qwen2", "hf"), tmp_path / "a", seed=3, b_std=0.01, **PLAIN)
+    gguf_lora = convert(peft_dir, fixture("qwen2"), tmp_path / "a.gguf")
+    twice = merge(fixture("qwen2"), [(gguf_lora, 2.0)], tmp_path / "twice.gguf", quant="f16")
+    rep = verify(fixture("qwen2"), [(str(gguf_lora), 1.0)], merged=twice)
+    assert not rep["pass"] and rep["merged_carries_adapter"]["fraction"] > 1.75
+
+
+@pytest.mark.parametrize("kind", ["dora", "modules_to_save", "lora_bias"])
+def test_adapters_a_gguf_lora_cannot_hold_are_verified_on_the_merge(kind, tmp_path):
+    """DoRA, modules_to_save, LoRA bias: no runtime LoRA (llama.cpp cannot apply them), so the runtime
+    view is skipped with the reason, and the merged file is checked against PEFT's math."""
+    from lora2gguf.merge import merge
+
+    kw = {"dora": dict(PLAIN, use_dora=True), "modules_to_save": dict(PLAIN, modules_to_save=["post_attention_layernorm"]),
+          "lora_bias": dict(PLAIN, target_modules=["q_proj", "k_proj", "v_proj"], lora_bias=True)}[kind]
+    peft_dir = make_peft_adapter(fixture("qwen2", "hf"), tmp_path / "a", seed=12, **kw)
+    merged = merge(fixture("qwen2"), [(peft_dir, 1.0)], tmp_path / "m.gguf", quant="f32")
+    rc, rep, err = run_verify("--base", fixture("qwen2"), "--lora", peft_dir, "--merged", merged)
+    assert rc == 0, err
+    assert "runtime" not in rep["pairs"] and "GGUF LoRA" in rep["skipped"]["runtime"], rep["skipped"]
+    assert rep["pairs"]["merged"]["mean_kl"] <= 1e-5 and rep["merged_carries_adapter"]["pass"]
+    r = subprocess.run(CLI + ["verify", "--base", str(fixture("qwen2")), "--lora", str(peft_dir), "--merged",
+                              str(merged)], capture_output=True, text=True)
+    assert r.returncode == 0 and "runtime view skipped:" in r.stdout, r.stdout
+    rc, _, err = run_verify("--base", fixture("qwen2"), "--lora", peft_dir)  # nothing to check without --merged
+    assert rc == 2 and "--merged" in err and len(err.strip().splitlines()) == 1
+
+
+def test_dora_merge_without_magnitudes_fails(tmp_path):
+    """The DoRA reference is PEFT's math: a merge that drops the magnitude vectors (plain LoRA) fails."""
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    from lora2gguf.merge import merge
+
+    peft_dir = make_peft_adapter(fixture("llama", "hf"), tmp_path / "a", seed=13, use_dora=True, **PLAIN)
+    plain = tmp_path / "plain"
+    shutil.copytree(peft_dir, plain)
+    t = load_file(plain / "adapter_model.safetensors")
+    save_file({k: v for k, v in t.items() if "magnitude" not in k}, plain / "adapter_model.safetensors")
+    cfg = json.loads((plain / "adapter_config.json").read_text())
+    (plain / "adapter_config.json").write_text(json.dumps({**cfg, "use_dora": False}))
+    wrong = merge(fixture("llama"), [(plain, 1.0)], tmp_path / "wrong.gguf", quant="f32")
+    rc, rep, _ = run_verify("--base", fixture("llama"), "--lora", peft_dir, "--merged", wrong)
+    assert rc == 1 and not rep["pairs"]["merged"]["pass"]
+
+
+def test_long_prompts_fit_the_context(tmp_path):
+    """The context holds the chat prompts and their continuations, not just the text."""
+    peft_dir = make_peft_adapter(fixture("llama", "hf"), tmp_path / "a", seed=14, **PLAIN)
+    prompts = tmp_path / "p.jsonl"
+    long = " ".join(["the cat sat on the mat"] * 80)  # ~500 tokens, past the default context of 256
+    prompts.write_text(json.dumps({"messages": [{"role": "user", "content": long}]}) + "\n")
+    rc, rep, err = run_verify("--base", fixture("llama"), "--lora", peft_dir, "--prompts", prompts)
+    assert rc == 0, err
+
+
+@pytest.mark.parametrize("kind", ["f16", "q8_0"])
+def test_runtime_threshold_follows_the_measured_floor(kind, tmp_path):
+    peft_dir = make_peft_adapter(fixture("qwen3", "hf"), tmp_path / "a", seed=15, **PLAIN)
+    rep = verify(fixture("qwen3", kind), [(str(peft_dir), 1.0)])
+    floor = rep["base_quantization_floor"]
+    assert floor > 0 and rep["pairs"]["runtime"]["max_kl_allowed"] == pytest.approx(1.5 * floor + 1e-4)
+    assert rep["pass"], rep["pairs"]
