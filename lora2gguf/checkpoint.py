@@ -25,6 +25,9 @@ STATE_NAME = "trainer_state.pt"
 RESUME_KEYS = ("rank", "alpha", "rslora", "dropout", "targets", "batch_size", "grad_accum", "seq_len", "seed",
                "lr", "warmup", "weight_decay", "max_grad_norm")
 
+INPUTS = {"base_fingerprint": "another base model", "train_tokens": "other training data or tokenizer",
+          "eval_tokens": "other eval data or tokenizer", "data_sha256": "another training data file"}
+
 
 def rng_state() -> dict:
     return {"torch": torch.get_rng_state(), "python": random.getstate(),
@@ -74,8 +77,9 @@ def load_checkpoint(run: Run, ck: Path) -> int:
                              "delete this checkpoint directory to resume from an earlier one, or start over "
                              "with --force") from None
     if changed:
-        raise Lora2GGUFError(f"{ck}: this run differs from the checkpoint's in {', '.join(changed)}; resume "
-                             "with the same settings and data, or start over with --force")
+        what = ", ".join(f"{k} ({INPUTS[k]})" if k in INPUTS else k for k in changed)
+        raise Lora2GGUFError(f"{ck}: this run differs from the checkpoint's in {what}; resume with the same "
+                             "base, tokenizer, data and settings, or start over with --force")
     load_lora_state(run.layers, lora)
     run.opt.load_state_dict(state["optimizer"])
     run.sched.load_state_dict(state["scheduler"])

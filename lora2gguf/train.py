@@ -143,12 +143,50 @@ def prepare_output(cfg: TrainConfig) -> Path:
             raise Lora2GGUFError(f"{out}: no checkpoint-<step> directory to resume from; run without --resume")
     elif out.is_dir() and any(out.iterdir()) and not cfg.force:
         raise Lora2GGUFError(f"{out}: already exists and is not empty; pass --resume to continue its run or "
-                             "--force to start over (its checkpoints and log are removed)")
+                             "--force to start over (its adapter, checkpoints and log are removed)")
     if cfg.gguf:
         from .gguf_write import check_output
 
         check_output(cfg.gguf, cfg.force, [cfg.base])
     return out
+
+
+# What a run leaves in OUT besides its checkpoints: a new run (--force) removes them all, so that an
+# interrupted new run cannot look finished with the previous run's final adapter.
+RUN_FILES = (LOG_NAME, PLOT_NAME, "adapter_model.safetensors", "adapter_config.json")
+
+
+def clear_previous_run(out: Path) -> None:
+    for p in out.glob("checkpoint-*"):
+        shutil.rmtree(p, ignore_errors=True)
+    for name in RUN_FILES:
+        (out / name).unlink(missing_ok=True)
+
+
+def read_log(log_path: Path) -> list[dict]:
+    """train_log.jsonl's records. A line cut short by a crash or a full disk mid-write (the last one) is
+    dropped; the checkpoint, not the log, says where the run resumes."""
+    rows = []
+    if not log_path.is_file():
+        return rows
+    for line in log_path.read_text(errors="replace").splitlines():
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(r, dict) and isinstance(r.get("step"), int):
+            rows.append(r)
+    return rows
+
+
+def tokens_digest(examples) -> str:
+    """sha256 of the tokenized examples: changes with the data, the tokenizer or the sequence length."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for e in examples:
+        h.update(json.dumps([e.ids, e.labels]).encode())
+    return h.hexdigest()
 
 
 def file_sha256(path: str) -> str:
@@ -164,7 +202,7 @@ def plot_losses(log_path: Path, png_path: Path, warn) -> None:
     except ImportError:
         warn("warning: matplotlib is not installed; no loss-curve PNG (pip install matplotlib)")
         return
-    rows = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+    rows = read_log(log_path)
     fig = Figure(figsize=(6, 4))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
@@ -273,6 +311,7 @@ def setup(cfg, out, device, cdtype, rank, world, warn) -> tuple[Run, list, list]
     """Tokenize the data, load the frozen base, add LoRA, build the optimizer → (run, train, eval examples)."""
     from .base import open_base
     from .data import load_dataset, open_tokenizer
+    from .fingerprint import fingerprint
 
     tok = open_tokenizer(cfg.base, cfg.tokenizer)
     try:
@@ -287,12 +326,11 @@ def setup(cfg, out, device, cdtype, rank, world, warn) -> tuple[Run, list, list]
         layer_ids = parse_layers(cfg.layers, base.spec.n_layer)
         model = load_base_model(base, cdtype, device)  # frozen base in the compute dtype
         base_name = base.spec.name or Path(cfg.base).name
+        base_digest = fingerprint(base).digest
     if rank == 0:  # only now that the inputs are known good
         out.mkdir(parents=True, exist_ok=True)
-        if not cfg.resume:  # --force: the previous run's checkpoints and log go
-            for p in out.glob("checkpoint-*"):
-                shutil.rmtree(p, ignore_errors=True)
-            (out / LOG_NAME).unlink(missing_ok=True)
+        if not cfg.resume:
+            clear_previous_run(out)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     layers = inject_lora(model, cfg.targets, cfg.rank, cfg.alpha, cfg.rslora, cfg.dropout, layer_ids)
@@ -318,7 +356,9 @@ def setup(cfg, out, device, cdtype, rank, world, warn) -> tuple[Run, list, list]
     scaler = torch.amp.GradScaler(device.type, enabled=cdtype == torch.float16)  # fp16 needs loss scaling
     args = {k: getattr(cfg, k) for k in RESUME_KEYS} | {
         "targets": resolve_targets(cfg.targets), "layers": layer_ids, "warmup": warmup, "total_steps": total,
-        "data_sha256": file_sha256(cfg.data)}
+        "data_sha256": file_sha256(cfg.data),
+        # another base of the same shapes, another tokenizer or other eval data would resume silently
+        "base_fingerprint": base_digest, "train_tokens": tokens_digest(train_ex), "eval_tokens": tokens_digest(eval_ex)}
     config = adapter_config(args["targets"], cfg.rank, cfg.alpha, cfg.rslora, cfg.dropout, base_name, layer_ids)
     run = Run(cfg, out, device, cdtype, rank, world, tok.pad_id, model, net, layers, opt, sched, scaler, args, config)
     return run, train_ex, eval_ex
@@ -339,8 +379,8 @@ def _train(cfg, on_step, out, device, cdtype, rank, world, warn) -> TrainResult:
         warn(f"resuming from {ck} (step {start} of {total})")
     log_path = out / LOG_NAME
     if rank == 0:  # drop log lines past the checkpoint we resume from
-        old = log_path.read_text().splitlines() if cfg.resume and log_path.is_file() else []
-        log_path.write_text("".join(line + "\n" for line in old if json.loads(line)["step"] <= start))
+        old = read_log(log_path) if cfg.resume else []
+        log_path.write_text("".join(json.dumps(r) + "\n" for r in old if r["step"] <= start))
     order = Order(len(train_ex), cfg.seed)
     result = TrainResult(out, start, model=run.model, layers=run.layers, optimizer=run.opt, rank=rank)
     bar = tqdm(total=total, initial=start, disable=not cfg.progress or rank != 0, dynamic_ncols=True,

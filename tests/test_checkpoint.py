@@ -101,3 +101,42 @@ def test_truncated_checkpoint_is_a_one_line_refusal(tmp_path):
     state.write_bytes(state.read_bytes()[:100])
     with pytest.raises(Lora2GGUFError, match="checkpoint-2: unreadable checkpoint"):
         train(cfg(tmp_path / "cut", steps=6, batch_size=2, resume=True))
+
+
+def test_force_removes_the_previous_final_adapter(tmp_path):
+    """A finished run, then --force interrupted before its end: no final adapter may remain to make the
+    new run look finished."""
+    run = tmp_path / "run"
+    train(cfg(run, steps=3, batch_size=2))
+    assert (run / "adapter_model.safetensors").is_file() and (run / "adapter_config.json").is_file()
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg(run, steps=6, batch_size=2, force=True), on_step=interrupt_at(2))
+    assert not (run / "adapter_model.safetensors").exists() and not (run / "adapter_config.json").exists()
+    assert [p.name for p in run.glob("checkpoint-*")] == ["checkpoint-2"]
+
+
+def test_resume_refuses_another_base_of_the_same_shapes_and_other_eval_data(tmp_path):
+    from conftest import FIXTURES, fixture
+    from test_adapter_gguf import shuffled_base
+
+    run = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg(run, steps=6, batch_size=2), on_step=interrupt_at(2))
+    other = shuffled_base(fixture("llama"), tmp_path / "other.gguf")  # same names and shapes, other weights
+    with pytest.raises(Lora2GGUFError, match="base_fingerprint \\(another base model\\)"):
+        train(replace(cfg(run, steps=6, batch_size=2, resume=True), base=str(other)))
+    with pytest.raises(Lora2GGUFError, match="eval_tokens"):
+        train(replace(cfg(run, steps=6, batch_size=2, resume=True), eval_data=str(FIXTURES / "train" / "chat.jsonl")))
+    train(cfg(run, steps=6, batch_size=2, resume=True))  # the same inputs resume
+    assert [r["step"] for r in log_rows(run)] == list(range(1, 7))
+
+
+def test_resume_after_a_half_written_log_line(tmp_path):
+    """A crash mid-write leaves a cut last line in train_log.jsonl: --resume drops it (was a traceback)."""
+    run = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg(run, steps=6, batch_size=2), on_step=interrupt_at(3))
+    log = run / "train_log.jsonl"
+    log.write_text(log.read_text() + '{"step": 4, "loss": 1.2')
+    train(cfg(run, steps=6, batch_size=2, resume=True))
+    assert [r["step"] for r in log_rows(run)] == list(range(1, 7))

@@ -68,7 +68,6 @@ def expected_continuation(rt, rec):
 @pytest.mark.parametrize("arch, kind, data", [("llama", "q4_k_m", "memorise.jsonl"), ("qwen3", "f32", "chat.jsonl")])
 def test_memorise_then_llama_cpp_serves_it(tmp_path, arch, kind, data):
     """train (on the quantized GGUF itself) → convert (--gguf) → llama.cpp with --lora, greedy."""
-    pytest.importorskip("lora2gguf.convert", reason="lora2gguf.convert (the convert verb) has not landed yet")
     from lora2gguf.runtime import LlamaRuntime
 
     gguf = tmp_path / "adapter.gguf"
