@@ -149,7 +149,13 @@ def recorded_fingerprint(f: GGUFFile):
     if not ok:
         raise Lora2GGUFError(f"{f.path}: its base fingerprint metadata ({fingerprint.KEY_STRUCTURE}, "
                              f"{fingerprint.KEY_SAMPLE}) is corrupt; the file is damaged")
-    return fingerprint.Fingerprint(str(s.value), sample)
+    types = f.get(fingerprint.KEY_TYPES)  # absent before the noise-aware comparison: correlation then
+    if types is not None:
+        types = tuple(int(t) for t in np.asarray(types).reshape(-1))
+        if len(types) * fingerprint.PER_TENSOR != len(sample):
+            raise Lora2GGUFError(f"{f.path}: its base fingerprint metadata ({fingerprint.KEY_TYPES}) is corrupt; "
+                                 "the file is damaged")
+    return fingerprint.Fingerprint(str(s.value), sample, types)
 
 
 def provenance(f: GGUFFile) -> dict:

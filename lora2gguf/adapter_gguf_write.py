@@ -147,7 +147,10 @@ def write_gguf_lora(out: Path, adapter: PeftAdapter, spec, alpha_file: float, ou
         "lora2gguf.peft_base_model": (str(cfg.get("base_model_name_or_path") or ""), V.STRING),
     }
     for key, value in fp.to_fields().items():
-        meta[key] = (value.tolist(), V.ARRAY, V.FLOAT32) if isinstance(value, np.ndarray) else (value, V.STRING)
+        if isinstance(value, np.ndarray):
+            meta[key] = (value.tolist(), V.ARRAY, V.UINT32 if value.dtype.kind in "iu" else V.FLOAT32)
+        else:
+            meta[key] = (value, V.STRING)
     for key, (value, vtype, *sub) in meta.items():
         if vtype == V.ARRAY and not value:
             continue  # gguf-py cannot type an empty array

@@ -2,11 +2,16 @@
 
 Computed without reading the whole file: a hash of the tensor names and shapes (the structure), plus
 a small deterministic sample of weight values in HF layout (a few rows of the embedding, the head and
-the projections of the first, middle and last layer, dequantized). Two bases match when the structures
-are equal and every sampled tensor correlates strongly: the same model at F16, Q8_0 or Q4_K correlates
-> 0.99 with its F32 copy, an unrelated model of the same shapes near 0. A fine-tune whose weights moved
-less than quantization noise would also match: the sample recognises the weights, not a byte-identical
-file (the digest, taken at float16 precision, says that).
+the projections of the first, middle and last layer, dequantized), with each sampled tensor's type.
+
+Two bases match when the structures are equal and each sampled tensor differs by no more than the
+rounding of the two types involved can explain (relative RMS difference within ROUNDING[type] of each
+side, summed). So the same model at F16, Q8_0 or Q4_K matches its F32 copy, an unrelated model of the
+same shapes differs by ~1.4 (√2), and a fine-tune (the instruct version of a base) differs by the size
+of its weight updates: told apart whenever they exceed the rounding of the types compared (any change
+at F32/F16, ~2% at Q8_0, ~25% against a Q4 file, where weights alone cannot tell). Fingerprints
+recorded without types (adapters written before them) fall back to correlation. A false alarm (a base
+requantized by a tool that rounds differently) is overridden with LORA2GGUF_ALLOW_BASE_MISMATCH=1.
 """
 
 from __future__ import annotations
@@ -14,24 +19,39 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import struct
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from gguf import GGMLQuantizationType
 
 from . import archs
 
 PER_TENSOR = 128  # sampled values per tensor
 MIN_CORRELATION = 0.8  # Q2_K keeps ~0.9 per tensor; unrelated weights stay below ~0.3 at 128 values
 KEY_DIGEST, KEY_STRUCTURE, KEY_SAMPLE = "lora2gguf.base.fingerprint", "lora2gguf.base.structure", "lora2gguf.base.sample"
+KEY_TYPES = "lora2gguf.base.sample_types"  # GGML type of each sampled tensor
+OVERRIDE = "LORA2GGUF_ALLOW_BASE_MISMATCH"
+# Relative RMS error of dequantized weights vs the originals, an upper estimate per GGML type: half a
+# quantization step over √3 for the levels each type has on a Gaussian-like block (F16/BF16: their
+# mantissa), with room to spare. Two copies of one base differ by at most the sum for their two types.
+_ROUNDING_BY_NAME = {"F32": 0.0, "F16": 5e-4, "BF16": 4e-3, "Q8_0": 0.012, "Q6_K": 0.04,
+                     **dict.fromkeys(["Q5_0", "Q5_1", "Q5_K"], 0.07),
+                     **dict.fromkeys(["Q4_0", "Q4_1", "Q4_K", "IQ4_NL", "IQ4_XS"], 0.13),
+                     **dict.fromkeys(["Q3_K", "IQ3_S", "IQ3_XXS"], 0.25),
+                     **dict.fromkeys(["Q2_K", "IQ2_XXS", "IQ2_XS", "IQ2_S"], 0.5)}
+ROUNDING = {int(GGMLQuantizationType[n]): v for n, v in _ROUNDING_BY_NAME.items()}
+UNKNOWN_ROUNDING = 1.0  # a type not in the table (IQ1, ternary...): only an unrelated model is told apart
 
 
 @dataclass(frozen=True)
 class Fingerprint:
     structure: str  # sha256 over arch, HF tensor names and shapes
     sample: np.ndarray  # float32 (n_sampled_tensors * PER_TENSOR,)
+    types: tuple[int, ...] | None = None  # GGML type of each sampled tensor (None: recorded before types)
 
     @property
     def digest(self) -> str:
@@ -40,15 +60,10 @@ class Fingerprint:
         return h.hexdigest()[:16]
 
     def to_fields(self) -> dict[str, object]:
-        return {KEY_DIGEST: self.digest, KEY_STRUCTURE: self.structure, KEY_SAMPLE: self.sample}
-
-
-def from_gguf_fields(f) -> Fingerprint | None:
-    """The fingerprint recorded in an adapter's metadata (a gguf_file.GGUFFile), if any."""
-    s, v = f.get(KEY_STRUCTURE), f.get(KEY_SAMPLE)
-    if s is None or v is None:
-        return None
-    return Fingerprint(str(s), np.asarray(v, np.float32))
+        out = {KEY_DIGEST: self.digest, KEY_STRUCTURE: self.structure, KEY_SAMPLE: self.sample}
+        if self.types is not None:
+            out[KEY_TYPES] = np.asarray(self.types, np.uint32)
+        return out
 
 
 def sampled_tensors(spec) -> list[str]:
@@ -77,16 +92,18 @@ def fingerprint(base) -> Fingerprint:
     if hasattr(base, "file"):
         shapes = {h: base.file.tensors[base.gguf_name(h)].shape for h in base.hf_names()}
         rows_of = lambda h, rows, cols: _gguf_rows(base, h, rows, cols)  # noqa: E731
+        type_of = lambda h: int(base.file.tensors[base.gguf_name(h)].type)  # noqa: E731
     else:
         st = _SafetensorsIndex(base.path)
         shapes = {h: st.shape(h) for h in base.hf_names()}
-        rows_of = st.rows
+        rows_of, type_of = st.rows, st.ggml_type
     structure = hashlib.sha256(json.dumps([spec.arch, [[h, list(s)] for h, s in shapes.items()]]).encode()).hexdigest()
-    parts = []
+    parts, types = [], []
     for h in sampled_tensors(spec):
         rows, cols = _plan(h, shapes[h])
         parts.append(_finish([r[:cols] for r in rows_of(h, rows, cols)]))
-    return Fingerprint(structure, np.concatenate(parts))
+        types.append(type_of(h))
+    return Fingerprint(structure, np.concatenate(parts), tuple(types))
 
 
 def _gguf_rows(base, hf_name: str, rows: list[int], cols: int) -> list[np.ndarray]:
@@ -137,6 +154,9 @@ class _SafetensorsIndex:
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.entries[name][1]["shape"])
 
+    def ggml_type(self, name: str) -> int:
+        return {"F16": 1, "BF16": 30}.get(self.entries[name][1]["dtype"], 0)  # F64/F32: exact as F32
+
     def rows(self, name: str, rows: list[int], cols: int) -> list[np.ndarray]:
         p, info, start = self.entries[name]
         dt = np.dtype(self._DT[info["dtype"]])
@@ -150,25 +170,53 @@ class _SafetensorsIndex:
 
 def compare(recorded: Fingerprint, actual: Fingerprint) -> dict:
     """Does `actual` look like the base `recorded` was taken from? verdict: equal at float16 precision / same
-    weights at another precision or quantization / different shapes / different weights."""
+    weights at another precision or quantization / different shapes / different weights (another model or
+    a fine-tune of it). LORA2GGUF_ALLOW_BASE_MISMATCH=1 turns "different weights" into a match, saying so."""
     if recorded.structure != actual.structure:
         return {"match": False, "verdict": "different model (tensor names or shapes differ)", "min_correlation": None}
     if recorded.sample.shape != actual.sample.shape:
         return {"match": False, "verdict": "different fingerprint layout", "min_correlation": None}
     a = recorded.sample.reshape(-1, PER_TENSOR).astype(np.float64)
     b = actual.sample.reshape(-1, PER_TENSOR).astype(np.float64)
-    corr = []
-    for x, y in zip(a, b):
-        if np.array_equal(x, y):
-            corr.append(1.0)
-        else:
-            sx, sy = x.std(), y.std()
-            corr.append(0.0 if sx == 0 or sy == 0 else float(((x - x.mean()) * (y - y.mean())).mean() / (sx * sy)))
-    low = min(corr)
+    corr = [_correlation(x, y) for x, y in zip(a, b)]
+    out = {"min_correlation": round(min(corr), 4)}
+    if recorded.types is not None and actual.types is not None and len(recorded.types) == len(a) == len(actual.types):
+        # the excess of each tensor's difference over what the two types' rounding explains (> 1: too far)
+        excess = [_rel_diff(x, y) / max(_rounding(tx) + _rounding(ty), 1e-7)
+                  for x, y, tx, ty in zip(a, b, recorded.types, actual.types)]
+        out["max_difference_vs_rounding"] = round(max(excess), 4)
+        same = max(excess) <= 1.0
+    else:
+        same = min(corr) >= MIN_CORRELATION
     if recorded.digest == actual.digest:
         verdict = "same weights (equal at float16 precision)"
-    elif low >= MIN_CORRELATION:
+    elif same:
         verdict = "same weights at another precision or quantization"
     else:
-        verdict = "different weights (same shapes): the adapter was made for another model"
-    return {"match": low >= MIN_CORRELATION, "verdict": verdict, "min_correlation": round(low, 4)}
+        verdict = ("different weights (same shapes: another model, or a fine-tune such as the instruct version "
+                   "of the base): the adapter was made for another model")
+        if os.environ.get(OVERRIDE, "") not in ("", "0"):
+            verdict += f"; accepted because {OVERRIDE} is set"
+            same = True
+        else:
+            verdict += f"; if it is the same base rounded differently, set {OVERRIDE}=1"
+    return {"match": same, "verdict": verdict, **out}
+
+
+def _correlation(x: np.ndarray, y: np.ndarray) -> float:
+    if np.array_equal(x, y):
+        return 1.0
+    sx, sy = x.std(), y.std()
+    return 0.0 if sx == 0 or sy == 0 else float(((x - x.mean()) * (y - y.mean())).mean() / (sx * sy))
+
+
+def _rel_diff(x: np.ndarray, y: np.ndarray) -> float:
+    """RMS of the difference relative to the RMS of the values (0 for equal samples)."""
+    if np.array_equal(x, y):
+        return 0.0
+    scale = max(np.sqrt((x * x).mean()), np.sqrt((y * y).mean()), 1e-30)
+    return float(np.sqrt(((x - y) ** 2).mean()) / scale)
+
+
+def _rounding(ggml_type: int) -> float:
+    return ROUNDING.get(ggml_type, UNKNOWN_ROUNDING)
