@@ -92,7 +92,7 @@ def llama_quantize(src: str | os.PathLike, dst: str | os.PathLike, ftype: LlamaF
     anywhere else, the child is killed and waited for, and the caller removes `dst`; the child dies
     with this process too (PR_SET_PDEATHSIG), so even a SIGKILL leaves no writer behind."""
     cmd = [sys.executable, "-m", "lora2gguf.quantize", os.fspath(src), os.fspath(dst), str(int(ftype)),
-           str(threads or 0)]
+           str(threads or 0), str(os.getpid())]
     errors: list[str] = []
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                             text=True, errors="replace", bufsize=1)
@@ -117,13 +117,13 @@ def llama_quantize(src: str | os.PathLike, dst: str | os.PathLike, ftype: LlamaF
                              "run with --verbose to see llama.cpp's log")
 
 
-def _child(src: str, dst: str, ftype: int, threads: int) -> int:
+def _child(src: str, dst: str, ftype: int, threads: int, parent: int) -> int:
     """The quantizer process: llama.cpp's log on stdout, for the parent to read."""
     import signal
 
     with contextlib.suppress(OSError, AttributeError):  # Linux: die with the parent, whatever kills it
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    if os.getppid() == 1:  # the parent died before prctl took effect
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent died before prctl took effect
         return 1
     for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(s, signal.SIG_DFL)  # die at once, mid-tensor: the parent removes the output
@@ -147,4 +147,4 @@ def _child(src: str, dst: str, ftype: int, threads: int) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(_child(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])))
+    sys.exit(_child(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])))

@@ -194,3 +194,84 @@ def test_ctrl_c_in_train_leaves_a_resumable_checkpoint(tmp_path, capfd):
     assert [r["step"] for r in rows] == list(range(1, steps + 1)), "continued after the checkpoint, each step once"
     assert rows[:step] == before, "the steps before the interrupt are kept as they were"
     assert load_peft(out).config["r"] == 4
+
+
+def quantizer_child(parent: int, timeout: float = 120) -> int:
+    """The pid of merge's llama.cpp quantizer process (a child running lora2gguf.quantize), once it runs."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for d in Path("/proc").iterdir():
+            if not d.name.isdigit():
+                continue
+            try:
+                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                cmd = (d / "cmdline").read_bytes()
+            except (OSError, IndexError, ValueError):
+                continue
+            if ppid == parent and b"lora2gguf.quantize" in cmd:
+                return int(d.name)
+        time.sleep(0.005)
+    raise AssertionError("no quantizer process appeared")
+
+
+def stop_quantizer_mid_write(proc, out: Path) -> int:
+    """Freeze merge's quantizer process (SIGSTOP: it will never finish) once its output has bytes."""
+    child = quantizer_child(proc.pid)
+    deadline = time.time() + 120
+    while True:
+        try:
+            if any(t.stat().st_size > 0 for t in temps(out.parent, out) if not t.name.endswith(".merged.part")):
+                break
+        except FileNotFoundError:
+            pass
+        assert time.time() < deadline and alive(child), "the quantizer wrote nothing"
+        time.sleep(0.001)
+    os.kill(child, signal.SIGSTOP)
+    return child
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_stops_merge_while_the_quantizer_cannot_finish(big, tmp_path, sig):
+    """The quantizer is frozen mid-write (it would never finish): SIGTERM / Ctrl-C still end the merge,
+    the quantizer process is gone and no temp file is left. Holding signals until llama.cpp returned,
+    as before, would hang here for good (on 8B: minutes of quantization)."""
+    out = tmp_path / "merged.gguf"
+    out.write_bytes(OLD)
+    proc = start(["merge", "--base", big / "base.gguf", "--lora", big / "lora", "-o", out, "--quant", "q8_0",
+                  "--force", "--threads", "1"])
+    child = stop_quantizer_mid_write(proc, out)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == (128 + sig if sig == signal.SIGTERM else 130), (proc.returncode, err)
+    assert "Traceback" not in err, err
+    assert not alive(child), "the quantizer must not outlive the merge"
+    assert out.read_bytes() == OLD and temps(tmp_path, out) == []
+
+
+def test_sigkill_leaves_no_writer_and_the_next_run_cleans_up(big, tmp_path):
+    """SIGKILL runs no clean-up: the quantizer dies with the merge (no hidden writer keeps filling a
+    multi-GB .part), and the next run removes the dead run's temp files."""
+    out = tmp_path / "merged.gguf"
+    args = ["merge", "--base", big / "base.gguf", "--lora", big / "lora", "-o", out, "--quant", "q8_0", "--threads", "1"]
+    proc = start(args)
+    child = stop_quantizer_mid_write(proc, out)
+    proc.kill()
+    proc.communicate(timeout=60)
+    deadline = time.time() + 30
+    while alive(child) and time.time() < deadline:
+        time.sleep(0.01)
+    assert not alive(child), "the quantizer outlived a SIGKILLed merge"
+    left = temps(tmp_path, out)
+    assert left and not out.exists()
+    done = start(args)
+    _, err = done.communicate(timeout=300)
+    assert done.returncode == 0, err
+    assert out.is_file() and temps(tmp_path, out) == []
