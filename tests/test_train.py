@@ -142,13 +142,29 @@ def test_torchrun_two_processes_match_one(tmp_path):
         assert (ta[k] - tb[k]).norm() <= 1e-3 * tb[k].norm(), k
 
 
+# Low precision against fp32, same data, seed and steps. Measured on this fixture (torch 2.13 CPU):
+# step-1 loss rel. difference bf16 5.2e-4, fp16 3.2e-5; learned ΔW = B·A after 30 steps, worst module
+# rel. Frobenius difference bf16 0.14, fp16 0.055 (Adam at lr 1e-2 amplifies early rounding). Limits:
+LOW_PRECISION_TOL = {"bf16": {"first_loss": 5e-3, "delta": 0.25}, "fp16": {"first_loss": 1e-3, "delta": 0.10}}
+
+
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
 def test_low_precision_autocast_path_on_cpu(tmp_path, dtype):
-    """The CUDA default (bf16 autocast, frozen base in bf16; fp16 adds loss scaling) runs the same code on CPU."""
+    """The CUDA default (bf16 autocast, frozen base in bf16; fp16 adds loss scaling) runs the same code on
+    CPU, and lands where fp32 does within LOW_PRECISION_TOL."""
     res = train(cfg(tmp_path / "out", data="memorise.jsonl", steps=30, dtype=dtype, device="cpu"))
+    ref = train(cfg(tmp_path / "fp32", data="memorise.jsonl", steps=30, dtype="fp32", device="cpu"))
     want = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     assert res.model.model.embed_tokens.weight.dtype == want
     assert all(t.dtype == torch.float32 for t in adapter_tensors(tmp_path / "out").values())
+    tol = LOW_PRECISION_TOL[dtype]
+    assert abs(res.losses[0] - ref.losses[0]) <= tol["first_loss"] * ref.losses[0], (res.losses[0], ref.losses[0])
+    ours, theirs = adapter_tensors(tmp_path / "out"), adapter_tensors(tmp_path / "fp32")
+    for k in theirs:
+        if "lora_A" in k:
+            b = k.replace("lora_A", "lora_B")
+            d, d32 = ours[b] @ ours[k], theirs[b] @ theirs[k]
+            assert (d - d32).norm() <= tol["delta"] * d32.norm(), (k, float((d - d32).norm() / d32.norm()))
     assert res.losses[-1] <= 0.5 * res.losses[0], res.losses[::5]
 
 
