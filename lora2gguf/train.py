@@ -183,9 +183,13 @@ def tokens_digest(examples) -> str:
     """sha256 of the tokenized examples: changes with the data, the tokenizer or the sequence length."""
     import hashlib
 
+    import numpy as np
+
     h = hashlib.sha256()
     for e in examples:
-        h.update(json.dumps([e.ids, e.labels]).encode())
+        for seq in (e.ids, e.labels):
+            a = np.asarray(seq, np.int64)
+            h.update(len(a).to_bytes(8, "little") + a.tobytes())
     return h.hexdigest()
 
 
