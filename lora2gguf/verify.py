@@ -195,8 +195,9 @@ def _runtime_refusal(lora) -> str | None:
 def verify(base: str | os.PathLike, loras: list[tuple[str, float]], merged: str | os.PathLike | None = None,
            runtime_lora: str | os.PathLike | None = None, text: str | None = None,
            prompts: list[list[dict]] | None = None, n_tokens: int = 256, max_kl: float | None = None,
-           n_greedy: int = 16, verbose: bool = False) -> dict:
-    """Compare reference / runtime / merged on the same tokens; returns the report (see format_report)."""
+           n_greedy: int = 16, verbose: bool = False, chat_template: str | None = None) -> dict:
+    """Compare reference / runtime / merged on the same tokens; returns the report (see format_report).
+    chat_template renders `prompts` where the base has none (data.chat_template: chatml, gemma, a file)."""
     from .base import GGUFBase
     from .reference import reference_model
     from .runtime import LlamaRuntime
@@ -253,7 +254,7 @@ def verify(base: str | os.PathLike, loras: list[tuple[str, float]], merged: str 
 
         if merged:
             _check_merged(Path(merged), gb)
-        chat = _chat_prompts(gb, prompts) if prompts else None
+        chat = _chat_prompts(gb, prompts, chat_template) if prompts else None
         # the context holds the text, and each prompt with its greedy continuation
         n_ctx = max(256, n_tokens + 8, *[len(p) + n_greedy + 8 for p in chat or []])
         rt = stack.enter_context(LlamaRuntime(base_path, n_ctx=n_ctx, verbose=verbose))
@@ -349,11 +350,11 @@ def _ref_logits(model, tokens) -> np.ndarray:
         return model(torch.tensor([tokens]))[0].numpy()
 
 
-def _chat_prompts(gb, prompts) -> list[list[int]]:
-    """Chat prompts for the greedy check, rendered with the base's template."""
+def _chat_prompts(gb, prompts, template: str | None) -> list[list[int]]:
+    """Chat prompts for the greedy check, rendered with `template` or else the base's own."""
     from .data import Tokenizer
 
-    tok = Tokenizer(gb.path)
+    tok = Tokenizer(gb.path, template)
     try:
         return [tok.encode(tok.render(msgs, add_generation_prompt=True)) for msgs in prompts]
     finally:

@@ -126,7 +126,7 @@ def test_resume_refuses_another_base_of_the_same_shapes_and_other_eval_data(tmp_
     with pytest.raises(Lora2GGUFError, match="base_fingerprint \\(another base model\\)"):
         train(replace(cfg(run, steps=6, batch_size=2, resume=True), base=str(other)))
     with pytest.raises(Lora2GGUFError, match="eval_tokens"):
-        train(replace(cfg(run, steps=6, batch_size=2, resume=True), eval_data=str(FIXTURES / "train" / "chat.jsonl")))
+        train(replace(cfg(run, steps=6, batch_size=2, resume=True), eval_data=str(FIXTURES / "train" / "text.jsonl")))
     train(cfg(run, steps=6, batch_size=2, resume=True))  # the same inputs resume
     assert [r["step"] for r in log_rows(run)] == list(range(1, 7))
 

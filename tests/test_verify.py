@@ -271,7 +271,8 @@ def test_long_prompts_fit_the_context(tmp_path):
     prompts = tmp_path / "p.jsonl"
     long = " ".join(["the cat sat on the mat"] * 80)  # ~500 tokens, past the default context of 256
     prompts.write_text(json.dumps({"messages": [{"role": "user", "content": long}]}) + "\n")
-    rc, rep, err = run_verify("--base", fixture("llama"), "--lora", peft_dir, "--prompts", prompts)
+    rc, rep, err = run_verify("--base", fixture("llama"), "--lora", peft_dir, "--prompts", prompts,
+                              "--chat-template", "chatml")
     assert rc == 0, err
 
 

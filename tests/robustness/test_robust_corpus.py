@@ -60,7 +60,7 @@ VERBS = {
     },
 }
 TRAIN = ["--steps", "1", "--rank", "2", "--seq-len", "32", "--device", "cpu"]
-VERIFY = lambda v: ["--tokens", "32", "--prompts", v.prompts]  # noqa: E731  (fewer llama.cpp evaluations)
+VERIFY = lambda v: ["--tokens", "32", "--prompts", v.prompts, "--chat-template", "chatml"]  # noqa: E731  (fewer llama.cpp evaluations)
 # inspect --base only where the adapter does not fit the base; verify --runtime-lora only for files broken
 # at the byte level: verify reads the runtime LoRA's contents (and a --merged file at all) only through
 # llama.cpp after its whole run, a few seconds to a minute each on a loaded machine
