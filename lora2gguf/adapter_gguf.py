@@ -125,6 +125,8 @@ def load_gguf_lora(path: str | os.PathLike, spec=None) -> PeftAdapter:
         ranks = Counter(m.r for m in modules.values())
         config = {"peft_type": "LORA", "r": ranks.most_common(1)[0][0], "lora_alpha": alpha,
                   "target_modules": sorted(modules), "gguf": provenance(f)}
+        if (toks := f.get("adapter.alora.invocation_tokens")) is not None:  # an activated LoRA
+            config["alora_invocation_tokens"] = [int(t) for t in toks]
     adapter = PeftAdapter(path, config, modules)
     if spec is not None:
         adapter.check_base(spec, "the base")

@@ -171,6 +171,7 @@ def verify(base: str | os.PathLike, loras: list[tuple[str, float]], merged: str 
                 raise Lora2GGUFError(f"{path}: no such adapter file or directory")
             lora = _load_adapter(path, spec)
             lora.check_base(spec, f"base {base_path}")
+            report["warnings"] += lora.notes  # a 4-bit training base: the KL below is the gap it leaves
             a = Adapter(path, scale, lora)
             if runtime_lora:  # read it ourselves first: llama.cpp aborts the process on some broken files
                 a.runtime_path = Path(runtime_lora)
