@@ -1,0 +1,114 @@
+"""adapter_any: the format told by the files, multimodal text towers and 4-bit (Unsloth / QLoRA) bases
+through every verb.
+
+Which case applies: the multimodal and Unsloth adapters are real PEFT adapters (the peft library on our
+tiny llama) whose files are then laid out as PEFT saves them on a multimodal model (transformers'
+Gemma3ForConditionalGeneration / Qwen2.5-VL module paths, with LoRA on vision modules) or given the
+`base_model_name_or_path` Unsloth writes; no multimodal model or bitsandbytes is installed here."""
+
+import json
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from conftest import fixture
+from lora2gguf.adapter_any import adapter_format, describe_adapter
+from lora2gguf.cli import main
+from lora2gguf.errors import Lora2GGUFError
+from lora2gguf.verify import verify
+from peft_helpers import assert_converts_like_peft, make_peft_adapter
+
+P = "base_model.model."
+# (text-tower prefix replacing "model.", lm_head's path, vision LoRA tensors added) per checkpoint layout
+LAYOUTS = {
+    "gemma3-new": ("model.language_model.", "lm_head", ["model.vision_tower.vision_model.encoder.layers.0.self_attn.q_proj",
+                                                         "model.vision_tower.vision_model.encoder.layers.1.mlp.fc1",
+                                                         "model.multi_modal_projector.mm_input_projection"]),
+    "gemma3-old": ("language_model.model.", "language_model.lm_head", ["vision_tower.vision_model.encoder.layers.0.self_attn.k_proj"]),
+    "qwen25vl": ("model.language_model.", "lm_head", ["model.visual.blocks.0.attn.qkv", "model.visual.merger.mlp.0"]),
+}
+
+
+def as_multimodal(peft_dir, out, layout, regex_targets=False):
+    """The same PEFT adapter laid out as on a multimodal model: text modules under its language model,
+    plus LoRA pairs on vision modules (which a GGUF LoRA cannot carry: llama.cpp's mmproj takes none)."""
+    text, head, vision = LAYOUTS[layout]
+    tensors = load_file(peft_dir / "adapter_model.safetensors")
+    moved = {}
+    for k, v in tensors.items():
+        name = k[len(P):]
+        name = head + name[len("lm_head"):] if name.startswith("lm_head") else text + name[len("model."):]
+        moved[P + name] = v
+    r = next(v for k, v in tensors.items() if "lora_A" in k).shape[0]
+    rng = np.random.default_rng(0)
+    for mod in vision:  # shapes of a small vision tower: llama.cpp would have nowhere to put them
+        moved[f"{P}{mod}.lora_A.weight"] = rng.standard_normal((r, 16), dtype=np.float32)
+        moved[f"{P}{mod}.lora_B.weight"] = rng.standard_normal((24, r), dtype=np.float32)
+    out.mkdir()
+    save_file(moved, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((peft_dir / "adapter_config.json").read_text())
+    if regex_targets:  # Unsloth's vision notebooks pass a regex over the language model's paths
+        cfg["target_modules"] = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|up_proj)|lm_head"
+    (out / "adapter_config.json").write_text(json.dumps(cfg))
+    return out
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_multimodal_text_tower_converts_like_peft(layout, tmp_path, capsys):
+    peft_dir = make_peft_adapter(fixture("llama", "hf"), tmp_path / "peft", seed=61, r=4, lora_alpha=8,
+                                 target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "lm_head"])
+    mm = as_multimodal(peft_dir, tmp_path / "mm", layout, regex_targets=layout == "gemma3-new")
+    assert_converts_like_peft("llama", mm, peft_dir, tmp_path / "a.gguf")
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
+    n = len(LAYOUTS[layout][2])
+    assert len(notes) == 1 and f"{n} vision-tower module{'s' if n > 1 else ''} skipped" in notes[0], notes
+
+
+@pytest.fixture
+def unsloth(tmp_path):
+    d = make_peft_adapter(fixture("llama", "hf"), tmp_path / "unsloth", seed=62, r=4, lora_alpha=8,
+                          target_modules=["q_proj", "v_proj"])
+    cfg = json.loads((d / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = "unsloth/tiny-llama-Instruct-bnb-4bit"
+    (d / "adapter_config.json").write_text(json.dumps(cfg))
+    return d
+
+
+def test_4bit_base_said_in_one_line_by_every_verb(unsloth, tmp_path, capsys):
+    def notes(args):
+        assert main(args) == 0
+        err = capsys.readouterr().err
+        return [line for line in err.splitlines() if "4-bit" in line]
+
+    for args in (["convert", str(unsloth), "--base", str(fixture("llama")), "-o", str(tmp_path / "a.gguf")],
+                 ["merge", "--base", str(fixture("llama")), "--lora", str(unsloth), "-o", str(tmp_path / "m.gguf")],
+                 ["export", str(unsloth), "--base", str(fixture("llama")), "-o", str(tmp_path / "e")]):
+        got = notes(args)
+        assert len(got) == 1 and "unsloth/tiny-llama-Instruct-bnb-4bit" in got[0] and "NF4" in got[0], (args, got)
+    info = describe_adapter(unsloth)
+    assert len(info["notes"]) == 1 and "bnb-4bit" in info["notes"][0]
+    rep = verify(fixture("llama"), [(unsloth, 1.0)])
+    assert rep["pass"] and sum("4-bit" in w for w in rep["warnings"]) == 1, rep["warnings"]
+
+
+def test_plain_peft_has_no_notes(tmp_path, capsys):
+    d = make_peft_adapter(fixture("llama", "hf"), tmp_path / "a", seed=63, r=2, lora_alpha=4, target_modules=["v_proj"])
+    assert main(["convert", str(d), "--base", str(fixture("llama")), "-o", str(tmp_path / "a.gguf")]) == 0
+    assert "note:" not in capsys.readouterr().err and "notes" not in describe_adapter(d)
+
+
+def test_format_detection(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(Lora2GGUFError, match="adapter_model.pt \\(torchtune\\) or adapters.safetensors \\(mlx-lm\\)"):
+        adapter_format(empty)
+    with pytest.raises(Lora2GGUFError, match="no such file or directory"):
+        adapter_format(tmp_path / "nope")
+    for files, fmt in ((["adapters.safetensors"], "mlx-lm"), (["adapter_model.pt"], "torchtune"),
+                       (["adapter_model.pt", "adapter_model.safetensors"], "peft"), (["adapter_config.json"], "peft")):
+        d = tmp_path / "-".join(files)
+        d.mkdir()
+        for f in files:
+            (d / f).write_bytes(b"")
+        assert adapter_format(d) == fmt, files
