@@ -299,6 +299,14 @@ def bnb_note(path: Path, cfg: dict) -> str | None:
             "bitsandbytes), not to your base's; its effect differs slightly (`lora2gguf verify` measures it)")
 
 
+def alora_note(cfg: dict) -> str | None:
+    toks = cfg.get("alora_invocation_tokens")
+    if not toks:
+        return None
+    return (f"activated LoRA: llama-server switches it on at the last occurrence of its invocation tokens {toks} "
+            "in the prompt; llama-cli, llama-cpp-python and `lora2gguf verify` apply it to every token")
+
+
 _LORA_KEY = re.compile(r"(.+?)\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)"
                        r"(?:\.default)?(?:\.(weight|bias))?$")
 
@@ -367,7 +375,7 @@ def load_peft(path: str | Path) -> PeftAdapter:
                                      "for its LoRA pair; the adapter file is corrupt")
         modules[mod] = ModuleLoRA(mod, A, B, r, alpha, scale, embedding=emb, fan_in_fan_out=fan and not emb,
                                   magnitude=p.get("lora_magnitude_vector"), bias=p.get("lora_B.bias"))
-    notes = [n for n in (bnb_note(path, cfg), vision_note(vision)) if n]
+    notes = [n for n in (bnb_note(path, cfg), vision_note(vision), alora_note(cfg)) if n]
     return PeftAdapter(path, cfg, modules, full, notes)
 
 
