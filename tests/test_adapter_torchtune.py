@@ -36,10 +36,11 @@ def meta_order(t: torch.Tensor, n_heads: int) -> torch.Tensor:
     return t.view(n_heads, 2, head_dim // 2, t.shape[1]).transpose(1, 2).reshape(head_dim * n_heads, t.shape[1])
 
 
-def write_torchtune(peft_dir, out, arch):
-    """A PEFT adapter's tensors under torchtune's names and layout, with torchtune's recipe config."""
+def write_torchtune(peft_dir, out, arch, base=None):
+    """A PEFT adapter's tensors under torchtune's names and layout, with torchtune's recipe config; `base`
+    (default: the arch's fixture) gives the heads."""
     peft = load_peft(peft_dir)
-    with open_base(fixture(arch)) as b:
+    with open_base(base or fixture(arch)) as b:
         spec = b.spec
     sd = {}
     for name, m in peft.modules.items():
