@@ -289,11 +289,15 @@ def vision_note(skipped: set[str]) -> str | None:
             "applies no LoRA to the vision tower or projector; the text tower is converted")
 
 
-def bnb_note(path: Path, cfg: dict) -> str | None:
-    """Unsloth / axolotl / QLoRA adapters name the bitsandbytes 4-bit base they were trained on (mlx-lm's
-    QLoRA its own 4-bit one)."""
+def four_bit_base(cfg: dict) -> str | None:
+    """The 4-bit base an adapter names as its training base: Unsloth / axolotl / QLoRA adapters name the
+    bitsandbytes one (`unsloth/…-bnb-4bit`), mlx-lm's QLoRA its own 4-bit one."""
     name = str(cfg.get("base_model_name_or_path") or "")
-    if not _BNB_4BIT.search(name):
+    return name if _BNB_4BIT.search(name) else None
+
+
+def bnb_note(path: Path, cfg: dict) -> str | None:
+    if (name := four_bit_base(cfg)) is None:
         return None
     return (f"{path}: trained on a 4-bit base ({name}): the adapter was fitted to 4-bit-rounded weights (NF4 for "
             "bitsandbytes), not to your base's; its effect differs slightly (`lora2gguf verify` measures it)")

@@ -16,7 +16,7 @@ from conftest import fixture
 from lora2gguf.adapter_any import adapter_format, describe_adapter
 from lora2gguf.cli import main
 from lora2gguf.errors import Lora2GGUFError
-from lora2gguf.verify import verify
+from lora2gguf.verify import format_report, verify
 from peft_helpers import assert_converts_like_peft, make_peft_adapter
 
 P = "base_model.model."
@@ -90,12 +90,17 @@ def test_4bit_base_said_in_one_line_by_every_verb(unsloth, tmp_path, capsys):
     assert len(info["notes"]) == 1 and "bnb-4bit" in info["notes"][0]
     rep = verify(fixture("llama"), [(unsloth, 1.0)])
     assert rep["pass"] and sum("4-bit" in w for w in rep["warnings"]) == 1, rep["warnings"]
+    gap = rep["four_bit_gap"]  # the adapter on an NF4-rounded copy of the base vs on the base
+    print(gap)
+    assert 0 < gap["kl_nf4_base_to_base"] < 1 and 0 < gap["kl_nf4_to_reference"] < 1
+    assert "4-bit training base: KL" in format_report(rep)
 
 
 def test_plain_peft_has_no_notes(tmp_path, capsys):
     d = make_peft_adapter(fixture("llama", "hf"), tmp_path / "a", seed=63, r=2, lora_alpha=4, target_modules=["v_proj"])
     assert main(["convert", str(d), "--base", str(fixture("llama")), "-o", str(tmp_path / "a.gguf")]) == 0
     assert "note:" not in capsys.readouterr().err and "notes" not in describe_adapter(d)
+    assert "four_bit_gap" not in verify(fixture("llama"), [(d, 1.0)])
 
 
 def test_format_detection(tmp_path):
