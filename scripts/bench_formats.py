@@ -10,6 +10,8 @@ PEFT on the original adapter, over 256 tokens of the verify passage. The wrong w
   what Ollama's converter writes for an mlx-lm config (convert/convert.go reads lora_parameters.alpha or
   lora_alpha, never scale); Ollama itself is not run;
 - torchtune's q/k rows permuted again: the .pt's tensors renamed to PEFT's and converted as if in HF order.
+Last, the same adapter labelled as trained on `…-bnb-4bit`: verify's gap between the reference on an
+NF4-rounded copy of the base and on the base itself.
 
     .venv/bin/python scripts/bench_formats.py
 """
@@ -29,7 +31,7 @@ from lora2gguf.convert import convert  # noqa: E402
 from lora2gguf.metrics import compare  # noqa: E402
 from lora2gguf.runtime import LlamaRuntime  # noqa: E402
 from lora2gguf.smollm2 import smollm2_f32_gguf  # noqa: E402
-from lora2gguf.verify import DEFAULT_TEXT  # noqa: E402
+from lora2gguf.verify import DEFAULT_TEXT, verify  # noqa: E402
 from peft_helpers import hf_dir_from_base, make_peft_adapter, peft_logits  # noqa: E402
 from test_adapter_gguf import rewrite_gguf  # noqa: E402
 from test_adapter_mlx import write_mlx  # noqa: E402
@@ -87,6 +89,14 @@ def main() -> None:
         for name, logits in got.items():
             m = compare(theirs, logits)
             print(f"| {name} | {m['mean_kl']:.2g} | {m['top1']:.3f} |")
+        # the same adapter as Unsloth would label it: verify's 4-bit gap (NF4-rounded base vs this one)
+        cfg_path = peft_dir / "adapter_config.json"
+        cfg = json.loads(cfg_path.read_text())
+        cfg["base_model_name_or_path"] = "unsloth/SmolLM2-135M-Instruct-bnb-4bit"
+        cfg_path.write_text(json.dumps(cfg))
+        gap = verify(base, [(peft_dir, 1.0)], n_tokens=256)["four_bit_gap"]
+        print(f"\nverify, base_model_name_or_path …-bnb-4bit: KL(adapter on NF4-rounded base → on this base) "
+              f"{gap['kl_nf4_to_reference']:.3g}, base alone {gap['kl_nf4_base_to_base']:.3g}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
