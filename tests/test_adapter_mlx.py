@@ -1,11 +1,12 @@
 """mlx-lm adapters (adapters.safetensors + adapter_config.json).
 
-Which case applies: mlx has a Linux CPU wheel (mlx + mlx-cpu), but mlx-lm's training code needs
-transformers ≥ 5.7 beside it, more than the test extras should carry. So these files are written from the
-format as mlx-lm's own source defines it (mlx_lm/tuner/lora.py LoRALinear / LoRAEmbedding, dora.py
-DoRALinear, mlx_lm/lora.py: `adapters.safetensors` from `tree_flatten(model.trainable_parameters())`,
-`adapter_config.json` from the run's arguments), from a real PEFT adapter's ΔW, and checked against
-transformers + PEFT on that adapter."""
+Which case applies: both. mlx has a Linux CPU wheel (mlx + mlx-cpu) and mlx-lm installs beside our
+transformers, so the real mlx-lm makes, saves and runs adapters in the tests at the end of this file; they
+are in the optional `formats` extra, not the test extras (CI install time), and skip without it. The tests
+before them always run: they write the files from the format as mlx-lm's source defines it (mlx_lm/tuner/
+lora.py LoRALinear / LoRAEmbedding, dora.py DoRALinear, mlx_lm/lora.py: `adapters.safetensors` from
+`tree_flatten(model.trainable_parameters())`, `adapter_config.json` from the run's arguments), from a real
+PEFT adapter's ΔW, and check against transformers + PEFT on that adapter."""
 
 import json
 
@@ -104,3 +105,77 @@ def test_mlx_bad_inputs(tmp_path):
     (mlx_dir / "adapter_config.json").unlink()
     with pytest.raises(Lora2GGUFError, match="no adapter_config.json"):
         load_adapter(mlx_dir)
+
+
+# -- the real mlx-lm -------------------------------------------------------------------------------
+# Run here with mlx 0.32.4 / mlx-cpu 0.32.4 / mlx-lm 0.32.2 (`pip install -e ".[formats]"`; skipped without
+# them). mlx-lm itself loads the base
+# (mlx_lm.utils.load_model on the fixture's HF directory), turns its linears into LoRA/DoRA layers
+# (tuner.utils.linear_to_lora_layers, what `mlx_lm.lora` does) and saves them as its trainer does.
+def real_mlx_adapter(out, dora=False, seed=0):
+    """An adapter made and saved by mlx-lm on the llama fixture, with its own forward on the same weights."""
+    mx = pytest.importorskip("mlx.core")
+    pytest.importorskip("mlx_lm")
+    from mlx.utils import tree_flatten, tree_map
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+    from mlx_lm.utils import load_model, save_config
+
+    model, _ = load_model(fixture("llama", "hf"))
+    model.freeze()
+    params = {"rank": 4, "scale": MLX_SCALE, "dropout": 0.0,
+              "keys": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.down_proj"]}
+    linear_to_lora_layers(model, 2, params, use_dora=dora)
+    mx.random.seed(seed)  # mlx-lm starts lora_b at zero and m at ‖W‖: move both, as training would
+    model.update(tree_map(lambda p: p + 0.004 * mx.random.normal(p.shape) if p.ndim == 2 else p * 1.1,
+                          model.trainable_parameters()))
+    out.mkdir()
+    mx.save_safetensors(str(out / "adapters.safetensors"), dict(tree_flatten(model.trainable_parameters())))
+    save_config({"model": str(fixture("llama", "hf")), "fine_tune_type": "dora" if dora else "lora",
+                 "num_layers": 2, "lora_parameters": params, "adapter_path": str(out)},
+                out / "adapter_config.json")
+
+    def logits(tokens):
+        return np.array(model(mx.array([tokens]))[0].astype(mx.float32))
+
+    return out, logits
+
+
+def test_real_mlx_lm_adapter_converts_and_exports(tmp_path):
+    from lora2gguf.export import export
+    from lora2gguf.metrics import compare
+    from lora2gguf.runtime import LlamaRuntime
+    from peft_helpers import peft_logits
+    from conftest import token_ids
+
+    mlx_dir, mlx_logits = real_mlx_adapter(tmp_path / "mlx")
+    gguf = convert(mlx_dir, fixture("llama"), tmp_path / "a.gguf")
+    tokens = token_ids(383, 64, seed=45)
+    with LlamaRuntime(fixture("llama")) as rt:
+        base = rt.logits(tokens)
+        rt.set_adapters([(gguf, 1.0)])
+        ours = rt.logits(tokens)
+    assert compare(base, ours)["mean_kl"] > 1e-2, "the adapter must visibly change the output"
+    theirs = mlx_logits(tokens)
+    m = compare(theirs, ours)
+    print("mlx-lm forward vs llama.cpp", m)
+    assert m["mean_kl"] <= 1e-5 and m["top1"] == 1.0, m
+    peft_dir = export(mlx_dir, fixture("llama"), tmp_path / "peft")  # the same adapter for transformers+PEFT
+    m = compare(peft_logits(fixture("llama", "hf"), peft_dir, tokens), ours)
+    print("transformers+PEFT (exported) vs llama.cpp", m)
+    assert m["mean_kl"] <= 1e-5 and m["top1"] == 1.0, m
+
+
+def test_real_mlx_lm_dora_merges_exactly(tmp_path):
+    from lora2gguf.merge import merge
+    from lora2gguf.metrics import compare
+    from lora2gguf.runtime import LlamaRuntime
+    from conftest import token_ids
+
+    mlx_dir, mlx_logits = real_mlx_adapter(tmp_path / "mlx", dora=True, seed=1)
+    merged = merge(fixture("llama"), [(mlx_dir, 1.0)], tmp_path / "m.gguf", quant="f32")
+    tokens = token_ids(383, 64, seed=46)
+    with LlamaRuntime(merged) as rt:
+        ours = rt.logits(tokens)
+    m = compare(mlx_logits(tokens), ours)
+    print("mlx-lm DoRA forward vs llama.cpp merged", m)
+    assert m["mean_kl"] <= 1e-5 and m["top1"] == 1.0, m
