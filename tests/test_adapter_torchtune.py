@@ -1,13 +1,13 @@
 """torchtune adapters (adapter_model.pt + adapter_config.json, and its PEFT export beside them).
 
-Which case applies: torchtune 0.6.1 is a pure-Python wheel, but it pulls torchao, datasets and more, and
-building one of its models from our tiny fixtures means re-implementing its checkpoint conversion anyway.
-So the files are written from the format as torchtune's source defines it: the checkpointer
-`torch.save`s the adapter state dict as is (training/checkpointing/_checkpointer.py), keys
+Which case applies: torchtune 0.6.1 cannot be imported next to torch 2.13 (see the last test), so most
+files here are written from the format as torchtune's source defines it: the checkpointer `torch.save`s
+the adapter state dict as is (training/checkpointing/_checkpointer.py), keys
 `layers.N.attn.q_proj.lora_a.weight` ... (modules/peft/lora.py), q/k rows in Meta's interleaved order
 because hf_to_tune permutes q/k weights with `_permute` (models/convert_weights.py; qwen2's converter does
-not), and the PEFT export through tune_to_peft_adapter_weights. The ΔW comes from a real PEFT adapter
-and the result is checked against transformers + PEFT on that adapter."""
+not), and the PEFT export through tune_to_peft_adapter_weights. The ΔW comes from a real PEFT adapter and
+the result is checked against transformers + PEFT on that adapter. The last test runs torchtune's own
+convert_weights.py where torchtune's files are installed."""
 
 import json
 
@@ -135,3 +135,52 @@ def test_torchtune_bad_inputs(tmp_path):
     (tune_dir / "adapter_config.json").unlink()
     with pytest.raises(Lora2GGUFError, match="without adapter_config.json"):
         load_adapter(tune_dir)
+
+
+# -- torchtune's own conversion code ------------------------------------------------------------------
+# torchtune 0.6.1 does not import next to torch 2.13 (its package init needs a torchao that still has
+# nf4tensor, and those torchao releases do not load on this torch), so the package cannot be used as such.
+# Its models/convert_weights.py needs only torch: where torchtune's files are installed
+# (`pip install --no-deps torchtune`), that module is loaded on its own and its hf_to_tune (what torchtune's
+# checkpointer applies to q/k when it loads an HF model) makes the .pt's rows, and its
+# tune_to_peft_adapter_weights (the PEFT export) is checked against our reader. Skipped otherwise; run here
+# with torchtune 0.6.1.
+def torchtune_convert_weights():
+    import importlib.metadata
+    import importlib.util
+
+    try:
+        path = importlib.metadata.distribution("torchtune").locate_file("torchtune/models/convert_weights.py")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("torchtune's files are not installed (pip install --no-deps torchtune)")
+    spec = importlib.util.spec_from_file_location("torchtune_convert_weights", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_torchtune_own_conversion_code(tmp_path):
+    cw = torchtune_convert_weights()
+    peft_dir = make_peft_adapter(fixture("llama", "hf"), tmp_path / "peft", seed=56, r=4, lora_alpha=8, target_modules=ALL)
+    peft = load_peft(peft_dir)
+    with open_base(fixture("llama")) as b:
+        spec = b.spec
+    heads = dict(num_heads=spec.n_head, num_kv_heads=spec.n_head_kv, head_dim=spec.head_dim)
+    sd = {}
+    for name, m in peft.modules.items():  # lora_b's rows as torchtune's HF loader orders a weight's rows
+        ((key, B),) = cw.hf_to_tune({name + ".weight": torch.from_numpy(m.B.copy())}, dim=m.r, **heads).items()
+        sd[key.replace(".weight", ".lora_a.weight")] = torch.from_numpy(m.A.copy())
+        sd[key.replace(".weight", ".lora_b.weight")] = B
+    tune_dir = tmp_path / "tune"
+    tune_dir.mkdir()
+    torch.save(sd, tune_dir / "adapter_model.pt")
+    (tune_dir / "adapter_config.json").write_text(json.dumps(
+        {"r": 4, "lora_alpha": 8, "peft_type": "LORA", "target_modules": ["q_proj", "k_proj", "v_proj", "output_proj",
+                                                                          "w1", "w2", "w3"]}))
+    with open_base(fixture("llama")) as b:
+        ours = load_adapter(tune_dir, b.spec)
+    exported = cw.tune_to_peft_adapter_weights(sd, dim=spec.n_embd, **heads)  # torchtune's PEFT export
+    for name, m in ours.modules.items():
+        assert np.array_equal(m.B, exported[f"base_model.model.{name}.lora_B.weight"].numpy()), name
+        assert np.array_equal(m.B, peft.modules[name].B), name
+    assert_converts_like_peft("llama", tune_dir, peft_dir, tmp_path / "a.gguf")
