@@ -7,9 +7,11 @@ Gemma3ForConditionalGeneration / Qwen2.5-VL module paths, with LoRA on vision mo
 `base_model_name_or_path` Unsloth writes; no multimodal model or bitsandbytes is installed here."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from safetensors.numpy import load_file, save_file
 
 from conftest import fixture
@@ -117,3 +119,96 @@ def test_format_detection(tmp_path):
         for f in files:
             (d / f).write_bytes(b"")
         assert adapter_format(d) == fmt, files
+
+
+# -- malformed mlx-lm / torchtune inputs through every verb --------------------------------------------
+class _Evil:
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("touch PWNED",))
+
+
+def _mlx(tmp_path):
+    from test_adapter_mlx import write_mlx
+
+    peft = make_peft_adapter(fixture("llama", "hf"), tmp_path / "p", seed=64, r=2, lora_alpha=4, target_modules=["v_proj"])
+    return write_mlx(peft, tmp_path / "mlx")
+
+
+def _tune(tmp_path):
+    from test_adapter_torchtune import write_torchtune
+
+    peft = make_peft_adapter(fixture("llama", "hf"), tmp_path / "p", seed=65, r=2, lora_alpha=4, target_modules=["q_proj"])
+    return write_torchtune(peft, tmp_path / "tune", "llama")
+
+
+def _edit_json(d, name, fn):
+    cfg = json.loads((d / name).read_text())
+    fn(cfg)
+    (d / name).write_text(json.dumps(cfg))
+    return d
+
+
+def _nan_st(d):
+    t = load_file(d / "adapters.safetensors")
+    save_file({k: v * np.nan if i == 0 else v for i, (k, v) in enumerate(t.items())}, str(d / "adapters.safetensors"))
+    return d
+
+
+def _torch_save(d, obj):
+    torch.save(obj, d / "adapter_model.pt")
+    return d
+
+
+def _pickle(d, obj):
+    import pickle
+
+    (d / "adapter_model.pt").write_bytes(pickle.dumps(obj))
+    return d
+
+
+MALFORMED = {
+    "mlx-truncated": (_mlx, lambda d: (d / "adapters.safetensors").write_bytes((d / "adapters.safetensors").read_bytes()[:200]) and d,
+                      "not a readable safetensors file"),
+    "mlx-nan": (_mlx, _nan_st, "contains NaN or Inf"),
+    "mlx-no-scale": (_mlx, lambda d: _edit_json(d, "adapter_config.json", lambda c: c["lora_parameters"].pop("scale")),
+                     "lora_parameters.scale is missing"),
+    "mlx-config-not-json": (_mlx, lambda d: (d / "adapter_config.json").write_text("{oops") and d, "invalid JSON"),
+    "mlx-unknown-tensor": (_mlx, lambda d: save_file({"model.layers.0.self_attn.v_proj.lora_c": np.zeros((2, 2), np.float32)},
+                                                     str(d / "adapters.safetensors")) or d, "not an mlx-lm LoRA tensor"),
+    "mlx-for-another-model": (_mlx, lambda d: save_file({"model.layers.0.self_attn.v_proj.lora_a": np.zeros((48, 2), np.float32),
+                                                         "model.layers.0.self_attn.v_proj.lora_b": np.zeros((2, 32), np.float32)},
+                                                        str(d / "adapters.safetensors")) or d, "changes a 32x48 weight"),
+    "tune-evil-pickle": (_tune, lambda d: _pickle(d, {"layers.0.attn.q_proj.lora_a.weight": _Evil()}), "refused to load"),
+    "tune-garbage": (_tune, lambda d: (d / "adapter_model.pt").write_bytes(b"not a torch file" * 9) and d, "refused to load"),
+    "tune-not-a-dict": (_tune, lambda d: _torch_save(d, [1, 2]), "expected a dict of tensors"),
+    "tune-int-tensor": (_tune, lambda d: _torch_save(d, {"layers.0.attn.q_proj.lora_a.weight": torch.zeros(2, 64, dtype=torch.int32)}),
+                        "expected a floating-point type"),
+    "tune-no-config": (_tune, lambda d: (d / "adapter_config.json").unlink() or d, "without adapter_config.json"),
+    "tune-unknown-module": (_tune, lambda d: _torch_save(d, {"layers.0.attn.pos_embeddings.lora_a.weight": torch.zeros(2, 64)}),
+                            "not a torchtune LoRA tensor"),
+}
+VERBS = ("convert", "merge", "export", "inspect", "verify")
+
+
+@pytest.mark.parametrize("case", MALFORMED)
+def test_malformed_other_formats_one_error_line_every_verb(case, tmp_path, capsys):
+    make, spoil, message = MALFORMED[case]
+    d = spoil(make(tmp_path))
+    capsys.readouterr()
+    base = str(fixture("llama"))
+    out = tmp_path / "out"
+    for verb in VERBS:
+        args = {"convert": ["convert", str(d), "--base", base, "-o", str(out)],
+                "merge": ["merge", "--base", base, "--lora", str(d), "-o", str(out)],
+                "export": ["export", str(d), "--base", base, "-o", str(out)],
+                "inspect": ["inspect", str(d)],
+                "verify": ["verify", "--base", base, "--lora", str(d)]}[verb]
+        if verb == "inspect" and case == "mlx-for-another-model":
+            continue  # shapes are checked against a base; inspect has none
+        rc = main(args)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and err[0].startswith("error: ") and message in err[0], (verb, rc, err)
+        assert not out.exists(), verb
+    assert not (tmp_path / "PWNED").exists() and not Path("PWNED").exists(), "the pickle's code never ran"
