@@ -196,6 +196,8 @@ def describe_gguf_adapter(f: GGUFFile, base: str | os.PathLike | None = None) ->
         "llama_cpp_scales": sorted({llama_scale(alpha, r) for r in ranks.values()}),
         "provenance": provenance(f) or None,
     }
+    if (toks := f.get("adapter.alora.invocation_tokens")) is not None:  # llama-server activates it after these
+        info["alora_invocation_tokens"] = [int(t) for t in toks]
     if base is not None:
         from .base import open_base
 

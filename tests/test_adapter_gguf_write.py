@@ -59,6 +59,10 @@ def test_invocation_tokens_written_as_uint32_and_read_by_llama_cpp(alora):
         n = lc.llama_adapter_get_alora_n_invocation_tokens(ptr)
         toks = lc.llama_adapter_get_alora_invocation_tokens(ptr)
         assert [toks[i] for i in range(n)] == INVOCATION
+    from lora2gguf.inspector import describe
+
+    assert describe(str(gguf))["alora_invocation_tokens"] == INVOCATION
+    assert describe(str(alora[0]))["alora_invocation_tokens"] == INVOCATION
 
 
 def test_activation_after_invocation_matches_peft(alora):
