@@ -99,3 +99,18 @@ def test_merge_refuses_alora(alora, tmp_path):
     for src in (peft_dir, gguf):
         with pytest.raises(Lora2GGUFError, match="activated LoRA"):
             merge(fixture("llama"), [(src, 1.0)], tmp_path / "m.gguf", quant="f32")
+
+
+def test_export_keeps_alora(alora, tmp_path):
+    """GGUF aLoRA → PEFT directory: the invocation tokens come back and PEFT activates it the same way."""
+    import json
+
+    from lora2gguf.export import export
+
+    peft_dir, gguf = alora
+    out = export(gguf, fixture("llama"), tmp_path / "e")
+    assert json.loads((out / "adapter_config.json").read_text())["alora_invocation_tokens"] == INVOCATION
+    tokens = token_ids(383, 64, seed=73)
+    tokens[START:START + len(INVOCATION)] = INVOCATION
+    m = compare(peft_logits(fixture("llama", "hf"), peft_dir, tokens), peft_logits(fixture("llama", "hf"), out, tokens))
+    assert m["mean_kl"] <= 1e-8 and m["top1"] == 1.0, m
