@@ -2,7 +2,7 @@
 
 Shared by convert, merge, verify and export: everything that needs "what does this adapter add to
 which base weight" asks this module. Layout here is Hugging Face's (HF module names, HF row order);
-moving to GGUF names/row order is archs' job.
+moving to GGUF names/row order is the architecture's job (models/).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import archs
+from . import models
 from .errors import Lora2GGUFError
 
 PREFIX = "base_model.model."
@@ -79,11 +79,8 @@ class PeftAdapter:
 
     def check_base(self, spec, base_label: str = "base") -> None:
         """Every adapted module must exist in the base with matching shapes; raise otherwise."""
-        n_q, n_kv = spec.n_head * spec.head_dim, spec.n_head_kv * spec.head_dim
-        shapes = {"self_attn.q_proj": (n_q, spec.n_embd), "self_attn.k_proj": (n_kv, spec.n_embd),
-                  "self_attn.v_proj": (n_kv, spec.n_embd), "self_attn.o_proj": (spec.n_embd, n_q),
-                  "mlp.gate_proj": (spec.n_ff, spec.n_embd), "mlp.up_proj": (spec.n_ff, spec.n_embd),
-                  "mlp.down_proj": (spec.n_embd, spec.n_ff)}
+        arch = spec.arch_module
+        shapes = arch.target_shapes(spec)
         for name, m in self.modules.items():
             if name == "model.embed_tokens":
                 want = (spec.n_vocab, spec.n_embd)
@@ -99,7 +96,7 @@ class PeftAdapter:
                 if not mt or mt.group(2) not in shapes:
                     raise Lora2GGUFError(
                         f"{self.path}: target module {name} has no GGUF tensor in arch {spec.arch}; "
-                        f"supported targets: {', '.join(p.split('.')[-1] for p in archs.LAYER_LINEARS)}, "
+                        f"supported targets: {', '.join(p.split('.')[-1] for p in arch.layer_linears)}, "
                         "embed_tokens, lm_head")
                 if int(mt.group(1)) >= spec.n_layer:
                     raise Lora2GGUFError(f"{self.path}: {name} is beyond the {spec.n_layer} layers of {base_label}; "
@@ -347,11 +344,11 @@ def load_peft(path: str | Path) -> PeftAdapter:
             full[name.replace(".modules_to_save.default.", ".").replace(".original_module.", ".")] = t
     if not parts and not full:
         raise Lora2GGUFError(f"{path}: the adapter holds no LoRA tensors")
-    known = {p.split(".")[-1] for p in archs.LAYER_LINEARS} | {"embed_tokens", "lm_head"}
+    known = {p.split(".")[-1] for a in models.all_archs() for p in a.layer_linears} | {"embed_tokens", "lm_head"}
     for mod in sorted(parts):
         if mod.split(".")[-1] not in known:
             raise Lora2GGUFError(f"{path}: target module {mod} has no GGUF tensor in the supported archs "
-                                 f"({', '.join(sorted(archs.ARCHS))}); supported targets: {', '.join(sorted(known))}")
+                                 f"({', '.join(models.NAMES)}); supported targets: {', '.join(sorted(known))}")
     untargeted = sorted(m for m in parts if not targeted(cfg, origin[m]))
     if untargeted:
         raise Lora2GGUFError(f"{path}: target_modules {cfg.get('target_modules')!r} in adapter_config.json does not "

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__, archs
+from . import __version__
 from .adapter import ModuleLoRA, PeftAdapter
 from .errors import Lora2GGUFError
 from .lora_rules import MERGE_HINT, check_arch, check_tied_embedding, llama_scale, to_gguf_pair
@@ -79,18 +79,17 @@ def invocation_tokens(adapter: PeftAdapter) -> list[int] | None:
 
 def module_tensors(m: ModuleLoRA, spec, alpha_file: float) -> LoraTensors:
     """A module's lora_a / lora_b in llama.cpp's layout, PEFT's scale folded in where llama.cpp's differs."""
+    arch = spec.arch_module
     a, b = m.factors()  # b @ a == delta / scale, in the base weight's (HF) layout
-    if not m.embedding:
-        heads = archs.qk_heads(m.weight_name, spec.n_head, spec.n_head_kv)
-        if heads and spec.facts.permute_qk:
-            b = archs.permute_rows(b, heads)
+    if not m.embedding:  # B's rows are W's rows: ordered as the GGUF stores them (llama's q/k permutation)
+        b = arch.rows_to_gguf(spec, m.weight_name, b)
     lora_a, lora_b = to_gguf_pair(a, b, m.embedding)
     fold = m.scale / llama_scale(alpha_file, m.r)
     if math.isclose(fold, 1.0, rel_tol=1e-12):
         fold = 1.0
     else:
         lora_b = (lora_b.astype(np.float64) * fold).astype(np.float32)
-    name = archs.gguf_name(spec.arch, spec.n_layer, m.weight_name)
+    name = arch.gguf_name(spec.n_layer, m.weight_name)
     return LoraTensors(name, np.ascontiguousarray(lora_a, np.float32), np.ascontiguousarray(lora_b, np.float32), fold)
 
 

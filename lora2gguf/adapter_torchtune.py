@@ -6,9 +6,11 @@ training/checkpointing/_checkpointer.py): the checkpointer `torch.save`s the ada
   (w1 = gate, w2 = down, w3 = up), `output.lora_{a,b}.weight`; lora_a is an nn.Linear(in, r), so its
   weight is PEFT's lora_A (r, in), lora_b's PEFT's lora_B (out, r); DoRA adds `<module>.magnitude` (out,);
 - scale alpha / r (LoRALinear: `(alpha / rank) * lora_b(lora_a(x))`);
-- q/k `lora_b` rows in Meta's interleaved rope order for the models torchtune loads through hf_to_tune's
-  permutation (the llama family), which is llama.cpp's order. This reader un-permutes them to HF order
-  (as tune_to_peft_adapter_weights does), so that everything downstream permutes exactly once.
+- q/k `lora_b` rows in Meta's interleaved rope order for the models whose HF loader permutes q/k
+  (convert_weights.hf_to_tune for llama, models/gemma2/_convert_weights.py for gemma2; qwen2_hf_to_tune does
+  not). This reader un-permutes them to HF order (as tune_to_peft_adapter_weights does), so that everything
+  downstream, which expects HF layout, permutes exactly once, where llama.cpp's arch wants it (llama: yes,
+  gemma2: no). The rule follows torchtune's model family, not llama.cpp's: the two differ for gemma2.
 The HF checkpointer also writes the PEFT export (adapter_model.safetensors, already in HF order) beside the
 .pt: adapter_any prefers that one; this reader is for directories holding only the .pt.
 """
@@ -20,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import archs
+from .models.llama import unpermute_rows
 from .adapter import ModuleLoRA, PeftAdapter, bnb_note, peft_scale, read_config, read_torch_pickle
 from .errors import Lora2GGUFError
 
@@ -31,6 +33,9 @@ _MODULES = {"attn.q_proj": "self_attn.q_proj", "attn.k_proj": "self_attn.k_proj"
             "mlp.w3": "mlp.up_proj"}
 # torchtune's target names (get_lora_module_names) → PEFT's (convert_weights._TO_PEFT_TARGET_MODULES)
 _TARGETS = {"output_proj": "o_proj", "w1": "gate_proj", "w2": "down_proj", "w3": "up_proj", "output": "lm_head"}
+# Archs whose torchtune HF loader permutes q/k rows into Meta's interleaved order (checkpointer: hf_to_tune,
+# gemma2_hf_to_tune); qwen2 / qwen2.5 (qwen2_hf_to_tune) keep HF's order.
+META_ORDER = {"llama", "gemma2"}
 _KEY = re.compile(r"(?:layers\.(\d+)\.(attn\.\w+|mlp\.w[123])|(output))\.(lora_a\.weight|lora_b\.weight|magnitude)$")
 
 
@@ -76,9 +81,8 @@ def load_torchtune(path: Path, spec=None) -> PeftAdapter:
         if A.ndim != 2 or B.ndim != 2 or A.shape[0] != B.shape[1] or A.shape[0] != r:
             raise Lora2GGUFError(f"{path / TENSORS}: {mod}: lora_a {tuple(A.shape)} and lora_b {tuple(B.shape)} do not "
                                  f"form a rank-{r} pair (r in adapter_config.json)")
-        heads = archs.qk_heads(mod + ".weight", spec.n_head, spec.n_head_kv) if spec is not None else None
-        if heads and spec.facts.permute_qk:
-            B = archs.unpermute_rows(B, heads)
+        if spec is not None and spec.arch in META_ORDER and mod.endswith(("self_attn.q_proj", "self_attn.k_proj")):
+            B = unpermute_rows(B, spec.n_head if mod.endswith("q_proj") else spec.n_head_kv)
         modules[mod] = ModuleLoRA(mod, A, B, r, alpha, scale, magnitude=p.get("lora_magnitude_vector"))
     cfg["source_format"] = "torchtune"
     return PeftAdapter(path, cfg, modules, notes=[n for n in (bnb_note(path, cfg),) if n])

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from gguf import LlamaFileType
 
+from . import models
 from .base import GGUFBase, HFBase
 from .gguf_file import GGUFFile
 
@@ -45,7 +46,17 @@ def describe(path: str, base: str | None = None) -> dict:
 
             info.update(describe_gguf_adapter(f, base=base))
             return info
+        arch = info["architecture"]
+        # the architecture's own scalar metadata (block_count, expert_count, ssm.*…), whatever the arch
+        info["metadata"] = {k: v for k, v in ((k, f.get(k)) for k in f.fields if arch and k.startswith(arch + "."))
+                            if isinstance(v, (str, int, float, bool))}
+    if arch not in models.NAMES:
+        info["supported"] = False
+        info["verdict"] = (f"architecture {arch!r} is not one lora2gguf supports ({', '.join(models.NAMES)}): train, "
+                           "convert, merge, verify and export cannot use it; inspect reads its header only")
+        return info
     with GGUFBase(p) as b:
+        info["supported"] = True
         info["spec"] = b.spec.to_dict()
     return info
 

@@ -48,10 +48,10 @@ def check_tied_embedding(modules, spec, where, base_label: str) -> None:
 def check_arch(adapter, spec, base_path) -> None:
     """PEFT records the transformers class it wrapped; refuse an adapter made for another known arch
     (shapes alone cannot tell a qwen2 adapter from a llama one of the same size)."""
-    from . import archs
+    from . import models
 
     cls = (adapter.config.get("auto_mapping") or {}).get("base_model_class")
-    other = next((f.name for f in archs.ARCHS.values() if cls in f.hf_architectures), None)
+    other = next((a.name for a in models.all_archs() if cls in a.hf_architectures), None)
     if other is not None and other != spec.arch:
         raise Lora2GGUFError(f"{adapter.path}: the adapter was made on a {cls} ({other}) but {base_path} is a "
                              f"{spec.arch} model; pass the base it was trained on")

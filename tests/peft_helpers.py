@@ -54,7 +54,6 @@ def hf_dir_from_base(base_path: str | Path, out_dir: str | Path) -> Path:
 
     from safetensors.numpy import save_file
 
-    from lora2gguf.archs import ARCHS
     from lora2gguf.base import open_base
 
     out_dir = Path(out_dir)
@@ -62,15 +61,9 @@ def hf_dir_from_base(base_path: str | Path, out_dir: str | Path) -> Path:
         return out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     with open_base(base_path) as b:
-        s, facts = b.spec, ARCHS[b.spec.arch]
         save_file({n: np.ascontiguousarray(b.tensor(n)) for n in b.hf_names()}, str(out_dir / "model.safetensors"),
                   metadata={"format": "pt"})
-        cfg = {"architectures": [facts.hf_architectures[0]], "model_type": facts.hf_model_types[0],
-               "vocab_size": s.n_vocab, "hidden_size": s.n_embd, "intermediate_size": s.n_ff,
-               "num_hidden_layers": s.n_layer, "num_attention_heads": s.n_head, "num_key_value_heads": s.n_head_kv,
-               "head_dim": s.head_dim, "max_position_embeddings": s.n_ctx_train, "rms_norm_eps": s.norm_eps,
-               "rope_theta": s.rope_theta, "hidden_act": "silu", "tie_word_embeddings": s.tied_embeddings,
-               "attention_bias": s.attn_bias, "torch_dtype": "float32"}
+        cfg = b.spec.arch_module.hf_config(b.spec)
     (out_dir / "config.json").write_text(json.dumps(cfg, indent=2))
     return out_dir
 

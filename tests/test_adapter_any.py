@@ -56,12 +56,15 @@ def as_multimodal(peft_dir, out, layout, regex_targets=False):
     return out
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
-def test_multimodal_text_tower_converts_like_peft(layout, tmp_path, capsys):
-    peft_dir = make_peft_adapter(fixture("llama", "hf"), tmp_path / "peft", seed=61, r=4, lora_alpha=8,
-                                 target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "lm_head"])
+@pytest.mark.parametrize("arch,layout", [("llama", k) for k in LAYOUTS] + [("gemma3", "gemma3-new"), ("gemma3", "gemma3-old")])
+def test_multimodal_text_tower_converts_like_peft(arch, layout, tmp_path, capsys):
+    """llama carries every layout (the q/k permutation is the strictest path); gemma3 is the real case
+    (Gemma 3 4B+ is Gemma3ForConditionalGeneration), its tied head without lm_head LoRA."""
+    head = ["lm_head"] if arch == "llama" else []
+    peft_dir = make_peft_adapter(fixture(arch, "hf"), tmp_path / "peft", seed=61, r=4, lora_alpha=8,
+                                 target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "up_proj"] + head)
     mm = as_multimodal(peft_dir, tmp_path / "mm", layout, regex_targets=layout == "gemma3-new")
-    assert_converts_like_peft("llama", mm, peft_dir, tmp_path / "a.gguf")
+    assert_converts_like_peft(arch, mm, peft_dir, tmp_path / "a.gguf")
     notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
     n = len(LAYOUTS[layout][2])
     assert len(notes) == 1 and f"{n} vision-tower module{'s' if n > 1 else ''} skipped" in notes[0], notes

@@ -4,8 +4,8 @@ Which case applies: torchtune 0.6.1 cannot be imported next to torch 2.13 (see t
 files here are written from the format as torchtune's source defines it: the checkpointer `torch.save`s
 the adapter state dict as is (training/checkpointing/_checkpointer.py), keys
 `layers.N.attn.q_proj.lora_a.weight` ... (modules/peft/lora.py), q/k rows in Meta's interleaved order
-because hf_to_tune permutes q/k weights with `_permute` (models/convert_weights.py; qwen2's converter does
-not), and the PEFT export through tune_to_peft_adapter_weights. The ΔW comes from a real PEFT adapter and
+because hf_to_tune permutes q/k weights with `_permute` (models/convert_weights.py, and
+models/gemma2/_convert_weights.py for gemma2; qwen2's converter does not), and the PEFT export through tune_to_peft_adapter_weights. The ΔW comes from a real PEFT adapter and
 the result is checked against transformers + PEFT on that adapter. The last test runs torchtune's own
 convert_weights.py where torchtune's files are installed."""
 
@@ -50,7 +50,7 @@ def write_torchtune(peft_dir, out, arch, base=None):
             layer, sub = name.split(".")[2], ".".join(name.split(".")[3:])
             key = f"layers.{layer}.{TUNE[sub]}"
         A, B = torch.from_numpy(m.A.copy()), torch.from_numpy(m.B.copy())
-        if arch == "llama" and sub in ("self_attn.q_proj", "self_attn.k_proj"):  # torchtune's qwen2 keeps HF order
+        if arch in ("llama", "gemma2") and sub in ("self_attn.q_proj", "self_attn.k_proj"):  # qwen2 keeps HF order
             B = meta_order(B, spec.n_head if sub.endswith("q_proj") else spec.n_head_kv)
         sd[f"{key}.lora_a.weight"], sd[f"{key}.lora_b.weight"] = A, B
         if m.magnitude is not None:
@@ -67,9 +67,11 @@ def write_torchtune(peft_dir, out, arch, base=None):
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma2"])
 def test_torchtune_converts_like_peft(arch, tmp_path):
-    """llama: q/k lora_b rows arrive in Meta order and must be permuted exactly once on the way to GGUF."""
+    """llama: q/k lora_b rows arrive in Meta order and must be permuted exactly once on the way to GGUF;
+    gemma2: in Meta order too (torchtune's gemma2 loader permutes), but llama.cpp keeps HF's order, so the
+    GGUF holds them un-permuted; qwen2: HF order throughout."""
     peft_dir = make_peft_adapter(fixture(arch, "hf"), tmp_path / "peft", seed=51, r=4, lora_alpha=16,
                                  target_modules=ALL + (["lm_head"] if arch == "llama" else []))
     tune_dir = write_torchtune(peft_dir, tmp_path / "tune", arch)

@@ -41,6 +41,15 @@ CASES = {
     "qwen3-patterns": ("qwen3", dict(r=6, lora_alpha=12, target_modules=["q_proj", "k_proj", "o_proj"],
                                      rank_pattern={"o_proj": 2}, alpha_pattern={"q_proj": 1})),
     "qwen3-embed-head": ("qwen3", dict(r=4, lora_alpha=8, target_modules=["embed_tokens", "lm_head", "v_proj"])),
+    # Gemma: 1 + w norms, sqrt(n_embd) embedding scale, windowed local layers (the 96-token texts cross them)
+    "gemma3-all-r8": ("gemma3", dict(r=8, lora_alpha=16, target_modules=ALL)),
+    "gemma3-rslora-patterns": ("gemma3", dict(r=8, lora_alpha=16, use_rslora=True, target_modules=ALL,
+                                              rank_pattern={"v_proj": 4, r"layers\.1\.mlp\.up_proj": 2},
+                                              alpha_pattern={"o_proj": 3, "down_proj": 40})),
+    "gemma2-all-r4": ("gemma2", dict(r=4, lora_alpha=8, target_modules=ALL)),
+    "gemma2-rslora-patterns": ("gemma2", dict(r=8, lora_alpha=8, use_rslora=True, target_modules=["q_proj", "k_proj", "gate_proj"],
+                                              rank_pattern={"k_proj": 2}, alpha_pattern={"gate_proj": 24})),
+    "gemma2-layers": ("gemma2", dict(r=8, lora_alpha=16, target_modules=["v_proj", "o_proj", "down_proj"], layers_to_transform=[1])),
 }
 
 

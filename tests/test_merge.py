@@ -350,7 +350,7 @@ def test_smollm2_f32_merge_matches_reference(smollm2_f32, smollm2_adapter, tmp_p
 
 @pytest.mark.slow
 def test_smollm2_q4_k_m_from_q4_1_original(smollm2_adapter, tmp_path):
-    from lora2gguf.smollm2 import smollm2_gguf
+    from lora2gguf.real_models import smollm2_gguf
 
     out = merge(smollm2_gguf(), [(smollm2_adapter, 1.0)], tmp_path / "m.gguf", quant="q4_k_m")
     with LlamaRuntime(out) as rt:
