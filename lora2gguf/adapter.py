@@ -126,16 +126,30 @@ def peft_scale(config: dict, module: str) -> tuple[int, float, float]:
     return r, alpha, scale
 
 
-def read_config(path: Path) -> dict:
-    cfg_path = path / "adapter_config.json"
+def read_json_object(cfg_path: Path, missing: str) -> dict:
+    """A JSON object from a config file; `missing` is the error when the file is not there."""
     if not cfg_path.is_file():
-        raise Lora2GGUFError(f"{path}: no adapter_config.json; is this a PEFT adapter directory?")
+        raise Lora2GGUFError(missing)
     try:
         cfg = json.loads(cfg_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise Lora2GGUFError(f"{cfg_path}: invalid JSON ({e})") from None
     if not isinstance(cfg, dict):
         raise Lora2GGUFError(f"{cfg_path}: expected a JSON object")
+    return cfg
+
+
+def lora_pair(where, mod: str, p: dict, ka: str, kb: str) -> tuple[np.ndarray, np.ndarray]:
+    """A module's two LoRA factors from its tensors `p`, or the error naming the one that is missing."""
+    if ka not in p or kb not in p:
+        have, miss = (ka, kb) if ka in p else (kb, ka)
+        raise Lora2GGUFError(f"{where}: {mod}.{have} has no matching {miss}; the adapter file is incomplete")
+    return p[ka], p[kb]
+
+
+def read_config(path: Path) -> dict:
+    cfg_path = path / "adapter_config.json"
+    cfg = read_json_object(cfg_path, f"{path}: no adapter_config.json; is this a PEFT adapter directory?")
     ptype = str(cfg.get("peft_type", "LORA")).upper()
     if ptype != "LORA":
         raise Lora2GGUFError(f"{cfg_path}: peft_type {ptype} is not LoRA; only LoRA adapters are supported")
@@ -359,10 +373,7 @@ def load_peft(path: str | Path) -> PeftAdapter:
     for mod, p in sorted(parts.items()):
         emb = "lora_embedding_A" in p or "lora_embedding_B" in p
         ka, kb = ("lora_embedding_A", "lora_embedding_B") if emb else ("lora_A", "lora_B")
-        if ka not in p or kb not in p:
-            have, miss = (ka, kb) if ka in p else (kb, ka)
-            raise Lora2GGUFError(f"{path}: {mod}.{have} has no matching {miss}; the adapter file is incomplete")
-        A, B = p[ka], p[kb]
+        A, B = lora_pair(path, mod, p, ka, kb)
         if A.ndim != 2 or B.ndim != 2 or A.shape[0] != B.shape[1]:
             raise Lora2GGUFError(f"{path}: {mod}: {ka} {tuple(A.shape)} and {kb} {tuple(B.shape)} "
                                  "do not multiply (rank mismatch); the adapter file is corrupt")

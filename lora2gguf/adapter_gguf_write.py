@@ -68,8 +68,9 @@ def invocation_tokens(adapter: PeftAdapter) -> list[int] | None:
     toks = cfg.get("alora_invocation_tokens")
     if not toks:
         if cfg.get("invocation_string"):
-            raise Lora2GGUFError(f"{p}: aLoRA with an invocation_string but no alora_invocation_tokens; tokenize the "
-                                 "string with the model's tokenizer and set alora_invocation_tokens (PEFT needs them too)")
+            raise Lora2GGUFError(f"{p}: aLoRA with an invocation_string but no alora_invocation_tokens; tokenize "
+                                 "the string with the model's tokenizer and set alora_invocation_tokens (PEFT "
+                                 "needs them too)")
         return None
     if not isinstance(toks, list) or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < 2**31
                                              for t in toks):

@@ -14,14 +14,13 @@ The q/k rows are in HF order: mlx-lm loads HF weights as they are and rotates ha
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from pathlib import Path
 
 import numpy as np
 
-from .adapter import ModuleLoRA, PeftAdapter, bnb_note, read_safetensors_f32, text_tower
+from .adapter import ModuleLoRA, PeftAdapter, bnb_note, lora_pair, read_json_object, read_safetensors_f32, text_tower
 from .errors import Lora2GGUFError
 
 TENSORS, CONFIG = "adapters.safetensors", "adapter_config.json"
@@ -35,13 +34,9 @@ def is_mlx_dir(path: Path) -> bool:
 def read_mlx_config(path: Path) -> tuple[dict, int, float]:
     """(config, rank, scale) from adapter_config.json, validated."""
     cfg_path = path / CONFIG
-    if not cfg_path.is_file():
-        raise Lora2GGUFError(f"{path}: {TENSORS} but no {CONFIG}; mlx-lm writes both (its scale is in the config)")
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise Lora2GGUFError(f"{cfg_path}: invalid JSON ({e})") from None
-    params = cfg.get("lora_parameters") if isinstance(cfg, dict) else None
+    cfg = read_json_object(cfg_path, f"{path}: {TENSORS} but no {CONFIG}; mlx-lm writes both (its scale is in the "
+                                     "config)")
+    params = cfg.get("lora_parameters")
     if not isinstance(params, dict):
         raise Lora2GGUFError(f"{cfg_path}: no 'lora_parameters' object; is this an mlx-lm adapter?")
     kind = str(cfg.get("fine_tune_type", "dora" if cfg.get("use_dora") else "lora")).lower()
@@ -72,10 +67,7 @@ def load_mlx(path: Path) -> PeftAdapter:
         raise Lora2GGUFError(f"{path / TENSORS}: holds no LoRA tensors")
     modules = {}
     for mod, p in sorted(parts.items()):
-        if "lora_a" not in p or "lora_b" not in p:
-            raise Lora2GGUFError(f"{path / TENSORS}: {mod} lacks {'lora_b' if 'lora_a' in p else 'lora_a'}; "
-                                 "the adapter file is incomplete")
-        a, b = p["lora_a"], p["lora_b"]
+        a, b = lora_pair(path / TENSORS, mod, p, "lora_a", "lora_b")
         if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0]:
             raise Lora2GGUFError(f"{path / TENSORS}: {mod}: lora_a {tuple(a.shape)} and lora_b {tuple(b.shape)} do "
                                  "not multiply (mixture-of-experts LoRA is not supported); the file is corrupt")
@@ -91,6 +83,7 @@ def load_mlx(path: Path) -> PeftAdapter:
     # A PEFT-shaped config: lora_alpha = scale·rank gives alpha / r = mlx-lm's scale, which is what llama.cpp
     # applies from the GGUF file's alpha, so nothing needs folding; the original config travels along.
     peft_cfg = {"peft_type": "LORA", "r": rank, "lora_alpha": scale * rank, "target_modules": sorted(modules),
-                "base_model_name_or_path": cfg.get("model"), "use_dora": any(m.magnitude is not None for m in modules.values()),
+                "base_model_name_or_path": cfg.get("model"),
+                "use_dora": any(m.magnitude is not None for m in modules.values()),
                 "source_format": "mlx-lm", "source_config": cfg}
     return PeftAdapter(path, peft_cfg, modules, notes=[n for n in (bnb_note(path, peft_cfg),) if n])

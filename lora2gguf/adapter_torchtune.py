@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from .models.llama import unpermute_rows
-from .adapter import ModuleLoRA, PeftAdapter, bnb_note, peft_scale, read_config, read_torch_pickle
+from .adapter import ModuleLoRA, PeftAdapter, bnb_note, lora_pair, peft_scale, read_config, read_torch_pickle
 from .errors import Lora2GGUFError
 
 TENSORS = "adapter_model.pt"
@@ -73,10 +73,7 @@ def load_torchtune(path: Path, spec=None) -> PeftAdapter:
         parts.setdefault(got[0], {})[got[1]] = t
     modules = {}
     for mod, p in sorted(parts.items()):
-        if "lora_A" not in p or "lora_B" not in p:
-            raise Lora2GGUFError(f"{path / TENSORS}: {mod} lacks {'lora_b' if 'lora_A' in p else 'lora_a'}; "
-                                 "the adapter file is incomplete")
-        A, B = p["lora_A"], p["lora_B"]
+        A, B = lora_pair(path / TENSORS, mod, p, "lora_A", "lora_B")  # PEFT's names by now (hf_module)
         r, alpha, scale = peft_scale(cfg, mod)
         if A.ndim != 2 or B.ndim != 2 or A.shape[0] != B.shape[1] or A.shape[0] != r:
             raise Lora2GGUFError(f"{path / TENSORS}: {mod}: lora_a {tuple(A.shape)} and lora_b {tuple(B.shape)} do not "

@@ -15,7 +15,8 @@ from .adapter_gguf_write import check_outtype, gguf_from_peft
 
 def convert(adapter_dir: str | os.PathLike, base: str | os.PathLike, out: str | os.PathLike,
             outtype: str = "f32", force: bool = False) -> Path:
-    """Convert an adapter directory (PEFT, torchtune or mlx-lm) for `base` (GGUF file, HF directory or config.json) into a GGUF LoRA at `out`."""
+    """Convert an adapter directory (PEFT, torchtune or mlx-lm) for `base` (GGUF file, HF directory or
+    config.json) into a GGUF LoRA at `out`."""
     from .gguf_write import check_output
 
     check_outtype(outtype)

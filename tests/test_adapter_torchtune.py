@@ -1,11 +1,11 @@
 """torchtune adapters (adapter_model.pt + adapter_config.json, and its PEFT export beside them).
 
-Which case applies: torchtune 0.6.1 cannot be imported next to torch 2.13 (see the last test), so most
-files here are written from the format as torchtune's source defines it: the checkpointer `torch.save`s
-the adapter state dict as is (training/checkpointing/_checkpointer.py), keys
-`layers.N.attn.q_proj.lora_a.weight` ... (modules/peft/lora.py), q/k rows in Meta's interleaved order
-because hf_to_tune permutes q/k weights with `_permute` (models/convert_weights.py, and
-models/gemma2/_convert_weights.py for gemma2; qwen2's converter does not), and the PEFT export through tune_to_peft_adapter_weights. The ΔW comes from a real PEFT adapter and
+Which case applies: torchtune 0.6.1 cannot be imported next to torch 2.13 (see the last test), so most files
+here are written from the format as torchtune's source defines it: the checkpointer `torch.save`s the adapter
+state dict as is (training/checkpointing/_checkpointer.py), keys `layers.N.attn.q_proj.lora_a.weight` ...
+(modules/peft/lora.py), q/k rows in Meta's interleaved order because hf_to_tune permutes q/k weights with
+`_permute` (models/convert_weights.py, and models/gemma2/_convert_weights.py for gemma2; qwen2's converter
+does not), and the PEFT export through tune_to_peft_adapter_weights. The ΔW comes from a real PEFT adapter and
 the result is checked against transformers + PEFT on that adapter. The last test runs torchtune's own
 convert_weights.py where torchtune's files are installed."""
 
@@ -132,7 +132,7 @@ def test_torchtune_bad_inputs(tmp_path):
     with pytest.raises(Lora2GGUFError, match="pos_embeddings.*not a torchtune LoRA tensor"):
         load_adapter(tune_dir)
     torch.save({k: v for k, v in sd.items() if "lora_b" not in k or "layers.1" not in k}, tune_dir / "adapter_model.pt")
-    with pytest.raises(Lora2GGUFError, match="layers.1.self_attn.v_proj lacks lora_b"):
+    with pytest.raises(Lora2GGUFError, match="layers.1.self_attn.v_proj.lora_A has no matching lora_B"):
         load_adapter(tune_dir)
     (tune_dir / "adapter_config.json").unlink()
     with pytest.raises(Lora2GGUFError, match="without adapter_config.json"):

@@ -1,9 +1,9 @@
 """nf4: bitsandbytes' NF4 rounding in numpy.
 
 bitsandbytes is not in the test extras (a 43 MB wheel for one cross-check; the `formats` extra has it): where
-it is importable, test_matches_bitsandbytes compares with its own quantize_4bit / dequantize_4bit on CPU (run once here with
-bitsandbytes 0.50.2 unpacked beside the venv: identical on all three shapes); elsewhere the hand-worked
-block and the properties below hold the rounding to the NF4 definition."""
+it is importable, test_matches_bitsandbytes compares with its own quantize_4bit / dequantize_4bit on CPU (run
+once here with bitsandbytes 0.50.2 unpacked beside the venv: identical on all three shapes); elsewhere the
+hand-worked block and the properties below hold the rounding to the NF4 definition."""
 
 import numpy as np
 import pytest
