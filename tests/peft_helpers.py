@@ -9,6 +9,31 @@ import numpy as np
 import torch
 
 
+# Phi-3 stores q/k/v and gate/up as one projection each: the tests' split target names map onto them
+FUSED = {"phi3": {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", "gate_proj": "gate_up_proj",
+                  "up_proj": "gate_up_proj"}}
+
+
+def for_arch(model_type: str, kw: dict) -> dict:
+    """LoraConfig kwargs with split projection names renamed to the fused ones the arch has."""
+    names = FUSED.get(model_type)
+    if not names:
+        return kw
+
+    def rename(s: str) -> str:
+        for a, b in names.items():
+            s = s.replace(a, b)
+        return s
+
+    kw = dict(kw)
+    if isinstance(kw.get("target_modules"), list):
+        kw["target_modules"] = sorted({rename(t) for t in kw["target_modules"]})
+    for key in ("rank_pattern", "alpha_pattern"):
+        if kw.get(key):
+            kw[key] = {rename(k): v for k, v in kw[key].items()}
+    return kw
+
+
 def make_peft_adapter(hf_dir: str | Path, out_dir: str | Path, seed: int = 0, b_std: float = 0.05,
                       **lora_kwargs) -> Path:
     """A PEFT adapter saved by `save_pretrained`, for the transformers model in hf_dir, with random
@@ -20,6 +45,7 @@ def make_peft_adapter(hf_dir: str | Path, out_dir: str | Path, seed: int = 0, b_
     warnings.filterwarnings("ignore", category=UserWarning)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    lora_kwargs = for_arch(model.config.model_type, lora_kwargs)
     pm = peft.get_peft_model(model, peft.LoraConfig(init_lora_weights=False, **lora_kwargs))
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():

@@ -49,6 +49,11 @@ CASES = {
     "gemma2-all-r4": ("gemma2", dict(r=4, lora_alpha=8, target_modules=ALL)),
     "gemma2-rslora-patterns": ("gemma2", dict(r=8, lora_alpha=8, use_rslora=True, target_modules=["q_proj", "k_proj", "gate_proj"],
                                               rank_pattern={"k_proj": 2}, alpha_pattern={"gate_proj": 24})),
+    # Phi-3: fused qkv_proj / gate_up_proj (PEFT's targets on that arch), rope on half of each head
+    "phi3-all-r8": ("phi3", dict(r=8, lora_alpha=16, target_modules=["qkv_proj", "o_proj", "gate_up_proj", "down_proj"])),
+    "phi3-rslora-patterns": ("phi3", dict(r=8, lora_alpha=16, use_rslora=True, target_modules="all-linear",
+                                          rank_pattern={"qkv_proj": 4, r"layers\.1\.mlp\.gate_up_proj": 2},
+                                          alpha_pattern={"o_proj": 3})),
     "gemma2-layers": ("gemma2", dict(r=8, lora_alpha=16, target_modules=["v_proj", "o_proj", "down_proj"], layers_to_transform=[1])),
 }
 

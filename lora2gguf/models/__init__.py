@@ -12,7 +12,7 @@ from ..errors import Lora2GGUFError
 from .arch import Arch
 from .spec import ModelSpec
 
-NAMES = ("llama", "qwen2", "qwen3", "gemma3", "gemma2")  # GGUF general.architecture, one module each
+NAMES = ("llama", "qwen2", "qwen3", "gemma3", "gemma2", "phi3")  # GGUF general.architecture, one module each
 
 
 @cache
