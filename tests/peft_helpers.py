@@ -92,3 +92,43 @@ def hf_dir_from_base(base_path: str | Path, out_dir: str | Path) -> Path:
         cfg = b.spec.arch_module.hf_config(b.spec)
     (out_dir / "config.json").write_text(json.dumps(cfg, indent=2))
     return out_dir
+
+
+def assert_converts_like_peft(arch: str, adapter_dir: str | Path, peft_dir: str | Path, out: str | Path,
+                              n_tokens: int = 64, seed: int = 4) -> dict:
+    """Convert `adapter_dir` (any format) for the `arch` fixture, load it in llama.cpp, and compare its logits
+    with transformers + PEFT on `peft_dir` (the same ΔW in PEFT form): KL ≤ 1e-5, same top-1. Also checks
+    that the adapter visibly moves the base, so that a dropped or mis-scaled adapter cannot pass."""
+    from conftest import fixture, token_ids
+    from lora2gguf.convert import convert
+    from lora2gguf.metrics import compare
+    from lora2gguf.runtime import LlamaRuntime
+
+    gguf = convert(adapter_dir, fixture(arch), out)
+    with LlamaRuntime(fixture(arch)) as rt:
+        tokens = token_ids(rt.n_vocab, n_tokens, seed=seed)
+        base = rt.logits(tokens)
+        rt.set_adapters([(gguf, 1.0)])
+        ours = rt.logits(tokens)
+    assert compare(base, ours)["mean_kl"] > 1e-2, "the adapter must visibly change the output"
+    m = compare(peft_logits(fixture(arch, "hf"), peft_dir, tokens), ours)
+    assert m["mean_kl"] <= 1e-5 and m["top1"] == 1.0, m
+    return m
+
+
+def assert_merges_like_peft(arch: str, adapter_dir: str | Path, peft_dir: str | Path, out: str | Path,
+                            n_tokens: int = 64, seed: int = 11) -> dict:
+    """Merge `adapter_dir` (any format) into the F32 `arch` fixture and compare the merged file's llama.cpp
+    logits with transformers + PEFT on `peft_dir`: KL ≤ 1e-5, same top-1."""
+    from conftest import fixture, token_ids
+    from lora2gguf.merge import merge
+    from lora2gguf.metrics import compare
+    from lora2gguf.runtime import LlamaRuntime
+
+    merged = merge(fixture(arch), [(adapter_dir, 1.0)], out, quant="f32")
+    with LlamaRuntime(merged) as rt:
+        tokens = token_ids(rt.n_vocab, n_tokens, seed=seed)
+        ours = rt.logits(tokens)
+    m = compare(peft_logits(fixture(arch, "hf"), peft_dir, tokens), ours)
+    assert m["mean_kl"] <= 1e-5 and m["top1"] == 1.0, m
+    return m

@@ -288,7 +288,8 @@ def test_arch_mismatch_refused(tmp_path):
 
 @pytest.mark.parametrize("key,value,message", [
     ("layer_replication", [[0, 2], [1, 2]], "layer replication"),
-    ("alora_invocation_tokens", [5, 6], "aLoRA"),
+    ("alora_invocation_tokens", ["x"], "list of token ids"),
+    ("invocation_string", "<|assistant|>", "no alora_invocation_tokens"),
     ("peft_type", "IA3", "not LoRA"),
 ])
 def test_config_features_refused(tmp_path, key, value, message):
@@ -304,7 +305,7 @@ def test_missing_and_corrupt_inputs(tmp_path, capsys):
     adapter_dir = make_peft_adapter(fixture("llama", "hf"), tmp_path / "a", seed=13, r=2, lora_alpha=4, target_modules=["v_proj"])
     out = tmp_path / "o.gguf"
     cases = []
-    cases.append(([str(tmp_path / "nope"), "--base", str(fixture("llama"))], "not a directory"))
+    cases.append(([str(tmp_path / "nope"), "--base", str(fixture("llama"))], "no such file or directory"))
     cases.append(([str(adapter_dir), "--base", str(tmp_path / "nobase.gguf")], "no such file"))
     cases.append(([str(adapter_dir), "--base", str(fixture("llama")), "--outtype", "q4_0"], "Invalid value"))
     broken = tmp_path / "broken"
