@@ -124,6 +124,8 @@ def load_gguf_lora(path: str | os.PathLike, spec=None) -> PeftAdapter:
         ranks = Counter(m.r for m in modules.values())
         config = {"peft_type": "LORA", "r": ranks.most_common(1)[0][0], "lora_alpha": alpha,
                   "target_modules": sorted(modules), "gguf": provenance(f)}
+        if (toks := f.get("adapter.alora.invocation_tokens")) is not None:  # an activated LoRA
+            config["alora_invocation_tokens"] = [int(t) for t in toks]
     adapter = PeftAdapter(path, config, modules)
     if spec is not None:
         adapter.check_base(spec, "the base")
@@ -199,6 +201,8 @@ def describe_gguf_adapter(f: GGUFFile, base: str | os.PathLike | None = None) ->
         "llama_cpp_scales": sorted({llama_scale(alpha, r) for r in ranks.values()}),
         "provenance": provenance(f) or None,
     }
+    if (toks := f.get("adapter.alora.invocation_tokens")) is not None:  # llama-server activates it after these
+        info["alora_invocation_tokens"] = [int(t) for t in toks]
     if base is not None:
         from .base import open_base
 

@@ -137,7 +137,7 @@ def train_cmd(**kwargs) -> None:
 @click.option("--outtype", default="f32", show_default=True, type=click.Choice(["f32", "f16", "bf16", "q8_0"]))
 @click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
 def convert_cmd(adapter_dir: str, base: str, out: str, outtype: str, force: bool) -> None:
-    """Convert a PEFT LoRA adapter directory into a GGUF LoRA for llama.cpp's --lora."""
+    """Convert an adapter directory (PEFT, torchtune, mlx-lm) into a GGUF LoRA for llama.cpp's --lora."""
     from .convert import convert
 
     click.echo(f"wrote {convert(adapter_dir, base, out, outtype=outtype, force=force)}")
@@ -149,7 +149,7 @@ def convert_cmd(adapter_dir: str, base: str, out: str, outtype: str, force: bool
 @click.option("-o", "--out", required=True, type=click.Path(), help="PEFT adapter directory to write.")
 @click.option("--force", is_flag=True, help="Replace OUT if it is an existing adapter directory.")
 def export_cmd(adapter_gguf: str, base: str, out: str, force: bool) -> None:
-    """Turn a GGUF LoRA back into a PEFT adapter directory (adapter_config.json + safetensors)."""
+    """Turn a GGUF LoRA (or a torchtune / mlx-lm adapter) into a PEFT adapter directory."""
     from .export import export
 
     click.echo(f"wrote {export(adapter_gguf, base, out, force=force)}")

@@ -1,4 +1,4 @@
-"""`lora2gguf export`: a GGUF LoRA → a PEFT adapter directory (adapter_config.json +
+"""`lora2gguf export`: a GGUF LoRA (or a torchtune / mlx-lm adapter) → a PEFT adapter directory (adapter_config.json +
 adapter_model.safetensors) that `peft.PeftModel.from_pretrained` loads on the matching transformers model.
 
 The GGUF file's run-time meaning is kept exactly: llama.cpp scales each tensor pair by alpha / r_m
@@ -10,6 +10,7 @@ un-permuted and the token embedding pair is turned back into lora_embedding_A/B 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -25,22 +26,25 @@ from .errors import Lora2GGUFError
 
 def peft_config(adapter: PeftAdapter, base_model: str) -> dict:
     """adapter_config.json for these modules: exact module paths as targets (so PEFT adapts nothing
-    else), the common rank as r and a rank_pattern entry for each other rank."""
+    else), the common rank as r and a rank_pattern entry for each other rank; lora_alpha and alpha_pattern
+    such that every module's alpha_m / r_m is the scale its source applies (llama.cpp: alpha / r, or 1
+    when the file's alpha is 0; mlx-lm: its scale)."""
     ranks = Counter(m.r for m in adapter.modules.values())
     r = ranks.most_common(1)[0][0]
-    alpha = float(adapter.config["lora_alpha"])
+    alphas = {n: m.scale * m.r for n, m in adapter.modules.items()}
+    lora_alpha = float(Counter(a for n, a in alphas.items() if adapter.modules[n].r == r).most_common(1)[0][0])
     rank_pattern = {re.escape(n): m.r for n, m in adapter.modules.items() if m.r != r}
-    if alpha:
-        lora_alpha, alpha_pattern = alpha, {}
-    else:  # llama.cpp: alpha 0 means scale 1, which PEFT gets with alpha = r per module
-        lora_alpha, alpha_pattern = float(r), {re.escape(n): float(m.r) for n, m in adapter.modules.items() if m.r != r}
-    return {
+    alpha_pattern = {re.escape(n): float(a) for n, a in alphas.items() if not math.isclose(a, lora_alpha, rel_tol=1e-9)}
+    cfg = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
         "r": r, "lora_alpha": lora_alpha, "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
         "target_modules": sorted(adapter.modules), "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
         "use_rslora": False, "use_dora": False, "modules_to_save": None, "init_lora_weights": True,
         "inference_mode": True,
     }
+    if adapter.config.get("alora_invocation_tokens"):
+        cfg["alora_invocation_tokens"] = list(adapter.config["alora_invocation_tokens"])
+    return cfg
 
 
 def peft_tensors(adapter: PeftAdapter) -> dict[str, np.ndarray]:
@@ -66,24 +70,34 @@ def check_output_dir(out: Path, force: bool, inputs: list[Path]) -> None:
             raise Lora2GGUFError(f"{out}: exists and is not an adapter directory; refusing to replace it")
 
 
-def export(adapter_gguf: str | os.PathLike, base: str | os.PathLike, out: str | os.PathLike,
+def export(adapter_in: str | os.PathLike, base: str | os.PathLike, out: str | os.PathLike,
            force: bool = False) -> Path:
-    """Write the GGUF LoRA at `adapter_gguf` (for `base`) as a PEFT adapter directory at `out`."""
+    """Write the adapter at `adapter_in` (a GGUF LoRA, or a torchtune / mlx-lm / PEFT directory: adapter_any
+    tells), for `base`, as a PEFT adapter directory at `out`."""
     from safetensors.numpy import save_file
 
-    from .adapter_gguf import base_match, load_gguf_lora
+    from .adapter_any import adapter_format, load_adapter, say_notes
+    from .adapter_gguf import base_match
+    from .adapter_gguf_write import refuse_unsupported
     from .base import open_base
     from .gguf_write import fsync_path, part_prefix, remove_stale_parts, umask_mode
 
-    src, out = Path(adapter_gguf), Path(out)
+    src, out = Path(adapter_in), Path(out)
     check_output_dir(out, force, [src, Path(base)])
+    fmt = adapter_format(src)
     with open_base(base) as b:
-        adapter = load_gguf_lora(src, b.spec)
-        match, verdict = base_match(src, b)
-        if match is False:
-            raise Lora2GGUFError(f"{src}: was converted for another base than {base} ({verdict}); "
-                                 "pass the base it was made for")
-        name = adapter.config["gguf"].get("peft_base_model") or b.spec.name or str(base)
+        adapter = load_adapter(src, b.spec)
+        if fmt == "gguf":
+            match, verdict = base_match(src, b)
+            if match is False:
+                raise Lora2GGUFError(f"{src}: was converted for another base than {base} ({verdict}); "
+                                     "pass the base it was made for")
+            name = adapter.config["gguf"].get("peft_base_model") or b.spec.name or str(base)
+        else:  # what a GGUF LoRA can hold, PEFT's plain LoRA can: the same refusals
+            refuse_unsupported(adapter)
+            adapter.check_base(b.spec, f"base {base}")
+            name = adapter.config.get("base_model_name_or_path") or b.spec.name or str(base)
+    say_notes(adapter)
     remove_stale_parts(out)
     tmp = Path(tempfile.mkdtemp(prefix=part_prefix(out), suffix=".part", dir=out.parent))
     try:

@@ -1,4 +1,5 @@
-"""`lora2gguf inspect`: what a GGUF model/adapter (or an HF model / PEFT adapter directory) is."""
+"""`lora2gguf inspect`: what a GGUF model/adapter (or an HF model, or a PEFT / torchtune / mlx-lm adapter
+directory) is."""
 
 from __future__ import annotations
 
@@ -25,10 +26,11 @@ def _file_type_name(v) -> str | None:
 def describe(path: str, base: str | None = None) -> dict:
     p = Path(path)
     if p.is_dir():
-        if any((p / n).exists() for n in ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")):
-            from .adapter import describe_peft_dir
+        if any((p / n).exists() for n in ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin",
+                                          "adapter_model.pt", "adapters.safetensors")):
+            from .adapter_any import describe_adapter  # PEFT, torchtune, mlx-lm: told by the files
 
-            return describe_peft_dir(p)
+            return describe_adapter(p)
         with HFBase(p) as b:
             return {"path": str(p), "kind": "hf-model", "spec": b.spec.to_dict()}
     with GGUFFile(p) as f:

@@ -55,3 +55,12 @@ def check_arch(adapter, spec, base_path) -> None:
     if other is not None and other != spec.arch:
         raise Lora2GGUFError(f"{adapter.path}: the adapter was made on a {cls} ({other}) but {base_path} is a "
                              f"{spec.arch} model; pass the base it was trained on")
+
+
+def check_not_activated(adapter, verb: str) -> None:
+    """An activated LoRA (aLoRA) changes only the tokens after its invocation sequence; a merged weight
+    would change every token."""
+    if adapter.config.get("alora_invocation_tokens"):
+        raise Lora2GGUFError(f"{adapter.path}: an activated LoRA (aLoRA, alora_invocation_tokens) applies only after "
+                             f"its invocation tokens, which {verb} cannot express; convert it to a GGUF LoRA and "
+                             "serve it with llama-server, which activates it")

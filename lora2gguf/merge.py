@@ -77,27 +77,25 @@ def _sha256(paths: list[Path]) -> str:
 
 
 def load_adapter(path: str | os.PathLike, spec, base: GGUFBase | None = None) -> tuple[PeftAdapter, str]:
-    """A PEFT directory or a GGUF LoRA file, in HF layout with its scale; and its sha256 fingerprint
-    (adapter_config.json then the weights for PEFT, the file for GGUF). Refused when it was made for
-    another model: another arch (PEFT's recorded class), or, for a GGUF LoRA converted by us, a base whose
-    fingerprint is not `base`'s (same shapes, other weights: the merge would be silently wrong)."""
-    from .adapter_any import load_adapter as load_any
+    """An adapter directory (PEFT, torchtune, mlx-lm) or a GGUF LoRA file, in HF layout with its scale; and
+    its sha256 fingerprint (adapter_config.json then the weights for a directory, the file for GGUF). Refused
+    when it was made for another model: another arch (PEFT's recorded class), or, for a GGUF LoRA converted
+    by us, a base whose fingerprint is not `base`'s (same shapes, other weights: the merge would be silently
+    wrong); and refused when it is an activated LoRA."""
+    from .adapter_any import adapter_files, load_adapter as load_any, say_notes
+    from .lora_rules import check_arch, check_not_activated
 
     p = Path(path)
-    if p.is_dir():
-        from .lora_rules import check_arch
-
-        a = load_any(p, spec)
-        check_arch(a, spec, base.path if base is not None else "the base")
-        files = [p / "adapter_config.json"] + [f for f in (p / "adapter_model.safetensors", p / "adapter_model.bin")
-                                                 if f.is_file()][:1]
-        return a, _sha256(files)
-    if not p.is_file():
-        raise Lora2GGUFError(f"{p}: no such file or directory; --lora takes a PEFT directory or a GGUF LoRA file")
+    if not p.exists():
+        raise Lora2GGUFError(f"{p}: no such file or directory; --lora takes an adapter directory or a GGUF LoRA file")
     a = load_any(p, spec)
-    if base is not None:
+    check_not_activated(a, "a merged model")
+    if p.is_dir():
+        check_arch(a, spec, base.path if base is not None else "the base")
+    elif base is not None:
         _check_fingerprint(p, base)
-    return a, _sha256([p])
+    say_notes(a)
+    return a, _sha256(adapter_files(p))
 
 
 def _check_fingerprint(path: Path, base: GGUFBase) -> None:

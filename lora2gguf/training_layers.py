@@ -190,9 +190,10 @@ def fuse_for_training(model: nn.Module) -> bool:
         return False
     for layer in model.model.layers:
         at, mlp = layer.self_attn, layer.mlp
-        layer.qkv = Projection([at.q_proj, at.k_proj, at.v_proj])
+        # an arch that stores q/k/v (gate/up) as one projection (phi3) gives the block as it is
+        layer.qkv = Projection([at.qkv_proj] if hasattr(at, "qkv_proj") else [at.q_proj, at.k_proj, at.v_proj])
         layer.o = Projection([at.o_proj])
-        layer.gate_up = Projection([mlp.gate_proj, mlp.up_proj])
+        layer.gate_up = Projection([mlp.gate_up_proj] if hasattr(mlp, "gate_up_proj") else [mlp.gate_proj, mlp.up_proj])
         layer.down = Projection([mlp.down_proj])
         layer.__class__ = TrainingLayer
     return True

@@ -91,7 +91,7 @@ def test_memorise_then_llama_cpp_serves_it(tmp_path, arch, kind, data):
                 assert after.startswith(want), (after, want)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3", "gemma2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3", "gemma2", "phi3"])
 def test_saved_adapter_loads_in_peft_and_matches_reference(tmp_path, arch):
     """The saved directory, loaded by peft on transformers, == our reference with it (and our trained model)."""
     out = tmp_path / "out"

@@ -68,7 +68,7 @@ def test_saved_files_match_peft_save_pretrained(tmp_path):
 
 @pytest.mark.parametrize("arch, targets, rslora", [("llama", "all-linear", False), ("qwen2", "q_proj,k_proj,o_proj", True),
                                                     ("qwen3", "gate_proj,up_proj", False), ("gemma3", "all-linear", True),
-                                                    ("gemma2", "q_proj,down_proj", False)])
+                                                    ("gemma2", "q_proj,down_proj", False), ("phi3", "all-linear", True)])
 def test_forward_matches_peft(tmp_path, arch, targets, rslora):
     """Our LoRA forward on our model == PEFT's on transformers, with the same non-zero weights."""
     model, layers = our_model(arch, targets, 8, 16, rslora)
@@ -114,9 +114,14 @@ def test_bad_targets(spec, msg):
 
 
 def test_all_linear_is_every_projection_not_the_head():
-    assert resolve_targets("all-linear") == sorted(
+    from lora2gguf import models
+
+    assert resolve_targets("all-linear", models.get("llama")) == sorted(
         ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    assert resolve_targets("all-linear", models.get("phi3")) == ["down_proj", "gate_up_proj", "o_proj", "qkv_proj"]
     assert resolve_targets(" v_proj , q_proj ") == ["q_proj", "v_proj"]
+    with pytest.raises(Lora2GGUFError, match="'q_proj' of phi3"):
+        resolve_targets("q_proj", models.get("phi3"))
 
 
 def test_lora_projection_is_peft_math():
@@ -235,8 +240,9 @@ def test_training_loss_equals_cross_entropy_of_the_model_logits(arch):
     model.train()
     for fused in (False, True):
         if fused:  # only archs whose layer is the fused form's (pre-norm SwiGLU, full rope) fuse; Gemma does not
+            spec = model.spec  # phi3's fixture rotates half of each head: the fused form needs full rope
             if not fuse_for_training(model):
-                assert not model.spec.arch_module.fused_training
+                assert not (spec.arch_module.fused_training and spec.n_rot == spec.head_dim)
                 continue
             assert all(type(layer) is TrainingLayer for layer in model.model.layers)
         for attention_mask in (None, mask):

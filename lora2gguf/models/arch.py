@@ -15,7 +15,6 @@ a GGUF header, convert and merge never import torch.
 
 from __future__ import annotations
 
-from dataclasses import fields
 from functools import lru_cache
 
 from gguf import MODEL_ARCH, get_tensor_name_map
@@ -145,10 +144,6 @@ class Arch:
         if spec.rope_scaling_type == "linear":
             cfg["rope_scaling"] = {"rope_type": "linear", "factor": spec.rope_scaling_factor}
         return cfg
-
-    def extra_fields(self, spec: ModelSpec) -> dict:
-        base = {f.name for f in fields(ModelSpec)}
-        return {f.name: getattr(spec, f.name) for f in fields(spec) if f.name not in base}
 
     # -- tensors -----------------------------------------------------------------------------------------
     def layer_shapes(self, spec: ModelSpec) -> dict[str, tuple[int, ...]]:

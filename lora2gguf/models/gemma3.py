@@ -44,6 +44,7 @@ class Gemma3(Arch):
                    "post_feedforward_layernorm")
     qk_norm = True
     norm_offset = 1.0
+    bias_slots = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")  # llama.cpp loads bq/bk/bv only
     # llama.cpp's defaults for metadata a file may lack (src/models/gemma3.cpp, llama-hparams.h)
     swa_pattern = 6  # layer il is local when il % 6 < 5
     window_default = 0  # no sliding_window key: no sliding window
