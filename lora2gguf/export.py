@@ -9,68 +9,16 @@ un-permuted and the token embedding pair is turned back into lora_embedding_A/B 
 
 from __future__ import annotations
 
-import json
 import os
-import re
-import shutil
-import tempfile
-from collections import Counter
 from pathlib import Path
 
-import numpy as np
-
-from .adapter import PREFIX, PeftAdapter
+from .adapter_io import check_output_dir, write_peft_dir
 from .errors import Lora2GGUFError
-
-
-def peft_config(adapter: PeftAdapter, base_model: str) -> dict:
-    """adapter_config.json for these modules: exact module paths as targets (so PEFT adapts nothing
-    else), the common rank as r and a rank_pattern entry for each other rank."""
-    ranks = Counter(m.r for m in adapter.modules.values())
-    r = ranks.most_common(1)[0][0]
-    alpha = float(adapter.config["lora_alpha"])
-    rank_pattern = {re.escape(n): m.r for n, m in adapter.modules.items() if m.r != r}
-    if alpha:
-        lora_alpha, alpha_pattern = alpha, {}
-    else:  # llama.cpp: alpha 0 means scale 1, which PEFT gets with alpha = r per module
-        lora_alpha, alpha_pattern = float(r), {re.escape(n): float(m.r) for n, m in adapter.modules.items() if m.r != r}
-    return {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
-        "r": r, "lora_alpha": lora_alpha, "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
-        "target_modules": sorted(adapter.modules), "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
-        "use_rslora": False, "use_dora": False, "modules_to_save": None, "init_lora_weights": True,
-        "inference_mode": True,
-    }
-
-
-def peft_tensors(adapter: PeftAdapter) -> dict[str, np.ndarray]:
-    out = {}
-    for name, m in adapter.modules.items():
-        if m.embedding:
-            out[f"{PREFIX}{name}.lora_embedding_A"], out[f"{PREFIX}{name}.lora_embedding_B"] = m.A, m.B
-        else:
-            out[f"{PREFIX}{name}.lora_A.weight"], out[f"{PREFIX}{name}.lora_B.weight"] = m.A, m.B
-    return {k: np.ascontiguousarray(v, np.float32) for k, v in out.items()}
-
-
-def check_output_dir(out: Path, force: bool, inputs: list[Path]) -> None:
-    if not out.parent.is_dir():
-        raise Lora2GGUFError(f"{out}: directory {out.parent} does not exist; create it first")
-    for i in inputs:
-        if i.exists() and (i.resolve() == out.resolve() or out.resolve() in i.resolve().parents):
-            raise Lora2GGUFError(f"{out}: the output directory holds an input ({i}); choose another output path")
-    if out.exists():
-        if not force:
-            raise Lora2GGUFError(f"{out}: already exists; pass --force to replace it")
-        if not out.is_dir() or (any(out.iterdir()) and not (out / "adapter_config.json").is_file()):
-            raise Lora2GGUFError(f"{out}: exists and is not an adapter directory; refusing to replace it")
 
 
 def export(adapter_gguf: str | os.PathLike, base: str | os.PathLike, out: str | os.PathLike,
            force: bool = False) -> Path:
     """Write the GGUF LoRA at `adapter_gguf` (for `base`) as a PEFT adapter directory at `out`."""
-    from safetensors.numpy import save_file
-
     from .adapter_gguf import base_match, load_gguf_lora
     from .base import open_base
 
@@ -83,18 +31,4 @@ def export(adapter_gguf: str | os.PathLike, base: str | os.PathLike, out: str | 
             raise Lora2GGUFError(f"{src}: was converted for another base than {base} ({verdict}); "
                                  "pass the base it was made for")
         name = adapter.config["gguf"].get("peft_base_model") or b.spec.name or str(base)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".part", dir=out.parent))
-    try:
-        (tmp / "adapter_config.json").write_text(json.dumps(peft_config(adapter, name), indent=2) + "\n")
-        save_file(peft_tensors(adapter), str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
-        old = None
-        if out.exists():  # --force, checked above: move the old one aside, then swap
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-            os.replace(out, old / "x")
-        os.replace(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return write_peft_dir(out, adapter, name)
