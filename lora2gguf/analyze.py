@@ -113,19 +113,19 @@ def format_report(report: dict) -> str:
     lines = [f"{report['adapter']}: {len(report['modules'])} modules, rank {', '.join(map(str, report['ranks']))}"
              + (f", relative to {report['base']}" if rel else ""), "",
              "rank reaching 99% of each module's energy (layer × module):",
-             "layer " + "".join(f"{k:>10}" for k in kinds)]
+             "layer " + "".join(f"{k:>13}" for k in kinds)]
     for i, layer in enumerate(layers):
         lines.append(f"{'-' if layer is None else layer:>5} " + "".join(
-            f"{'':>10}" if np.isnan(v) else f"{int(v):>10}" for v in g[i]))
+            f"{'':>13}" if np.isnan(v) else f"{int(v):>13}" for v in g[i]))
     lines += ["", "per module kind (mean over layers):",
-              f"{'module':>10} {'rank':>5} {'|dW|_F':>9} {'|dW|_2':>9}" + (f" {'rel_F':>8} {'rel_2':>8}" if rel else "")
+              f"{'module':>13} {'rank':>5} {'|dW|_F':>9} {'|dW|_2':>9}" + (f" {'rel_F':>8} {'rel_2':>8}" if rel else "")
               + f" {'k90':>5} {'k99':>5} {'stable':>7} {'entropy':>7}"]
     for kind in kinds:
         xs = [x for x in report["modules"] if x["kind"] == kind]
 
         def mean(key):
             return float(np.mean([x[key] for x in xs]))
-        lines.append(f"{kind:>10} {mean('rank'):5.1f} {mean('fro'):9.4f} {mean('spectral'):9.4f}"
+        lines.append(f"{kind:>13} {mean('rank'):5.1f} {mean('fro'):9.4f} {mean('spectral'):9.4f}"
                      + (f" {mean('rel_fro'):8.4f} {mean('rel_spectral'):8.4f}" if rel else "")
                      + f" {mean('rank_90'):5.1f} {mean('rank_99'):5.1f} {mean('stable_rank'):7.2f}"
                      f" {mean('entropy_rank'):7.2f}")

@@ -159,16 +159,15 @@ def module_factors(m: ModuleLoRA) -> tuple[np.ndarray, np.ndarray]:
     return b, a
 
 
-def module_from_factors(like: ModuleLoRA, b: np.ndarray, a: np.ndarray) -> ModuleLoRA:
+def module_from_factors(module: str, embedding: bool, b: np.ndarray, a: np.ndarray) -> ModuleLoRA:
     """A plain LoRA module (scale 1, alpha = rank) whose ΔW is b @ a in the base weight's layout; the
     embedding's pair goes back into PEFT's lora_embedding_A (r, vocab) / lora_embedding_B (dim, r)."""
     k = int(a.shape[0])
-    if like.embedding:
+    if embedding:
         A, B = np.ascontiguousarray(b.T), np.ascontiguousarray(a.T)
     else:
         A, B = np.ascontiguousarray(a), np.ascontiguousarray(b)
-    return ModuleLoRA(like.module, A.astype(np.float32), B.astype(np.float32), k, float(k), 1.0,
-                      embedding=like.embedding)
+    return ModuleLoRA(module, A.astype(np.float32), B.astype(np.float32), k, float(k), 1.0, embedding=embedding)
 
 
 def check_target(rank: int | None, energy: float | None) -> None:

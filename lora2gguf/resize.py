@@ -33,7 +33,7 @@ def resize_adapter(adapter: PeftAdapter, rank: int | None = None, energy: float 
         kept_sq += t.energy_kept * t.sq_total
         total_sq += t.sq_total
         if k > 0:  # an all-zero module has nothing to keep
-            modules[name] = lowrank.module_from_factors(m, t.b, t.a)
+            modules[name] = lowrank.module_from_factors(name, m.embedding, t.b, t.a)
     if not modules:
         raise Lora2GGUFError(f"{adapter.path}: every module's update is zero; there is nothing to resize")
     config = {"base_model_name_or_path": adapter.config.get("base_model_name_or_path") or
@@ -72,7 +72,10 @@ def resize(adapter: str | os.PathLike, out: str | os.PathLike, rank: int | None 
 
 
 def _size(p: Path) -> int:
-    return sum(f.stat().st_size for f in p.iterdir() if f.is_file()) if p.is_dir() else p.stat().st_size
+    """Bytes of the adapter itself: a GGUF file, or a PEFT directory's config and weights (not its README)."""
+    if not p.is_dir():
+        return p.stat().st_size
+    return sum(f.stat().st_size for f in p.iterdir() if f.name.startswith("adapter_"))
 
 
 def format_report(r: dict) -> str:
