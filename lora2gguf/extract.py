@@ -49,7 +49,7 @@ def extract_modules(base, tuned, rank: int | None = None, energy: float | None =
     for name in base.hf_names():
         w = base.tensor(name).astype(np.float64)
         d = tuned.tensor(name).astype(np.float64) - w
-        sq = float(np.einsum("...,...->", d, d))
+        sq = float(np.vdot(d, d))
         if sq == 0.0:
             continue
         module = _lora_module(name, tied)
