@@ -69,11 +69,12 @@ def analyze(adapter: str | os.PathLike, base: str | os.PathLike | None = None) -
 
     if base is None:
         a = load_for_base(adapter, None, any_qk_order=True)
-        stats = [module_stats(m) for m in a.modules.values()]
+        with lowrank.small_matrix_threads():
+            stats = [module_stats(m) for m in a.modules.values()]
     else:
         from .base import open_base
 
-        with open_base(base) as b:
+        with open_base(base) as b, lowrank.small_matrix_threads():
             a = load_for_base(adapter, b)
             stats = [module_stats(m, b) for m in a.modules.values()]
     if not stats:

@@ -33,19 +33,20 @@ def combine_adapters(adapters: list[tuple[PeftAdapter, float]], rank: int | None
             b_i, a_i = lowrank.module_factors(m)
             blocks.setdefault(name, []).append((m, b_i.astype(np.float64) * (m.scale * u), a_i))
     modules, per, kept_sq, total_sq = {}, {}, 0.0, 0.0
-    for name, parts in blocks.items():
-        b = np.concatenate([p[1] for p in parts], axis=1)
-        a = np.concatenate([p[2] for p in parts], axis=0)
-        if rank is not None:
-            u_, s, vt = lowrank.lowrank_svd(b, a)
-            t = lowrank.truncate(u_, s, vt, lowrank.choose_rank(s, (b.shape[0], a.shape[1]), rank, None))
-            b, a, kept, sq = t.b, t.a, t.energy_kept, t.sq_total
-        else:
-            kept, sq = 1.0, 0.0
-        per[name] = {"ranks": [p[0].r for p in parts], "rank": int(a.shape[0]), "energy_kept": kept}
-        kept_sq, total_sq = kept_sq + kept * sq, total_sq + sq
-        if a.shape[0] > 0:
-            modules[name] = lowrank.module_from_factors(name, parts[0][0].embedding, b, a)
+    with lowrank.small_matrix_threads():
+        for name, parts in blocks.items():
+            b = np.concatenate([p[1] for p in parts], axis=1)
+            a = np.concatenate([p[2] for p in parts], axis=0)
+            if rank is not None:
+                u_, s, vt = lowrank.lowrank_svd(b, a)
+                t = lowrank.truncate(u_, s, vt, lowrank.choose_rank(s, (b.shape[0], a.shape[1]), rank, None))
+                b, a, kept, sq = t.b, t.a, t.energy_kept, t.sq_total
+            else:
+                kept, sq = 1.0, 0.0
+            per[name] = {"ranks": [p[0].r for p in parts], "rank": int(a.shape[0]), "energy_kept": kept}
+            kept_sq, total_sq = kept_sq + kept * sq, total_sq + sq
+            if a.shape[0] > 0:
+                modules[name] = lowrank.module_from_factors(name, parts[0][0].embedding, b, a)
     if not modules:
         raise Lora2GGUFError("the combined update is zero in every module; nothing to write")
     report = {"modules": per, "energy_kept": kept_sq / total_sq if total_sq > 0 else 1.0,

@@ -22,6 +22,14 @@ DENSE_SVD_MAX = 1024
 EPS32 = float(np.finfo(np.float32).eps)
 
 
+def small_matrix_threads():
+    """BLAS on one thread for the many small QR / r×r SVD calls: their work is microseconds, and waking a
+    BLAS thread pool per call cost ~60× more on a loaded 2-core machine (scripts/bench_analyze.py)."""
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(1, user_api="blas")
+
+
 def lowrank_svd(b: np.ndarray, a: np.ndarray, scale: float = 1.0, vectors: bool = True):
     """SVD of scale·b·a (b: (m, r), a: (r, n)) through QR of b and aᵀ and the SVD of the small core.
     vectors: (U (m, q), s (q,), Vt (q, n)); otherwise the singular values s only (descending)."""

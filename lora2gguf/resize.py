@@ -24,16 +24,17 @@ def resize_adapter(adapter: PeftAdapter, rank: int | None = None, energy: float 
     lowrank.check_target(rank, energy)
     refuse_unsupported(adapter)  # DoRA, LoRA biases, modules_to_save: not a low-rank update we can resize
     modules, per, kept_sq, total_sq = {}, {}, 0.0, 0.0
-    for name, m in adapter.modules.items():
-        b, a = lowrank.module_factors(m)
-        u, s, vt = lowrank.lowrank_svd(b, a, m.scale)
-        k = lowrank.choose_rank(s, (b.shape[0], a.shape[1]), rank, energy)
-        t = lowrank.truncate(u, s, vt, k)
-        per[name] = {"rank": m.r, "new_rank": k, "energy_kept": t.energy_kept}
-        kept_sq += t.energy_kept * t.sq_total
-        total_sq += t.sq_total
-        if k > 0:  # an all-zero module has nothing to keep
-            modules[name] = lowrank.module_from_factors(name, m.embedding, t.b, t.a)
+    with lowrank.small_matrix_threads():
+        for name, m in adapter.modules.items():
+            b, a = lowrank.module_factors(m)
+            u, s, vt = lowrank.lowrank_svd(b, a, m.scale)
+            k = lowrank.choose_rank(s, (b.shape[0], a.shape[1]), rank, energy)
+            t = lowrank.truncate(u, s, vt, k)
+            per[name] = {"rank": m.r, "new_rank": k, "energy_kept": t.energy_kept}
+            kept_sq += t.energy_kept * t.sq_total
+            total_sq += t.sq_total
+            if k > 0:  # an all-zero module has nothing to keep
+                modules[name] = lowrank.module_from_factors(name, m.embedding, t.b, t.a)
     if not modules:
         raise Lora2GGUFError(f"{adapter.path}: every module's update is zero; there is nothing to resize")
     config = {"base_model_name_or_path": adapter.config.get("base_model_name_or_path") or
