@@ -88,3 +88,18 @@ def test_check_target():
             lowrank.check_target(rank, energy)
     lowrank.check_target(4, None)
     lowrank.check_target(None, 1.0)
+
+
+def test_dense_svd_small_rank_takes_the_randomized_path(monkeypatch):
+    rng = np.random.default_rng(6)
+    m = (rng.standard_normal((200, 12)) * 0.6 ** np.arange(12)) @ rng.standard_normal((12, 180))
+    calls = []
+    monkeypatch.setattr(lowrank, "randomized_svd", lambda *a, **k: calls.append(1) or randomized(*a, **k))
+    u, s, vt, total = lowrank.dense_svd(m, k=5)
+    assert calls and len(s) == 5
+    S = np.linalg.svd(m, compute_uv=False)
+    np.testing.assert_allclose(s, S[:5], rtol=1e-8)
+    assert total == pytest.approx((S ** 2).sum(), rel=1e-12)
+
+
+randomized = lowrank.randomized_svd
