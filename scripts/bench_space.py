@@ -5,7 +5,7 @@
    20 steps; `lora2gguf demo` trains the same) and one at rank 16 on the json data, same recipe otherwise;
 2. `analyze`s each;
 3. `resize`s the rank-16 one to K = 1, 2, 4, 8, 16 and to --energy 0.9 / 0.99, and the demo's adapters to the
-   rank their analysis names, as f16 GGUF LoRAs; for each, the size and the KL cost as `lora2gguf verify
+   ranks 1, 2 and --energy 0.9, as f16 GGUF LoRAs; for each, the size and the KL cost as `lora2gguf verify
    --base F32 --lora ORIGINAL_PEFT_DIR --runtime-lora RESIZED.gguf` measures it: llama.cpp running the
    resized file on the F32 copy of the base vs the PyTorch reference with the original adapter.
 
@@ -62,7 +62,7 @@ def main() -> None:
     WORK.mkdir(parents=True, exist_ok=True)
     base, f32 = smollm2_gguf(), smollm2_f32_gguf()
     print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; base {base.name}, KL on {f32.name}")
-    adapters = {b.name: train_adapter(base, b, 4, f"{b.name}-r4") for b in BEHAVIOURS}
+    adapters = {b.name: train_adapter(base, b, 4, f"{b.name}-r4") for b in BEHAVIOURS}  # the demo's recipe
     adapters["json-r16"] = train_adapter(base, BEHAVIOURS[0], 16, "json-r16")
 
     print("\n| adapter | r | modules | rank for 99% (uniform) | per-module rank for 99% | stable rank (mean) "
@@ -80,8 +80,7 @@ def main() -> None:
 
     rows = [("json-r16", {"rank": k}) for k in (1, 2, 4, 8, 16)] + \
            [("json-r16", {"energy": e}) for e in (0.9, 0.99)] + \
-           [(n, {"rank": reports[n]["uniform_rank_99"]}) for n in ("json-r4", "pirate-r4")] + \
-           [(n, {"rank": 4}) for n in ("json-r4", "pirate-r4")]
+           [(n, t) for n in ("json", "pirate") for t in ({"rank": 1}, {"rank": 2}, {"energy": 0.9}, {"rank": 4})]
     print("\n| adapter | resize to | ranks | energy kept | f16 GGUF bytes | KL vs original (verify) | top-1 "
           "| KL base→adapter |\n|---|---|---|---:|---:|---:|---:|---:|")
     for name, target in rows:
