@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import lowrank
+from . import archs, lowrank
 from .errors import Lora2GGUFError
 
 THRESHOLDS = (0.9, 0.99)
@@ -81,27 +81,32 @@ def analyze(adapter: str | os.PathLike, base: str | os.PathLike | None = None) -
         raise Lora2GGUFError(f"{adapter}: the adapter holds no LoRA modules to analyze")
     ranks = sorted({x["rank"] for x in stats})
     k99, kept = uniform_rank(stats, 0.99)
+    k90, kept90 = uniform_rank(stats, 0.9)
     params = sum(x["rank"] * sum(x["shape"]) for x in stats)
     params_k = sum(min(k99, x["rank"]) * sum(x["shape"]) for x in stats)
     per99 = [x["rank_99"] for x in stats]
     return {"adapter": str(adapter), "base": str(base) if base else None, "modules": stats,
             "ranks": ranks, "uniform_rank_99": k99, "uniform_energy_99": kept,
+            "uniform_rank_90": k90, "uniform_energy_90": kept90,
             "per_module_rank_99": {"min": min(per99), "max": max(per99), "mean": float(np.mean(per99))},
             "parameters": params, "parameters_at_rank_99": params_k,
-            "verdict": verdict(ranks, k99, kept, params, params_k)}
+            "verdict": verdict(ranks, k99, kept, params, params_k, k90, kept90)}
 
 
-def verdict(ranks: list[int], k: int, kept: float, params: int, params_k: int) -> str:
+def verdict(ranks: list[int], k: int, kept: float, params: int, params_k: int, k90: int, kept90: float) -> str:
     r = ranks[-1] if len(ranks) == 1 else f"{ranks[0]}-{ranks[-1]}"
     if k >= ranks[-1]:
-        return f"this adapter uses all of its r={r} dimensions: resizing below r loses more than 1% of its energy"
+        most = (f"; {kept90:.0%} of it lives in {k90} of them (`lora2gguf resize --rank {k90}`)" if k90 < ranks[-1] else "")
+        return f"this adapter uses all of its r={r} dimensions: resizing below r loses more than 1% of its energy" + most
     return (f"this adapter's update lives in {k} of its r={r} dimensions; resize to {k} keeps {kept:.1%} of its "
             f"energy with {params_k / params:.0%} of the parameters (`lora2gguf resize --rank {k}`)")
 
 
 def _grid(report: dict, key: str) -> tuple[list, list, np.ndarray]:
     layers = sorted({x["layer"] for x in report["modules"]}, key=lambda v: (v is None, v or 0))
-    kinds = list(dict.fromkeys(x["kind"] for x in report["modules"]))
+    order = [p.split(".")[-1] for p in archs.LAYER_LINEARS]  # q, k, v, o, gate, up, down
+    kinds = sorted(dict.fromkeys(x["kind"] for x in report["modules"]),
+                   key=lambda k: (order.index(k) if k in order else len(order), k))
     g = np.full((len(layers), len(kinds)), np.nan)
     for x in report["modules"]:
         g[layers.index(x["layer"]), kinds.index(x["kind"])] = x[key]

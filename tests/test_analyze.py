@@ -60,7 +60,14 @@ def test_analyze_matches_numpy_svd_of_peft_delta(case, tmp_path):
     arch, kw = CASES[case]
     d = make_peft_adapter(fixture(arch, "hf"), tmp_path / "a", seed=3, **kw)
     deltas = peft_deltas(fixture(arch, "hf"), d)
-    check_against(analyze(d), deltas)
+    report = analyze(d)
+    check_against(report, deltas)
+    # the uniform rank: the smallest K whose top-K per module hold 90% / 99% of the summed energy
+    spectra = [np.linalg.svd(x, compute_uv=False) ** 2 for x in deltas.values()]
+    total = sum(v.sum() for v in spectra)
+    for e in (0.9, 0.99):
+        k = next(k for k in range(1, 99) if sum(v[:k].sum() for v in spectra) >= e * total)
+        assert report[f"uniform_rank_{round(e * 100)}"] == k
     with open_base(fixture(arch)) as b:
         check_against(analyze(d, fixture(arch)), deltas, rel_base=b)
 
