@@ -6,12 +6,13 @@
 2. `analyze`s each;
 3. `resize`s the rank-16 one to K = 1, 2, 4, 8, 16 and to --energy 0.9 / 0.99, and the demo's adapters to the
    ranks 1, 2 and --energy 0.9, as f16 GGUF LoRAs; for each, the size and the KL cost as `lora2gguf verify
-   --base F32 --lora ORIGINAL_PEFT_DIR --runtime-lora RESIZED.gguf` measures it: llama.cpp running the
-   resized file on the F32 copy of the base vs the PyTorch reference with the original adapter.
+   --base F32 --lora ORIGINAL_PEFT_DIR --runtime-lora RESIZED.gguf` measures it (its runtime pair: llama.cpp
+   running the resized file on the F32 copy of the base vs the PyTorch reference with the original adapter;
+   see KLCost). --verify-rows N also runs verify itself on the first N rows, as a cross-check.
 
 Prints Markdown tables for BENCHMARKS.md / README. Outputs in ~/.cache/lora2gguf-bench/space.
 
-    .venv/bin/python scripts/bench_space.py
+    .venv/bin/python scripts/bench_space.py [--verify-rows N]
 """
 
 from __future__ import annotations
@@ -45,15 +46,42 @@ def train_adapter(base: Path, behaviour, rank: int, name: str) -> Path:
     return out
 
 
-def kl_cost(f32: Path, original: Path, resized: Path) -> dict:
-    from lora2gguf.verify import verify
+class KLCost:
+    """What `lora2gguf verify --base F32 --lora ORIGINAL --runtime-lora RESIZED.gguf` reports as its runtime
+    pair (mean KL of llama.cpp running the resized file vs the PyTorch reference with the original adapter,
+    on verify's default text), computed with verify's own parts but with the reference logits once per
+    adapter and one llama.cpp model for all files: verify's greedy checks take minutes on a loaded machine."""
 
-    r = verify(f32, [(str(original), 1.0)], runtime_lora=str(resized))
-    return {"kl": r["pairs"]["runtime"]["mean_kl"], "top1": r["pairs"]["runtime"]["top1"],
-            "effect": r["adapter_effect"]["kl_base_to_reference"]}
+    def __init__(self, f32: Path):
+        from lora2gguf.base import open_base
+        from lora2gguf.reference import reference_model
+        from lora2gguf.runtime import LlamaRuntime
+        from lora2gguf.verify import DEFAULT_TEXT, _ref_logits
+
+        self.rt = LlamaRuntime(f32, n_ctx=512)
+        self.tokens = self.rt.tokenize(DEFAULT_TEXT)[:256]
+        self.base = open_base(f32)
+        self.ref, self.cache = (lambda adapters: _ref_logits(reference_model(self.base, adapters), self.tokens)), {}
+        self.base_logits = self.ref([])
+
+    def __call__(self, original: Path, resized: Path) -> dict:
+        from lora2gguf.adapter_any import load_adapter
+        from lora2gguf.metrics import compare
+
+        if original not in self.cache:
+            self.cache[original] = self.ref([(load_adapter(original, self.base.spec), 1.0)])
+        want = self.cache[original]
+        self.rt.set_adapters([(resized, 1.0)])
+        m = compare(want, self.rt.logits(self.tokens))
+        return {"kl": m["mean_kl"], "top1": m["top1"], "effect": compare(self.base_logits, want)["mean_kl"]}
 
 
 def main() -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--verify-rows", type=int, default=0)
+    args = ap.parse_args()
     from lora2gguf.analyze import analyze
     from lora2gguf.demo import BEHAVIOURS
     from lora2gguf.resize import resize
@@ -83,15 +111,23 @@ def main() -> None:
            [(n, t) for n in ("json", "pirate") for t in ({"rank": 1}, {"rank": 2}, {"energy": 0.9}, {"rank": 4})]
     print("\n| adapter | resize to | ranks | energy kept | f16 GGUF bytes | KL vs original (verify) | top-1 "
           "| KL base→adapter |\n|---|---|---|---:|---:|---:|---:|---:|")
+    kl_cost = KLCost(f32)
     for name, target in rows:
         tag = f"rank{target['rank']}" if "rank" in target else f"energy{target['energy']}"
         out = WORK / f"{name}-{tag}.gguf"
         rep = resize(adapters[name], out, base=f32, outtype="f16", force=True, **target)
         ranks = sorted({x["new_rank"] for x in rep["modules"].values()})
-        k = kl_cost(f32, adapters[name], out)
+        k = kl_cost(adapters[name], out)
         label = f"--rank {target['rank']}" if "rank" in target else f"--energy {target['energy']}"
         print(f"| {name} | {label} | {ranks[0]}-{ranks[-1]} | {rep['energy_kept']:.2%} | {rep['bytes']:,} | "
               f"{k['kl']:.2e} | {k['top1']:.3f} | {k['effect']:.4f} |", flush=True)
+        if args.verify_rows > 0:
+            from lora2gguf.verify import verify
+
+            args.verify_rows -= 1
+            v = verify(f32, [(str(adapters[name]), 1.0)], runtime_lora=str(out))
+            print(f"|  | (`lora2gguf verify` itself) | | | | {v['pairs']['runtime']['mean_kl']:.2e} | "
+                  f"{v['pairs']['runtime']['top1']:.3f} | {v['adapter_effect']['kl_base_to_reference']:.4f} |", flush=True)
 
 
 if __name__ == "__main__":
