@@ -2,7 +2,7 @@
 
 Shared by convert, merge, verify and export: everything that needs "what does this adapter add to
 which base weight" asks this module. Layout here is Hugging Face's (HF module names, HF row order);
-moving to GGUF names/row order is archs' job.
+moving to GGUF names/row order is the architecture's job (models/).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import archs
+from . import models
 from .errors import Lora2GGUFError
 
 PREFIX = "base_model.model."
@@ -67,6 +67,7 @@ class PeftAdapter:
     config: dict
     modules: dict[str, ModuleLoRA]  # by HF module path
     full_weights: dict[str, np.ndarray] = field(default_factory=dict)  # modules_to_save / trained biases
+    notes: list[str] = field(default_factory=list)  # one line each, for the verbs to print (bnb base, skipped towers)
 
     @property
     def use_dora(self) -> bool:
@@ -78,11 +79,8 @@ class PeftAdapter:
 
     def check_base(self, spec, base_label: str = "base") -> None:
         """Every adapted module must exist in the base with matching shapes; raise otherwise."""
-        n_q, n_kv = spec.n_head * spec.head_dim, spec.n_head_kv * spec.head_dim
-        shapes = {"self_attn.q_proj": (n_q, spec.n_embd), "self_attn.k_proj": (n_kv, spec.n_embd),
-                  "self_attn.v_proj": (n_kv, spec.n_embd), "self_attn.o_proj": (spec.n_embd, n_q),
-                  "mlp.gate_proj": (spec.n_ff, spec.n_embd), "mlp.up_proj": (spec.n_ff, spec.n_embd),
-                  "mlp.down_proj": (spec.n_embd, spec.n_ff)}
+        arch = spec.arch_module
+        shapes = arch.target_shapes(spec)
         for name, m in self.modules.items():
             if name == "model.embed_tokens":
                 want = (spec.n_vocab, spec.n_embd)
@@ -98,7 +96,7 @@ class PeftAdapter:
                 if not mt or mt.group(2) not in shapes:
                     raise Lora2GGUFError(
                         f"{self.path}: target module {name} has no GGUF tensor in arch {spec.arch}; "
-                        f"supported targets: {', '.join(p.split('.')[-1] for p in archs.LAYER_LINEARS)}, "
+                        f"supported targets: {', '.join(p.split('.')[-1] for p in arch.layer_linears)}, "
                         "embed_tokens, lm_head")
                 if int(mt.group(1)) >= spec.n_layer:
                     raise Lora2GGUFError(f"{self.path}: {name} is beyond the {spec.n_layer} layers of {base_label}; "
@@ -128,16 +126,30 @@ def peft_scale(config: dict, module: str) -> tuple[int, float, float]:
     return r, alpha, scale
 
 
-def read_config(path: Path) -> dict:
-    cfg_path = path / "adapter_config.json"
+def read_json_object(cfg_path: Path, missing: str) -> dict:
+    """A JSON object from a config file; `missing` is the error when the file is not there."""
     if not cfg_path.is_file():
-        raise Lora2GGUFError(f"{path}: no adapter_config.json; is this a PEFT adapter directory?")
+        raise Lora2GGUFError(missing)
     try:
         cfg = json.loads(cfg_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise Lora2GGUFError(f"{cfg_path}: invalid JSON ({e})") from None
     if not isinstance(cfg, dict):
         raise Lora2GGUFError(f"{cfg_path}: expected a JSON object")
+    return cfg
+
+
+def lora_pair(where, mod: str, p: dict, ka: str, kb: str) -> tuple[np.ndarray, np.ndarray]:
+    """A module's two LoRA factors from its tensors `p`, or the error naming the one that is missing."""
+    if ka not in p or kb not in p:
+        have, miss = (ka, kb) if ka in p else (kb, ka)
+        raise Lora2GGUFError(f"{where}: {mod}.{have} has no matching {miss}; the adapter file is incomplete")
+    return p[ka], p[kb]
+
+
+def read_config(path: Path) -> dict:
+    cfg_path = path / "adapter_config.json"
+    cfg = read_json_object(cfg_path, f"{path}: no adapter_config.json; is this a PEFT adapter directory?")
     ptype = str(cfg.get("peft_type", "LORA")).upper()
     if ptype != "LORA":
         raise Lora2GGUFError(f"{cfg_path}: peft_type {ptype} is not LoRA; only LoRA adapters are supported")
@@ -232,31 +244,82 @@ def read_tensors(path: Path) -> dict[str, np.ndarray]:
     if st.is_file():
         return read_safetensors_f32(st)
     if binf.is_file():
-        import warnings
-
-        import torch
-
-        try:  # weights_only: tensors and plain containers only, never arbitrary objects
-            with warnings.catch_warnings():  # torch warns about pickle protocols it may not support
-                warnings.simplefilter("ignore")
-                sd = torch.load(binf, map_location="cpu", weights_only=True)
-        except Exception as e:  # whatever an untrusted file makes the unpickler raise, it is the file's fault
-            text = str(e) or type(e).__name__
-            lines = [x.strip() for x in text.splitlines() if x.strip()]
-            # torch's refusal: boilerplate, then what the pickle asked for (a GLOBAL it blocks, an opcode)
-            what = next((x for x in lines[1:] if re.search(r"unsupported", x, re.I) and "file an issue" not in x), None)
-            why = f"it holds more than tensors: {what}" if what else lines[0]
-            why = re.split(r"(?<=[a-z])\. ", why)[0].rstrip(".")[:160]
-            raise Lora2GGUFError(f"{binf}: refused to load ({why}); only plain tensors are loaded from a pickle "
-                                 "(torch.load weights_only), never code: save the adapter as safetensors") from None
-        if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
-            raise Lora2GGUFError(f"{binf}: expected a dict of tensors (what PEFT's save_pretrained writes)")
-        for k, v in sd.items():
-            if not v.is_floating_point():
-                raise Lora2GGUFError(f"{binf}: tensor {k} has dtype {str(v.dtype).removeprefix('torch.')}; "
-                                     "expected a floating-point type")
-        return {k: v.float().numpy() for k, v in sd.items()}
+        return read_torch_pickle(binf, "PEFT's save_pretrained")
     raise Lora2GGUFError(f"{path}: no adapter_model.safetensors or adapter_model.bin")
+
+
+def read_torch_pickle(binf: Path, writer: str) -> dict[str, np.ndarray]:
+    """A torch pickle of a flat {name: tensor} dict (PEFT's adapter_model.bin, torchtune's adapter_model.pt),
+    loaded with weights_only: tensors and plain containers only, never code."""
+    import warnings
+
+    import torch
+
+    try:  # weights_only: tensors and plain containers only, never arbitrary objects
+        with warnings.catch_warnings():  # torch warns about pickle protocols it may not support
+            warnings.simplefilter("ignore")
+            sd = torch.load(binf, map_location="cpu", weights_only=True)
+    except Exception as e:  # whatever an untrusted file makes the unpickler raise, it is the file's fault
+        text = str(e) or type(e).__name__
+        lines = [x.strip() for x in text.splitlines() if x.strip()]
+        # torch's refusal: boilerplate, then what the pickle asked for (a GLOBAL it blocks, an opcode)
+        what = next((x for x in lines[1:] if re.search(r"unsupported", x, re.I) and "file an issue" not in x), None)
+        why = f"it holds more than tensors: {what}" if what else lines[0]
+        why = re.split(r"(?<=[a-z])\. ", why)[0].rstrip(".")[:160]
+        raise Lora2GGUFError(f"{binf}: refused to load ({why}); only plain tensors are loaded from a pickle "
+                             "(torch.load weights_only), never code: save the adapter as safetensors") from None
+    if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
+        raise Lora2GGUFError(f"{binf}: expected a dict of tensors (what {writer} writes)")
+    for k, v in sd.items():
+        if not v.is_floating_point():
+            raise Lora2GGUFError(f"{binf}: tensor {k} has dtype {str(v.dtype).removeprefix('torch.')}; "
+                                 "expected a floating-point type")
+    return {k: v.float().numpy() for k, v in sd.items()}
+
+
+# Multimodal checkpoints (Gemma 3 4B+, Qwen2.5-VL, LLaVA-style): the language model sits under
+# `language_model.` (transformers' old and new layouts), beside vision modules llama.cpp gives no LoRA.
+_TEXT_TOWER = (("model.language_model.", "model."), ("language_model.model.", "model."), ("language_model.", ""))
+_VISION = re.compile(r"(^|\.)(vision_tower|vision_model|visual|multi_modal_projector|mm_projector|embed_vision)(\.|$)")
+_BNB_4BIT = re.compile(r"bnb[-_]?4bit|[-_]4bit\b|nf4", re.I)
+
+
+def text_tower(module: str) -> str:
+    """A multimodal checkpoint's text-tower module path → the text-only model's (model.layers.N...)."""
+    for old, new in _TEXT_TOWER:
+        if module.startswith(old):
+            return new + module[len(old):]
+    return module
+
+
+def vision_note(skipped: set[str]) -> str | None:
+    if not skipped:
+        return None
+    first = sorted(skipped)[0]
+    return (f"{len(skipped)} vision-tower module{'s' if len(skipped) > 1 else ''} skipped ({first}, ...): llama.cpp "
+            "applies no LoRA to the vision tower or projector; the text tower is converted")
+
+
+def four_bit_base(cfg: dict) -> str | None:
+    """The 4-bit base an adapter names as its training base: Unsloth / axolotl / QLoRA adapters name the
+    bitsandbytes one (`unsloth/…-bnb-4bit`), mlx-lm's QLoRA its own 4-bit one."""
+    name = str(cfg.get("base_model_name_or_path") or "")
+    return name if _BNB_4BIT.search(name) else None
+
+
+def bnb_note(path: Path, cfg: dict) -> str | None:
+    if (name := four_bit_base(cfg)) is None:
+        return None
+    return (f"{path}: trained on a 4-bit base ({name}): the adapter was fitted to 4-bit-rounded weights (NF4 for "
+            "bitsandbytes), not to your base's; its effect differs slightly (`lora2gguf verify` measures it)")
+
+
+def alora_note(cfg: dict) -> str | None:
+    toks = cfg.get("alora_invocation_tokens")
+    if not toks:
+        return None
+    return (f"activated LoRA: llama-server switches it on at the last occurrence of its invocation tokens {toks} "
+            "in the prompt; llama-cli, llama-cpp-python and `lora2gguf verify` apply it to every token")
 
 
 _LORA_KEY = re.compile(r"(.+?)\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)"
@@ -272,6 +335,8 @@ def load_peft(path: str | Path) -> PeftAdapter:
     tensors = read_tensors(path)
     parts: dict[str, dict[str, np.ndarray]] = {}
     full: dict[str, np.ndarray] = {}
+    origin: dict[str, str] = {}  # text-tower module → its path in the checkpoint (what target_modules names)
+    vision: set[str] = set()
     for key, t in tensors.items():
         name = key[len(PREFIX):] if key.startswith(PREFIX) else key
         if not np.all(np.isfinite(t)):
@@ -280,7 +345,11 @@ def load_peft(path: str | Path) -> PeftAdapter:
         m = _LORA_KEY.match(name)
         if m:
             mod, kind, suffix = m.groups()
-            parts.setdefault(mod, {})[kind + (".bias" if suffix == "bias" else "")] = t
+            if _VISION.search(mod):
+                vision.add(mod)
+                continue
+            origin[text_tower(mod)] = mod
+            parts.setdefault(text_tower(mod), {})[kind + (".bias" if suffix == "bias" else "")] = t
         elif name.endswith(".base_layer.weight"):
             continue  # a copy of the base weight PEFT saves beside embedding LoRA; not part of the update
         elif name.endswith(".base_layer.bias"):
@@ -289,12 +358,12 @@ def load_peft(path: str | Path) -> PeftAdapter:
             full[name.replace(".modules_to_save.default.", ".").replace(".original_module.", ".")] = t
     if not parts and not full:
         raise Lora2GGUFError(f"{path}: the adapter holds no LoRA tensors")
-    known = {p.split(".")[-1] for p in archs.LAYER_LINEARS} | {"embed_tokens", "lm_head"}
+    known = {p.split(".")[-1] for a in models.all_archs() for p in a.layer_linears} | {"embed_tokens", "lm_head"}
     for mod in sorted(parts):
         if mod.split(".")[-1] not in known:
             raise Lora2GGUFError(f"{path}: target module {mod} has no GGUF tensor in the supported archs "
-                                 f"({', '.join(sorted(archs.ARCHS))}); supported targets: {', '.join(sorted(known))}")
-    untargeted = sorted(m for m in parts if not targeted(cfg, m))
+                                 f"({', '.join(models.NAMES)}); supported targets: {', '.join(sorted(known))}")
+    untargeted = sorted(m for m in parts if not targeted(cfg, origin[m]))
     if untargeted:
         raise Lora2GGUFError(f"{path}: target_modules {cfg.get('target_modules')!r} in adapter_config.json does not "
                              f"cover {untargeted[0]}, which has LoRA tensors; the config and the weights belong to "
@@ -304,10 +373,7 @@ def load_peft(path: str | Path) -> PeftAdapter:
     for mod, p in sorted(parts.items()):
         emb = "lora_embedding_A" in p or "lora_embedding_B" in p
         ka, kb = ("lora_embedding_A", "lora_embedding_B") if emb else ("lora_A", "lora_B")
-        if ka not in p or kb not in p:
-            have, miss = (ka, kb) if ka in p else (kb, ka)
-            raise Lora2GGUFError(f"{path}: {mod}.{have} has no matching {miss}; the adapter file is incomplete")
-        A, B = p[ka], p[kb]
+        A, B = lora_pair(path, mod, p, ka, kb)
         if A.ndim != 2 or B.ndim != 2 or A.shape[0] != B.shape[1]:
             raise Lora2GGUFError(f"{path}: {mod}: {ka} {tuple(A.shape)} and {kb} {tuple(B.shape)} "
                                  "do not multiply (rank mismatch); the adapter file is corrupt")
@@ -321,19 +387,8 @@ def load_peft(path: str | Path) -> PeftAdapter:
                                      "for its LoRA pair; the adapter file is corrupt")
         modules[mod] = ModuleLoRA(mod, A, B, r, alpha, scale, embedding=emb, fan_in_fan_out=fan and not emb,
                                   magnitude=p.get("lora_magnitude_vector"), bias=p.get("lora_B.bias"))
-    return PeftAdapter(path, cfg, modules, full)
-
-
-def describe_peft_dir(path: Path) -> dict:
-    a = load_peft(path)
-    ranks = sorted({m.r for m in a.modules.values()})
-    return {
-        "path": str(path), "kind": "peft-adapter", "base_model": a.config.get("base_model_name_or_path"),
-        "r": a.config["r"], "lora_alpha": a.config["lora_alpha"], "ranks": ranks,
-        "use_rslora": bool(a.config.get("use_rslora")), "use_dora": a.use_dora,
-        "target_modules": sorted({m.split(".")[-1] for m in a.modules}),
-        "modules": len(a.modules), "full_weights": sorted(a.full_weights),
-    }
+    notes = [n for n in (bnb_note(path, cfg), vision_note(vision), alora_note(cfg)) if n]
+    return PeftAdapter(path, cfg, modules, full, notes)
 
 
 def merged_weight(w: np.ndarray, mods: list[tuple[ModuleLoRA, float]]) -> np.ndarray:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import archs
+from . import models
 from .adapter import ModuleLoRA, PeftAdapter
 from .errors import Lora2GGUFError
 from .gguf_file import GGUFFile
@@ -32,7 +32,7 @@ def _check_header(f: GGUFFile) -> str:
     arch = f.string("general.architecture")
     if arch is None:
         raise Lora2GGUFError(f"{f.path}: no general.architecture in the adapter's metadata")
-    return archs.arch_facts(arch, str(f.path)).name
+    return models.find(arch, str(f.path)).name
 
 
 def _alpha(f: GGUFFile) -> float:
@@ -98,12 +98,12 @@ def load_gguf_lora(path: str | os.PathLike, spec=None, any_qk_order: bool = Fals
         if not pairs:
             raise Lora2GGUFError(f"{path}: the adapter holds no LoRA tensors")
         n_layer = spec.n_layer if spec is not None else _n_layer(pairs)
-        hf_of = {archs.gguf_name(arch, n_layer, h): h for h in archs.hf_tensor_names(arch, n_layer, tied=False)}
-        permute = archs.ARCHS[arch].permute_qk
+        am = models.get(arch)
+        hf_of = {am.gguf_name(n_layer, h): h for h in am.lora_weight_names(n_layer)}
         modules: dict[str, ModuleLoRA] = {}
         for gname, (ka, kb) in pairs.items():
             hf = hf_of.get(gname)
-            if hf is None or not hf.endswith(".weight") or hf.endswith("norm.weight"):
+            if hf is None:
                 raise Lora2GGUFError(f"{path}: LoRA on {gname}, which is not a projection or embedding of a "
                                      f"{n_layer}-layer {arch} model; the adapter was made for another model")
             a, b = _finite(f, ka, f.tensor(ka)), _finite(f, kb, f.tensor(kb))
@@ -114,18 +114,20 @@ def load_gguf_lora(path: str | os.PathLike, spec=None, any_qk_order: bool = Fals
             if A.shape[0] != B.shape[1]:
                 raise Lora2GGUFError(f"{path}: {ka} {a.shape} and {kb} {b.shape} do not multiply; the file is corrupt")
             mod = hf[: -len(".weight")]
-            heads = archs.qk_heads(hf, spec.n_head, spec.n_head_kv) if spec is not None else None
-            if permute and spec is None and archs.qk_heads(hf, 1, 1) and not any_qk_order:
-                raise Lora2GGUFError(f"{path}: {arch} stores q/k rows permuted; pass the base model so that "
-                                     "they can be un-permuted")
-            if permute and heads:
-                B = archs.unpermute_rows(B, heads)
+            if not emb and am.permutes_rows(spec, hf):
+                if spec is not None:
+                    B = am.rows_from_gguf(spec, hf, B)
+                elif not any_qk_order:  # any_qk_order: the caller only needs what a row permutation keeps
+                    raise Lora2GGUFError(f"{path}: {arch} stores q/k rows permuted; pass the base model so that "
+                                         "they can be un-permuted")
             r = int(A.shape[0])
             modules[mod] = ModuleLoRA(mod, np.ascontiguousarray(A), np.ascontiguousarray(B), r,
                                       alpha if alpha else float(r), llama_scale(alpha, r), embedding=emb)
         ranks = Counter(m.r for m in modules.values())
         config = {"peft_type": "LORA", "r": ranks.most_common(1)[0][0], "lora_alpha": alpha,
                   "target_modules": sorted(modules), "gguf": provenance(f)}
+        if (toks := f.get("adapter.alora.invocation_tokens")) is not None:  # an activated LoRA
+            config["alora_invocation_tokens"] = [int(t) for t in toks]
     adapter = PeftAdapter(path, config, modules)
     if spec is not None:
         adapter.check_base(spec, "the base")
@@ -195,6 +197,8 @@ def describe_gguf_adapter(f: GGUFFile, base: str | os.PathLike | None = None) ->
         "llama_cpp_scales": sorted({llama_scale(alpha, r) for r in ranks.values()}),
         "provenance": provenance(f) or None,
     }
+    if (toks := f.get("adapter.alora.invocation_tokens")) is not None:  # llama-server activates it after these
+        info["alora_invocation_tokens"] = [int(t) for t in toks]
     if base is not None:
         from .base import open_base
 

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__, archs
-from .adapter import ModuleLoRA, PeftAdapter, load_peft
+from . import __version__
+from .adapter import ModuleLoRA, PeftAdapter
 from .errors import Lora2GGUFError
 from .lora_rules import MERGE_HINT, check_arch, check_tied_embedding, llama_scale, to_gguf_pair
 
@@ -58,25 +58,39 @@ def refuse_unsupported(adapter: PeftAdapter) -> None:
         if cfg.get(key):
             raise Lora2GGUFError(f"{p}: {what} ({key} in adapter_config.json) changes the model beyond a low-rank "
                                  "update of existing weights; a GGUF LoRA cannot express it")
-    if cfg.get("alora_invocation_tokens") or cfg.get("invocation_string"):
-        raise Lora2GGUFError(f"{p}: activated LoRA (aLoRA invocation tokens) is not supported by lora2gguf yet; "
-                             "use llama.cpp's convert_lora_to_gguf.py for it")
+    invocation_tokens(adapter)  # aLoRA: written as adapter.alora.invocation_tokens; refused if malformed
+
+
+def invocation_tokens(adapter: PeftAdapter) -> list[int] | None:
+    """An activated LoRA's invocation token ids (PEFT's alora_invocation_tokens), which llama-server finds in
+    the prompt to switch the adapter on from there; None for a plain LoRA."""
+    p, cfg = adapter.path, adapter.config
+    toks = cfg.get("alora_invocation_tokens")
+    if not toks:
+        if cfg.get("invocation_string"):
+            raise Lora2GGUFError(f"{p}: aLoRA with an invocation_string but no alora_invocation_tokens; tokenize "
+                                 "the string with the model's tokenizer and set alora_invocation_tokens (PEFT "
+                                 "needs them too)")
+        return None
+    if not isinstance(toks, list) or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < 2**31
+                                             for t in toks):
+        raise Lora2GGUFError(f"{p}: alora_invocation_tokens must be a list of token ids, got {toks!r}")
+    return toks
 
 
 def module_tensors(m: ModuleLoRA, spec, alpha_file: float) -> LoraTensors:
     """A module's lora_a / lora_b in llama.cpp's layout, PEFT's scale folded in where llama.cpp's differs."""
+    arch = spec.arch_module
     a, b = m.factors()  # b @ a == delta / scale, in the base weight's (HF) layout
-    if not m.embedding:
-        heads = archs.qk_heads(m.weight_name, spec.n_head, spec.n_head_kv)
-        if heads and spec.facts.permute_qk:
-            b = archs.permute_rows(b, heads)
+    if not m.embedding:  # B's rows are W's rows: ordered as the GGUF stores them (llama's q/k permutation)
+        b = arch.rows_to_gguf(spec, m.weight_name, b)
     lora_a, lora_b = to_gguf_pair(a, b, m.embedding)
     fold = m.scale / llama_scale(alpha_file, m.r)
     if math.isclose(fold, 1.0, rel_tol=1e-12):
         fold = 1.0
     else:
         lora_b = (lora_b.astype(np.float64) * fold).astype(np.float32)
-    name = archs.gguf_name(spec.arch, spec.n_layer, m.weight_name)
+    name = arch.gguf_name(spec.n_layer, m.weight_name)
     return LoraTensors(name, np.ascontiguousarray(lora_a, np.float32), np.ascontiguousarray(lora_b, np.float32), fold)
 
 
@@ -96,25 +110,29 @@ def check_outtype(outtype: str, option: str = "--outtype") -> None:
         raise Lora2GGUFError(f"{option} {outtype!r} is not one of {', '.join(OUTTYPES)}")
 
 
-def gguf_from_peft(adapter_dir: str | os.PathLike, base: str | os.PathLike, out: Path, outtype: str = "f32") -> Path:
-    """The PEFT adapter at `adapter_dir`, for `base` (GGUF file, HF directory or config.json), written as a
-    GGUF LoRA at `out` (atomically; the caller has checked the output path)."""
+def gguf_from_peft(adapter_dir: str | os.PathLike, base: str | os.PathLike, out: Path, outtype: str = "f32",
+                   say_notes: bool = False) -> Path:
+    """The adapter directory at `adapter_dir` (PEFT, torchtune or mlx-lm: adapter_any tells), for `base`
+    (GGUF file, HF directory or config.json), written as a GGUF LoRA at `out` (atomically; the caller has
+    checked the output path). say_notes: print the adapter's notes (a 4-bit training base...) on stderr."""
+    from . import adapter_any
     from .base import open_base
     from .fingerprint import fingerprint
 
     check_outtype(outtype)
-    adapter = load_peft(adapter_dir)
-    refuse_unsupported(adapter)
-    # PEFT resets fan_in_fan_out to False on nn.Linear, and every target of these archs is an nn.Linear
-    # (or the embedding), so the flag changes nothing in PEFT's forward: follow PEFT, not the flag.
-    for m in adapter.modules.values():
-        m.fan_in_fan_out = False
+    if adapter_any.adapter_format(Path(adapter_dir)) == "gguf":  # a bad path is refused before the base is read
+        raise Lora2GGUFError(f"{adapter_dir}: not a directory; expected an adapter directory (PEFT, torchtune or "
+                             "mlx-lm); a GGUF LoRA needs no conversion")
     with open_base(base) as b:
         spec = b.spec
+        adapter = adapter_any.load_adapter(adapter_dir, spec)  # the spec un-permutes a torchtune file's q/k rows
+        refuse_unsupported(adapter)
         check_arch(adapter, spec, b.path)
         adapter.check_base(spec, f"base {b.path}")
         check_tied_embedding(adapter.modules, spec, adapter.path, f"base {b.path}")
         fp = fingerprint(b)
+    if say_notes:
+        adapter_any.say_notes(adapter)
     write_gguf_lora(out, adapter, spec, float(adapter.config["lora_alpha"]), outtype, fp)
     return out
 
@@ -132,6 +150,8 @@ def write_gguf_lora(out: Path, adapter: PeftAdapter, spec, alpha_file: float, ou
     w.add_type("adapter")
     w.add_string("adapter.type", "lora")
     w.add_float32("adapter.lora.alpha", alpha_file)
+    if (toks := invocation_tokens(adapter)) is not None:  # llama.cpp requires UINT32 elements
+        w.add_key_value("adapter.alora.invocation_tokens", toks, V.ARRAY, sub_type=V.UINT32)
     w.add_name(adapter.path.resolve().name)
     ranks = sorted({m.r for m in adapter.modules.values()})
     cfg = adapter.config

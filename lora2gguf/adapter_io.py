@@ -25,26 +25,27 @@ from .adapter import PREFIX, PeftAdapter
 from .errors import Lora2GGUFError
 
 
-def module_alpha(m) -> float:
-    """The alpha that gives this module its scale under PEFT's plain rule scale = alpha / r."""
-    return m.alpha if math.isclose(m.alpha / m.r, m.scale, rel_tol=1e-12) else m.scale * m.r
-
-
 def peft_config(adapter: PeftAdapter, base_model: str) -> dict:
     """adapter_config.json for these modules: exact module paths as targets (so PEFT adapts nothing
-    else), the common rank as r with a rank_pattern entry for each other rank, and the alpha of the
-    common-rank modules as lora_alpha with an alpha_pattern entry for each module whose alpha differs."""
-    r = Counter(m.r for m in adapter.modules.values()).most_common(1)[0][0]
-    lora_alpha = Counter(module_alpha(m) for m in adapter.modules.values() if m.r == r).most_common(1)[0][0]
+    else), the common rank as r and a rank_pattern entry for each other rank; lora_alpha and alpha_pattern
+    such that every module's alpha_m / r_m is the scale its source applies (llama.cpp: alpha / r, or 1
+    when the file's alpha is 0; mlx-lm: its scale)."""
+    ranks = Counter(m.r for m in adapter.modules.values())
+    r = ranks.most_common(1)[0][0]
+    alphas = {n: m.scale * m.r for n, m in adapter.modules.items()}
+    lora_alpha = float(Counter(a for n, a in alphas.items() if adapter.modules[n].r == r).most_common(1)[0][0])
     rank_pattern = {re.escape(n): m.r for n, m in adapter.modules.items() if m.r != r}
-    alpha_pattern = {re.escape(n): module_alpha(m) for n, m in adapter.modules.items() if module_alpha(m) != lora_alpha}
-    return {
+    alpha_pattern = {re.escape(n): float(a) for n, a in alphas.items() if not math.isclose(a, lora_alpha, rel_tol=1e-9)}
+    cfg = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
-        "r": r, "lora_alpha": float(lora_alpha), "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
+        "r": r, "lora_alpha": lora_alpha, "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
         "target_modules": sorted(adapter.modules), "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
         "use_rslora": False, "use_dora": False, "modules_to_save": None, "init_lora_weights": True,
         "inference_mode": True,
     }
+    if adapter.config.get("alora_invocation_tokens"):
+        cfg["alora_invocation_tokens"] = list(adapter.config["alora_invocation_tokens"])
+    return cfg
 
 
 def peft_tensors(adapter: PeftAdapter) -> dict[str, np.ndarray]:

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import archs, lowrank
+from . import lowrank
+from .models.arch import ATTN_PROJ, MLP_PROJ
 from .errors import Lora2GGUFError
 
 THRESHOLDS = (0.9, 0.99)
@@ -104,7 +105,7 @@ def verdict(ranks: list[int], k: int, kept: float, params: int, params_k: int, k
 
 def _grid(report: dict, key: str) -> tuple[list, list, np.ndarray]:
     layers = sorted({x["layer"] for x in report["modules"]}, key=lambda v: (v is None, v or 0))
-    order = [p.split(".")[-1] for p in archs.LAYER_LINEARS]  # q, k, v, o, gate, up, down
+    order = [p.split(".")[-1] for p in ATTN_PROJ + MLP_PROJ]  # q, k, v, o, gate, up, down; others after
     kinds = sorted(dict.fromkeys(x["kind"] for x in report["modules"]),
                    key=lambda k: (order.index(k) if k in order else len(order), k))
     g = np.full((len(layers), len(kinds)), np.nan)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .errors import Lora2GGUFError, Terminated
-from .lora import load_lora_state, save_adapter
+from .training_model import load_lora_state, save_adapter
 
 if TYPE_CHECKING:
     from .train import Run

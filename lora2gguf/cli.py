@@ -87,6 +87,8 @@ def merge_cmd(ctx: click.Context, base: str, loras: tuple[str, ...], quant: str,
 @click.option("-o", "--out", required=True, type=click.Path(), help="Adapter directory to write (PEFT format).")
 @click.option("--eval-data", type=click.Path(), help="JSONL evaluated during training (eval loss in the log).")
 @click.option("--tokenizer", type=click.Path(), help="GGUF whose tokenizer to use (needed for an HF-dir base).")
+@click.option("--chat-template", help="For messages records when the GGUF has no chat template (a pretrained "
+              "base): chatml, gemma, or a Jinja file. Default: the GGUF's own template.")
 @click.option("--rank", default=16, show_default=True)
 @click.option("--alpha", default=32.0, show_default=True)
 @click.option("--rslora", is_flag=True, help="Scale by alpha/sqrt(rank) instead of alpha/rank.")
@@ -133,7 +135,7 @@ def train_cmd(**kwargs) -> None:
 @click.option("--outtype", default="f32", show_default=True, type=click.Choice(["f32", "f16", "bf16", "q8_0"]))
 @click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
 def convert_cmd(adapter_dir: str, base: str, out: str, outtype: str, force: bool) -> None:
-    """Convert a PEFT LoRA adapter directory into a GGUF LoRA for llama.cpp's --lora."""
+    """Convert an adapter directory (PEFT, torchtune, mlx-lm) into a GGUF LoRA for llama.cpp's --lora."""
     from .convert import convert
 
     click.echo(f"wrote {convert(adapter_dir, base, out, outtype=outtype, force=force)}")
@@ -145,7 +147,7 @@ def convert_cmd(adapter_dir: str, base: str, out: str, outtype: str, force: bool
 @click.option("-o", "--out", required=True, type=click.Path(), help="PEFT adapter directory to write.")
 @click.option("--force", is_flag=True, help="Replace OUT if it is an existing adapter directory.")
 def export_cmd(adapter_gguf: str, base: str, out: str, force: bool) -> None:
-    """Turn a GGUF LoRA back into a PEFT adapter directory (adapter_config.json + safetensors)."""
+    """Turn a GGUF LoRA (or a torchtune / mlx-lm adapter) into a PEFT adapter directory."""
     from .export import export
 
     click.echo(f"wrote {export(adapter_gguf, base, out, force=force)}")
@@ -153,7 +155,8 @@ def export_cmd(adapter_gguf: str, base: str, out: str, force: bool) -> None:
 
 @cli.command("demo")
 @click.option("--workdir", default="demo-out", show_default=True, type=click.Path(), help="Where outputs go.")
-@click.option("--base", type=click.Path(), help="A GGUF base (default: SmolLM2-135M-Instruct, downloaded once).")
+@click.option("--base", type=click.Path(), help="A GGUF base, or smollm2 (SmolLM2-135M-Instruct, the default) or gemma3 "
+              "(Gemma 3 270M, a pretrained base), downloaded once.")
 @click.option("--steps", default=20, show_default=True, help="Training steps per adapter (trade quality for time).")
 @click.option("--json", "as_json", is_flag=True, help="Also print the summary as one JSON object on stdout.")
 def demo_cmd(workdir: str, base: str | None, steps: int, as_json: bool) -> None:

@@ -1,4 +1,5 @@
-"""`lora2gguf convert`: a PEFT LoRA directory → a GGUF LoRA adapter that llama.cpp loads with --lora.
+"""`lora2gguf convert`: an adapter directory (PEFT, torchtune, mlx-lm) → a GGUF LoRA adapter that llama.cpp
+loads with --lora.
 
 The conversion itself (PEFT's per-module scales folded in where llama.cpp's single alpha differs) is
 adapter_gguf_write's; this verb checks the output path and calls it.
@@ -14,9 +15,10 @@ from .adapter_gguf_write import check_outtype, gguf_from_peft
 
 def convert(adapter_dir: str | os.PathLike, base: str | os.PathLike, out: str | os.PathLike,
             outtype: str = "f32", force: bool = False) -> Path:
-    """Convert a PEFT adapter for `base` (GGUF file, HF directory or config.json) into a GGUF LoRA at `out`."""
+    """Convert an adapter directory (PEFT, torchtune or mlx-lm) for `base` (GGUF file, HF directory or
+    config.json) into a GGUF LoRA at `out`."""
     from .gguf_write import check_output
 
     check_outtype(outtype)
     out = check_output(out, force, inputs=[adapter_dir, base])
-    return gguf_from_peft(adapter_dir, base, out, outtype)
+    return gguf_from_peft(adapter_dir, base, out, outtype, say_notes=True)

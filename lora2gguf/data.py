@@ -27,10 +27,35 @@ from .errors import Lora2GGUFError
 
 IGNORE = -100
 ROLES = ("system", "user", "assistant", "tool")
-# For bases whose GGUF carries no tokenizer.chat_template (base models, the test fixtures): ChatML.
-DEFAULT_CHAT_TEMPLATE = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
-    "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+# Templates a user can name with --chat-template for a base whose GGUF carries none (pretrained bases such as
+# Gemma 3 270M, the test fixtures): a conversation is never rendered in a format nobody chose.
+CHAT_TEMPLATES = {
+    "chatml": (
+        "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
+        "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"),
+    # Gemma's turn markers (<start_of_turn>, <end_of_turn> are tokens of every Gemma vocabulary); the system
+    # prompt goes before the first user turn, as Gemma's own template puts it. No {{ bos_token }}: encoding
+    # adds BOS as the model's tokenizer says (Gemma's own template writes it and llama.cpp then warns).
+    "gemma": (
+        "{% if messages[0]['role'] == 'system' %}{% set first = messages[0]['content'] + '\n\n' %}"
+        "{% set msgs = messages[1:] %}{% else %}{% set first = '' %}{% set msgs = messages %}{% endif %}"
+        "{% for message in msgs %}{{ '<start_of_turn>' + ('model' if message['role'] == 'assistant' else "
+        "message['role']) + '\n' + (first if loop.first else '') + message['content'] + '<end_of_turn>\n' }}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"),
+}
+DEFAULT_CHAT_TEMPLATE = CHAT_TEMPLATES["chatml"]
+
+
+def chat_template(name_or_path: str) -> str:
+    """--chat-template: a name from CHAT_TEMPLATES or a Jinja file."""
+    if name_or_path in CHAT_TEMPLATES:
+        return CHAT_TEMPLATES[name_or_path]
+    p = Path(name_or_path)
+    try:
+        return p.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise Lora2GGUFError(f"--chat-template {name_or_path}: neither {' nor '.join(CHAT_TEMPLATES)} nor a readable "
+                             f"Jinja file ({type(e).__name__})") from None
 
 
 @dataclass
@@ -47,7 +72,7 @@ class Example:
 class Tokenizer:
     """The GGUF's tokenizer through llama.cpp (vocab only) and its chat template."""
 
-    def __init__(self, gguf_path: str | os.PathLike):
+    def __init__(self, gguf_path: str | os.PathLike, template: str | None = None):
         from .gguf_file import GGUFFile
         from .runtime import LlamaRuntime
 
@@ -62,7 +87,7 @@ class Tokenizer:
             if isinstance(tokens, str) or not hasattr(tokens, "__len__") or not len(tokens):
                 raise Lora2GGUFError(f"{self.path}: metadata tokenizer.ggml.tokens is not a list of tokens; "
                                      "the file is corrupt")
-            self.template = f.string("tokenizer.chat_template")
+            self.template = chat_template(template) if template else f.string("tokenizer.chat_template")
             ids = {}
             for what in ("bos", "eos", "padding"):
                 key = f"tokenizer.ggml.{what}_token_id"
@@ -79,7 +104,6 @@ class Tokenizer:
         # llama-cpp-python prints a context-size warning through sys.stderr even when quiet: irrelevant here
         with contextlib.redirect_stderr(io.StringIO()):
             self.rt = LlamaRuntime(self.path, vocab_only=True)
-        self.used_default_template = False
 
     def encode(self, text: str) -> list[int]:
         """Tokens as llama.cpp makes them for serving: BOS if the model adds one, special tokens parsed."""
@@ -90,15 +114,16 @@ class Tokenizer:
 
     def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
         if self.template is None:
-            self.used_default_template = True
-        return render_chat(self.template or DEFAULT_CHAT_TEMPLATE, messages, add_generation_prompt,
-                           self.bos_token, self.eos_token)
+            raise Lora2GGUFError(f"{self.path}: has no chat template (tokenizer.chat_template), so a conversation has "
+                                 f"no format to train or prompt in; pass --chat-template ({', '.join(CHAT_TEMPLATES)} "
+                                 "or a Jinja file), or write prompt/completion records")
+        return render_chat(self.template, messages, add_generation_prompt, self.bos_token, self.eos_token)
 
     def close(self) -> None:
         self.rt.close()
 
 
-def open_tokenizer(base: str, tokenizer: str | None = None) -> Tokenizer:
+def open_tokenizer(base: str, tokenizer: str | None = None, template: str | None = None) -> Tokenizer:
     """The tokenizer of --tokenizer, else of the base GGUF (an HF-directory base has no GGUF tokenizer)."""
     path = tokenizer or base
     if Path(path).is_dir() or Path(path).name == "config.json":
@@ -106,7 +131,7 @@ def open_tokenizer(base: str, tokenizer: str | None = None) -> Tokenizer:
                              "MODEL.gguf (the GGUF you will serve) so training sees the tokens llama.cpp makes")
     if not Path(path).is_file():
         raise Lora2GGUFError(f"{path}: no such file")
-    return Tokenizer(path)
+    return Tokenizer(path, template)
 
 
 _ENV = None
@@ -218,6 +243,8 @@ def _check_messages(rec: dict, where: str) -> list[dict]:
 def _render(tok: Tokenizer, msgs: list[dict], where: str, add_generation_prompt: bool = False) -> str:
     try:
         return tok.render(msgs, add_generation_prompt)
+    except Lora2GGUFError:
+        raise
     except Exception as e:  # the template is data too: any failure in it is the input's
         raise Lora2GGUFError(f"{where}: the chat template failed on this conversation "
                              f"({type(e).__name__}: {e})") from None
@@ -251,7 +278,6 @@ def encode_record(rec: dict, tok: Tokenizer, where: str = "") -> Example:
 def load_dataset(path: str | os.PathLike, tok: Tokenizer, seq_len: int, warn=print) -> list[Example]:
     """Every record of a JSONL file, truncated to seq_len tokens (counted in one warning)."""
     examples, truncated, empty = [], 0, 0
-    tok.used_default_template = False
     for where, rec in read_jsonl(path):
         ex = encode_record(rec, tok, where)
         if len(ex.ids) > seq_len:
@@ -266,8 +292,6 @@ def load_dataset(path: str | os.PathLike, tok: Tokenizer, seq_len: int, warn=pri
              f"{seq_len} and were truncated")
     if empty:
         warn(f"warning: {path}: {empty} record(s) have no trained tokens within --seq-len {seq_len}; skipped")
-    if tok.used_default_template:
-        warn(f"warning: {tok.path} has no chat template; conversations are rendered with a ChatML template")
     if not examples:
         raise Lora2GGUFError(f"{path}: no record has a token to train on within --seq-len {seq_len}")
     return examples

@@ -68,6 +68,14 @@ class Recipe:
         return f"{first}-{n_layer - 1}"
 
 
+def chat_template_for(base) -> str | None:
+    """The demo's conversations need a chat template: the base's own, else (a pretrained base, Gemma 3 270M)
+    the format its family is served with."""
+    if base.file.get("tokenizer.chat_template") is not None:
+        return None
+    return "gemma" if base.spec.arch.startswith("gemma") else "chatml"
+
+
 def run_demo(workdir: str | os.PathLike, base: str | os.PathLike | None = None, recipe: Recipe = Recipe(),
              max_prompts: int | None = None, log=print) -> dict:
     from .base import open_base
@@ -75,7 +83,7 @@ def run_demo(workdir: str | os.PathLike, base: str | os.PathLike | None = None, 
     from .merge import merge
     from .modelfile import write_modelfile
     from .runtime import LlamaRuntime
-    from .smollm2 import smollm2_gguf
+    from .real_models import gemma3_gguf, smollm2_gguf
     from .train import TrainConfig, train
     from .verify import verify
 
@@ -83,10 +91,12 @@ def run_demo(workdir: str | os.PathLike, base: str | os.PathLike | None = None, 
     work.mkdir(parents=True, exist_ok=True)
     stages: dict[str, float] = {}
     t0 = time.perf_counter()
-    base = Path(base) if base else smollm2_gguf()
+    named = {"smollm2": smollm2_gguf, "gemma3": gemma3_gguf}
+    base = named[str(base or "smollm2")]() if str(base or "smollm2") in named else Path(base)
     stages["obtain base"] = time.perf_counter() - t0
     with open_base(base) as b:
         layers = recipe.layers(b.spec.n_layer)
+        template = chat_template_for(b)
     log(f"base: {base} ({base.stat().st_size / 1e6:.0f} MB); training rank {recipe.rank}, all linear "
         f"projections of layers {layers}, {recipe.steps} steps per adapter")
     prompts = [json.loads(line)["messages"] for line in (DEMO_DATA / "eval-prompts.jsonl").read_text().splitlines()
@@ -99,7 +109,7 @@ def run_demo(workdir: str | os.PathLike, base: str | os.PathLike | None = None, 
                                 rank=recipe.rank, alpha=2 * recipe.rank, lr=recipe.lr, steps=recipe.steps,
                                 batch_size=recipe.batch_size, seq_len=recipe.seq_len, dropout=0.0,
                                 targets="all-linear", layers=layers, gguf=str(work / f"{b.name}.gguf"),
-                                gguf_outtype="f16", force=True, progress=False, seed=0))
+                                gguf_outtype="f16", force=True, progress=False, seed=0, chat_template=template))
         ggufs[b.name] = res.gguf
         stages[f"train+convert {b.name}"] = time.perf_counter() - t
         log(f"trained {b.name}: loss {res.losses[0]:.3f} → {res.losses[-1]:.3f} in {res.steps} steps; "
@@ -115,7 +125,7 @@ def run_demo(workdir: str | os.PathLike, base: str | os.PathLike | None = None, 
     t = time.perf_counter()
     rt = LlamaRuntime(base, n_ctx=256)
     load_s = time.perf_counter() - t
-    tok = Tokenizer(base)
+    tok = Tokenizer(base, template)
     prompt_ids = [tok.encode(tok.render(m, add_generation_prompt=True)) for m in prompts]
     tok.close()
     n_gen = max(len(rt.tokenize(b.marker, add_bos=False)) for b in BEHAVIOURS) + 2

@@ -1,4 +1,4 @@
-"""`lora2gguf export`: a GGUF LoRA → a PEFT adapter directory (adapter_config.json +
+"""`lora2gguf export`: a GGUF LoRA (or a torchtune / mlx-lm adapter) → a PEFT adapter directory (adapter_config.json +
 adapter_model.safetensors) that `peft.PeftModel.from_pretrained` loads on the matching transformers model.
 
 The GGUF file's run-time meaning is kept exactly: llama.cpp scales each tensor pair by alpha / r_m
@@ -16,19 +16,29 @@ from .adapter_io import check_output_dir, write_peft_dir
 from .errors import Lora2GGUFError
 
 
-def export(adapter_gguf: str | os.PathLike, base: str | os.PathLike, out: str | os.PathLike,
+def export(adapter_in: str | os.PathLike, base: str | os.PathLike, out: str | os.PathLike,
            force: bool = False) -> Path:
-    """Write the GGUF LoRA at `adapter_gguf` (for `base`) as a PEFT adapter directory at `out`."""
-    from .adapter_gguf import base_match, load_gguf_lora
+    """Write the adapter at `adapter_in` (a GGUF LoRA, or a torchtune / mlx-lm / PEFT directory: adapter_any
+    tells), for `base`, as a PEFT adapter directory at `out`."""
+    from .adapter_any import adapter_format, load_adapter, say_notes
+    from .adapter_gguf import base_match
+    from .adapter_gguf_write import refuse_unsupported
     from .base import open_base
 
-    src, out = Path(adapter_gguf), Path(out)
+    src, out = Path(adapter_in), Path(out)
     check_output_dir(out, force, [src, Path(base)])
+    fmt = adapter_format(src)
     with open_base(base) as b:
-        adapter = load_gguf_lora(src, b.spec)
-        match, verdict = base_match(src, b)
-        if match is False:
-            raise Lora2GGUFError(f"{src}: was converted for another base than {base} ({verdict}); "
-                                 "pass the base it was made for")
-        name = adapter.config["gguf"].get("peft_base_model") or b.spec.name or str(base)
+        adapter = load_adapter(src, b.spec)
+        if fmt == "gguf":
+            match, verdict = base_match(src, b)
+            if match is False:
+                raise Lora2GGUFError(f"{src}: was converted for another base than {base} ({verdict}); "
+                                     "pass the base it was made for")
+            name = adapter.config["gguf"].get("peft_base_model") or b.spec.name or str(base)
+        else:  # what a GGUF LoRA can hold, PEFT's plain LoRA can: the same refusals
+            refuse_unsupported(adapter)
+            adapter.check_base(b.spec, f"base {base}")
+            name = adapter.config.get("base_model_name_or_path") or b.spec.name or str(base)
+    say_notes(adapter)
     return write_peft_dir(out, adapter, name)

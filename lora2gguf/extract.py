@@ -18,21 +18,20 @@ from pathlib import Path
 
 import numpy as np
 
-from . import archs, lowrank
+from . import lowrank
 from .adapter import PeftAdapter
 from .errors import Lora2GGUFError
 
 SHAPE_FIELDS = ("arch", "n_layer", "n_embd", "n_ff", "n_head", "n_head_kv", "head_dim", "n_vocab", "tied_embeddings")
 
 
-def _lora_module(hf_name: str, tied: bool) -> str | None:
+def _lora_module(hf_name: str, spec) -> str | None:
     """The LoRA module for a base tensor, or None when no LoRA can express a change to it."""
-    module = hf_name.removesuffix(".weight")
-    if hf_name == "model.embed_tokens.weight":
-        return None if tied else module
-    if hf_name == "lm_head.weight" or any(module.endswith("." + p) for p in archs.LAYER_LINEARS):
-        return module
-    return None
+    if hf_name not in spec.arch_module.lora_weight_names(spec.n_layer):
+        return None
+    if hf_name == "model.embed_tokens.weight" and spec.tied_embeddings:
+        return None
+    return hf_name.removesuffix(".weight")
 
 
 def extract_modules(base, tuned, rank: int | None = None, energy: float | None = None,
@@ -43,7 +42,6 @@ def extract_modules(base, tuned, rank: int | None = None, energy: float | None =
         if getattr(base.spec, f) != getattr(tuned.spec, f):
             raise Lora2GGUFError(f"{tuned.path}: {f} is {getattr(tuned.spec, f)} but the base {base.path} has "
                                  f"{getattr(base.spec, f)}; a fine-tune of this base has the same shapes")
-    tied = base.spec.tied_embeddings
     modules, per, left = {}, {}, {}
     kept_sq = lora_sq = 0.0
     for name in base.hf_names():
@@ -52,7 +50,7 @@ def extract_modules(base, tuned, rank: int | None = None, energy: float | None =
         sq = float(np.vdot(d, d))
         if sq == 0.0:
             continue
-        module = _lora_module(name, tied)
+        module = _lora_module(name, base.spec)
         if module is None:
             left[name] = {"sq": sq, "relative_change": float(np.sqrt(sq) / max(np.linalg.norm(w), 1e-30))}
             continue

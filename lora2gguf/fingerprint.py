@@ -21,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 
-from . import archs
 
 PER_TENSOR = 128  # sampled values per tensor
 MIN_CORRELATION = 0.8  # Q2_K keeps ~0.9 per tensor; unrelated weights stay below ~0.3 at 128 values
@@ -54,7 +53,7 @@ def from_gguf_fields(f) -> Fingerprint | None:
 def sampled_tensors(spec) -> list[str]:
     names = ["model.embed_tokens.weight"] + ([] if spec.tied_embeddings else ["lm_head.weight"])
     for i in sorted({0, spec.n_layer // 2, spec.n_layer - 1}):
-        names += [f"model.layers.{i}.{m}.weight" for m in archs.LAYER_LINEARS]
+        names += [f"model.layers.{i}.{m}.weight" for m in spec.arch_module.layer_linears]
     return names
 
 
@@ -95,9 +94,9 @@ def _gguf_rows(base, hf_name: str, rows: list[int], cols: int) -> list[np.ndarra
 
     f, spec = base.file, base.spec
     t = f.tensors[base.gguf_name(hf_name)]
-    heads = archs.qk_heads(hf_name, spec.n_head, spec.n_head_kv)
-    if heads and spec.facts.permute_qk:  # GGUF row j holds HF row perm[j]
-        where = np.argsort(archs.permute_rows(np.arange(t.shape[0]), heads))
+    arch = spec.arch_module
+    if arch.permutes_rows(spec, hf_name):  # GGUF row j holds HF row perm[j]
+        where = np.argsort(arch.rows_to_gguf(spec, hf_name, np.arange(t.shape[0])))
         rows = [int(where[r]) for r in rows]
     block, type_size = GGML_QUANT_SIZES[t.type]
     row_bytes = t.nbytes // t.shape[0]

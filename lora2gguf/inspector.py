@@ -1,4 +1,5 @@
-"""`lora2gguf inspect`: what a GGUF model/adapter (or an HF model / PEFT adapter directory) is."""
+"""`lora2gguf inspect`: what a GGUF model/adapter (or an HF model, or a PEFT / torchtune / mlx-lm adapter
+directory) is."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 
 from gguf import LlamaFileType
 
+from . import models
 from .base import GGUFBase, HFBase
 from .gguf_file import GGUFFile
 
@@ -24,10 +26,11 @@ def _file_type_name(v) -> str | None:
 def describe(path: str, base: str | None = None) -> dict:
     p = Path(path)
     if p.is_dir():
-        if any((p / n).exists() for n in ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")):
-            from .adapter import describe_peft_dir
+        if any((p / n).exists() for n in ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin",
+                                          "adapter_model.pt", "adapters.safetensors")):
+            from .adapter_any import describe_adapter  # PEFT, torchtune, mlx-lm: told by the files
 
-            return describe_peft_dir(p)
+            return describe_adapter(p)
         with HFBase(p) as b:
             return {"path": str(p), "kind": "hf-model", "spec": b.spec.to_dict()}
     with GGUFFile(p) as f:
@@ -43,7 +46,17 @@ def describe(path: str, base: str | None = None) -> dict:
 
             info.update(describe_gguf_adapter(f, base=base))
             return info
+        arch = info["architecture"]
+        # the architecture's own scalar metadata (block_count, expert_count, ssm.*…), whatever the arch
+        info["metadata"] = {k: v for k, v in ((k, f.get(k)) for k in f.fields if arch and k.startswith(arch + "."))
+                            if isinstance(v, (str, int, float, bool))}
+    if arch not in models.NAMES:
+        info["supported"] = False
+        info["verdict"] = (f"architecture {arch!r} is not one lora2gguf supports ({', '.join(models.NAMES)}): train, "
+                           "convert, merge, verify and export cannot use it; inspect reads its header only")
+        return info
     with GGUFBase(p) as b:
+        info["supported"] = True
         info["spec"] = b.spec.to_dict()
     return info
 

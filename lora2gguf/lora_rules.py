@@ -48,10 +48,19 @@ def check_tied_embedding(modules, spec, where, base_label: str) -> None:
 def check_arch(adapter, spec, base_path) -> None:
     """PEFT records the transformers class it wrapped; refuse an adapter made for another known arch
     (shapes alone cannot tell a qwen2 adapter from a llama one of the same size)."""
-    from . import archs
+    from . import models
 
     cls = (adapter.config.get("auto_mapping") or {}).get("base_model_class")
-    other = next((f.name for f in archs.ARCHS.values() if cls in f.hf_architectures), None)
+    other = next((a.name for a in models.all_archs() if cls in a.hf_architectures), None)
     if other is not None and other != spec.arch:
         raise Lora2GGUFError(f"{adapter.path}: the adapter was made on a {cls} ({other}) but {base_path} is a "
                              f"{spec.arch} model; pass the base it was trained on")
+
+
+def check_not_activated(adapter, verb: str) -> None:
+    """An activated LoRA (aLoRA) changes only the tokens after its invocation sequence; a merged weight
+    would change every token."""
+    if adapter.config.get("alora_invocation_tokens"):
+        raise Lora2GGUFError(f"{adapter.path}: an activated LoRA (aLoRA, alora_invocation_tokens) applies only after "
+                             f"its invocation tokens, which {verb} cannot express; convert it to a GGUF LoRA and "
+                             "serve it with llama-server, which activates it")

@@ -36,7 +36,6 @@ from pathlib import Path
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFWriter, LlamaFileType
 
-from . import archs
 from .adapter import ModuleLoRA, PeftAdapter, merged_bias, merged_weight
 from .base import GGUFBase
 from .errors import Lora2GGUFError
@@ -50,8 +49,6 @@ ROW_BLOCK = 1 << 18  # elements per block of the merge math (1 MB of float32)
 
 # Bias tensors llama.cpp loads when present (optional slots), by HF module suffix: q/k/v for every arch
 # (create_tensor_qkv in llama-model.cpp), o/gate/up/down only for llama (src/models/llama.cpp).
-_QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
-BIAS_SLOTS = {"llama": archs.LAYER_LINEARS, "qwen2": _QKV, "qwen3": _QKV}
 
 
 def parse_lora_arg(arg: str) -> tuple[str, float]:
@@ -79,27 +76,25 @@ def _sha256(paths: list[Path]) -> str:
 
 
 def load_adapter(path: str | os.PathLike, spec, base: GGUFBase | None = None) -> tuple[PeftAdapter, str]:
-    """A PEFT directory or a GGUF LoRA file, in HF layout with its scale; and its sha256 fingerprint
-    (adapter_config.json then the weights for PEFT, the file for GGUF). Refused when it was made for
-    another model: another arch (PEFT's recorded class), or, for a GGUF LoRA converted by us, a base whose
-    fingerprint is not `base`'s (same shapes, other weights: the merge would be silently wrong)."""
-    from .adapter_any import load_adapter as load_any
+    """An adapter directory (PEFT, torchtune, mlx-lm) or a GGUF LoRA file, in HF layout with its scale; and
+    its sha256 fingerprint (adapter_config.json then the weights for a directory, the file for GGUF). Refused
+    when it was made for another model: another arch (PEFT's recorded class), or, for a GGUF LoRA converted
+    by us, a base whose fingerprint is not `base`'s (same shapes, other weights: the merge would be silently
+    wrong); and refused when it is an activated LoRA."""
+    from .adapter_any import adapter_files, load_adapter as load_any, say_notes
+    from .lora_rules import check_arch, check_not_activated
 
     p = Path(path)
-    if p.is_dir():
-        from .lora_rules import check_arch
-
-        a = load_any(p, spec)
-        check_arch(a, spec, base.path if base is not None else "the base")
-        files = [p / "adapter_config.json"] + [f for f in (p / "adapter_model.safetensors", p / "adapter_model.bin")
-                                                 if f.is_file()][:1]
-        return a, _sha256(files)
-    if not p.is_file():
-        raise Lora2GGUFError(f"{p}: no such file or directory; --lora takes a PEFT directory or a GGUF LoRA file")
+    if not p.exists():
+        raise Lora2GGUFError(f"{p}: no such file or directory; --lora takes an adapter directory or a GGUF LoRA file")
     a = load_any(p, spec)
-    if base is not None:
+    check_not_activated(a, "a merged model")
+    if p.is_dir():
+        check_arch(a, spec, base.path if base is not None else "the base")
+    elif base is not None:
         _check_fingerprint(p, base)
-    return a, _sha256([p])
+    say_notes(a)
+    return a, _sha256(adapter_files(p))
 
 
 def _check_fingerprint(path: Path, base: GGUFBase) -> None:
@@ -160,11 +155,12 @@ def _plan(base: GGUFBase, adapters: list[tuple[PeftAdapter, float]]) -> list[Job
     for g, hf in wanted.items():
         if g not in tensors and hf.endswith(".bias"):
             module = hf[:-len(".bias")]
-            if not any(module.endswith(s) for s in BIAS_SLOTS[spec.arch]):
+            slots = spec.arch_module.bias_slots
+            if not any(module.endswith(s) for s in slots):
                 src = next((a.path for a, _ in adapters if hf in a.full_weights or (
                     module in a.modules and a.modules[module].bias is not None)), "adapter")
                 raise Lora2GGUFError(f"{src}: the adapter adds a bias to {module}, but llama.cpp's {spec.arch} has no bias "
-                                     f"tensor there (only {', '.join(s.split('.')[-1] for s in BIAS_SLOTS[spec.arch])}); "
+                                     f"tensor there (only {', '.join(s.split('.')[-1] for s in slots)}); "
                                      "retrain without lora_bias / bias='all' for that module")
 
     def job(g: str, shape: tuple[int, ...], source: TensorInfo | None) -> Job:
@@ -182,6 +178,12 @@ def _plan(base: GGUFBase, adapters: list[tuple[PeftAdapter, float]]) -> list[Job
         if g.endswith(".weight") and (b := g[:-len("weight")] + "bias") in wanted and b not in tensors:
             jobs.append(job(b, (t.shape[0],), None))
     untie = "output.weight" in wanted or "token_embd.weight" in wanted
+    if untie and "output.weight" not in tensors and not spec.arch_module.can_untie:
+        src = next(a.path for a, _ in adapters if {"lm_head", "model.embed_tokens"} & set(a.modules) | {
+            n.rsplit(".", 1)[0] for n in a.full_weights})
+        raise Lora2GGUFError(f"{src}: the adapter changes embed_tokens or lm_head, but llama.cpp's {spec.arch} always "
+                             "multiplies the output by token_embd (it loads no separate output.weight), so no GGUF "
+                             "can hold the untied head PEFT computes; retrain without embed_tokens / lm_head")
     if untie and "output.weight" not in tensors:  # the head starts from the original embedding
         emb = tensors["token_embd.weight"]
         jobs.append(job("output.weight", emb.shape, emb))
@@ -251,7 +253,7 @@ def _merge_dora(w: np.ndarray, mods: list[tuple[ModuleLoRA, float]], pool: RowPo
     return out
 
 
-def _merge_plain(src: TensorInfo, raw: np.ndarray, mods: list[tuple[ModuleLoRA, float]], heads: int | None,
+def _merge_plain(src: TensorInfo, raw: np.ndarray, mods: list[tuple[ModuleLoRA, float]], rows_to_gguf,
                  pool: RowPool, dtype: type) -> np.ndarray:
     """W + Σ u·s·B·A for plain LoRA, merged_weight's sum computed the way PEFT's own merge does it: the
     scales folded into B, B·A and the sum in float32 (the output's precision; float64 here cost 3x the
@@ -262,7 +264,7 @@ def _merge_plain(src: TensorInfo, raw: np.ndarray, mods: list[tuple[ModuleLoRA, 
     for m, u in mods:
         a, b = m.factors()  # b @ a == ΔW / scale; rows of b are rows of W
         b = (b.astype(np.float64) * (m.scale * u)).astype(np.float32)
-        factors.append((np.ascontiguousarray(a, np.float32), archs.permute_rows(b, heads) if heads else b))
+        factors.append((np.ascontiguousarray(a, np.float32), rows_to_gguf(b)))
     if src.type in (F32, GGMLQuantizationType.F16):
         data = raw.view(np.float32 if src.type == F32 else np.float16).reshape(src.shape)
     else:
@@ -282,24 +284,23 @@ def _merge_plain(src: TensorInfo, raw: np.ndarray, mods: list[tuple[ModuleLoRA, 
 def _merged(fh, job: Job, spec, pool: RowPool) -> np.ndarray:
     """The output tensor in GGUF layout: float16 when that is the type written and the merge allows it
     (plain LoRA), float32 otherwise."""
-    heads = archs.qk_heads(job.hf, spec.n_head, spec.n_head_kv) if spec.facts.permute_qk else None
+    arch = spec.arch_module
     if job.replacement is not None:
-        t = np.asarray(job.replacement, np.float32)
+        t = arch.to_gguf(spec, job.hf, np.asarray(job.replacement, np.float32))
     elif not job.hf.endswith(".bias") and all(m.magnitude is None for m, _ in job.loras):
         half = job.info.type == GGMLQuantizationType.F16
-        t = _merge_plain(job.source, _read(fh, job.source), job.loras, heads, pool, np.float16 if half else np.float32)
-        heads = None  # already in GGUF layout
-    else:
-        base = None if job.source is None else _decode(_read(fh, job.source), job.source)
-        if base is not None and heads:
-            base = archs.unpermute_rows(base, heads)
+        t = _merge_plain(job.source, _read(fh, job.source), job.loras, lambda b: arch.rows_to_gguf(spec, job.hf, b),
+                         pool, np.float16 if half else np.float32)  # in GGUF layout already
+    else:  # DoRA and biases: PEFT's math in HF layout and values, then back
+        base = None if job.source is None else arch.from_gguf(spec, job.hf, _decode(_read(fh, job.source), job.source))
         if job.hf.endswith(".bias"):
             t = np.asarray(merged_bias(base, job.info.shape[0], job.loras), np.float32)
         else:
             t = _merge_dora(base, job.loras, pool)
+        t = arch.to_gguf(spec, job.hf, t)
     if t.shape != job.info.shape:
         raise Lora2GGUFError(f"{fh.name}: an adapter gives {job.hf} shape {t.shape}, the base has {job.info.shape}")
-    return archs.permute_rows(t, heads) if heads else t
+    return t
 
 
 def _set_types(jobs: list[Job], out: OutputType, f16_base: bool) -> None:

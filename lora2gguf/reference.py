@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .adapter import ModuleLoRA, PeftAdapter, merged_bias, merged_weight
-from .model import Transformer
+from .models.layers import Transformer
 
 
 def modules_by_target(adapters: list[tuple[PeftAdapter, float]]) -> dict[str, list[tuple[ModuleLoRA, float]]]:

@@ -25,8 +25,9 @@ from torch import nn
 
 from .checkpoint import RESUME_KEYS, Interrupt, latest_checkpoint, load_checkpoint, save_checkpoint
 from .errors import Lora2GGUFError
-from .lora import (LossModel, adapter_config, fuse_for_training, inject_lora, load_base_model, lora_parameters,
-                   parse_layers, resolve_targets, save_adapter)
+from .training_layers import fuse_for_training
+from .training_model import (LossModel, adapter_config, inject_lora, load_base_model, lora_parameters, parse_layers,
+                             resolve_targets, save_adapter)
 
 LOG_NAME, PLOT_NAME = "train_log.jsonl", "loss.png"
 
@@ -38,6 +39,7 @@ class TrainConfig:
     out: str
     eval_data: str | None = None
     tokenizer: str | None = None  # a GGUF whose tokenizer to use (required for an HF-directory base)
+    chat_template: str | None = None  # for messages records: a data.CHAT_TEMPLATES name or a Jinja file
     rank: int = 16
     alpha: float = 32.0
     rslora: bool = False
@@ -274,7 +276,7 @@ def setup(cfg, out, device, cdtype, rank, world, warn) -> tuple[Run, list, list]
     from .base import open_base
     from .data import load_dataset, open_tokenizer
 
-    tok = open_tokenizer(cfg.base, cfg.tokenizer)
+    tok = open_tokenizer(cfg.base, cfg.tokenizer, cfg.chat_template)
     try:
         train_ex = load_dataset(cfg.data, tok, cfg.seq_len, warn)
         eval_ex = load_dataset(cfg.eval_data, tok, cfg.seq_len, warn) if cfg.eval_data else []
@@ -317,7 +319,8 @@ def setup(cfg, out, device, cdtype, rank, world, warn) -> tuple[Run, list, list]
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(warmup, total))
     scaler = torch.amp.GradScaler(device.type, enabled=cdtype == torch.float16)  # fp16 needs loss scaling
     args = {k: getattr(cfg, k) for k in RESUME_KEYS} | {
-        "targets": resolve_targets(cfg.targets), "layers": layer_ids, "warmup": warmup, "total_steps": total,
+        "targets": resolve_targets(cfg.targets, model.spec.arch_module), "layers": layer_ids, "warmup": warmup,
+        "total_steps": total,
         "data_sha256": file_sha256(cfg.data)}
     config = adapter_config(args["targets"], cfg.rank, cfg.alpha, cfg.rslora, cfg.dropout, base_name, layer_ids)
     run = Run(cfg, out, device, cdtype, rank, world, tok.pad_id, model, net, layers, opt, sched, scaler, args, config)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .adapter import four_bit_base
 from .adapter_gguf import base_match
 from .errors import Lora2GGUFError
 from .metrics import compare, perplexity
@@ -171,6 +172,7 @@ def verify(base: str | os.PathLike, loras: list[tuple[str, float]], merged: str 
                 raise Lora2GGUFError(f"{path}: no such adapter file or directory")
             lora = _load_adapter(path, spec)
             lora.check_base(spec, f"base {base_path}")
+            report["warnings"] += lora.notes  # a 4-bit training base: the KL below is the gap it leaves
             a = Adapter(path, scale, lora)
             if runtime_lora:  # read it ourselves first: llama.cpp aborts the process on some broken files
                 a.runtime_path = Path(runtime_lora)
@@ -215,6 +217,8 @@ def verify(base: str | os.PathLike, loras: list[tuple[str, float]], merged: str 
         logits["reference"] = _ref_logits(ref, tokens)
         greedy["reference"] = _teacher_forced(lambda seq: _ref_logits(ref, seq), prompt_tokens, conts)
         del ref
+        if any(four_bit_base(a.lora.config) for a in adapters):
+            report["four_bit_gap"] = _four_bit_gap(gb, adapters, tokens, logits)
         if merged:
             with LlamaRuntime(merged, n_ctx=n_ctx, verbose=verbose) as mrt:
                 logits["merged"] = mrt.logits(tokens)
@@ -261,6 +265,19 @@ def verify(base: str | os.PathLike, loras: list[tuple[str, float]], merged: str 
     return report
 
 
+def _four_bit_gap(gb, adapters, tokens, logits) -> dict:
+    """A QLoRA adapter was fitted to NF4-rounded weights: the reference on an NF4-rounded copy of this base,
+    with and without the adapters, against the reference on this base (informative, no threshold)."""
+    from .nf4 import NF4Base
+    from .reference import reference_model
+
+    nb = NF4Base(gb)
+    with_adapters = _ref_logits(reference_model(nb, [(a.lora, a.scale) for a in adapters]), tokens)
+    alone = _ref_logits(reference_model(nb), tokens)
+    return {"kl_nf4_to_reference": compare(with_adapters, logits["reference"])["mean_kl"],
+            "kl_nf4_base_to_base": compare(alone, logits["base_reference"])["mean_kl"]}
+
+
 def _ref_logits(model, tokens) -> np.ndarray:
     import torch
 
@@ -291,6 +308,10 @@ def format_report(r: dict) -> str:
     lines.append(f"adapter effect: KL(base→reference) {eff['kl_base_to_reference']:.3g}, "
                  f"top-1 changed at {eff['top1_changed']:.0%} of positions")
     lines.append(f"base quantization floor (llama.cpp base vs reference base): {r['base_quantization_floor']:.3g}")
+    if "four_bit_gap" in r:
+        g = r["four_bit_gap"]
+        lines.append(f"4-bit training base: KL(adapters on the NF4-rounded base → on this base) "
+                     f"{g['kl_nf4_to_reference']:.3g} (the base alone: {g['kl_nf4_base_to_base']:.3g})")
     if "merged_quantization_floor" in r:
         lines.append(f"merged-type quantization floor: {r['merged_quantization_floor']:.3g}")
     hdr = f"{'pair':<20}{'mean KL':>11}{'max KL':>11}{'top-1':>8}{'max|Δ|':>9}{'greedy':>8}{'limit':>10}  result"

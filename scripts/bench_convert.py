@@ -100,7 +100,7 @@ def main() -> None:
     from lora2gguf.metrics import compare
     from lora2gguf.reference import reference_model
     from lora2gguf.runtime import LlamaRuntime
-    from lora2gguf.smollm2 import smollm2_f32_gguf, smollm2_gguf
+    from lora2gguf.real_models import smollm2_f32_gguf, smollm2_gguf
     from peft_helpers import hf_dir_from_base
 
     q4, f32 = smollm2_gguf(), smollm2_f32_gguf()

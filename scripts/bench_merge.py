@@ -63,7 +63,7 @@ def gguf_lora(adapter: Path, base: Path) -> Path:
 
 
 def smollm2_inputs(cache: Path) -> tuple[Path, Path]:
-    from lora2gguf.smollm2 import smollm2_f32_gguf
+    from lora2gguf.real_models import smollm2_f32_gguf
     from peft_helpers import hf_dir_from_base, make_peft_adapter
 
     base = smollm2_f32_gguf()

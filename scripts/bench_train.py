@@ -91,7 +91,7 @@ def prepare(a, work: Path) -> None:
     import torch
 
     from lora2gguf.data import Tokenizer, load_dataset
-    from lora2gguf.smollm2 import smollm2_f32_gguf
+    from lora2gguf.real_models import smollm2_f32_gguf
     from peft_helpers import hf_dir_from_base
 
     a.gguf = str(smollm2_f32_gguf())

@@ -34,7 +34,7 @@ def main() -> None:
     args = ap.parse_args()
     from lora2gguf.convert import convert
     from lora2gguf.merge import merge
-    from lora2gguf.smollm2 import smollm2_f32_gguf
+    from lora2gguf.real_models import smollm2_f32_gguf
     from peft_helpers import hf_dir_from_base, make_peft_adapter
 
     base = smollm2_f32_gguf()

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import gguf  # noqa: E402
 from safetensors.numpy import save_file  # noqa: E402
 
-from lora2gguf import archs  # noqa: E402
+from lora2gguf import models  # noqa: E402
 from lora2gguf.gguf_write import PlannedTensor, atomic_output, nbytes_of, write_streaming  # noqa: E402
 
 DIMS = dict(n_layer=14, n_embd=2048, n_ff=5632, n_head=32, n_head_kv=4, n_vocab=32000, n_ctx=4096)
@@ -85,8 +85,12 @@ def write_base(path: Path, seed: int) -> None:
 
     shapes = hf_shapes()
     plan, F16, F32 = [], gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.F32
-    for hf in archs.hf_tensor_names("llama", d["n_layer"], tied=False):
-        name = archs.gguf_name("llama", d["n_layer"], hf)
+    llama = models.get("llama")
+    spec = llama.spec_from_hf({"hidden_size": d["n_embd"], "num_attention_heads": d["n_head"],
+                               "num_key_value_heads": d["n_head_kv"], "num_hidden_layers": d["n_layer"],
+                               "intermediate_size": d["n_ff"], "vocab_size": d["n_vocab"]}, "big base")
+    for hf in llama.expected_shapes(spec, tied=False):
+        name = llama.gguf_name(d["n_layer"], hf)
         if hf.endswith("norm.weight"):
             shape, t = (d["n_embd"],), F32
         elif hf in ("model.embed_tokens.weight", "lm_head.weight"):

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Generate the tiny test bases under fixtures/, deterministically.
 
-For each arch (llama, qwen2, qwen3): the same random weights as
+For each arch (llama, qwen2, qwen3, gemma3, gemma2): the same random weights as
   fixtures/<arch>/hf/            config.json + model.safetensors (loads in transformers)
   fixtures/<arch>/base-f32.gguf  and base-f16.gguf, base-q8_0.gguf (written with gguf-py)
   fixtures/<arch>/base-q4_k_m.gguf (llama.cpp's own quantizer via llama-cpp-python)
@@ -27,11 +27,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import gguf  # noqa: E402
 from safetensors.numpy import save_file  # noqa: E402
 
-from lora2gguf import archs  # noqa: E402
+from lora2gguf import models  # noqa: E402
 
 DIMS = dict(n_layer=2, n_embd=64, n_ff=256, n_head=4, n_head_kv=2, n_ctx=512, rope_theta=10000.0, eps=1e-5)
-TIED = {"llama": False, "qwen2": True, "qwen3": False}
-SEED = {"llama": 1, "qwen2": 2, "qwen3": 3}
+# Gemma: head_dim 32 (n_head * head_dim != n_embd, as in Gemma 3 270M), a sliding window of 8 tokens on the
+# first of every two layers, local and global ropes that differ; Gemma 2 with its soft-caps.
+EXTRA = {"gemma3": dict(head_dim=32, window=8, swa_pattern=2, rope_theta=100000.0, rope_local=10000.0, eps=1e-6),
+         "gemma2": dict(head_dim=32, window=8, swa_pattern=2, attn_softcap=50.0, final_softcap=30.0, eps=1e-6),
+         "phi3": dict(partial_rotary=0.5)}  # rope on half of each head, as Phi-4-mini on 3/4
+ARCH_NAMES = ("llama", "qwen2", "qwen3", "gemma3", "gemma2", "phi3")
+HF_CLASS = {"llama": ("LlamaForCausalLM", "llama"), "qwen2": ("Qwen2ForCausalLM", "qwen2"),
+            "qwen3": ("Qwen3ForCausalLM", "qwen3"), "gemma3": ("Gemma3ForCausalLM", "gemma3_text"),
+            "gemma2": ("Gemma2ForCausalLM", "gemma2"), "phi3": ("Phi3ForCausalLM", "phi3")}
+TIED = {"llama": False, "qwen2": True, "qwen3": False, "gemma3": True, "gemma2": True, "phi3": False}
+SEED = {"llama": 1, "qwen2": 2, "qwen3": 3, "gemma3": 4, "gemma2": 5, "phi3": 6}
 WORDS = ("the a of and to in is it that was for on with as at by cat dog sat mat hello world "
          "one two three red green blue big small happy sun moon star tree fish bird").split()
 
@@ -55,60 +64,77 @@ def vocab() -> tuple[list[str], list[float], list[int]]:
     return toks, scores, [int(t) for t in types]
 
 
+def spec_of(arch: str, n_vocab: int) -> models.ModelSpec:
+    return models.get(arch).spec_from_hf(hf_config(arch, n_vocab), "fixture")
+
+
 def hf_weights(arch: str, n_vocab: int) -> dict[str, np.ndarray]:
-    d = DIMS
     rng = np.random.default_rng(SEED[arch])
-    hd = d["n_embd"] // d["n_head"]
-    facts = archs.ARCHS[arch]
+    shapes = models.get(arch).expected_shapes(spec_of(arch, n_vocab))
+    gemma = arch.startswith("gemma")  # HF stores Gemma's norm weights as w, the norm multiplies by 1 + w
 
     def normal(shape, std):
         return (rng.standard_normal(shape) * std).astype(np.float32)
 
-    def norm_w(n):
-        return (1.0 + rng.standard_normal(n) * 0.1).astype(np.float32)
-
-    e, f = d["n_embd"], d["n_ff"]
-    shapes = {"self_attn.q_proj": (d["n_head"] * hd, e), "self_attn.k_proj": (d["n_head_kv"] * hd, e),
-              "self_attn.v_proj": (d["n_head_kv"] * hd, e), "self_attn.o_proj": (e, d["n_head"] * hd),
-              "mlp.gate_proj": (f, e), "mlp.up_proj": (f, e), "mlp.down_proj": (e, f)}
     w: dict[str, np.ndarray] = {}
-    for name in archs.hf_tensor_names(arch, d["n_layer"], TIED[arch]):
+    for name, shape in shapes.items():
         if name == "model.embed_tokens.weight" or name == "lm_head.weight":
-            w[name] = normal((n_vocab, e), 0.5)  # large enough that logits are peaked
+            w[name] = normal(shape, 0.5)  # large enough that logits are peaked
         elif name.endswith("norm.weight"):
-            w[name] = norm_w(hd if ("q_norm" in name or "k_norm" in name) else e)
+            w[name] = (1.0 + rng.standard_normal(shape) * 0.1).astype(np.float32) - np.float32(gemma)
+            if gemma and ("post_attention" in name or "post_feedforward" in name):
+                # the embedding enters scaled by sqrt(n_embd) (RMS 4 here) while Gemma normalises each block's
+                # output: scale those outputs up (1 + w ≈ 3.5) so the layers, and an adapter on them, move the
+                # logits; in [2.2, 2.8] both w and the GGUF's 1 + w are exact in float32, so they round-trip
+                w[name] += np.float32(2.5)
         elif name.endswith(".bias"):
-            w[name] = normal(shapes[name.split(".", 3)[3].rsplit(".", 1)[0]][0], 0.1)
+            w[name] = normal(shape, 0.1)
         else:
-            mod = name.split(".", 3)[3].rsplit(".", 1)[0]
-            w[name] = normal(shapes[mod], 1.0 / np.sqrt(shapes[mod][1]))
-    assert set(w) == set(archs.hf_tensor_names(arch, d["n_layer"], TIED[arch])) and facts
+            w[name] = normal(shape, 1.0 / np.sqrt(shape[1]))
     return w
 
 
 def hf_config(arch: str, n_vocab: int) -> dict:
-    d = DIMS
-    facts = archs.ARCHS[arch]
+    """The transformers config.json, written here by hand from transformers' own config classes (not by
+    lora2gguf's models/), so that transformers and llama.cpp check our readers independently."""
+    d = DIMS | EXTRA.get(arch, {})
+    hd = d.get("head_dim", d["n_embd"] // d["n_head"])
     cfg = {
-        "architectures": [facts.hf_architectures[0]], "model_type": facts.hf_model_types[0],
+        "architectures": [HF_CLASS[arch][0]], "model_type": HF_CLASS[arch][1],
         "vocab_size": n_vocab, "hidden_size": d["n_embd"], "intermediate_size": d["n_ff"],
         "num_hidden_layers": d["n_layer"], "num_attention_heads": d["n_head"],
-        "num_key_value_heads": d["n_head_kv"], "head_dim": d["n_embd"] // d["n_head"],
+        "num_key_value_heads": d["n_head_kv"], "head_dim": hd,
         "max_position_embeddings": d["n_ctx"], "rms_norm_eps": d["eps"], "rope_theta": d["rope_theta"],
-        "hidden_act": "silu", "tie_word_embeddings": TIED[arch], "attention_bias": facts.qkv_bias,
+        "hidden_act": "silu", "tie_word_embeddings": TIED[arch], "attention_bias": arch == "qwen2",
         "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "float32",
     }
     if arch == "qwen2":
         cfg["use_sliding_window"] = False
+    if arch.startswith("gemma"):
+        del cfg["hidden_act"], cfg["rope_theta"]
+        cfg.update(hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=hd, sliding_window=d["window"],
+                   layer_types=["sliding_attention" if i % d["swa_pattern"] < d["swa_pattern"] - 1 else
+                                "full_attention" for i in range(d["n_layer"])],
+                   attn_logit_softcapping=d.get("attn_softcap"), final_logit_softcapping=d.get("final_softcap"))
+        if arch == "gemma3":  # transformers 5: one rope per layer type
+            cfg["rope_parameters"] = {"full_attention": {"rope_type": "default", "rope_theta": d["rope_theta"]},
+                                      "sliding_attention": {"rope_type": "default", "rope_theta": d["rope_local"]}}
+        else:
+            cfg["rope_theta"] = d["rope_theta"]
+    if arch == "phi3":
+        cfg.update(partial_rotary_factor=d["partial_rotary"], sliding_window=None, pad_token_id=None,
+                   original_max_position_embeddings=d["n_ctx"])
     return cfg
 
 
 def write_gguf(path: Path, arch: str, weights: dict[str, np.ndarray], ftype: str) -> None:
-    d = DIMS
+    d = DIMS | EXTRA.get(arch, {})
     toks, scores, types = vocab()
-    hd = d["n_embd"] // d["n_head"]
+    hd = d.get("head_dim", d["n_embd"] // d["n_head"])
     w = gguf.GGUFWriter(str(path), arch)
-    w.add_name(f"tiny-{arch}")
+    # llama.cpp special-cases the vocabulary of a model *named* phi3 (it expects <|endoftext|>, which this tiny
+    # vocabulary lacks): the phi3 fixture is named without it
+    w.add_name("tiny-phi" if arch == "phi3" else f"tiny-{arch}")
     w.add_block_count(d["n_layer"])
     w.add_context_length(d["n_ctx"])
     w.add_embedding_length(d["n_embd"])
@@ -117,9 +143,17 @@ def write_gguf(path: Path, arch: str, weights: dict[str, np.ndarray], ftype: str
     w.add_head_count_kv(d["n_head_kv"])
     w.add_key_length(hd)
     w.add_value_length(hd)
-    w.add_rope_dimension_count(hd)
+    w.add_rope_dimension_count(int(hd * d.get("partial_rotary", 1.0)))
     w.add_rope_freq_base(d["rope_theta"])
     w.add_layer_norm_rms_eps(d["eps"])
+    if arch.startswith("gemma"):
+        w.add_sliding_window(d["window"])
+        w.add_sliding_window_pattern(d["swa_pattern"])
+    if arch == "gemma3":
+        w.add_rope_freq_base_swa(d["rope_local"])
+    if arch == "gemma2":
+        w.add_attn_logit_softcapping(d["attn_softcap"])
+        w.add_final_logit_softcapping(d["final_softcap"])
     w.add_vocab_size(len(toks))
     w.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                      "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[ftype])
@@ -132,12 +166,10 @@ def write_gguf(path: Path, arch: str, weights: dict[str, np.ndarray], ftype: str
     w.add_unk_token_id(0)
     w.add_add_bos_token(True)
     w.add_add_eos_token(False)
-    facts = archs.ARCHS[arch]
+    a, spec = models.get(arch), spec_of(arch, len(toks))
     for hf_name, t in weights.items():
-        heads = archs.qk_heads(hf_name, d["n_head"], d["n_head_kv"])
-        if heads and facts.permute_qk:
-            t = archs.permute_rows(t, heads)
-        name = archs.gguf_name(arch, d["n_layer"], hf_name)
+        t = a.to_gguf(spec, hf_name, t)
+        name = a.gguf_name(d["n_layer"], hf_name)
         if t.ndim == 1 or ftype == "f32":
             w.add_tensor(name, np.ascontiguousarray(t, dtype=np.float32))
         elif ftype == "f16":
@@ -165,7 +197,7 @@ def quantize_with_llama_cpp(src: Path, dst: Path, ftype_name: str) -> None:
 def make(out: Path) -> list[Path]:
     written = []
     n_vocab = len(vocab()[0])
-    for arch in ("llama", "qwen2", "qwen3"):
+    for arch in ARCH_NAMES:
         d = out / arch
         (d / "hf").mkdir(parents=True, exist_ok=True)
         weights = hf_weights(arch, n_vocab)

@@ -9,7 +9,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "fixtures"
-ARCHS = ("llama", "qwen2", "qwen3")
+ARCHS = ("llama", "qwen2", "qwen3", "gemma3", "gemma2", "phi3")
 
 TEXT = ("the cat sat on the mat and the dog sat with the cat . hello world , one two three red green "
         "blue . the big tree and the small fish in the sun with the moon and a star . a happy bird was "
@@ -35,7 +35,7 @@ def reference_logits(model, tokens) -> np.ndarray:
 
 @pytest.fixture(scope="session")
 def smollm2_f32() -> Path:
-    from lora2gguf.smollm2 import smollm2_f32_gguf
+    from lora2gguf.real_models import smollm2_f32_gguf
 
     return smollm2_f32_gguf()
 
@@ -46,3 +46,17 @@ def smollm2_hf(smollm2_f32) -> Path:
     from peft_helpers import hf_dir_from_base
 
     return hf_dir_from_base(smollm2_f32, smollm2_f32.parent / "SmolLM2-135M-Instruct-hf")
+
+
+@pytest.fixture(scope="session")
+def gemma3_q4() -> Path:
+    from lora2gguf.real_models import gemma3_gguf
+
+    return gemma3_gguf()
+
+
+@pytest.fixture(scope="session")
+def gemma3_f32(gemma3_q4) -> Path:
+    from lora2gguf.real_models import gemma3_f32_gguf
+
+    return gemma3_f32_gguf()

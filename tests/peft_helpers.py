@@ -9,6 +9,31 @@ import numpy as np
 import torch
 
 
+# Phi-3 stores q/k/v and gate/up as one projection each: the tests' split target names map onto them
+FUSED = {"phi3": {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", "gate_proj": "gate_up_proj",
+                  "up_proj": "gate_up_proj"}}
+
+
+def for_arch(model_type: str, kw: dict) -> dict:
+    """LoraConfig kwargs with split projection names renamed to the fused ones the arch has."""
+    names = FUSED.get(model_type)
+    if not names:
+        return kw
+
+    def rename(s: str) -> str:
+        for a, b in names.items():
+            s = s.replace(a, b)
+        return s
+
+    kw = dict(kw)
+    if isinstance(kw.get("target_modules"), list):
+        kw["target_modules"] = sorted({rename(t) for t in kw["target_modules"]})
+    for key in ("rank_pattern", "alpha_pattern"):
+        if kw.get(key):
+            kw[key] = {rename(k): v for k, v in kw[key].items()}
+    return kw
+
+
 def make_peft_adapter(hf_dir: str | Path, out_dir: str | Path, seed: int = 0, b_std: float = 0.05,
                       **lora_kwargs) -> Path:
     """A PEFT adapter saved by `save_pretrained`, for the transformers model in hf_dir, with random
@@ -20,6 +45,7 @@ def make_peft_adapter(hf_dir: str | Path, out_dir: str | Path, seed: int = 0, b_
     warnings.filterwarnings("ignore", category=UserWarning)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    lora_kwargs = for_arch(model.config.model_type, lora_kwargs)
     pm = peft.get_peft_model(model, peft.LoraConfig(init_lora_weights=False, **lora_kwargs))
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
@@ -54,7 +80,6 @@ def hf_dir_from_base(base_path: str | Path, out_dir: str | Path) -> Path:
 
     from safetensors.numpy import save_file
 
-    from lora2gguf.archs import ARCHS
     from lora2gguf.base import open_base
 
     out_dir = Path(out_dir)
@@ -62,15 +87,9 @@ def hf_dir_from_base(base_path: str | Path, out_dir: str | Path) -> Path:
         return out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     with open_base(base_path) as b:
-        s, facts = b.spec, ARCHS[b.spec.arch]
         save_file({n: np.ascontiguousarray(b.tensor(n)) for n in b.hf_names()}, str(out_dir / "model.safetensors"),
                   metadata={"format": "pt"})
-        cfg = {"architectures": [facts.hf_architectures[0]], "model_type": facts.hf_model_types[0],
-               "vocab_size": s.n_vocab, "hidden_size": s.n_embd, "intermediate_size": s.n_ff,
-               "num_hidden_layers": s.n_layer, "num_attention_heads": s.n_head, "num_key_value_heads": s.n_head_kv,
-               "head_dim": s.head_dim, "max_position_embeddings": s.n_ctx_train, "rms_norm_eps": s.norm_eps,
-               "rope_theta": s.rope_theta, "hidden_act": "silu", "tie_word_embeddings": s.tied_embeddings,
-               "attention_bias": s.attn_bias, "torch_dtype": "float32"}
+        cfg = b.spec.arch_module.hf_config(b.spec)
     (out_dir / "config.json").write_text(json.dumps(cfg, indent=2))
     return out_dir
 
@@ -91,3 +110,43 @@ def peft_deltas(hf_dir: str | Path, adapter_dir: str | Path, scale: float = 1.0)
             if isinstance(mod, LoraLayer) and "default" in (mod.lora_A.keys() | mod.lora_embedding_A.keys()):
                 out[name] = mod.get_delta_weight("default").double().numpy() * scale
     return out
+
+
+def assert_converts_like_peft(arch: str, adapter_dir: str | Path, peft_dir: str | Path, out: str | Path,
+                              n_tokens: int = 64, seed: int = 4) -> dict:
+    """Convert `adapter_dir` (any format) for the `arch` fixture, load it in llama.cpp, and compare its logits
+    with transformers + PEFT on `peft_dir` (the same ΔW in PEFT form): KL ≤ 1e-5, same top-1. Also checks
+    that the adapter visibly moves the base, so that a dropped or mis-scaled adapter cannot pass."""
+    from conftest import fixture, token_ids
+    from lora2gguf.convert import convert
+    from lora2gguf.metrics import compare
+    from lora2gguf.runtime import LlamaRuntime
+
+    gguf = convert(adapter_dir, fixture(arch), out)
+    with LlamaRuntime(fixture(arch)) as rt:
+        tokens = token_ids(rt.n_vocab, n_tokens, seed=seed)
+        base = rt.logits(tokens)
+        rt.set_adapters([(gguf, 1.0)])
+        ours = rt.logits(tokens)
+    assert compare(base, ours)["mean_kl"] > 1e-2, "the adapter must visibly change the output"
+    m = compare(peft_logits(fixture(arch, "hf"), peft_dir, tokens), ours)
+    assert m["mean_kl"] <= 1e-5 and m["top1"] == 1.0, m
+    return m
+
+
+def assert_merges_like_peft(arch: str, adapter_dir: str | Path, peft_dir: str | Path, out: str | Path,
+                            n_tokens: int = 64, seed: int = 11) -> dict:
+    """Merge `adapter_dir` (any format) into the F32 `arch` fixture and compare the merged file's llama.cpp
+    logits with transformers + PEFT on `peft_dir`: KL ≤ 1e-5, same top-1."""
+    from conftest import fixture, token_ids
+    from lora2gguf.merge import merge
+    from lora2gguf.metrics import compare
+    from lora2gguf.runtime import LlamaRuntime
+
+    merged = merge(fixture(arch), [(adapter_dir, 1.0)], out, quant="f32")
+    with LlamaRuntime(merged) as rt:
+        tokens = token_ids(rt.n_vocab, n_tokens, seed=seed)
+        ours = rt.logits(tokens)
+    m = compare(peft_logits(fixture(arch, "hf"), peft_dir, tokens), ours)
+    assert m["mean_kl"] <= 1e-5 and m["top1"] == 1.0, m
+    return m

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import fixture, reference_logits, token_ids
+from conftest import ARCHS, TEXT, fixture, reference_logits, token_ids
 from llama_cpp_source import llama_cpp_source
 from lora2gguf.adapter import load_peft
 from lora2gguf.adapter_gguf import load_gguf_lora
@@ -22,7 +22,7 @@ from lora2gguf.gguf_file import GGUFFile
 from lora2gguf.metrics import compare
 from lora2gguf.reference import reference_model
 from lora2gguf.runtime import LlamaRuntime
-from peft_helpers import make_peft_adapter
+from peft_helpers import make_peft_adapter, peft_logits
 from test_convert import ALL, CASES
 
 
@@ -181,7 +181,7 @@ def test_inspect_base_mismatch(llama_adapter, capsys):
 def test_smollm2_fingerprint(smollm2_f32, smollm2_hf):
     """The real model: the Q4_1 original, its F32 copy and the HF dir are one base; the tiny fixture is not."""
     from lora2gguf import fingerprint
-    from lora2gguf.smollm2 import smollm2_gguf
+    from lora2gguf.real_models import smollm2_gguf
 
     fps = []
     for path in (smollm2_f32, smollm2_gguf(), smollm2_hf):
@@ -206,3 +206,56 @@ def test_load_errors(llama_adapter, tmp_path):
     (tmp_path / "trunc.gguf").write_bytes(data[: len(data) - 100])
     with pytest.raises(Lora2GGUFError, match="truncated"):
         load_gguf_lora(tmp_path / "trunc.gguf")
+
+
+# -- every architecture: llama.cpp's converter vs ours on rsLoRA with rank/alpha patterns -----------------
+RSLORA_PATTERNS = dict(r=8, lora_alpha=16, use_rslora=True, target_modules="all-linear",
+                       rank_pattern={"down_proj": 4}, alpha_pattern={"o_proj": 3})
+
+
+def converter_kls(hf_dir, base, tmp_path, tokens, kw, n_ctx=512):
+    """(ours, llama.cpp's converter) mean KL against transformers + PEFT for the same real PEFT adapter, both
+    GGUF LoRAs run by llama.cpp on `base`; and how far the adapter moves the base."""
+    adapter_dir = make_peft_adapter(hf_dir, tmp_path / "a", seed=31, b_std=0.05, **kw)
+    ours = convert(adapter_dir, base, tmp_path / "ours.gguf")
+    theirs = llama_cpp_convert(adapter_dir, hf_dir, tmp_path / "theirs.gguf")
+    peft = peft_logits(hf_dir, adapter_dir, tokens)
+    with LlamaRuntime(base, n_ctx=n_ctx) as rt:
+        plain = rt.logits(tokens)
+        got = {}
+        for name, path in (("ours", ours), ("llama.cpp", theirs)):
+            rt.set_adapters([(path, 1.0)])
+            got[name] = compare(peft, rt.logits(tokens))
+    return got["ours"], got["llama.cpp"], compare(plain, peft)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_arch_rslora_patterns_exact_where_llama_cpp_converter_is_not(arch, tmp_path):
+    """The README's per-architecture table: PEFT's per-module scales (rsLoRA, rank/alpha patterns) folded into
+    the GGUF make ours match transformers+PEFT on every arch; llama.cpp's converter writes lora_alpha as is."""
+    tokens = token_ids(300, 64, seed=12)
+    ours, theirs, effect = converter_kls(fixture(arch, "hf"), fixture(arch), tmp_path, tokens, RSLORA_PATTERNS)
+    print(f"{arch}: ours KL {ours['mean_kl']:.2g}, llama.cpp's converter KL {theirs['mean_kl']:.3g} "
+          f"(top-1 {theirs['top1']:.0%}); adapter effect KL {effect['mean_kl']:.3g}")
+    assert effect["mean_kl"] > 1e-2, "the adapter must move the output"
+    assert ours["mean_kl"] <= 1e-5 and ours["top1"] == 1.0, ours
+    assert theirs["mean_kl"] > 1e-3, theirs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kw", [dict(r=8, lora_alpha=16, target_modules="all-linear"), RSLORA_PATTERNS],
+                         ids=["plain", "rslora-patterns"])
+def test_gemma3_270m_converters(kw, gemma3_f32, tmp_path):
+    """The real Gemma 3 270M (dequantized to F32, its transformers directory made from the same weights)."""
+    from peft_helpers import hf_dir_from_base
+
+    hf_dir = hf_dir_from_base(gemma3_f32, gemma3_f32.parent / "gemma-3-270m-hf")
+    with LlamaRuntime(gemma3_f32, vocab_only=True) as rt:
+        tokens = rt.tokenize(TEXT * 2)[:128]
+    ours, theirs, effect = converter_kls(hf_dir, gemma3_f32, tmp_path, tokens, kw)
+    print(f"gemma3 270m {kw}: ours {ours}, llama.cpp's converter {theirs}, effect {effect}")
+    assert effect["mean_kl"] > 1e-2 and ours["mean_kl"] <= 1e-5, (ours, effect)
+    if kw.get("use_rslora"):
+        assert theirs["mean_kl"] > 1e-2, theirs
+    else:  # plain LoRA: llama.cpp's converter is right too
+        assert theirs["mean_kl"] <= 1e-4, theirs

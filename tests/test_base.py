@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from conftest import ARCHS, fixture
-from lora2gguf import archs
+from lora2gguf import models
+from lora2gguf.models.llama import permute_rows, unpermute_rows
 from lora2gguf.base import GGUFBase, HFBase, open_base
 from lora2gguf.errors import Lora2GGUFError
 
@@ -19,23 +20,23 @@ def test_gguf_and_hf_agree(arch):
         gs.pop("name"), hs.pop("name")
         assert gs == hs
         assert g.spec.arch == arch and g.spec.n_head != g.spec.n_head_kv
-        assert g.spec.qk_norm == (arch == "qwen3") and g.spec.attn_bias == (arch == "qwen2")
+        assert g.spec.qk_norm == (arch in ("qwen3", "gemma3")) and g.spec.attn_bias == (arch == "qwen2")
         for name in g.hf_names():
             assert np.array_equal(g.tensor(name), h.tensor(name)), name
 
 
 def test_permutation_round_trip():
     w = np.arange(8 * 16 * 3, dtype=np.float32).reshape(8 * 16, 3)
-    p = archs.permute_rows(w, 8)
+    p = permute_rows(w, 8)
     assert not np.array_equal(p, w)
-    assert np.array_equal(archs.unpermute_rows(p, 8), w)
+    assert np.array_equal(unpermute_rows(p, 8), w)
 
 
 def test_gguf_names_come_from_gguf_py():
-    assert archs.gguf_name("llama", 2, "model.layers.1.self_attn.q_proj.weight") == "blk.1.attn_q.weight"
-    assert archs.gguf_name("qwen2", 2, "model.layers.0.self_attn.k_proj.bias") == "blk.0.attn_k.bias"
-    assert archs.gguf_name("qwen3", 2, "model.layers.0.self_attn.q_norm.weight") == "blk.0.attn_q_norm.weight"
-    assert archs.gguf_name("llama", 2, "lm_head.weight") == "output.weight"
+    assert models.get("llama").gguf_name(2, "model.layers.1.self_attn.q_proj.weight") == "blk.1.attn_q.weight"
+    assert models.get("qwen2").gguf_name(2, "model.layers.0.self_attn.k_proj.bias") == "blk.0.attn_k.bias"
+    assert models.get("qwen3").gguf_name(2, "model.layers.0.self_attn.q_norm.weight") == "blk.0.attn_q_norm.weight"
+    assert models.get("llama").gguf_name(2, "lm_head.weight") == "output.weight"
 
 
 def test_quantized_fixtures_dequantize_close_to_f32():

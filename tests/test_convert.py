@@ -41,6 +41,20 @@ CASES = {
     "qwen3-patterns": ("qwen3", dict(r=6, lora_alpha=12, target_modules=["q_proj", "k_proj", "o_proj"],
                                      rank_pattern={"o_proj": 2}, alpha_pattern={"q_proj": 1})),
     "qwen3-embed-head": ("qwen3", dict(r=4, lora_alpha=8, target_modules=["embed_tokens", "lm_head", "v_proj"])),
+    # Gemma: 1 + w norms, sqrt(n_embd) embedding scale, windowed local layers (the 96-token texts cross them)
+    "gemma3-all-r8": ("gemma3", dict(r=8, lora_alpha=16, target_modules=ALL)),
+    "gemma3-rslora-patterns": ("gemma3", dict(r=8, lora_alpha=16, use_rslora=True, target_modules=ALL,
+                                              rank_pattern={"v_proj": 4, r"layers\.1\.mlp\.up_proj": 2},
+                                              alpha_pattern={"o_proj": 3, "down_proj": 40})),
+    "gemma2-all-r4": ("gemma2", dict(r=4, lora_alpha=8, target_modules=ALL)),
+    "gemma2-rslora-patterns": ("gemma2", dict(r=8, lora_alpha=8, use_rslora=True, target_modules=["q_proj", "k_proj", "gate_proj"],
+                                              rank_pattern={"k_proj": 2}, alpha_pattern={"gate_proj": 24})),
+    # Phi-3: fused qkv_proj / gate_up_proj (PEFT's targets on that arch), rope on half of each head
+    "phi3-all-r8": ("phi3", dict(r=8, lora_alpha=16, target_modules=["qkv_proj", "o_proj", "gate_up_proj", "down_proj"])),
+    "phi3-rslora-patterns": ("phi3", dict(r=8, lora_alpha=16, use_rslora=True, target_modules="all-linear",
+                                          rank_pattern={"qkv_proj": 4, r"layers\.1\.mlp\.gate_up_proj": 2},
+                                          alpha_pattern={"o_proj": 3})),
+    "gemma2-layers": ("gemma2", dict(r=8, lora_alpha=16, target_modules=["v_proj", "o_proj", "down_proj"], layers_to_transform=[1])),
 }
 
 
@@ -274,7 +288,8 @@ def test_arch_mismatch_refused(tmp_path):
 
 @pytest.mark.parametrize("key,value,message", [
     ("layer_replication", [[0, 2], [1, 2]], "layer replication"),
-    ("alora_invocation_tokens", [5, 6], "aLoRA"),
+    ("alora_invocation_tokens", ["x"], "list of token ids"),
+    ("invocation_string", "<|assistant|>", "no alora_invocation_tokens"),
     ("peft_type", "IA3", "not LoRA"),
 ])
 def test_config_features_refused(tmp_path, key, value, message):
@@ -290,7 +305,7 @@ def test_missing_and_corrupt_inputs(tmp_path, capsys):
     adapter_dir = make_peft_adapter(fixture("llama", "hf"), tmp_path / "a", seed=13, r=2, lora_alpha=4, target_modules=["v_proj"])
     out = tmp_path / "o.gguf"
     cases = []
-    cases.append(([str(tmp_path / "nope"), "--base", str(fixture("llama"))], "not a directory"))
+    cases.append(([str(tmp_path / "nope"), "--base", str(fixture("llama"))], "no such file or directory"))
     cases.append(([str(adapter_dir), "--base", str(tmp_path / "nobase.gguf")], "no such file"))
     cases.append(([str(adapter_dir), "--base", str(fixture("llama")), "--outtype", "q4_0"], "Invalid value"))
     broken = tmp_path / "broken"

@@ -17,7 +17,7 @@ CHAT = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "
 
 @pytest.fixture(scope="module")
 def tok():
-    t = Tokenizer(fixture("llama"))
+    t = Tokenizer(fixture("llama"), "chatml")  # the fixture GGUF has no chat template: name one
     yield t
     t.close()
 
@@ -167,10 +167,23 @@ def test_long_sequences_truncated_and_counted_once(tmp_path, tok):
     assert "1 record(s) have no trained tokens" in warnings[1] and len(warnings) == 2
 
 
-def test_default_template_warning(tmp_path, tok):
-    warnings = []
-    load_dataset(FIXTURES / "train" / "chat.jsonl", tok, 256, warn=warnings.append)
-    assert any("has no chat template" in w and "ChatML" in w for w in warnings)
+def test_no_template_refuses_messages_but_not_text(tmp_path):
+    """A GGUF without a chat template (a pretrained base): conversations are refused in one line that names
+    --chat-template; prompt/completion and text records need no template."""
+    t = Tokenizer(fixture("gemma3"))
+    try:
+        with pytest.raises(Lora2GGUFError, match="has no chat template.*--chat-template"):
+            load_dataset(FIXTURES / "train" / "chat.jsonl", t, 256)
+        assert load_dataset(FIXTURES / "train" / "memorise.jsonl", t, 256)
+        assert load_dataset(FIXTURES / "train" / "text.jsonl", t, 256)
+    finally:
+        t.close()
+    g = Tokenizer(fixture("gemma3"), "gemma")
+    try:
+        ex = load_dataset(FIXTURES / "train" / "chat.jsonl", g, 256)[0]
+        assert g.rt.detokenize(ex.ids).count("<start_of_turn>") >= 2, "Gemma's turn markers, not ChatML's"
+    finally:
+        g.close()
 
 
 def test_collate_pads_right_and_shifts_labels(tok):

@@ -43,6 +43,9 @@ ARCH_CASES = {  # what only some archs can or should show
     ("qwen2", "embed-on-tied-base"): [(dict(r=4, lora_alpha=8, target_modules=["embed_tokens", "v_proj"]), 1.0)],
     ("qwen2", "save-embed-on-tied-base"): [(dict(r=4, lora_alpha=8, target_modules=["v_proj"],
                                                  modules_to_save=["embed_tokens"]), 1.0)],
+    ("gemma3", "lora-bias-new-tensors"): [(dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_bias=True), 1.0)],
+    ("gemma3", "embed-on-tied-base"): [(dict(r=4, lora_alpha=8, target_modules=["embed_tokens", "o_proj"]), 1.0)],
+    ("phi3", "lora-bias-new-tensors"): [(dict(r=4, lora_alpha=8, target_modules=["qkv_proj"], lora_bias=True), 1.0)],
 }
 ALL = [(a, c) for a in ARCHS for c in CASES] + list(ARCH_CASES)
 SPREAD = 1.5  # fixture logits' mean std: peaked enough for KL / top-1 to mean something
@@ -305,6 +308,16 @@ def test_shape_and_bias_slot_refusals(tmp_path, capsys):
     assert not (tmp_path / "m.gguf").exists()
 
 
+def test_gemma2_embedding_lora_refused(tmp_path, capsys):
+    """llama.cpp's gemma2 always multiplies the output by token_embd (it loads no output.weight), so the untied
+    head PEFT computes for an embedding LoRA on a tied base has no GGUF form: one line, nothing written."""
+    a = make_peft_adapter(fixture("gemma2", "hf"), tmp_path / "a", seed=2, r=4, lora_alpha=8,
+                          target_modules=["embed_tokens", "o_proj"])
+    rc, err = run_cli(["merge", "--base", str(fixture("gemma2")), "--lora", str(a), "-o", str(tmp_path / "m.gguf")], capsys)
+    assert rc == 2 and "always multiplies the output by token_embd" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "m.gguf").exists()
+
+
 def test_failure_mid_write_leaves_nothing(plain_llama, tmp_path, monkeypatch):
     import lora2gguf.merge as m
 
@@ -350,7 +363,7 @@ def test_smollm2_f32_merge_matches_reference(smollm2_f32, smollm2_adapter, tmp_p
 
 @pytest.mark.slow
 def test_smollm2_q4_k_m_from_q4_1_original(smollm2_adapter, tmp_path):
-    from lora2gguf.smollm2 import smollm2_gguf
+    from lora2gguf.real_models import smollm2_gguf
 
     out = merge(smollm2_gguf(), [(smollm2_adapter, 1.0)], tmp_path / "m.gguf", quant="q4_k_m")
     with LlamaRuntime(out) as rt:

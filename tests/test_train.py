@@ -35,6 +35,8 @@ def one_thread():
 
 def cfg(out, arch="llama", kind="f32", data="text.jsonl", **kw):
     base = kw.pop("base", None) or fixture(arch, kind)
+    if data == "chat.jsonl" and not kw.get("base"):  # the fixtures carry no chat template: name one
+        kw.setdefault("chat_template", "chatml")
     kw = {"rank": 8, "alpha": 16, "lr": 1e-2, "steps": 6, "batch_size": 4, "dropout": 0.0, "progress": False,
           "seq_len": 64} | kw
     return TrainConfig(base=str(base), data=str(DATA / data), out=str(out), **kw)
@@ -65,7 +67,8 @@ def expected_continuation(rt, rec):
     return rt.tokenize(prompt, special=True), msgs[last]["content"] + "<|im_end|>"
 
 
-@pytest.mark.parametrize("arch, kind, data", [("llama", "q4_k_m", "memorise.jsonl"), ("qwen3", "f32", "chat.jsonl")])
+@pytest.mark.parametrize("arch, kind, data", [("llama", "q4_k_m", "memorise.jsonl"), ("qwen3", "f32", "chat.jsonl"),
+                                              ("gemma3", "q4_k_m", "memorise.jsonl")])
 def test_memorise_then_llama_cpp_serves_it(tmp_path, arch, kind, data):
     """train (on the quantized GGUF itself) → convert (--gguf) → llama.cpp with --lora, greedy."""
     pytest.importorskip("lora2gguf.convert", reason="lora2gguf.convert (the convert verb) has not landed yet")
@@ -89,7 +92,7 @@ def test_memorise_then_llama_cpp_serves_it(tmp_path, arch, kind, data):
                 assert after.startswith(want), (after, want)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3", "gemma2", "phi3"])
 def test_saved_adapter_loads_in_peft_and_matches_reference(tmp_path, arch):
     """The saved directory, loaded by peft on transformers, == our reference with it (and our trained model)."""
     out = tmp_path / "out"

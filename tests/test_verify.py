@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import ARCHS, ROOT, fixture
-from lora2gguf import archs
+from lora2gguf.models.llama import unpermute_rows
 from lora2gguf.base import open_base
 from lora2gguf.convert import convert
 from lora2gguf.verify import verify
@@ -85,7 +85,7 @@ def test_missing_qk_permutation_fails(base, base_pair, tmp_path):
         heads = {b.spec.n_head * b.spec.head_dim: b.spec.n_head, b.spec.n_head_kv * b.spec.head_dim: b.spec.n_head_kv}
 
     def unpermute(t):  # lora_b of q and k are (heads x head_dim, r); lora_a is (r, hidden)
-        return archs.unpermute_rows(t, heads[t.shape[0]]) if t.shape[1] == 4 else t
+        return unpermute_rows(t, heads[t.shape[0]]) if t.shape[1] == 4 else t
 
     bad = rewrite_gguf(good, tmp_path / "bad.gguf", tensor_fn=unpermute)
     rc, rep, _ = run_verify("--base", gguf_base, "--lora", peft_dir, "--runtime-lora", bad)

@@ -7,9 +7,9 @@ adapter_config.json + adapter_model.safetensors with the keys PEFT's save_pretra
 and with every lora2gguf verb.
 
 Also the rest of the trainable model: the frozen base loaded from a GGUF without copying what needs no
-conversion; the layers as training computes them (TrainingLayer: the same parameters and math in fewer,
-larger steps, e.g. q/k/v as one GEMM with each LoRA added into its output, LoRAProjection); and the
-training loss, which applies the (frozen) LM head to trained positions only and a chunk at a time.
+conversion; each LoRA'd projection computed as one LoRAProjection (the fused layer of llama-style archs is
+in training_layers); and the training loss, which applies the (frozen) LM head to trained positions only
+and a chunk at a time.
 """
 
 from __future__ import annotations
@@ -23,14 +23,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import archs
+from . import models
 from .errors import Lora2GGUFError
 from .gguf_write import atomic_output
-from .model import DecoderLayer, RMSNormFunction, RopeQKV, SwiGLU
 
 PREFIX = "base_model.model."
-# "all-linear" in PEFT's sense for a decoder: every projection of every layer, not the LM head.
-ALL_LINEAR = tuple(p.split(".")[-1] for p in archs.LAYER_LINEARS)
 
 
 def dropped_positions(n: int, p: float) -> torch.Tensor:
@@ -143,91 +140,23 @@ def project(x, weight, bias, loras, residual=None) -> torch.Tensor:
     return LoRAProjection.apply(x, weight, bias, residual, tuple(spans), tuple(drops), *ab)
 
 
-def concat_rows(ts: list[torch.Tensor]) -> torch.Tensor:
-    """The row blocks `ts` as one matrix: a view when they already lie so in one storage (F32 tensors used
-    in place from a GGUF, stored in this order), else a copy."""
-    t0, rows = ts[0], sum(t.shape[0] for t in ts)
-    st = t0.untyped_storage()
-    if all(t.is_contiguous() and t.dtype == t0.dtype and t.shape[1:] == t0.shape[1:] for t in ts) and all(
-            b.untyped_storage().data_ptr() == st.data_ptr() and b.storage_offset() == a.storage_offset() + a.numel()
-            for a, b in zip(ts, ts[1:])):
-        return torch.empty(0, dtype=t0.dtype, device=t0.device).set_(st, t0.storage_offset(), (rows, *t0.shape[1:]))
-    return torch.cat(ts)
-
-
-class Projection:
-    """Projections of one layer that read the same input, computed as one: their frozen weights
-    concatenated by rows (each module's weight and bias then become views of the block: nothing is
-    duplicated, and the modules compute as before), each one's LoRA, if it has one, on its columns."""
-
-    def __init__(self, modules: list[nn.Module]):
-        linears = [m.base_layer if isinstance(m, LoRALinear) else m for m in modules]
-        self.weight = concat_rows([lin.weight for lin in linears])
-        biases = [lin.bias for lin in linears]
-        self.bias = concat_rows(biases) if biases[0] is not None else None
-        self.loras, a = [], 0
-        for m, lin in zip(modules, linears):
-            b = a + lin.out_features
-            lin.weight = nn.Parameter(self.weight[a:b], requires_grad=False)
-            if self.bias is not None:
-                lin.bias = nn.Parameter(self.bias[a:b], requires_grad=False)
-            if isinstance(m, LoRALinear):
-                self.loras.append((m, a, b))
-            a = b
-
-    def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        return project(x, self.weight, self.bias, self.loras, residual)
-
-
-class TrainingLayer(DecoderLayer):
-    """A DecoderLayer computed for training: its parameters and its math, in fewer and larger steps. q/k/v
-    run as one GEMM against their concatenated frozen weights, gate/up as another (SmolLM2's GQA k/v are
-    576×192: with 2 threads on a busy 2-core machine one 576×960 GEMM took 25-35% less time than three);
-    each LoRA is added into its GEMM's output and the residual by the o_proj/down_proj GEMMs; RMSNorm,
-    rope and SwiGLU are single autograd functions; attention reads k/v once per group (SDPA's enable_gqa,
-    no repeat_interleave). fuse_for_training makes a model's layers these, in place: module names,
-    parameters and the adapter the LoRALinear modules save do not change."""
-
-    qkv: Projection
-    o: Projection
-    gate_up: Projection
-    down: Projection
-
-    def forward(self, x, cos, sin, mask):
-        attn, (B, T, _) = self.self_attn, x.shape
-        norm1, norm2 = self.input_layernorm, self.post_attention_layernorm
-        qk = (attn.q_norm.weight, attn.k_norm.weight, attn.q_norm.eps) if hasattr(attn, "q_norm") else (None, None, 0.0)
-        half = cos.shape[-1] // 2  # cos/sin repeat over the two halves of a head
-        qkv = self.qkv(RMSNormFunction.apply(x, norm1.weight, norm1.eps))
-        q, k, v = RopeQKV.apply(qkv, cos[..., :half], sin[..., :half], attn.n_head, attn.n_head_kv, *qk)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
-        x = self.o(y.transpose(1, 2).reshape(B, T, -1), residual=x)
-        return self.down(SwiGLU.apply(self.gate_up(RMSNormFunction.apply(x, norm2.weight, norm2.eps))), residual=x)
-
-
-def fuse_for_training(model: nn.Module) -> None:
-    """Turn each layer of `model` (after inject_lora, on its device) into a TrainingLayer."""
-    for layer in model.model.layers:
-        at, mlp = layer.self_attn, layer.mlp
-        layer.qkv = Projection([at.q_proj, at.k_proj, at.v_proj])
-        layer.o = Projection([at.o_proj])
-        layer.gate_up = Projection([mlp.gate_proj, mlp.up_proj])
-        layer.down = Projection([mlp.down_proj])
-        layer.__class__ = TrainingLayer
-
-
-def resolve_targets(targets: str | list[str]) -> list[str]:
-    """`all-linear` or a comma list of projection names (q_proj, ...) → sorted short names."""
+def resolve_targets(targets: str | list[str], arch: models.Arch | None = None) -> list[str]:
+    """`all-linear` or a comma list of projection names (q_proj, ...) → sorted short names: "all-linear" in
+    PEFT's sense for a decoder, every projection of every layer of `arch`, not the LM head. Without an arch
+    (before the base is read) names are checked against every supported arch's projections."""
+    archs = [arch] if arch is not None else models.all_archs()
+    known = sorted({p.split(".")[-1] for a in archs for p in a.layer_linears})
     names = targets.split(",") if isinstance(targets, str) else list(targets)
     names = [n.strip() for n in names if n.strip()]
     if names == ["all-linear"]:
-        return sorted(ALL_LINEAR)
-    bad = [n for n in names if n not in ALL_LINEAR]
+        return known
+    bad = [n for n in names if n not in known]
     if bad or not names:
         extra = ("; lm_head and embed_tokens are not trainable targets here (llama.cpp cannot apply LoRA "
                  "to a tied head)" if any(b in ("lm_head", "embed_tokens") for b in bad) else "")
-        raise Lora2GGUFError(f"--targets: unknown target {bad[0] if bad else '(empty)'!r}; use all-linear or "
-                             f"a comma list of {', '.join(ALL_LINEAR)}{extra}")
+        where = f" of {arch.name}" if arch is not None else ""
+        raise Lora2GGUFError(f"--targets: unknown target {bad[0] if bad else '(empty)'!r}{where}; use all-linear "
+                             f"or a comma list of {', '.join(known)}{extra}")
     return sorted(set(names))
 
 
@@ -255,7 +184,7 @@ def inject_lora(model: nn.Module, targets: str | list[str], r: int, alpha: float
     nothing there requires a gradient, so autograd records nothing."""
     if r <= 0:
         raise Lora2GGUFError(f"--rank must be positive, got {r}")
-    short = resolve_targets(targets)
+    short = resolve_targets(targets, model.spec.arch_module)
     model.requires_grad_(False)
     wrapped: dict[str, LoRALinear] = {}
     for name, module in list(model.named_modules()):
@@ -368,11 +297,12 @@ class LossModel(nn.Module):
 def load_base_model(base, dtype: torch.dtype, device: torch.device) -> nn.Module:
     """Transformer.from_base, except that on CPU in fp32 the F32 tensors of a GGUF are used in place,
     straight from the file's memory map: the frozen base is never written, so it costs the file's
-    pages and no copy (quantized tensors and permuted q/k rows are still dequantized/copied). They are
+    pages and no copy (quantized tensors and those the arch transforms, e.g. permuted q/k rows, are still
+    dequantized/copied). They are
     views of one tensor over the file, so that projections stored next to each other (gate/up) fuse
     without a copy (concat_rows)."""
     from .base import GGUFBase
-    from .model import Rope, Transformer
+    from .models.layers import Transformer
 
     if not (isinstance(base, GGUFBase) and dtype == torch.float32 and device.type == "cpu"):
         return Transformer.from_base(base, dtype=dtype, device=device)
@@ -380,9 +310,8 @@ def load_base_model(base, dtype: torch.dtype, device: torch.device) -> nn.Module
 
     from gguf import GGMLQuantizationType
 
-    from .archs import qk_heads
-
     spec = base.spec
+    arch = spec.arch_module
     with torch.device("meta"):
         model = Transformer(spec, None)
     state, mapped = {}, None
@@ -390,8 +319,7 @@ def load_base_model(base, dtype: torch.dtype, device: torch.device) -> nn.Module
         warnings.filterwarnings("ignore", message=".*not writable.*")
         for name in base.hf_names():
             info = base.file.tensors[base.gguf_name(name)]
-            permuted = spec.facts.permute_qk and qk_heads(name, spec.n_head, spec.n_head_kv)
-            if info.type == GGMLQuantizationType.F32 and not permuted:
+            if info.type == GGMLQuantizationType.F32 and arch.stored_as_hf(spec, name):
                 raw = base.file.raw(info.name)
                 if mapped is None:  # one tensor over the whole mapped file: neighbours (gate, up) share storage
                     whole = isinstance(raw.base, memoryview) and raw.base.nbytes == base.file.size
@@ -405,5 +333,5 @@ def load_base_model(base, dtype: torch.dtype, device: torch.device) -> nn.Module
             state[name] = torch.from_numpy(arr)
     model.load_state_dict(state, strict=True, assign=True)
     ff = base.rope_freqs()
-    model.rope = Rope(spec, torch.from_numpy(ff) if ff is not None else None)
+    model.set_rope_factors(torch.from_numpy(ff) if ff is not None else None)
     return model.eval().requires_grad_(False)

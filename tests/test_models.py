@@ -7,7 +7,7 @@ import torch
 from conftest import ARCHS, TEXT, fixture, reference_logits, token_ids
 from lora2gguf.base import open_base
 from lora2gguf.metrics import compare
-from lora2gguf.model import Transformer
+from lora2gguf.models.layers import Transformer
 from lora2gguf.runtime import LlamaRuntime
 
 
@@ -69,7 +69,8 @@ def test_reference_on_quantized_matches_llama_cpp(arch, kind):
     ours, exact = reference_logits(model, tokens), reference_logits(f32, tokens)
     m, floor = compare(theirs, ours), compare(exact, ours)
     print(arch, kind, "llama.cpp vs reference-on-dequantized", m, "quantization itself", floor)
-    assert m["mean_kl"] < floor["mean_kl"]
+    # below the quantization error, or at float noise where Q8_0 barely moves a model (Gemma's fixtures: 4e-9)
+    assert m["mean_kl"] < max(floor["mean_kl"], 1e-7)
 
 
 def test_padding_mask_matches_unpadded():
@@ -109,7 +110,8 @@ def test_training_forms_are_the_reference_math(qk_norm):
     float64 (and gradcheck); RMSNorm's and SwiGLU's forward bit for bit with the modules' in float32."""
     import torch.nn.functional as F
 
-    from lora2gguf.model import RMSNorm, RMSNormFunction, RopeQKV, SwiGLU, rotate_half
+    from lora2gguf.models.layers import RMSNorm, rotate_half
+    from lora2gguf.training_layers import RMSNormFunction, RopeQKV, SwiGLU
 
     torch.manual_seed(0)
     B, T, H, Hkv, D = 2, 5, 4, 2, 8
@@ -165,3 +167,82 @@ def test_training_forms_are_the_reference_math(qk_norm):
     assert torch.autograd.gradcheck(SwiGLU.apply, (h,))
     h32 = torch.randn(3, 2 * 64)
     assert torch.equal(SwiGLU.apply(h32), F.silu(h32[:, :64]) * h32[:, 64:])
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_llama_cpp_matches_transformers(arch):
+    """The fixture itself, independently of our reference: llama.cpp on the GGUF (norm shifts, q/k row order,
+    fused or split tensors as our writer laid them out) == transformers' own class on the HF directory, over
+    96 tokens (Gemma's 8-token sliding window is crossed many times)."""
+    import transformers
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(fixture(arch, "hf"), dtype=torch.float32).eval()
+    with LlamaRuntime(fixture(arch)) as rt:
+        tokens = token_ids(rt.n_vocab, 96, seed=9)
+        theirs = rt.logits(tokens)
+    with torch.no_grad():
+        ours = hf(torch.tensor([tokens])).logits[0].float().numpy()
+    m = compare(theirs, ours)
+    assert ours.std(-1).mean() > 1.5 and m["mean_kl"] <= 1e-5 and m["top1"] == 1.0, m
+
+
+def test_windowed_layers_see_only_their_window():
+    """Gemma 3's local layers: a token further back than the window changes the output only through the global
+    layer; with every layer local it cannot change the output at all (the masks, not just the numbers)."""
+    import dataclasses
+
+    with open_base(fixture("gemma3")) as b:
+        spec = dataclasses.replace(b.spec, swa_layers=tuple(range(b.spec.n_layer)))
+        model = Transformer.from_base(b)
+        local = Transformer(spec)
+        local.load_state_dict(model.state_dict())
+    a = token_ids(300, 40, seed=3)
+    b2 = [a[0], (a[1] + 1) % 300 or 5] + a[2:]  # differs at position 1 only
+    pos = 2 + b.spec.n_layer * (b.spec.sliding_window - 1)  # beyond what stacked windows reach from position 1
+    ra, rb = reference_logits(model.eval(), a), reference_logits(model.eval(), b2)
+    assert np.abs(ra[pos:] - rb[pos:]).max() > 1e-3, "the global layer sees the whole context"
+    la, lb = reference_logits(local.eval(), a), reference_logits(local.eval(), b2)
+    assert np.array_equal(la[pos:], lb[pos:]) and np.abs(la[1] - lb[1]).max() > 1e-3
+
+
+def test_inspect_describes_a_gguf_of_any_architecture(tmp_path, capsys):
+    """A GGUF of an architecture no verb supports (a mamba header, written with gguf-py): inspect describes it
+    and says which verbs cannot use it; a verb refuses it in one line."""
+    import json
+
+    import gguf
+
+    from lora2gguf.cli import main
+
+    path = tmp_path / "mamba.gguf"
+    w = gguf.GGUFWriter(str(path), "mamba")
+    w.add_block_count(2)
+    w.add_embedding_length(64)
+    w.add_uint32("mamba.ssm.state_size", 16)
+    w.add_tensor("token_embd.weight", np.zeros((10, 64), np.float32))
+    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file()
+    w.close()
+    capsys.readouterr()
+    assert main(["inspect", str(path), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["architecture"] == "mamba" and info["supported"] is False and "cannot use it" in info["verdict"]
+    assert info["metadata"]["mamba.ssm.state_size"] == 16 and info["tensor_count"] == 1
+    assert main(["merge", "--base", str(path), "--lora", str(tmp_path), "-o", str(tmp_path / "m.gguf")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "unsupported architecture 'mamba'" in err
+
+
+@pytest.mark.slow
+def test_gemma3_270m_reference_matches_llama_cpp(gemma3_f32):
+    """The real Gemma 3 270M, every tensor dequantized to F32: our reference == llama.cpp over 700 tokens, past
+    its 512-token sliding window (measured: mean KL 4.4e-7 at 700 tokens)."""
+    model = load_reference(gemma3_f32)
+    with LlamaRuntime(gemma3_f32, n_ctx=768) as rt:
+        tokens = rt.tokenize((TEXT + " ") * 12)[:700]
+        assert len(tokens) == 700
+        theirs = rt.logits(tokens)
+    ours = reference_logits(model, tokens)
+    for part in (slice(0, 512), slice(512, 700)):
+        m = compare(theirs[part], ours[part])
+        print("gemma3 270m", part, m)
+        assert m["mean_kl"] <= 1e-5 and m["top1"] >= 0.99, m

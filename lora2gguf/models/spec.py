@@ -1,0 +1,52 @@
+"""The typed hyperparameters every architecture shares (ModelSpec); an architecture with more of its own
+subclasses it in its module (models/gemma3.py: Gemma3Spec). Numpy-free and torch-free: GGUF and HF readers,
+convert and merge use it without importing torch."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from ..errors import Lora2GGUFError
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    arch: str  # GGUF general.architecture
+    n_layer: int
+    n_embd: int
+    n_ff: int
+    n_head: int
+    n_head_kv: int
+    head_dim: int
+    n_vocab: int
+    n_ctx_train: int
+    rope_theta: float
+    rope_scaling_type: str  # "none" or "linear"
+    rope_scaling_factor: float
+    norm_eps: float
+    tied_embeddings: bool
+    qk_norm: bool  # per-head RMSNorm on q and k before rope
+    attn_bias: bool  # q/k/v projections carry a bias
+    rope_dim: int = 0  # rotated dimensions per head (llama.cpp's n_rot; 0: all of head_dim)
+    name: str = ""
+
+    @property
+    def arch_module(self):
+        """The models/<arch>.py object that owns everything about this architecture."""
+        from . import get
+
+        return get(self.arch)
+
+    @property
+    def n_rot(self) -> int:
+        return self.rope_dim or self.head_dim
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def check_dims(fields: dict[str, int], where) -> None:
+    """Sizes from metadata/config.json must be positive (a zero head count would divide by zero later)."""
+    for key, v in fields.items():
+        if v < 1:
+            raise Lora2GGUFError(f"{where}: {key} is {v}; it must be positive (the model description is corrupt)")
