@@ -33,7 +33,7 @@ def main() -> None:
     from lora2gguf.adapter_io import load_for_base
     from lora2gguf.analyze import analyze
     from lora2gguf.lowrank import small_matrix_threads
-    from lora2gguf.smollm2 import smollm2_f32_gguf
+    from lora2gguf.real_models import smollm2_f32_gguf
     from peft_helpers import hf_dir_from_base, make_peft_adapter
 
     f32 = smollm2_f32_gguf()

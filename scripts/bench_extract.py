@@ -89,7 +89,7 @@ def main() -> None:
     from lora2gguf.merge import merge
     from lora2gguf.metrics import compare
     from lora2gguf.runtime import LlamaRuntime
-    from lora2gguf.smollm2 import smollm2_f32_gguf
+    from lora2gguf.real_models import smollm2_f32_gguf
     from lora2gguf.verify import DEFAULT_TEXT
     from peft_helpers import hf_dir_from_base
 

@@ -85,7 +85,7 @@ def main() -> None:
     from lora2gguf.analyze import analyze
     from lora2gguf.demo import BEHAVIOURS
     from lora2gguf.resize import resize
-    from lora2gguf.smollm2 import smollm2_f32_gguf, smollm2_gguf
+    from lora2gguf.real_models import smollm2_f32_gguf, smollm2_gguf
 
     WORK.mkdir(parents=True, exist_ok=True)
     base, f32 = smollm2_gguf(), smollm2_f32_gguf()
