@@ -34,7 +34,7 @@ def find(name: str, where: str = "") -> Arch:
         if name in a.hf_architectures or name in a.hf_model_types:
             return a
     prefix = f"{where}: " if where else ""
-    raise Lora2GGUFError(f"{prefix}unsupported architecture {name!r}; supported: {', '.join(sorted(NAMES))} "
+    raise Lora2GGUFError(f"{prefix}unsupported architecture {name!r}; supported: {', '.join(NAMES)} "
                          "(llama covers Mistral, SmolLM, TinyLlama)")
 
 
