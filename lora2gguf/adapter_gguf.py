@@ -80,12 +80,13 @@ def _n_layer(names) -> int:
     return max(blocks) + 1 if blocks else 1
 
 
-def load_gguf_lora(path: str | os.PathLike, spec=None) -> PeftAdapter:
+def load_gguf_lora(path: str | os.PathLike, spec=None, any_qk_order: bool = False) -> PeftAdapter:
     """The adapter as PeftAdapter: HF module names, A (r, in) / B (out, r) in HF layout (q/k rows of B
     un-permuted for llama-family archs, token_embd's flipped pair turned back into PEFT's
     lora_embedding_A/B), and scale = alpha_file / r per module (1 when alpha is 0), as llama.cpp applies
     it. `spec` (base.ModelSpec) is needed to un-permute q/k of llama-family archs; shapes are checked
-    against it when given."""
+    against it when given. any_qk_order: without a spec, leave permuted q/k rows in llama.cpp's order
+    instead of refusing (for uses that a row permutation cannot change: singular values, norms)."""
     path = Path(path)
     with GGUFFile(path) as f:
         arch = _check_header(f)
@@ -114,10 +115,11 @@ def load_gguf_lora(path: str | os.PathLike, spec=None) -> PeftAdapter:
                 raise Lora2GGUFError(f"{path}: {ka} {a.shape} and {kb} {b.shape} do not multiply; the file is corrupt")
             mod = hf[: -len(".weight")]
             if not emb and am.permutes_rows(spec, hf):
-                if spec is None:
+                if spec is not None:
+                    B = am.rows_from_gguf(spec, hf, B)
+                elif not any_qk_order:  # any_qk_order: the caller only needs what a row permutation keeps
                     raise Lora2GGUFError(f"{path}: {arch} stores q/k rows permuted; pass the base model so that "
                                          "they can be un-permuted")
-                B = am.rows_from_gguf(spec, hf, B)
             r = int(A.shape[0])
             modules[mod] = ModuleLoRA(mod, np.ascontiguousarray(A), np.ascontiguousarray(B), r,
                                       alpha if alpha else float(r), llama_scale(alpha, r), embedding=emb)

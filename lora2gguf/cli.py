@@ -184,6 +184,70 @@ def modelfile_cmd(base: str, lora: str, out: str, force: bool) -> None:
     click.echo(f"wrote {write_modelfile(base, lora, out, force=force)}")
 
 
+@cli.command("analyze")
+@click.argument("adapter", type=click.Path())
+@click.option("--base", type=click.Path(), help="The base model: norms relative to its weights (needed for nothing else).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (with every singular value).")
+@click.option("--plot", "plot_out", type=click.Path(), help="Write a layer × module heatmap PNG (needs matplotlib).")
+def analyze_cmd(adapter: str, base: str | None, as_json: bool, plot_out: str | None) -> None:
+    """How many of its r dimensions an adapter's update really uses, per layer and module."""
+    from .analyze import analyze, format_report, plot
+
+    report = analyze(adapter, base)
+    if plot_out:
+        plot(report, plot_out)
+    click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
+
+
+def _target_options(f):
+    f = click.option("--energy", type=float, help="Per module, the smallest rank keeping this fraction of ‖ΔW‖_F² (e.g. 0.99).")(f)
+    return click.option("--rank", type=int, help="Rank K for every module (fewer where the update has fewer).")(f)
+
+
+@cli.command("resize")
+@click.argument("adapter", type=click.Path())
+@_target_options
+@click.option("-o", "--out", required=True, type=click.Path(), help="OUT.gguf (GGUF LoRA, needs --base) or a PEFT directory.")
+@click.option("--base", type=click.Path(), help="The base model (for a GGUF output, or to check the adapter against).")
+@click.option("--outtype", default="f32", show_default=True, type=click.Choice(["f32", "f16", "bf16", "q8_0"]))
+@click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
+def resize_cmd(adapter, rank, energy, out, base, outtype, force) -> None:
+    """Truncate each module's update optimally (SVD) to --rank K or to --energy E."""
+    from .resize import format_report, resize
+
+    click.echo(format_report(resize(adapter, out, rank=rank, energy=energy, base=base, outtype=outtype, force=force)))
+
+
+@cli.command("combine")
+@click.argument("adapters", nargs=-1, required=True, metavar="ADAPTER[:SCALE]...")
+@click.option("--base", required=True, type=click.Path(), help="The base model the adapters are for.")
+@click.option("-o", "--out", required=True, type=click.Path(), help="GGUF LoRA file to write.")
+@click.option("--rank", type=int, help="Recompress each summed module to this rank by SVD (default: exact, ranks add).")
+@click.option("--outtype", default="f32", show_default=True, type=click.Choice(["f32", "f16", "bf16", "q8_0"]))
+@click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
+def combine_cmd(adapters, base, out, rank, outtype, force) -> None:
+    """Sum adapters (each times its SCALE) into one GGUF LoRA that llama.cpp loads as a single adapter."""
+    from .combine import combine, format_report
+    from .merge import parse_lora_arg
+
+    click.echo(format_report(combine([parse_lora_arg(a) for a in adapters], base, out, rank=rank, outtype=outtype,
+                                     force=force)))
+
+
+@cli.command("extract")
+@click.option("--base", required=True, type=click.Path(), help="The base model (GGUF of any type, or an HF dir).")
+@click.option("--tuned", required=True, type=click.Path(), help="The fully fine-tuned model (GGUF or HF dir).")
+@_target_options
+@click.option("-o", "--out", required=True, type=click.Path(), help="OUT.gguf (GGUF LoRA) or a PEFT directory.")
+@click.option("--outtype", default="f32", show_default=True, type=click.Choice(["f32", "f16", "bf16", "q8_0"]))
+@click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
+def extract_cmd(base, tuned, rank, energy, out, outtype, force) -> None:
+    """Build a LoRA from a full fine-tune: per weight, the truncated SVD of tuned − base."""
+    from .extract import extract, format_report
+
+    click.echo(format_report(extract(base, tuned, out, rank=rank, energy=energy, outtype=outtype, force=force)))
+
+
 TERMINATING = (signal.SIGTERM, signal.SIGHUP)
 
 

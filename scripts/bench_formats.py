@@ -30,7 +30,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 from lora2gguf.convert import convert  # noqa: E402
 from lora2gguf.metrics import compare  # noqa: E402
 from lora2gguf.runtime import LlamaRuntime  # noqa: E402
-from lora2gguf.smollm2 import smollm2_f32_gguf  # noqa: E402
+from lora2gguf.real_models import smollm2_f32_gguf  # noqa: E402
 from lora2gguf.verify import DEFAULT_TEXT, verify  # noqa: E402
 from peft_helpers import hf_dir_from_base, make_peft_adapter, peft_logits  # noqa: E402
 from test_adapter_gguf import rewrite_gguf  # noqa: E402

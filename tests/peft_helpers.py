@@ -94,6 +94,24 @@ def hf_dir_from_base(base_path: str | Path, out_dir: str | Path) -> Path:
     return out_dir
 
 
+def peft_deltas(hf_dir: str | Path, adapter_dir: str | Path, scale: float = 1.0) -> dict[str, np.ndarray]:
+    """HF module path → ΔW as the real PEFT library computes it (LoraLayer.get_delta_weight, base weight
+    layout), times `scale`: the truth for every low-rank check."""
+    import peft
+    import transformers
+    from peft.tuners.lora import LoraLayer
+
+    warnings.filterwarnings("ignore", category=UserWarning)
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    pm = peft.PeftModel.from_pretrained(model, str(adapter_dir))
+    out = {}
+    with torch.no_grad():
+        for name, mod in pm.base_model.model.named_modules():
+            if isinstance(mod, LoraLayer) and "default" in (mod.lora_A.keys() | mod.lora_embedding_A.keys()):
+                out[name] = mod.get_delta_weight("default").double().numpy() * scale
+    return out
+
+
 def assert_converts_like_peft(arch: str, adapter_dir: str | Path, peft_dir: str | Path, out: str | Path,
                               n_tokens: int = 64, seed: int = 4) -> dict:
     """Convert `adapter_dir` (any format) for the `arch` fixture, load it in llama.cpp, and compare its logits

@@ -29,6 +29,9 @@ VERBS = {
         "verify": lambda b, v, o: (["verify", "--base", v.base, "--lora", b, *VERIFY(v)], None),
         "verify-runtime": lambda b, v, o: (["verify", "--base", v.base, "--lora", v.peft, "--runtime-lora", b,
                                             *VERIFY(v)], None),
+        "analyze": lambda b, v, o: (["analyze", b, "--base", v.base], None),
+        "resize": lambda b, v, o: (["resize", b, "--rank", "2", "--base", v.base, "-o", o / "r.gguf"], o / "r.gguf"),
+        "combine": lambda b, v, o: (["combine", b, "--base", v.base, "-o", o / "c.gguf"], o / "c.gguf"),
     },
     "gguf-base": {
         "inspect": lambda b, v, o: (["inspect", b], None),
@@ -37,6 +40,10 @@ VERBS = {
         "export": lambda b, v, o: (["export", v.gguf, "--base", b, "-o", o / "peft"], o / "peft"),
         "verify": lambda b, v, o: (["verify", "--base", b, "--lora", v.peft, *VERIFY(v)], None),
         "train": lambda b, v, o: (["train", "--base", b, "--data", v.data, "-o", o / "run", *TRAIN], o / "run"),
+        "resize": lambda b, v, o: (["resize", v.gguf, "--rank", "2", "--base", b, "-o", o / "r.gguf"], o / "r.gguf"),
+        "combine": lambda b, v, o: (["combine", v.peft, "--base", b, "-o", o / "c.gguf"], o / "c.gguf"),
+        "extract": lambda b, v, o: (["extract", "--base", b, "--tuned", v.other, "--rank", "2", "-o", o / "x.gguf"],
+                                    o / "x.gguf"),
     },
     "peft": {
         "inspect": lambda b, v, o: (["inspect", b], None),
@@ -45,6 +52,9 @@ VERBS = {
         "verify": lambda b, v, o: (["verify", "--base", v.base, "--lora", b, *VERIFY(v)], None),
         "verify-runtime": lambda b, v, o: (["verify", "--base", v.base, "--lora", b, "--runtime-lora", v.gguf,
                                             *VERIFY(v)], None),
+        "analyze": lambda b, v, o: (["analyze", b, "--base", v.base], None),
+        "resize": lambda b, v, o: (["resize", b, "--rank", "2", "-o", o / "r"], o / "r"),
+        "combine": lambda b, v, o: (["combine", b, "--base", v.base, "-o", o / "c.gguf"], o / "c.gguf"),
     },
     "hf-base": {
         "inspect": lambda b, v, o: (["inspect", b], None),
@@ -52,6 +62,8 @@ VERBS = {
         "export": lambda b, v, o: (["export", v.gguf, "--base", b, "-o", o / "peft"], o / "peft"),
         "train": lambda b, v, o: (["train", "--base", b, "--tokenizer", v.base, "--data", v.data, "-o", o / "run",
                                    *TRAIN], o / "run"),
+        "extract": lambda b, v, o: (["extract", "--base", b, "--tuned", v.other, "--rank", "2", "-o", o / "x.gguf"],
+                                    o / "x.gguf"),
     },
     "jsonl": {
         "train": lambda b, v, o: (["train", "--base", v.base, "--data", b, "-o", o / "run", *TRAIN], o / "run"),
@@ -66,7 +78,7 @@ VERIFY = lambda v: ["--tokens", "32", "--prompts", v.prompts, "--chat-template",
 # llama.cpp after its whole run, a few seconds to a minute each on a loaded machine
 OPTIONAL = {"inspect-base", "verify-runtime"}
 DEFAULT = {role: tuple(k for k in verbs if k not in OPTIONAL) for role, verbs in VERBS.items()}
-FORCE_OK = {"convert", "merge", "export"}  # verbs whose --force replaces an existing output
+FORCE_OK = {"convert", "merge", "export", "combine", "extract"}  # verbs whose --force replaces an existing output
 
 
 def invocations():
