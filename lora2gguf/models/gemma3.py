@@ -99,6 +99,8 @@ class Gemma3(Arch):
                     final_softcap=float(c.get("final_logit_softcapping") or 0.0))
 
     def hf_config(self, spec: GemmaSpec) -> dict:
+        scalar = spec.attn_scale ** -2  # transformers' config wants an int where it is one (256, not 256.0)
+        scalar = round(scalar) if abs(scalar - round(scalar)) < 1e-6 else scalar
         cfg = super().hf_config(spec)
         del cfg["hidden_act"], cfg["rope_theta"]
         scaling = cfg.pop("rope_scaling", None)
@@ -108,7 +110,7 @@ class Gemma3(Arch):
         cfg.update(hidden_activation="gelu_pytorch_tanh", sliding_window=spec.sliding_window or None,
                    layer_types=["sliding_attention" if i in spec.swa_layers else "full_attention"
                                 for i in range(spec.n_layer)],
-                   query_pre_attn_scalar=round(spec.attn_scale ** -2, 6), attn_logit_softcapping=spec.attn_softcap or None,
+                   query_pre_attn_scalar=scalar, attn_logit_softcapping=spec.attn_softcap or None,
                    final_logit_softcapping=spec.final_softcap or None,
                    rope_parameters={"full_attention": glob, "sliding_attention": local})
         return cfg
