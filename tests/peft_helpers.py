@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import warnings
 from pathlib import Path
 
@@ -20,10 +21,8 @@ def for_arch(model_type: str, kw: dict) -> dict:
     if not names:
         return kw
 
-    def rename(s: str) -> str:
-        for a, b in names.items():
-            s = s.replace(a, b)
-        return s
+    def rename(s: str) -> str:  # whole names only: qkv_proj holds v_proj, gate_up_proj holds up_proj
+        return re.sub(r"(?<![a-z_])(" + "|".join(names) + r")", lambda m: names[m.group(1)], s)
 
     kw = dict(kw)
     if isinstance(kw.get("target_modules"), list):

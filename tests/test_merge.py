@@ -47,7 +47,10 @@ ARCH_CASES = {  # what only some archs can or should show
     ("gemma3", "embed-on-tied-base"): [(dict(r=4, lora_alpha=8, target_modules=["embed_tokens", "o_proj"]), 1.0)],
     ("phi3", "lora-bias-new-tensors"): [(dict(r=4, lora_alpha=8, target_modules=["qkv_proj"], lora_bias=True), 1.0)],
 }
-ALL = [(a, c) for a in ARCHS for c in CASES] + list(ARCH_CASES)
+# On phi3 the "patterns" case's v_proj and layers.1...q_proj keys both become qkv_proj patterns that overlap, and
+# PEFT resolves overlapping patterns by their order, which its saved JSON does not keep: phi3's patterns are
+# covered by test_convert's phi3-rslora-patterns instead.
+ALL = [(a, c) for a in ARCHS for c in CASES if (a, c) != ("phi3", "patterns")] + list(ARCH_CASES)
 SPREAD = 1.5  # fixture logits' mean std: peaked enough for KL / top-1 to mean something
 
 
@@ -131,6 +134,7 @@ def test_gguf_lora_input(arch, tmp_path):
 
 LAYER0 = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], layers_to_transform=[0])
 TOUCHED = {"blk.0.attn_q.weight", "blk.0.attn_v.weight"}
+TOUCHED_BY_ARCH = {"phi3": {"blk.0.attn_qkv.weight"}}  # q and v are rows of Phi-3's one fused projection
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +149,7 @@ QUANT_CASES = [(a, k, q) for a in ARCHS for k, q in [("q8_0", "q8_0"), ("q4_k_m"
 
 @pytest.mark.parametrize("arch,kind,quant", QUANT_CASES, ids=["-".join(c) for c in QUANT_CASES])
 def test_quantized_merge_loads_generates_and_keeps_untouched_bytes(arch, kind, quant, layer0_adapters, tmp_path):
-    adapter = layer0_adapters[arch]
+    adapter, touched = layer0_adapters[arch], TOUCHED_BY_ARCH.get(arch, TOUCHED)
     out = merge(fixture(arch, kind), [(adapter, 1.0)], tmp_path / "m.gguf", quant=quant)
     tokens = token_ids(383, 64, seed=12)
     ref = ref_logits(fixture(arch), [(adapter, 1.0)], tokens)  # the adapted model, exact
@@ -160,12 +164,12 @@ def test_quantized_merge_loads_generates_and_keeps_untouched_bytes(arch, kind, q
         assert set(m.tensors) == set(b.tensors)
         for name, t in b.tensors.items():
             same_type = m.tensors[name].type == t.type
-            if name in TOUCHED:
+            if name in touched:
                 assert not np.array_equal(m.raw(name), b.raw(name))
             elif same_type:
                 assert np.array_equal(m.raw(name), b.raw(name)), f"untouched {name} ({t.type.name}) changed"
         if kind == quant:
-            assert all(m.tensors[n].type == t.type for n, t in b.tensors.items() if n not in TOUCHED)
+            assert all(m.tensors[n].type == t.type for n, t in b.tensors.items() if n not in touched)
 
 
 def llama_cpp_quantize(src, dst, ftype):
@@ -313,6 +317,7 @@ def test_gemma2_embedding_lora_refused(tmp_path, capsys):
     head PEFT computes for an embedding LoRA on a tied base has no GGUF form: one line, nothing written."""
     a = make_peft_adapter(fixture("gemma2", "hf"), tmp_path / "a", seed=2, r=4, lora_alpha=8,
                           target_modules=["embed_tokens", "o_proj"])
+    capsys.readouterr()
     rc, err = run_cli(["merge", "--base", str(fixture("gemma2")), "--lora", str(a), "-o", str(tmp_path / "m.gguf")], capsys)
     assert rc == 2 and "always multiplies the output by token_embd" in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "m.gguf").exists()
