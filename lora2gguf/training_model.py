@@ -251,10 +251,12 @@ class HeadLoss(torch.autograd.Function):
     """Σ cross-entropy of (h @ headᵀ) over rows of h, a chunk of rows at a time. The head is frozen, so
     the only gradient is w.r.t. h: computed here, chunk by chunk, and kept (rows × width) for backward.
     Full-vocabulary logits never exist for the whole batch, unlike model(ids) followed by the loss: one
-    chunk's buffer holds logits, then log-probabilities, then the gradient softmax − onehot, in place."""
+    chunk's buffer holds logits, then log-probabilities, then the gradient softmax − onehot, in place. With
+    a soft-cap c (Gemma 2) the logits are c·tanh(z/c), as the model's forward caps them, and the gradient
+    reaching z is multiplied by 1 − tanh²(z/c)."""
 
     @staticmethod
-    def forward(ctx, h, head, targets, chunk: int):
+    def forward(ctx, h, head, targets, chunk: int, softcap: float = 0.0):
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         grad = torch.empty_like(h) if ctx.needs_input_grad[0] else None
         head = head.to(h.dtype)
@@ -263,12 +265,17 @@ class HeadLoss(torch.autograd.Function):
             for i in range(0, len(h), chunk):
                 n = len(h[i:i + chunk])
                 logp = torch.mm(h[i:i + n], head.t(), out=buf[:n]).float()
+                if softcap:
+                    tanh = torch.tanh(logp / softcap)
+                    logp = torch.mul(tanh, softcap, out=logp)
                 logp = torch.log_softmax(logp, -1, out=logp)
                 t, rows = targets[i:i + n], torch.arange(n, device=h.device)
                 total -= logp[rows, t].sum()
                 if grad is not None:  # d loss / d logits = softmax - onehot
                     p = logp.exp_()
                     p[rows, t] -= 1
+                    if softcap:
+                        p.mul_(1 - tanh.square_())
                     torch.mm(p.to(h.dtype), head, out=grad[i:i + n])
         ctx.save_for_backward(grad)
         return total
@@ -276,7 +283,7 @@ class HeadLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         (grad,) = ctx.saved_tensors
-        return grad * g, None, None, None
+        return grad * g, None, None, None, None
 
 
 class LossModel(nn.Module):
@@ -291,7 +298,7 @@ class LossModel(nn.Module):
         keep = targets != -100
         m = self.model
         head = m.model.embed_tokens.weight if m.spec.tied_embeddings else m.lm_head.weight
-        return HeadLoss.apply(h[keep], head, targets[keep], self.chunk)
+        return HeadLoss.apply(h[keep], head, targets[keep], self.chunk, m.final_softcap)
 
 
 def load_base_model(base, dtype: torch.dtype, device: torch.device) -> nn.Module:
