@@ -176,8 +176,9 @@ def encode(arr: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
 
 
 
-def dequantize_file(src: str | os.PathLike, dst: str | os.PathLike) -> None:
-    """An F32 copy of a GGUF model: same metadata, every tensor dequantized (norms stay F32 anyway)."""
+def dequantize_file(src: str | os.PathLike, dst: str | os.PathLike, replace: dict | None = None) -> None:
+    """An F32 copy of a GGUF model: same metadata, every tensor dequantized (norms stay F32 anyway); `replace`
+    (GGUF name → float32 array in GGUF layout) gives some tensors other values."""
     from gguf import LlamaFileType
 
     dst = Path(dst)
@@ -187,4 +188,5 @@ def dequantize_file(src: str | os.PathLike, dst: str | os.PathLike) -> None:
         w.add_file_type(LlamaFileType.ALL_F32)
         plan = [PlannedTensor(t.name, t.shape, GGMLQuantizationType.F32, 4 * t.n_elements)
                 for t in f.tensors.values()]
-        write_streaming(tmp, w, plan, (f.tensor(t.name) for t in plan))
+        replace = replace or {}
+        write_streaming(tmp, w, plan, (replace[t.name] if t.name in replace else f.tensor(t.name) for t in plan))

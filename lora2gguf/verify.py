@@ -148,6 +148,46 @@ def _measure_base_alone(base_path: Path, ftype_name: str, tokens, tmp: Path, n_c
         return rt.logits(tokens)
 
 
+def _exact_merge_quantized(gb, ref, adapters, mtype: str, tokens, tmp: Path, n_ctx: int) -> np.ndarray | None:
+    """llama.cpp's logits for the reference's merged weights (PEFT's math, float64) written into an F32 copy of
+    the base and quantized by llama.cpp to the merged type: what a correct merge of that type computes. The
+    floor for a merge into the base's own quantized type, where the base alone re-rounds nothing (its values
+    are on the grid already) while the merge re-rounds every tensor it changes. None when the merge adds
+    tensors the base lacks (a new bias, an untied head): the base-alone floor is used then."""
+    from gguf import LlamaFileType
+
+    from .gguf_write import dequantize_file
+    from .quantize import llama_quantize
+    from .runtime import LlamaRuntime
+
+    spec, arch = gb.spec, gb.spec.arch_module
+    changed = {m for a in adapters for m in a.lora.modules} | {
+        n.rsplit(".", 1)[0] for a in adapters for n in a.lora.full_weights}
+    if spec.tied_embeddings and changed & {"model.embed_tokens", "lm_head"}:
+        return None  # the merge unties the head: a tensor the base lacks
+    replace = {}
+    for mod in sorted(changed):
+        sub = ref.get_submodule(mod)
+        for attr in ("weight", "bias"):
+            t = getattr(sub, attr, None)
+            if t is None:
+                continue
+            name = f"{mod}.{attr}"
+            try:
+                g = gb.gguf_name(name)
+            except Lora2GGUFError:
+                return None
+            if g not in gb.file.tensors:
+                return None
+            replace[g] = np.ascontiguousarray(arch.to_gguf(spec, name, t.detach().float().numpy()), np.float32)
+    src, dst = tmp / "exact-merge-f32.gguf", tmp / f"exact-merge-{mtype}.gguf"
+    dequantize_file(gb.path, src, replace)
+    llama_quantize(src, dst, LlamaFileType[mtype])
+    src.unlink()
+    with LlamaRuntime(dst, n_ctx=n_ctx) as rt:
+        return rt.logits(tokens)
+
+
 def carried_fraction(base_ref: np.ndarray, ref: np.ndarray, base_alone: np.ndarray,
                      merged: np.ndarray) -> tuple[float, float]:
     """How much of the adapter's effect a merged file carries, 1 = all of it, 0 = none, and the standard
@@ -290,6 +330,10 @@ def verify(base: str | os.PathLike, loras: list[tuple[str, float]], merged: str 
         del base_ref
         ref = reference_model(gb, [(a.lora, a.scale) for a in adapters])
         logits["reference"] = _ref_logits(ref, tokens)
+        if merged and mtype == _file_type(base_path) and mtype not in FULL_PRECISION:
+            exact = _exact_merge_quantized(gb, ref, adapters, mtype, tokens, tmp, n_ctx)
+            if exact is not None:
+                logits["exact_merge_quantized"] = exact
         greedy["reference"] = _teacher_forced(lambda seq: _ref_logits(ref, seq), prompt_tokens, conts)
         del ref
         if any(four_bit_base(a.lora.config) for a in adapters):
@@ -306,7 +350,11 @@ def verify(base: str | os.PathLike, loras: list[tuple[str, float]], merged: str 
         if run_runtime:
             checks["runtime"] = ("reference", "runtime", 1.5 * floor_base + 1e-4)
         if merged:
-            floor = compare(logits["base_reference"], logits["base_alone_as_merged"])["mean_kl"]
+            if "exact_merge_quantized" in logits:  # a same-type merge re-rounds exactly the tensors it changes
+                floor = compare(logits["reference"], logits["exact_merge_quantized"])["mean_kl"]
+                report["merged_floor_source"] = "the reference's merged weights quantized by llama.cpp at the merged type"
+            else:
+                floor = compare(logits["base_reference"], logits["base_alone_as_merged"])["mean_kl"]
             report["merged_quantization_floor"] = floor
             checks["merged"] = ("reference", "merged", 1.5 * floor + (1e-4 if mtype == "ALL_F32" else 1e-3))
             if run_runtime:
@@ -398,8 +446,8 @@ def format_report(r: dict) -> str:
         lines.append(f"4-bit training base: KL(adapters on the NF4-rounded base → on this base) "
                      f"{g['kl_nf4_to_reference']:.3g} (the base alone: {g['kl_nf4_base_to_base']:.3g})")
     if "merged_quantization_floor" in r:
-        lines.append(f"merged-type quantization floor (base alone at the merged type vs reference base): "
-                     f"{r['merged_quantization_floor']:.3g}")
+        source = r.get("merged_floor_source", "base alone at the merged type vs reference base")
+        lines.append(f"merged-type quantization floor ({source}): {r['merged_quantization_floor']:.3g}")
     for view, why in r.get("skipped", {}).items():
         lines.append(f"{view} view skipped: {why}")
     hdr = f"{'pair':<20}{'mean KL':>11}{'max KL':>11}{'top-1':>8}{'max|Δ|':>9}{'greedy':>8}{'limit':>10}  result"

@@ -307,3 +307,23 @@ def test_smollm2_base_alone_is_not_a_small_effect_merge(smollm2_f32, smollm2_hf,
     true = merge(smollm2_f32, [(gguf_lora, 0.2)], tmp_path / "true.gguf", quant="q4_k_m")
     rep = verify(smollm2_f32, [(str(gguf_lora), 0.2)], merged=true)
     assert rep["pass"], (rep["pairs"], rep["merged_carries_adapter"])
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_same_type_merge_floor_rerounds_the_changed_tensors(arch, tmp_path):
+    """A merge into the base's own quantized type re-rounds the tensors the adapter changes, while the base
+    alone at that type re-rounds nothing (its values are on the grid already): the floor is then the
+    reference's merged weights quantized by llama.cpp, and a true merge passes against it; the base alone
+    passed as the merge still fails (it carries none of the adapter)."""
+    from lora2gguf.merge import merge
+
+    base = fixture(arch, "q4_k_m")
+    adapter = make_peft_adapter(fixture(arch, "hf"), tmp_path / "a", seed=3, b_std=0.2, r=4, lora_alpha=8,
+                                target_modules=["q_proj", "v_proj", "down_proj"])
+    merged = merge(base, [(adapter, 1.0)], tmp_path / "m.gguf", quant="q4_k_m")
+    r = verify(base, [(str(adapter), 1.0)], merged=merged, n_tokens=96)
+    assert r["merged_floor_source"].startswith("the reference's merged weights")
+    assert r["merged_quantization_floor"] > r["base_quantization_floor"], "the changed tensors' re-rounding"
+    assert r["pass"], r["pairs"]
+    r = verify(base, [(str(adapter), 1.0)], merged=base, n_tokens=96)
+    assert not r["pass"] and r["merged_carries_adapter"]["fraction"] < 0.25
