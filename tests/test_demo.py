@@ -39,3 +39,16 @@ def test_smollm2_demo_meets_its_targets(tmp_path):
         assert ad["base"] <= 0.10 and ad["runtime"] >= 0.90 and ad["merged_q4_k_m"] >= 0.85, (name, ad, a["sample"])
         assert a["gguf_percent_of_base"] <= 1.0, (name, a["gguf_kb"])
         assert a["kl"]["pass"], (name, a["kl"])
+
+
+@pytest.mark.slow
+def test_gemma3_demo_meets_its_targets(tmp_path):
+    """`demo --base gemma3`: the same recipe on Gemma 3 270M's Q4_K_M file (a pretrained base without a chat
+    template: the conversations use Gemma's turn format), trained on the quantized GGUF itself, served by
+    llama.cpp as a runtime LoRA and merged into q4_k_m, verified (a same-type merge's floor)."""
+    s = run_demo(tmp_path / "work", base="gemma3", log=lambda m: None)
+    for name, a in s["adapters"].items():
+        ad = a["adherence"]
+        assert ad["base"] <= 0.10 and ad["runtime"] >= 0.90 and ad["merged_q4_k_m"] >= 0.85, (name, ad, a["sample"])
+        assert a["gguf_percent_of_base"] <= 1.0, (name, a["gguf_kb"])
+        assert a["kl"]["pass"], (name, a["kl"])
