@@ -83,3 +83,18 @@ def test_adapter_is_not_a_base(tmp_path):
     w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
     with pytest.raises(Lora2GGUFError, match="LoRA adapter, not a base model"):
         open_base(out)
+
+
+def test_phi3_longrope_refused_by_name(tmp_path):
+    """The 128k Phi-3 variants' longrope factors are not implemented: refused in one line that names them."""
+    import json
+    import shutil
+
+    from lora2gguf.errors import Lora2GGUFError
+
+    hf = shutil.copytree(fixture("phi3", "hf"), tmp_path / "hf")
+    cfg = json.loads((hf / "config.json").read_text())
+    cfg["rope_scaling"] = {"type": "longrope", "long_factor": [1.0] * 4, "short_factor": [1.0] * 4}
+    (hf / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(Lora2GGUFError, match="'longrope'.*128k-context Phi-3"):
+        HFBase(hf)

@@ -20,7 +20,7 @@ import numpy as np
 from gguf import MODEL_ARCH
 
 from ..errors import Lora2GGUFError
-from .arch import Arch, hf_rope
+from .arch import Arch
 from .spec import ModelSpec
 
 

@@ -33,14 +33,12 @@ class Phi3(Arch):
                                  "128k-context Phi-3); lora2gguf does not implement longrope: use the 4k variant")
         return {}
 
-    def hf_extra(self, c: dict, common: dict, where) -> dict:
-        rs = c.get("rope_scaling") or {}
-        if rs.get("type", rs.get("rope_type")) in ("longrope", "su"):
-            raise Lora2GGUFError(f"{where}: rope_scaling {rs.get('type', rs.get('rope_type'))!r} (longrope factors, a "
-                                 "128k-context Phi-3) is not implemented; use the 4k variant")
-        return {}
-
     def spec_from_hf(self, c: dict, where):
+        rs = c.get("rope_scaling") or c.get("rope_parameters") or {}
+        kind = rs.get("type", rs.get("rope_type"))
+        if kind in ("longrope", "su"):  # before the generic reader's "not supported (none, linear)"
+            raise Lora2GGUFError(f"{where}: rope scaling {kind!r} (longrope factors, a 128k-context Phi-3) is not "
+                                 "implemented; use the 4k variant")
         factor = c.get("partial_rotary_factor") or (c.get("rope_parameters") or {}).get("partial_rotary_factor")
         return super().spec_from_hf(dict(c, partial_rotary_factor=factor or 1.0), where)
 
