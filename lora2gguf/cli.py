@@ -109,6 +109,10 @@ def merge_cmd(ctx: click.Context, base: str, loras: tuple[str, ...], quant: str,
 @click.option("--dtype", default="auto", show_default=True, type=click.Choice(["auto", "bf16", "fp16", "fp32"]),
               help="auto: bf16 autocast on CUDA, fp32 elsewhere.")
 @click.option("--grad-checkpointing", is_flag=True, help="Recompute activations in backward: less memory, more time.")
+@click.option("--base-weights", default="auto", show_default=True, type=click.Choice(["auto", "resident", "quantized"]),
+              help="Where the frozen GGUF base lives: resident (dequantized once; fastest), quantized (the file's "
+              "own blocks, dequantized block by block in each pass: memory ≈ the file). auto: resident when it "
+              "takes at most half the free memory.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--save-every", default=0, show_default=True, help="Checkpoint every N steps (0: only on Ctrl-C or SIGTERM).")
 @click.option("--resume", is_flag=True, help="Continue from the latest OUT/checkpoint-<step>.")

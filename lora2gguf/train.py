@@ -26,7 +26,7 @@ from torch import nn
 from .checkpoint import RESUME_KEYS, Interrupt, latest_checkpoint, load_checkpoint, save_checkpoint
 from .errors import Lora2GGUFError
 from .training_layers import fuse_for_training
-from .training_model import (LossModel, adapter_config, inject_lora, load_base_model, lora_parameters, parse_layers,
+from .training_model import (LossModel, adapter_config, choose_base_weights, inject_lora, load_base_model, lora_parameters, parse_layers,
                              resolve_targets, save_adapter)
 
 LOG_NAME, PLOT_NAME = "train_log.jsonl", "loss.png"
@@ -58,6 +58,7 @@ class TrainConfig:
     device: str = "auto"
     dtype: str = "auto"
     grad_checkpointing: bool = False
+    base_weights: str = "auto"  # resident (dequantized once), quantized (the GGUF's blocks), auto: by free memory
     seed: int = 0
     save_every: int = 0
     eval_every: int | None = None  # default: ten evaluations per run
@@ -330,7 +331,10 @@ def setup(cfg, out, device, cdtype, rank, world, warn) -> tuple[Run, list, list]
             raise Lora2GGUFError(f"{tok.path}: tokenizer has {tok.n_vocab} tokens but {cfg.base} has "
                                  f"{base.spec.n_vocab}; use the tokenizer of this model")
         layer_ids = parse_layers(cfg.layers, base.spec.n_layer)
-        model = load_base_model(base, cdtype, device)  # frozen base in the compute dtype
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        form, why = choose_base_weights(base, cfg.base_weights, cdtype, device, local)
+        warn(f"frozen base: {form} ({why})")
+        model = load_base_model(base, cdtype, device, form)  # frozen base in the compute dtype
         base_name = base.spec.name or Path(cfg.base).name
         base_digest = fingerprint(base).digest
     if rank == 0:  # only now that the inputs are known good

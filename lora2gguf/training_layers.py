@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .models.layers import DecoderLayer
+from .quant_weights import QuantStack, QuantWeight
 from .training_model import LoRALinear, project
-
 
 
 def rms_forward(x: torch.Tensor, w: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -137,13 +137,15 @@ class Projection:
 
     def __init__(self, modules: list[nn.Module]):
         linears = [m.base_layer if isinstance(m, LoRALinear) else m for m in modules]
-        self.weight = concat_rows([lin.weight for lin in linears])
+        quantized = isinstance(linears[0].weight, QuantWeight)  # a frozen base kept in its GGUF encoding
+        self.weight = QuantStack([lin.weight for lin in linears]) if quantized else concat_rows([lin.weight for lin in linears])
         biases = [lin.bias for lin in linears]
         self.bias = concat_rows(biases) if biases[0] is not None else None
         self.loras, a = [], 0
         for m, lin in zip(modules, linears):
             b = a + lin.out_features
-            lin.weight = nn.Parameter(self.weight[a:b], requires_grad=False)
+            if not quantized:
+                lin.weight = nn.Parameter(self.weight[a:b], requires_grad=False)
             if self.bias is not None:
                 lin.bias = nn.Parameter(self.bias[a:b], requires_grad=False)
             if isinstance(m, LoRALinear):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,7 @@ from torch import nn
 from . import models
 from .errors import Lora2GGUFError
 from .gguf_write import atomic_output
+from .quant_weights import frozen_grad_input, frozen_linear
 
 PREFIX = "base_model.model."
 
@@ -68,29 +70,36 @@ class LoRAProjection(torch.autograd.Function):
     def forward(ctx, x, weight, bias, residual, spans, drops, *ab):
         with torch.autocast(x.device.type, enabled=False):
             x2 = x.reshape(-1, x.shape[-1]).to(weight.dtype).contiguous()
-            if residual is None:
-                y = F.linear(x2, weight, bias)
-            else:
-                y = torch.addmm(residual.reshape(-1, weight.shape[0]).to(weight.dtype), x2, weight.t())
-                if bias is not None:
-                    y += bias
+            if isinstance(weight, torch.Tensor):
+                if residual is None:
+                    y = F.linear(x2, weight, bias)
+                else:
+                    y = torch.addmm(residual.reshape(-1, weight.shape[0]).to(weight.dtype), x2, weight.t())
+                    if bias is not None:
+                        y += bias
+            else:  # kept quantized: dequantized a block of rows at a time, here and again in backward
+                y = frozen_linear(x2, weight, bias)
+                if residual is not None:
+                    y += residual.reshape(-1, weight.shape[0])
             us, xms = [], []
             for (a, b, s), idx, A, B in zip(spans, drops, ab[0::2], ab[1::2]):
                 xms.append(_drop(x2, idx))
                 us.append((xms[-1] @ A.to(x2.dtype).t()).mul_(s))
                 y[:, a:b].addmm_(us[-1], B.to(x2.dtype).t())
         ctx.spans, ctx.x_shape = spans, x.shape
-        ctx.save_for_backward(weight, *us, *xms, *drops, *ab)
+        ctx.weight = None if isinstance(weight, torch.Tensor) else weight
+        ctx.save_for_backward(weight if ctx.weight is None else None, *us, *xms, *drops, *ab)
         return y.view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, gy):
         weight, *rest = ctx.saved_tensors
+        weight = ctx.weight if ctx.weight is not None else weight
         n = len(ctx.spans)
         us, xms, drops, ab = rest[:n], rest[n:2 * n], rest[2 * n:3 * n], rest[3 * n:]
         with torch.autocast(gy.device.type, enabled=False):
             gy2 = gy.reshape(-1, gy.shape[-1]).to(weight.dtype)
-            gx = gy2 @ weight if ctx.needs_input_grad[0] else None
+            gx = frozen_grad_input(gy2, weight) if ctx.needs_input_grad[0] else None
             grads = []
             for (a, b, s), u, xm, idx, A, B in zip(ctx.spans, us, xms, drops, ab[0::2], ab[1::2]):
                 g = gy2[:, a:b]
@@ -258,13 +267,18 @@ class HeadLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, head, targets, chunk: int, softcap: float = 0.0):
         total = torch.zeros((), dtype=torch.float32, device=h.device)
+        resident = isinstance(head, torch.Tensor)  # else a QuantWeight: dequantized by blocks, twice per chunk
+        h = h if resident else h.to(head.dtype)
         grad = torch.empty_like(h) if ctx.needs_input_grad[0] else None
-        head = head.to(h.dtype)
-        buf = torch.empty(min(chunk, len(h)), len(head), dtype=h.dtype, device=h.device)
+        head = head.to(h.dtype) if resident else head
+        buf = torch.empty(min(chunk, len(h)), head.shape[0], dtype=h.dtype, device=h.device)
         with torch.autocast(h.device.type, enabled=False):  # in h's dtype (bf16 under autocast), as F.linear
             for i in range(0, len(h), chunk):
                 n = len(h[i:i + chunk])
-                logp = torch.mm(h[i:i + n], head.t(), out=buf[:n]).float()
+                if resident:
+                    logp = torch.mm(h[i:i + n], head.t(), out=buf[:n]).float()
+                else:
+                    logp = frozen_linear(h[i:i + n], head, out=buf[:n]).float()
                 if softcap:
                     tanh = torch.tanh(logp / softcap)
                     logp = torch.mul(tanh, softcap, out=logp)
@@ -276,7 +290,10 @@ class HeadLoss(torch.autograd.Function):
                     p[rows, t] -= 1
                     if softcap:
                         p.mul_(1 - tanh.square_())
-                    torch.mm(p.to(h.dtype), head, out=grad[i:i + n])
+                    if resident:
+                        torch.mm(p.to(h.dtype), head, out=grad[i:i + n])
+                    else:
+                        grad[i:i + n] = frozen_grad_input(p.to(h.dtype), head)
         ctx.save_for_backward(grad)
         return total
 
@@ -301,8 +318,61 @@ class LossModel(nn.Module):
         return HeadLoss.apply(h[keep], head, targets[keep], self.chunk, m.final_softcap)
 
 
-def load_base_model(base, dtype: torch.dtype, device: torch.device) -> nn.Module:
-    """Transformer.from_base, except that on CPU in fp32 the F32 tensors of a GGUF are used in place,
+BASE_WEIGHTS = ("auto", "resident", "quantized")
+RESIDENT_SHARE = 0.5  # auto keeps the base resident when that takes at most this share of free memory
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes free for the frozen base: the GPU's free memory, or the host's MemAvailable."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+
+
+def resident_cost(base, dtype: torch.dtype, device: torch.device) -> int:
+    """Bytes the resident form adds beyond the file's pages: every 2-D tensor dequantized to `dtype`,
+    except F32 tensors that load_base_model maps in place (CPU, fp32)."""
+    from gguf import GGMLQuantizationType
+
+    total = 0
+    for name in base.hf_names():
+        info = base.file.tensors[base.gguf_name(name)]
+        in_place = (info.type == GGMLQuantizationType.F32 and dtype == torch.float32 and device.type == "cpu"
+                    and base.spec.arch_module.stored_as_hf(base.spec, name))
+        total += 0 if in_place else info.n_elements * torch.finfo(dtype).bits // 8
+    return total
+
+
+def choose_base_weights(base, want: str, dtype: torch.dtype, device: torch.device, ranks_here: int = 1
+                        ) -> tuple[str, str]:
+    """(resident | quantized, why): where the frozen base lives. resident: dequantized once to `dtype`
+    (fastest per step); quantized: the GGUF's own blocks, dequantized a block at a time in forward and
+    backward (memory ≈ the file). auto picks resident when it needs at most RESIDENT_SHARE of the free
+    memory (shared by the processes training on this machine or GPU), quantized otherwise."""
+    from .base import GGUFBase
+
+    if want not in BASE_WEIGHTS:
+        raise Lora2GGUFError(f"--base-weights {want}: expected one of {', '.join(BASE_WEIGHTS)}")
+    if not isinstance(base, GGUFBase):
+        if want == "quantized":
+            raise Lora2GGUFError(f"{base.path}: --base-weights quantized needs a GGUF base (it keeps the file's "
+                                 "quant blocks); a Hugging Face directory trains resident")
+        return "resident", "a Hugging Face base"
+    cost, free = resident_cost(base, dtype, device), available_memory(device) // max(1, ranks_here)
+    gb = lambda n: f"{n / 1e9:.1f} GB"  # noqa: E731
+    why = f"resident {str(dtype).removeprefix('torch.')} needs {gb(cost)}, {gb(free)} free on {device.type}"
+    if want != "auto":
+        return want, f"--base-weights {want}; {why}"
+    return ("resident", why) if cost <= RESIDENT_SHARE * free else ("quantized", why)
+
+
+def load_base_model(base, dtype: torch.dtype, device: torch.device, weights: str = "resident") -> nn.Module:
+    """The frozen base for training, `weights` = "quantized": quant_weights.load_quantized_model; else
+    Transformer.from_base, except that on CPU in fp32 the F32 tensors of a GGUF are used in place,
     straight from the file's memory map: the frozen base is never written, so it costs the file's
     pages and no copy (quantized tensors and those the arch transforms, e.g. permuted q/k rows, are still
     dequantized/copied). They are
@@ -311,6 +381,10 @@ def load_base_model(base, dtype: torch.dtype, device: torch.device) -> nn.Module
     from .base import GGUFBase
     from .models.layers import Transformer
 
+    if weights == "quantized":
+        from .quant_weights import load_quantized_model
+
+        return load_quantized_model(base, dtype, device)
     if not (isinstance(base, GGUFBase) and dtype == torch.float32 and device.type == "cpu"):
         return Transformer.from_base(base, dtype=dtype, device=device)
     import warnings

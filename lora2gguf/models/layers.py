@@ -195,6 +195,10 @@ class Transformer(nn.Module):
     def forward(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         x = self.hidden_states(ids, attention_mask)
         head = self.model.embed_tokens.weight if self.spec.tied_embeddings else self.lm_head.weight
+        if not isinstance(head, torch.Tensor):  # a head kept in its GGUF encoding (quant_weights)
+            from ..quant_weights import frozen_linear
+
+            return self.cap_logits(frozen_linear(x.reshape(-1, x.shape[-1]), head).view(*x.shape[:-1], -1).float())
         return self.cap_logits(F.linear(x, head).float())
 
     def cap_logits(self, logits: torch.Tensor) -> torch.Tensor:
