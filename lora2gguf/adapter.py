@@ -7,6 +7,7 @@ moving to GGUF names/row order is the architecture's job (models/).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -55,6 +56,14 @@ class ModuleLoRA:
         if self.embedding or self.fan_in_fan_out:
             return self.B.T, self.A.T
         return self.A, self.B
+
+    def row_block(self, rows: slice) -> "ModuleLoRA":
+        """The part of this LoRA that produces these output rows (ΔW rows are rows of B, or columns of A
+        for embeddings); DoRA's per-row magnitude goes with them."""
+        if self.embedding or self.fan_in_fan_out:
+            return dataclasses.replace(self, A=self.A[:, rows], bias=None)
+        mag = None if self.magnitude is None else self.magnitude[rows]
+        return dataclasses.replace(self, B=self.B[rows], magnitude=mag, bias=None)
 
     def delta_shape(self) -> tuple[int, int]:
         a, b = self.factors()

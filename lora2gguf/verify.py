@@ -89,12 +89,13 @@ def _file_type(path: Path) -> str:
         return str(ft)
 
 
-def _teacher_forced(logits_of, prompts: list[list[int]], conts: list[list[int]]) -> list[list[int]]:
+def _teacher_forced(logits_of, prompts: list[list[int]], conts: list[list[int]], logits=None) -> list[list[int]]:
     """Each view's greedy choice at every step of llama.cpp's own greedy continuation, in one evaluation
-    per prompt: a view that picks the same token at every step would have generated the same text."""
+    per prompt (`logits_of(prompt + continuation)`, or those logits given): a view that picks the same token
+    at every step would have generated the same text."""
     preds = []
-    for p, c in zip(prompts, conts):
-        lg = logits_of(p + c)
+    for i, (p, c) in enumerate(zip(prompts, conts)):
+        lg = logits_of(p + c) if logits is None else logits[i]
         preds.append(lg[len(p) - 1: len(p) - 1 + len(c)].argmax(-1).tolist())
     return preds
 
@@ -149,6 +150,7 @@ def _measure_base_alone(base_path: Path, ftype_name: str, tokens, tmp: Path, n_c
 
 
 def _exact_merge_quantized(gb, ref, adapters, mtype: str, tokens, tmp: Path, n_ctx: int) -> np.ndarray | None:
+    # ref: reference.ReferenceWeights, the reference's tensors made one at a time
     """llama.cpp's logits for the reference's merged weights (PEFT's math, float64) written into an F32 copy of
     the base and quantized by llama.cpp to the merged type: what a correct merge of that type computes. The
     floor for a merge into the base's own quantized type, where the base alone re-rounds nothing (its values
@@ -167,12 +169,12 @@ def _exact_merge_quantized(gb, ref, adapters, mtype: str, tokens, tmp: Path, n_c
         return None  # the merge unties the head: a tensor the base lacks
     replace = {}
     for mod in sorted(changed):
-        sub = ref.get_submodule(mod)
+        n_out = gb.file.tensors[gb.gguf_name(f"{mod}.weight")].shape[0] if f"{mod}.weight" in gb.hf_names() else None
         for attr in ("weight", "bias"):
-            t = getattr(sub, attr, None)
+            name = f"{mod}.{attr}"
+            t = ref.get(name, n_out)
             if t is None:
                 continue
-            name = f"{mod}.{attr}"
             try:
                 g = gb.gguf_name(name)
             except Lora2GGUFError:
@@ -240,7 +242,7 @@ def verify(base: str | os.PathLike, loras: list[tuple[str, float]], merged: str 
     """Compare reference / runtime / merged on the same tokens; returns the report (see format_report).
     chat_template renders `prompts` where the base has none (data.chat_template: chatml, gemma, a file)."""
     from .base import GGUFBase
-    from .reference import reference_model
+    from .reference import ReferenceWeights, reference_logits
     from .runtime import LlamaRuntime
 
     base_path = Path(base)
@@ -325,17 +327,17 @@ def verify(base: str | os.PathLike, loras: list[tuple[str, float]], merged: str 
             # the base itself when it is of the merged type already (merge keeps untouched tensors' bytes)
             logits["base_alone_as_merged"] = (logits["base_runtime"] if mtype == _file_type(base_path) else
                                               _base_alone(base_path, mtype, tokens, tmp, n_ctx))
-        base_ref = reference_model(gb)
-        logits["base_reference"] = _ref_logits(base_ref, tokens)
-        del base_ref
-        ref = reference_model(gb, [(a.lora, a.scale) for a in adapters])
-        logits["reference"] = _ref_logits(ref, tokens)
+        # the reference layer by layer over every sequence: one layer's weights in memory at a time
+        pairs = [(a.lora, a.scale) for a in adapters]
+        logits["base_reference"] = reference_logits(gb, [], [tokens])[0]
+        ref_logits = reference_logits(gb, pairs, [tokens] + [p + c for p, c in zip(prompt_tokens, conts)])
+        logits["reference"] = ref_logits[0]
+        greedy["reference"] = _teacher_forced(None, prompt_tokens, conts, ref_logits[1:])
+        del ref_logits
         if merged and mtype == _file_type(base_path) and mtype not in FULL_PRECISION:
-            exact = _exact_merge_quantized(gb, ref, adapters, mtype, tokens, tmp, n_ctx)
+            exact = _exact_merge_quantized(gb, ReferenceWeights(gb, pairs), adapters, mtype, tokens, tmp, n_ctx)
             if exact is not None:
                 logits["exact_merge_quantized"] = exact
-        greedy["reference"] = _teacher_forced(lambda seq: _ref_logits(ref, seq), prompt_tokens, conts)
-        del ref
         if any(four_bit_base(a.lora.config) for a in adapters):
             report["four_bit_gap"] = _four_bit_gap(gb, adapters, tokens, logits)
 
@@ -399,20 +401,13 @@ def _four_bit_gap(gb, adapters, tokens, logits) -> dict:
     """A QLoRA adapter was fitted to NF4-rounded weights: the reference on an NF4-rounded copy of this base,
     with and without the adapters, against the reference on this base (informative, no threshold)."""
     from .nf4 import NF4Base
-    from .reference import reference_model
+    from .reference import reference_logits
 
     nb = NF4Base(gb)
-    with_adapters = _ref_logits(reference_model(nb, [(a.lora, a.scale) for a in adapters]), tokens)
-    alone = _ref_logits(reference_model(nb), tokens)
+    with_adapters = reference_logits(nb, [(a.lora, a.scale) for a in adapters], [tokens])[0]
+    alone = reference_logits(nb, [], [tokens])[0]
     return {"kl_nf4_to_reference": compare(with_adapters, logits["reference"])["mean_kl"],
             "kl_nf4_base_to_base": compare(alone, logits["base_reference"])["mean_kl"]}
-
-
-def _ref_logits(model, tokens) -> np.ndarray:
-    import torch
-
-    with torch.no_grad():
-        return model(torch.tensor([tokens]))[0].numpy()
 
 
 def _chat_prompts(gb, prompts, template: str | None) -> list[list[int]]:
