@@ -1,11 +1,13 @@
-"""Benchmark: one LoRA training step on SmolLM2-135M, `lora2gguf train` vs transformers + PEFT.
+"""Benchmark: LoRA training steps on SmolLM2-135M, `lora2gguf train` (the command users run) vs
+transformers + PEFT.
 
-Same model weights (the F32 GGUF and a transformers copy of it), same token ids, batch, sequence length,
-rank, alpha, dropout and targets (all-linear), fp32 on CPU, AdamW with clipping. Each side runs in its own
-subprocess so that its peak RSS is its own. Ours is the real trainer (`lora2gguf.train.train`, tokens/s
-from its log); PEFT's is the loop a user writes (`model(input_ids, labels=...)`, backward, step).
+Same weights (the Q4_1 GGUF users have, and a transformers copy of its dequantized weights), same token
+ids, batch, sequence length, rank, alpha, dropout and targets (all-linear), fp32 on CPU, AdamW with
+clipping. Ours is the CLI in a subprocess (tokens/s per step from the train_log.jsonl it writes, after
+the warmup steps); PEFT's is the loop a user writes (`model(input_ids, labels=...)`, backward, step), in
+its own subprocess. `--base-weights quantized` adds a third side: the frozen base kept as Q4_1 blocks.
 
-    .venv/bin/python scripts/bench_train.py [--batch 4 --seq-len 256 --rank 16 --steps 8 --warmup 3]
+    .venv/bin/python scripts/bench_train.py [--seq-len 128,256,1024 --batch 4 --rank 16 --steps 8 --warmup 3]
 """
 
 from __future__ import annotations
@@ -47,16 +49,17 @@ class StepClock:
 
 
 def run_ours(a) -> dict:
-    from lora2gguf.train import TrainConfig, train
-
-    clock = StepClock()
+    """`lora2gguf train` as a user runs it; its log has each step's tokens/s."""
     with tempfile.TemporaryDirectory() as out:
-        train(TrainConfig(base=a.gguf, data=a.data, out=out, rank=a.rank, alpha=2 * a.rank, dropout=0.05,
-                          lr=1e-4, steps=a.warmup + a.steps, batch_size=a.batch, seq_len=a.seq_len, device="cpu",
-                          dtype="fp32", progress=False, force=True),
-              on_step=clock)
-    # the first mark is taken before setup (loading): skip it with the warmup steps
-    return clock.summary(a.batch * a.seq_len, a.warmup)
+        cmd = [str(Path(sys.executable).parent / "lora2gguf"), "train", "--base", a.gguf, "--data", a.data, "-o", out,
+               "--rank", str(a.rank), "--alpha", str(2 * a.rank), "--dropout", str(a.dropout), "--lr", "1e-4",
+               "--steps", str(a.warmup + a.steps), "--batch-size", str(a.batch), "--seq-len", str(a.seq_len),
+               "--device", "cpu", "--dtype", "fp32", "--base-weights", a.side.removeprefix("ours-") if "-" in a.side
+               else "auto", "--force"]
+        subprocess.run(cmd, check=True, capture_output=True)
+        log = [json.loads(line) for line in (Path(out) / "train_log.jsonl").read_text().splitlines()]
+    rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    return {"tokens_per_s": statistics.median(r["tokens_per_s"] for r in log[a.warmup:]), "peak_rss_mb": rss}
 
 
 def run_peft(a) -> dict:
@@ -66,7 +69,7 @@ def run_peft(a) -> dict:
 
     ids = torch.load(a.ids)
     model = transformers.AutoModelForCausalLM.from_pretrained(a.hf, dtype=torch.float32)
-    model = peft.get_peft_model(model, peft.LoraConfig(r=a.rank, lora_alpha=2 * a.rank, lora_dropout=0.05,
+    model = peft.get_peft_model(model, peft.LoraConfig(r=a.rank, lora_alpha=2 * a.rank, lora_dropout=a.dropout,
                                                        target_modules=TARGETS, task_type="CAUSAL_LM"))
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -91,11 +94,12 @@ def prepare(a, work: Path) -> None:
     import torch
 
     from lora2gguf.data import Tokenizer, load_dataset
-    from lora2gguf.real_models import smollm2_f32_gguf
+    from lora2gguf.real_models import smollm2_f32_gguf, smollm2_gguf
     from peft_helpers import hf_dir_from_base
 
-    a.gguf = str(smollm2_f32_gguf())
-    a.hf = str(hf_dir_from_base(a.gguf, Path(a.gguf).parent / "SmolLM2-135M-Instruct-hf"))
+    f32 = str(smollm2_f32_gguf())  # the Q4_1 file's weights, dequantized: transformers reads them from here
+    a.gguf = str(smollm2_gguf())
+    a.hf = str(hf_dir_from_base(f32, Path(f32).parent / "SmolLM2-135M-Instruct-hf"))
     words = "the a of and to in is it that was for on with as at by cat dog sat mat sun moon tree fish".split()
     rng = random.Random(0)
     a.data = str(work / "data.jsonl")
@@ -114,7 +118,7 @@ def prepare(a, work: Path) -> None:
 
 def child(side: str, a) -> dict:
     argv = [sys.executable, __file__, "--side", side] + [f"--{k.replace('_', '-')}={v}" for k, v in vars(a).items()
-                                                        if k not in ("side", "rounds") and v is not None]
+                                                        if k not in ("side", "rounds", "base_weights") and v is not None]
     r = subprocess.run(argv, capture_output=True, text=True)
     if r.returncode != 0:
         raise SystemExit(f"{side} failed:\n{r.stderr[-3000:]}")
@@ -124,40 +128,52 @@ def child(side: str, a) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--seq-len", default="128,256,1024", help="one or a comma list")
     p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--dropout", type=float, default=0.05)
     p.add_argument("--steps", type=int, default=8, help="measured steps (median tokens/s)")
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--rounds", type=int, default=2, help="alternate ours/peft this many times; best of each")
-    p.add_argument("--side", choices=["ours", "peft"])
+    p.add_argument("--rounds", type=int, default=2, help="alternate the sides this many times; best of each")
+    p.add_argument("--base-weights", action="store_true", help="also time --base-weights quantized")
+    p.add_argument("--side", choices=["ours", "ours-quantized", "peft"])
     for k in ("gguf", "hf", "data", "ids"):
         p.add_argument(f"--{k}")
     a = p.parse_args()
     if a.side:
+        a.seq_len = int(a.seq_len)
         load0 = os.getloadavg()[0]
-        res = run_ours(a) if a.side == "ours" else run_peft(a)
-        print(json.dumps(res | {"peak_rss_mb": peak_rss_mb(), "load": [load0, os.getloadavg()[0]]}))
+        res = run_peft(a) if a.side == "peft" else run_ours(a)
+        res.setdefault("peak_rss_mb", peak_rss_mb())
+        print(json.dumps(res | {"load": [load0, os.getloadavg()[0]]}))
         return
     import torch
 
-    with tempfile.TemporaryDirectory() as work:
-        prepare(a, Path(work))
-        results = {"ours": [], "peft": []}
-        for _ in range(a.rounds):
-            for side in results:
-                results[side].append(child(side, a))
-                print(side, results[side][-1], file=sys.stderr)
-    loads = [x for rs in results.values() for r in rs for x in r.pop("load")]
-    best = {s: {k: (min if k == "peak_rss_mb" else max)(r[k] for r in rs) for k in rs[0]} for s, rs in results.items()}
-    o, q = best["ours"], best["peft"]
-    print(f"SmolLM2-135M, fp32 CPU ({torch.get_num_threads()} threads), batch {a.batch} x seq {a.seq_len}, rank {a.rank}, "
-          f"all-linear, dropout 0.05, median step of {a.steps} after {a.warmup}, best of {a.rounds} rounds; 1-minute "
-          f"load average {min(loads):.1f}-{max(loads):.1f} at the start and end of each run\n")
-    print("| | tokens/s (wall) | tokens per CPU-second | peak RSS (MB) |\n|---|---:|---:|---:|")
-    for name, r in (("lora2gguf train", o), ("transformers + PEFT", q)):
-        print(f"| {name} | {r['tokens_per_s']:.0f} | {r['tokens_per_cpu_s']:.0f} | {r['peak_rss_mb']:.0f} |")
-    print(f"| ratio (ours / PEFT) | {o['tokens_per_s'] / q['tokens_per_s']:.2f}x | "
-          f"{o['tokens_per_cpu_s'] / q['tokens_per_cpu_s']:.2f}x | {o['peak_rss_mb'] / q['peak_rss_mb']:.2f}x |")
+    sides = ["ours", "peft"] + (["ours-quantized"] if a.base_weights else [])
+    print(f"SmolLM2-135M-Instruct (Q4_1 GGUF; PEFT on its dequantized weights), fp32 CPU "
+          f"({torch.get_num_threads()} threads), batch {a.batch}, rank {a.rank}, all-linear, dropout {a.dropout}, "
+          f"median step of {a.steps} after {a.warmup}, best of {a.rounds} rounds\n")
+    print("| seq len | lora2gguf train (tok/s) | transformers + PEFT (tok/s) | ratio |"
+          + (" quantized base (tok/s) | quantized / resident |" if a.base_weights else "")
+          + " peak RSS ours / PEFT (MB) | load avg |")
+    print("|---:|---:|---:|---:|" + ("---:|---:|" if a.base_weights else "") + "---|---|")
+    for seq_len in [int(x) for x in str(a.seq_len).split(",")]:
+        b = argparse.Namespace(**vars(a))
+        b.seq_len = seq_len
+        with tempfile.TemporaryDirectory() as work:
+            prepare(b, Path(work))
+            results = {s: [] for s in sides}
+            for _ in range(a.rounds):
+                for side in results:
+                    results[side].append(child(side, b))
+                    print(seq_len, side, results[side][-1], file=sys.stderr)
+        loads = [x for rs in results.values() for r in rs for x in r.pop("load")]
+        best = {s: {k: (min if k == "peak_rss_mb" else max)(r[k] for r in rs) for k in rs[0]} for s, rs in results.items()}
+        o, q = best["ours"], best["peft"]
+        row = f"| {seq_len} | {o['tokens_per_s']:.0f} | {q['tokens_per_s']:.0f} | {o['tokens_per_s'] / q['tokens_per_s']:.2f}x |"
+        if a.base_weights:
+            z = best["ours-quantized"]
+            row += f" {z['tokens_per_s']:.0f} | {z['tokens_per_s'] / o['tokens_per_s']:.2f}x |"
+        print(row + f" {o['peak_rss_mb']:.0f} / {q['peak_rss_mb']:.0f} | {min(loads):.1f}-{max(loads):.1f} |", flush=True)
 
 
 if __name__ == "__main__":
