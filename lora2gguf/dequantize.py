@@ -24,51 +24,69 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from .errors import Lora2GGUFError
 
 Q = GGMLQuantizationType
-QK_K = 256  # elements in a K-quant super-block
+# Values dequantized per step: on CPU a float32 chunk small enough to stay in cache (L2/L3) across passes,
+# large enough that the per-op overhead (~10 µs × ~25 ops) stays small; on an accelerator just a bound on
+# the float32 scratch memory when the result is bf16/f16.
+CPU_CHUNK = 1 << 20
+DEVICE_CHUNK = 1 << 26
 
 
 def _f16(field: torch.Tensor) -> torch.Tensor:
-    """(..., 2) bytes of a little-endian f16 field → (..., 1) float32. The copy makes the 2-byte view legal
-    wherever the block sits (odd offsets, gathered rows); it is 2 bytes per block."""
-    return field.contiguous().view(torch.float16).float()
+    """(blocks, 2) bytes of a little-endian f16 field → (blocks,) float32. Assembled from the two byte
+    columns (1-D strided ops, fast), so no alignment is needed wherever the block sits. The high byte is
+    sign-extended and scaled by 256: the int16 bit pattern without an overflowing shift."""
+    lo, hi = field[:, 0], field[:, 1]
+    bits = hi.view(torch.int8).to(torch.int16).mul_(256).bitwise_or_(lo.to(torch.int16))
+    return bits.view(torch.float16).float()
 
 
 def _unpack(x: torch.Tensor, shifts, mask: int) -> torch.Tensor:
     """(..., n) uint8 → (..., len(shifts), n): (x >> s) & mask for each shift s, the way gguf-py lays out
-    packed sub-byte values (all low fields of a run of bytes, then the next field up)."""
-    out = x.new_empty((*x.shape[:-1], len(shifts), x.shape[-1]))
-    for i, s in enumerate(shifts):
-        torch.bitwise_right_shift(x, s, out=out[..., i, :])
-    return out.bitwise_and_(mask)
+    packed sub-byte values (a field of each of n bytes, then the next field up). Built with stack, whose
+    copies are runs of n bytes, rather than shifts into strided slices (a loop per run, ~2× slower)."""
+    return torch.stack([(x >> s if s else x) & mask for s in shifts], dim=-2)
 
 
 def _bits32(qh: torch.Tensor) -> torch.Tensor:
-    """(..., 4) bytes of a little-endian uint32 → (..., 32) of its bits, bit 0 first (Q5_0/Q5_1's qh)."""
-    return _unpack(qh, range(8), 1).transpose(-1, -2).reshape(*qh.shape[:-1], 32)
+    """(blocks, 4) bytes of a little-endian uint32 → (blocks, 32) of its bits, bit 0 first (Q5_0/Q5_1's qh)."""
+    return torch.stack([(qh >> s) & 1 for s in range(8)], dim=-1).flatten(-2)
+
+
+def _columns(b: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """Bytes start:stop of every block, transposed and contiguous: (stop - start, blocks). Ops on a field of
+    the per-block header then run along all blocks; on the (blocks, few bytes) view they would loop over a
+    handful of bytes at a time, many times slower."""
+    return b[:, start:stop].T.contiguous()
 
 
 def _scale_min_k4(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Q4_K/Q5_K's 12 bytes of 6-bit scales and mins → (..., 8) each (gguf-py's Q4_K.get_scale_min)."""
-    s = s.reshape(*s.shape[:-1], 3, 4)
-    d, m, md = s[..., 0, :], s[..., 1, :], s[..., 2, :]
-    sc = torch.cat([d & 0x3F, (md & 0x0F) | ((d >> 2) & 0x30)], dim=-1)
-    mn = torch.cat([m & 0x3F, (md >> 4) | ((m >> 2) & 0x30)], dim=-1)
-    return sc, mn
+    """Q4_K/Q5_K's 12 bytes of 6-bit scales and mins, as (12, blocks) → (8, blocks) each, as floats (gguf-py's
+    Q4_K.get_scale_min)."""
+    d, m, md = s[0:4], s[4:8], s[8:12]
+    sc = torch.cat([d & 0x3F, (md & 0x0F) | ((d >> 2) & 0x30)])
+    mn = torch.cat([m & 0x3F, (md >> 4) | ((m >> 2) & 0x30)])
+    return sc.float(), mn.float()
 
 
-# Each takes blocks (rows, blocks per row, type_size) uint8 and returns float32 (rows, blocks per row, ...)
-# holding block_size values per block in order. The comment by each line is gguf-py's expression.
-
-def _q4_0(b):
-    d = _f16(b[..., 0:2])
-    q = _unpack(b[..., 2:18], (0, 4), 0x0F).flatten(-2).view(torch.int8).sub_(8)
-    return q.float().mul_(d)  # d * q
+def _per_block(scale: torch.Tensor) -> torch.Tensor:
+    """(k, blocks) per-sub-block factors → (blocks, k, 1), to broadcast over each sub-block's values."""
+    return scale.T.unsqueeze(-1)
 
 
-def _q4_1(b):
-    d, m = _f16(b[..., 0:2]), _f16(b[..., 2:4])
-    q = _unpack(b[..., 4:20], (0, 4), 0x0F).flatten(-2)
-    return q.float().mul_(d).add_(m)  # (d * q) + m
+# Each fills `out`, float32 (n_blocks, block_size) (a chunk of the result or a scratch buffer), from blocks
+# (n_blocks, type_size) uint8: the integer values are unpacked in uint8/int8, converted into `out` by
+# copy_, and scaled there in place. The comment by the last line is gguf-py's expression.
+
+def _q4_0(b, out):
+    d = _f16(b[:, 0:2])
+    q = _unpack(b[:, 2:18], (0, 4), 0x0F).flatten(-2).view(torch.int8).sub_(8)
+    out.copy_(q).mul_(d[:, None])  # d * q
+
+
+def _q4_1(b, out):
+    d, m = _f16(b[:, 0:2]), _f16(b[:, 2:4])
+    q = _unpack(b[:, 4:20], (0, 4), 0x0F).flatten(-2)
+    out.copy_(q).mul_(d[:, None]).add_(m[:, None])  # (d * q) + m
 
 
 def _q5(qh: torch.Tensor, qs: torch.Tensor) -> torch.Tensor:
@@ -77,74 +95,71 @@ def _q5(qh: torch.Tensor, qs: torch.Tensor) -> torch.Tensor:
     return q.bitwise_or_(_bits32(qh).bitwise_left_shift_(4))
 
 
-def _q5_0(b):
-    d = _f16(b[..., 0:2])
-    q = _q5(b[..., 2:6], b[..., 6:22]).view(torch.int8).sub_(16)
-    return q.float().mul_(d)  # d * q
+def _q5_0(b, out):
+    d = _f16(b[:, 0:2])
+    q = _q5(b[:, 2:6], b[:, 6:22]).view(torch.int8).sub_(16)
+    out.copy_(q).mul_(d[:, None])  # d * q
 
 
-def _q5_1(b):
-    d, m = _f16(b[..., 0:2]), _f16(b[..., 2:4])
-    q = _q5(b[..., 4:8], b[..., 8:24])
-    return q.float().mul_(d).add_(m)  # (d * q) + m
+def _q5_1(b, out):
+    d, m = _f16(b[:, 0:2]), _f16(b[:, 2:4])
+    q = _q5(b[:, 4:8], b[:, 8:24])
+    out.copy_(q).mul_(d[:, None]).add_(m[:, None])  # (d * q) + m
 
 
-def _q8_0(b):
-    d = _f16(b[..., 0:2])
-    return b[..., 2:34].view(torch.int8).float().mul_(d)  # x * d
+def _q8_0(b, out):
+    d = _f16(b[:, 0:2])
+    out.copy_(b[:, 2:34].view(torch.int8)).mul_(d[:, None])  # x * d
 
 
-def _q2_k(b):
-    scales, qs = b[..., 0:16], b[..., 16:80]
-    d, dmin = _f16(b[..., 80:82]), _f16(b[..., 82:84])
-    dl = (d * (scales & 0x0F).float()).unsqueeze(-1)  # per 16 values
-    ml = (dmin * (scales >> 4).float()).unsqueeze(-1)
-    q = _unpack(qs.unflatten(-1, (2, 32)), (0, 2, 4, 6), 0x03).reshape(*b.shape[:-1], 16, 16)
-    return q.float().mul_(dl).sub_(ml)  # dl * q - ml
+def _q2_k(b, out):
+    scales = _columns(b, 0, 16)
+    d, dmin = _f16(b[:, 80:82]), _f16(b[:, 82:84])
+    dl = _per_block(d * (scales & 0x0F).float())  # per 16 values
+    ml = _per_block(dmin * (scales >> 4).float())
+    q = _unpack(b[:, 16:80].unflatten(-1, (2, 32)), (0, 2, 4, 6), 0x03)
+    out.view(-1, 16, 16).copy_(q.view(-1, 16, 16)).mul_(dl).sub_(ml)  # dl * q - ml
 
 
-def _q3_k(b):
-    hmask, qs, scales = b[..., 0:32], b[..., 32:96], b[..., 96:108]
-    d = _f16(b[..., 108:110])
-    lo = _unpack(scales[..., 0:8], (0, 4), 0x0F).flatten(-2)
-    hi = _unpack(scales[..., 8:12], (0, 2, 4, 6), 0x03).flatten(-2)
+def _q3_k(b, out):
+    scales = _columns(b, 96, 108)
+    d = _f16(b[:, 108:110])
+    lo = torch.cat([(scales[0:8] >> s) & 0x0F for s in (0, 4)])  # (16, blocks): low nibbles, then high
+    hi = torch.cat([(scales[8:12] >> s) & 0x03 for s in (0, 2, 4, 6)])
     sc = lo.bitwise_or_(hi.bitwise_left_shift_(4)).view(torch.int8).sub_(32)
-    dl = (d * sc.float()).unsqueeze(-1)  # d * scales, per 16 values
-    ql = _unpack(qs.unflatten(-1, (2, 32)), (0, 2, 4, 6), 0x03).reshape(*b.shape[:-1], 16, 16)
-    qh = _unpack(hmask, range(8), 0x01).reshape(*b.shape[:-1], 16, 16)
+    dl = _per_block(d * sc.float())  # d * scales, per 16 values
+    ql = _unpack(b[:, 32:96].unflatten(-1, (2, 32)), (0, 2, 4, 6), 0x03).view(-1, 256)
+    qh = _unpack(b[:, 0:32], range(8), 0x01).view(-1, 256)
     # gguf-py: ql - ((qh ^ 1) << 2), i.e. 4 is subtracted where the hmask bit is 0; the same as (ql | qh << 2) - 4
     q = ql.bitwise_or_(qh.bitwise_left_shift_(2)).view(torch.int8).sub_(4)
-    return q.float().mul_(dl)  # dl * q
+    out.view(-1, 16, 16).copy_(q.view(-1, 16, 16)).mul_(dl)  # dl * q
 
 
-def _q4_k(b):
-    d, dmin = _f16(b[..., 0:2]), _f16(b[..., 2:4])
-    sc, mn = _scale_min_k4(b[..., 4:16])
-    dl = (d * sc.float()).unsqueeze(-1)  # per 32 values
-    dm = (dmin * mn.float()).unsqueeze(-1)
-    q = _unpack(b[..., 16:144].unflatten(-1, (4, 32)), (0, 4), 0x0F).flatten(-3, -2)
-    return q.float().mul_(dl).sub_(dm)  # d * q - dm
+def _q4_k(b, out):
+    d, dmin = _f16(b[:, 0:2]), _f16(b[:, 2:4])
+    sc, mn = _scale_min_k4(_columns(b, 4, 16))
+    dl, dm = _per_block(d * sc), _per_block(dmin * mn)  # per 32 values
+    q = _unpack(b[:, 16:144].unflatten(-1, (4, 32)), (0, 4), 0x0F)
+    out.view(-1, 8, 32).copy_(q.view(-1, 8, 32)).mul_(dl).sub_(dm)  # d * q - dm
 
 
-def _q5_k(b):
-    d, dmin = _f16(b[..., 0:2]), _f16(b[..., 2:4])
-    sc, mn = _scale_min_k4(b[..., 4:16])
-    dl = (d * sc.float()).unsqueeze(-1)
-    dm = (dmin * mn.float()).unsqueeze(-1)
-    ql = _unpack(b[..., 48:176].unflatten(-1, (4, 32)), (0, 4), 0x0F).flatten(-3, -2)
-    qh = _unpack(b[..., 16:48], range(8), 0x01)
+def _q5_k(b, out):
+    d, dmin = _f16(b[:, 0:2]), _f16(b[:, 2:4])
+    sc, mn = _scale_min_k4(_columns(b, 4, 16))
+    dl, dm = _per_block(d * sc), _per_block(dmin * mn)
+    ql = _unpack(b[:, 48:176].unflatten(-1, (4, 32)), (0, 4), 0x0F).view(-1, 8, 32)
+    qh = _unpack(b[:, 16:48], range(8), 0x01)
     q = ql.bitwise_or_(qh.bitwise_left_shift_(4))
-    return q.float().mul_(dl).sub_(dm)  # d * q - dm
+    out.view(-1, 8, 32).copy_(q).mul_(dl).sub_(dm)  # d * q - dm
 
 
-def _q6_k(b):
-    ql, qh, scales = b[..., 0:128], b[..., 128:192], b[..., 192:208]
-    d = _f16(b[..., 208:210])
-    dl = (d * scales.view(torch.int8).float()).unsqueeze(-1)  # per 16 values
-    lo = _unpack(ql.unflatten(-1, (2, 64)), (0, 4), 0x0F).flatten(-3)
-    hi = _unpack(qh.unflatten(-1, (2, 32)), (0, 2, 4, 6), 0x03).flatten(-3)
+def _q6_k(b, out):
+    d = _f16(b[:, 208:210])
+    dl = _per_block(d * _columns(b, 192, 208).view(torch.int8).float())  # per 16 values
+    lo = _unpack(b[:, 0:128].unflatten(-1, (2, 64)), (0, 4), 0x0F).view(-1, 256)
+    hi = _unpack(b[:, 128:192].unflatten(-1, (2, 32)), (0, 2, 4, 6), 0x03).view(-1, 256)
     q = lo.bitwise_or_(hi.bitwise_left_shift_(4)).view(torch.int8).sub_(32)
-    return q.float().unflatten(-1, (16, 16)).mul_(dl)  # d * q
+    out.view(-1, 16, 16).copy_(q.view(-1, 16, 16)).mul_(dl)  # d * q
 
 
 _BLOCKS = {Q.Q4_0: _q4_0, Q.Q4_1: _q4_1, Q.Q5_0: _q5_0, Q.Q5_1: _q5_1, Q.Q8_0: _q8_0,
@@ -188,11 +203,20 @@ def dequantize(raw: torch.Tensor, qtype, n_cols: int, dtype: torch.dtype = torch
         x = _as(raw, _FLOATS[qtype])
         if x.dtype == dtype:
             return x.clone(memory_format=torch.contiguous_format)  # never alias raw: it may be read-only
-        if x.dtype == torch.bfloat16 or dtype == torch.float32:
-            return x.to(dtype)  # bf16 → f32 and f16 → f32 are exact
-        return x.float().to(dtype)  # as gguf-py: widen to f32 first, then round
+        return x.to(dtype)  # f16/bf16 → f32 is exact; torch's f16 ↔ bf16 casts round via f32, as f32 then cast
 
-    # (rows, blocks per row, type_size): a view of raw wherever its strides allow
-    blocks = raw.reshape(math.prod(lead), n_cols // block, type_size)
-    out = _BLOCKS[qtype](blocks).reshape(*lead, n_cols)
-    return out if dtype == torch.float32 else out.to(dtype)
+    n_blocks = math.prod(lead) * (n_cols // block)
+    blocks = raw.reshape(n_blocks, type_size)  # a view wherever raw's strides allow
+    out = torch.empty((n_blocks, block), dtype=dtype, device=raw.device)
+    # In chunks of blocks: on CPU the float32 chunk stays in cache through its 2-3 passes (convert, scale,
+    # offset); for another dtype the float32 values live only in one reused chunk-sized scratch buffer.
+    step = max(1, (CPU_CHUNK if raw.device.type == "cpu" else DEVICE_CHUNK) // block)
+    scratch = None if dtype == torch.float32 else torch.empty((min(step, n_blocks), block), device=raw.device)
+    for i in range(0, n_blocks, step):
+        j = min(i + step, n_blocks)
+        if scratch is None:
+            _BLOCKS[qtype](blocks[i:j], out[i:j])
+        else:
+            _BLOCKS[qtype](blocks[i:j], scratch[:j - i])
+            out[i:j].copy_(scratch[:j - i])
+    return out.view(*lead, n_cols)
