@@ -44,12 +44,16 @@ def _unpack(x: torch.Tensor, shifts, mask: int) -> torch.Tensor:
     """(..., n) uint8 → (..., len(shifts), n): (x >> s) & mask for each shift s, the way gguf-py lays out
     packed sub-byte values (a field of each of n bytes, then the next field up). Built with stack, whose
     copies are runs of n bytes, rather than shifts into strided slices (a loop per run, ~2× slower)."""
+    x = x.contiguous()  # the packed bytes in one run: the ops below then loop once, not per block
     return torch.stack([(x >> s if s else x) & mask for s in shifts], dim=-2)
 
 
-def _bits32(qh: torch.Tensor) -> torch.Tensor:
-    """(blocks, 4) bytes of a little-endian uint32 → (blocks, 32) of its bits, bit 0 first (Q5_0/Q5_1's qh)."""
-    return torch.stack([(qh >> s) & 1 for s in range(8)], dim=-1).flatten(-2)
+def _u32(field: torch.Tensor) -> torch.Tensor:
+    """(blocks, 4) bytes of a little-endian uint32 → (blocks,) int32 with the same bits (Q5_0/Q5_1's qh)."""
+    w = field[:, 0].to(torch.int32)
+    for k in (1, 2, 3):
+        w.bitwise_or_(field[:, k].to(torch.int32).bitwise_left_shift_(8 * k))
+    return w
 
 
 def _columns(b: torch.Tensor, start: int, stop: int) -> torch.Tensor:
@@ -73,93 +77,126 @@ def _per_block(scale: torch.Tensor) -> torch.Tensor:
     return scale.T.unsqueeze(-1)
 
 
-# Each fills `out`, float32 (n_blocks, block_size) (a chunk of the result or a scratch buffer), from blocks
-# (n_blocks, type_size) uint8: the integer values are unpacked in uint8/int8, converted into `out` by
-# copy_, and scaled there in place. The comment by the last line is gguf-py's expression.
+# Each type: a function of all blocks (n_blocks, type_size) uint8 that computes the per-block scale factors
+# once (small: a few per block) and returns fill(i, j, out), which writes blocks i:j into `out`, float32
+# (j - i, block_size): the integer values unpacked in uint8/int8, converted into `out` by copy_, scaled
+# there in place. The comment by each last line is gguf-py's expression.
 
-def _q4_0(b, out):
-    d = _f16(b[:, 0:2])
-    q = _unpack(b[:, 2:18], (0, 4), 0x0F).flatten(-2).view(torch.int8).sub_(8)
-    out.copy_(q).mul_(d[:, None])  # d * q
+def _q4_0(b):
+    d = _f16(b[:, 0:2])[:, None]
+
+    def fill(i, j, out):
+        q = _unpack(b[i:j, 2:18], (0, 4), 0x0F).view(-1, 32).view(torch.int8).sub_(8)
+        out.copy_(q).mul_(d[i:j])  # d * q
+    return fill
 
 
-def _q4_1(b, out):
-    d, m = _f16(b[:, 0:2]), _f16(b[:, 2:4])
-    q = _unpack(b[:, 4:20], (0, 4), 0x0F).flatten(-2)
-    out.copy_(q).mul_(d[:, None]).add_(m[:, None])  # (d * q) + m
+def _q4_1(b):
+    d, m = _f16(b[:, 0:2])[:, None], _f16(b[:, 2:4])[:, None]
+
+    def fill(i, j, out):
+        out.copy_(_unpack(b[i:j, 4:20], (0, 4), 0x0F).view(-1, 32)).mul_(d[i:j]).add_(m[i:j])  # (d * q) + m
+    return fill
 
 
 def _q5(qh: torch.Tensor, qs: torch.Tensor) -> torch.Tensor:
-    """Q5_0/Q5_1's 5-bit values 0..31: low nibbles from qs, the fifth bit from qh."""
-    q = _unpack(qs, (0, 4), 0x0F).flatten(-2)
-    return q.bitwise_or_(_bits32(qh).bitwise_left_shift_(4))
+    """Q5_0/Q5_1's 5-bit values 0..31: low nibbles from qs, the fifth bit of value e is bit e of qh (int32,
+    one per block). One broadcast shift by 0..31 (rather than 8 shifts of 4-byte rows, which loop per block)."""
+    bits = (qh[:, None] >> torch.arange(32, dtype=torch.int32, device=qh.device)) & 1
+    q = _unpack(qs, (0, 4), 0x0F).view(-1, 32)
+    return q.bitwise_or_(bits.to(torch.uint8).bitwise_left_shift_(4))
 
 
-def _q5_0(b, out):
-    d = _f16(b[:, 0:2])
-    q = _q5(b[:, 2:6], b[:, 6:22]).view(torch.int8).sub_(16)
-    out.copy_(q).mul_(d[:, None])  # d * q
+def _q5_0(b):
+    d, qh = _f16(b[:, 0:2])[:, None], _u32(b[:, 2:6])
+
+    def fill(i, j, out):
+        q = _q5(qh[i:j], b[i:j, 6:22]).view(torch.int8).sub_(16)
+        out.copy_(q).mul_(d[i:j])  # d * q
+    return fill
 
 
-def _q5_1(b, out):
-    d, m = _f16(b[:, 0:2]), _f16(b[:, 2:4])
-    q = _q5(b[:, 4:8], b[:, 8:24])
-    out.copy_(q).mul_(d[:, None]).add_(m[:, None])  # (d * q) + m
+def _q5_1(b):
+    d, m, qh = _f16(b[:, 0:2])[:, None], _f16(b[:, 2:4])[:, None], _u32(b[:, 4:8])
+
+    def fill(i, j, out):
+        out.copy_(_q5(qh[i:j], b[i:j, 8:24])).mul_(d[i:j]).add_(m[i:j])  # (d * q) + m
+    return fill
 
 
-def _q8_0(b, out):
-    d = _f16(b[:, 0:2])
-    out.copy_(b[:, 2:34].view(torch.int8)).mul_(d[:, None])  # x * d
+def _q8_0(b):
+    d = _f16(b[:, 0:2])[:, None]
+
+    def fill(i, j, out):
+        out.copy_(b[i:j, 2:34].view(torch.int8)).mul_(d[i:j])  # x * d
+    return fill
 
 
-def _q2_k(b, out):
+def _q2_k(b):
     scales = _columns(b, 0, 16)
     d, dmin = _f16(b[:, 80:82]), _f16(b[:, 82:84])
     dl = _per_block(d * (scales & 0x0F).float())  # per 16 values
     ml = _per_block(dmin * (scales >> 4).float())
-    q = _unpack(b[:, 16:80].unflatten(-1, (2, 32)), (0, 2, 4, 6), 0x03)
-    out.view(-1, 16, 16).copy_(q.view(-1, 16, 16)).mul_(dl).sub_(ml)  # dl * q - ml
+
+    def fill(i, j, out):
+        q = _unpack(b[i:j, 16:80].unflatten(-1, (2, 32)), (0, 2, 4, 6), 0x03).view(-1, 16, 16)
+        out.view(-1, 16, 16).copy_(q).mul_(dl[i:j]).sub_(ml[i:j])  # dl * q - ml
+    return fill
 
 
-def _q3_k(b, out):
+def _q3_k(b):
     scales = _columns(b, 96, 108)
     d = _f16(b[:, 108:110])
     lo = torch.cat([(scales[0:8] >> s) & 0x0F for s in (0, 4)])  # (16, blocks): low nibbles, then high
     hi = torch.cat([(scales[8:12] >> s) & 0x03 for s in (0, 2, 4, 6)])
     sc = lo.bitwise_or_(hi.bitwise_left_shift_(4)).view(torch.int8).sub_(32)
     dl = _per_block(d * sc.float())  # d * scales, per 16 values
-    ql = _unpack(b[:, 32:96].unflatten(-1, (2, 32)), (0, 2, 4, 6), 0x03).view(-1, 256)
-    qh = _unpack(b[:, 0:32], range(8), 0x01).view(-1, 256)
-    # gguf-py: ql - ((qh ^ 1) << 2), i.e. 4 is subtracted where the hmask bit is 0; the same as (ql | qh << 2) - 4
-    q = ql.bitwise_or_(qh.bitwise_left_shift_(2)).view(torch.int8).sub_(4)
-    out.view(-1, 16, 16).copy_(q.view(-1, 16, 16)).mul_(dl)  # dl * q
+
+    def fill(i, j, out):
+        ql = _unpack(b[i:j, 32:96].unflatten(-1, (2, 32)), (0, 2, 4, 6), 0x03).view(-1, 16, 16)
+        qh = _unpack(b[i:j, 0:32], range(8), 0x01).view(-1, 16, 16)
+        # gguf-py: ql - ((qh ^ 1) << 2): 4 is subtracted where the hmask bit is 0; the same as (ql | qh << 2) - 4
+        q = ql.bitwise_or_(qh.bitwise_left_shift_(2)).view(torch.int8).sub_(4)
+        out.view(-1, 16, 16).copy_(q).mul_(dl[i:j])  # dl * q
+    return fill
 
 
-def _q4_k(b, out):
+def _k4_factors(b):
+    """Q4_K/Q5_K: d * scale and dmin * min per 32 values, (blocks, 8, 1) each."""
     d, dmin = _f16(b[:, 0:2]), _f16(b[:, 2:4])
     sc, mn = _scale_min_k4(_columns(b, 4, 16))
-    dl, dm = _per_block(d * sc), _per_block(dmin * mn)  # per 32 values
-    q = _unpack(b[:, 16:144].unflatten(-1, (4, 32)), (0, 4), 0x0F)
-    out.view(-1, 8, 32).copy_(q.view(-1, 8, 32)).mul_(dl).sub_(dm)  # d * q - dm
+    return _per_block(d * sc), _per_block(dmin * mn)
 
 
-def _q5_k(b, out):
-    d, dmin = _f16(b[:, 0:2]), _f16(b[:, 2:4])
-    sc, mn = _scale_min_k4(_columns(b, 4, 16))
-    dl, dm = _per_block(d * sc), _per_block(dmin * mn)
-    ql = _unpack(b[:, 48:176].unflatten(-1, (4, 32)), (0, 4), 0x0F).view(-1, 8, 32)
-    qh = _unpack(b[:, 16:48], range(8), 0x01)
-    q = ql.bitwise_or_(qh.bitwise_left_shift_(4))
-    out.view(-1, 8, 32).copy_(q).mul_(dl).sub_(dm)  # d * q - dm
+def _q4_k(b):
+    dl, dm = _k4_factors(b)
+
+    def fill(i, j, out):
+        q = _unpack(b[i:j, 16:144].unflatten(-1, (4, 32)), (0, 4), 0x0F).view(-1, 8, 32)
+        out.view(-1, 8, 32).copy_(q).mul_(dl[i:j]).sub_(dm[i:j])  # d * q - dm
+    return fill
 
 
-def _q6_k(b, out):
+def _q5_k(b):
+    dl, dm = _k4_factors(b)
+
+    def fill(i, j, out):
+        ql = _unpack(b[i:j, 48:176].unflatten(-1, (4, 32)), (0, 4), 0x0F).view(-1, 8, 32)
+        q = ql.bitwise_or_(_unpack(b[i:j, 16:48], range(8), 0x01).bitwise_left_shift_(4))
+        out.view(-1, 8, 32).copy_(q).mul_(dl[i:j]).sub_(dm[i:j])  # d * q - dm
+    return fill
+
+
+def _q6_k(b):
     d = _f16(b[:, 208:210])
     dl = _per_block(d * _columns(b, 192, 208).view(torch.int8).float())  # per 16 values
-    lo = _unpack(b[:, 0:128].unflatten(-1, (2, 64)), (0, 4), 0x0F).view(-1, 256)
-    hi = _unpack(b[:, 128:192].unflatten(-1, (2, 32)), (0, 2, 4, 6), 0x03).view(-1, 256)
-    q = lo.bitwise_or_(hi.bitwise_left_shift_(4)).view(torch.int8).sub_(32)
-    out.view(-1, 16, 16).copy_(q.view(-1, 16, 16)).mul_(dl)  # d * q
+
+    def fill(i, j, out):
+        lo = _unpack(b[i:j, 0:128].unflatten(-1, (2, 64)), (0, 4), 0x0F).view(-1, 256)
+        hi = _unpack(b[i:j, 128:192].unflatten(-1, (2, 32)), (0, 2, 4, 6), 0x03).view(-1, 256)
+        q = lo.bitwise_or_(hi.bitwise_left_shift_(4)).view(torch.int8).sub_(32)
+        out.view(-1, 16, 16).copy_(q.view(-1, 16, 16)).mul_(dl[i:j])  # d * q
+    return fill
 
 
 _BLOCKS = {Q.Q4_0: _q4_0, Q.Q4_1: _q4_1, Q.Q5_0: _q5_0, Q.Q5_1: _q5_1, Q.Q8_0: _q8_0,
@@ -212,11 +249,12 @@ def dequantize(raw: torch.Tensor, qtype, n_cols: int, dtype: torch.dtype = torch
     # offset); for another dtype the float32 values live only in one reused chunk-sized scratch buffer.
     step = max(1, (CPU_CHUNK if raw.device.type == "cpu" else DEVICE_CHUNK) // block)
     scratch = None if dtype == torch.float32 else torch.empty((min(step, n_blocks), block), device=raw.device)
+    fill = _BLOCKS[qtype](blocks)
     for i in range(0, n_blocks, step):
         j = min(i + step, n_blocks)
         if scratch is None:
-            _BLOCKS[qtype](blocks[i:j], out[i:j])
+            fill(i, j, out[i:j])
         else:
-            _BLOCKS[qtype](blocks[i:j], scratch[:j - i])
+            fill(i, j, scratch[:j - i])
             out[i:j].copy_(scratch[:j - i])
     return out.view(*lead, n_cols)

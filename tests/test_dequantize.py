@@ -132,6 +132,25 @@ def test_read_only_mmap_at_any_offset(qtype, tmp_path):
         assert_bits_equal(out2, reference(raw[[8, 0, 8]], qtype), f"{qtype.name} offset {offset} gathered")
 
 
+@pytest.mark.parametrize("qtype", BLOCK_TYPES, ids=lambda t: t.name)
+def test_chunked_fill(qtype, monkeypatch):
+    """Big tensors are filled in chunks of blocks (not of rows): with a chunk of 3 blocks, boundaries fall
+    inside rows and the last chunk is short; float32 output and the bf16 path through the scratch buffer."""
+    import lora2gguf.dequantize as module
+
+    block = GGML_QUANT_SIZES[qtype][0]
+    monkeypatch.setattr(module, "CPU_CHUNK", 3 * block)
+    n_cols = n_cols_for(qtype, 4)
+    raw = random_rows(qtype, (5,), n_cols, np.random.default_rng(int(qtype)))  # 20 blocks: 6 chunks + 2
+    t = torch.from_numpy(raw)
+    assert_bits_equal(dequantize(t, qtype, n_cols), reference(raw, qtype), qtype.name)
+    monkeypatch.undo()
+    whole = dequantize(t, qtype, n_cols)
+    monkeypatch.setattr(module, "CPU_CHUNK", 3 * block)
+    assert torch.equal(dequantize(t, qtype, n_cols, torch.bfloat16).view(torch.int16),
+                       whole.to(torch.bfloat16).view(torch.int16))
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("qtype", ALL, ids=lambda t: t.name)
 def test_other_dtypes_are_the_float32_result_cast(qtype, dtype):
