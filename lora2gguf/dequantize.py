@@ -5,13 +5,17 @@ encoding, memory-mapped, and a layer dequantizes rows of them in every forward a
 So the code is plain torch (the same ops run on either device) and vectorized over all blocks at once.
 
 Each type mirrors `dequantize_blocks` in gguf/quants.py (gguf-py 0.19.0) operation by operation: f16 scales
-widened to f32, then the same products and differences in the same order, each rounded to f32 on its own.
-The float32 result therefore equals `gguf.quants.dequantize` bit for bit (tests/test_dequantize.py checks
-it). Each float operation is its own torch op (mul_ then sub_, never addcmul): a kernel that does both can
-be compiled into a fused multiply-add, which rounds once where gguf-py rounds twice.
+widened to f32, then the same products and sums in the same order, each a separate torch op (mul_ then
+sub_, as gguf-py rounds each). The float32 result equals `gguf.quants.dequantize` bit for bit, and equals
+llama.cpp's own dequantizer too (tests/test_dequantize.py). A fused multiply-add could not change it: every
+product here is exact in float32 (11-bit f16 scale × at most 6-bit sub-scale × at most 6-bit value, under
+24 bits), so only the final add rounds, once either way; the bits are the same on CPU and CUDA.
 
-Memory: the integer unpacking is done in uint8/int8, converted to float32 once into the output buffer,
-and the scales are applied in place, so the peak is the output plus about 2 bytes per element.
+Speed and memory: per-block scale factors are computed once for the whole tensor, with ops that run along
+all blocks; the values are then filled chunk by chunk: unpacked in uint8/int8, converted into the float32
+output by copy_, scaled there in place. On CPU a chunk stays in cache through its passes. The peak beyond
+the result is the factors (at most 1/8 of a float32 result) and one chunk's temporaries; for a bf16/f16
+result, one chunk-sized float32 scratch buffer.
 """
 
 from __future__ import annotations
@@ -234,6 +238,8 @@ def dequantize(raw: torch.Tensor, qtype, n_cols: int, dtype: torch.dtype = torch
     if n_cols % block or raw.shape[-1] != n_cols // block * type_size:
         raise ValueError(f"{qtype.name}: {n_cols} columns need {n_cols // block * type_size} bytes per row "
                          f"(whole blocks of {block}), got {raw.shape[-1]}")
+    if not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating-point type, got {dtype}")
     lead = raw.shape[:-1]
 
     if qtype in _FLOATS:
@@ -248,7 +254,9 @@ def dequantize(raw: torch.Tensor, qtype, n_cols: int, dtype: torch.dtype = torch
     # In chunks of blocks: on CPU the float32 chunk stays in cache through its 2-3 passes (convert, scale,
     # offset); for another dtype the float32 values live only in one reused chunk-sized scratch buffer.
     step = max(1, (CPU_CHUNK if raw.device.type == "cpu" else DEVICE_CHUNK) // block)
-    scratch = None if dtype == torch.float32 else torch.empty((min(step, n_blocks), block), device=raw.device)
+    scratch = None
+    if dtype != torch.float32:
+        scratch = torch.empty((min(step, n_blocks), block), dtype=torch.float32, device=raw.device)
     fill = _BLOCKS[qtype](blocks)
     for i in range(0, n_blocks, step):
         j = min(i + step, n_blocks)

@@ -105,7 +105,8 @@ def test_random_blocks_bit_identical(qtype, shape):
         before = raw.copy()
         flat = raw.reshape(-1, raw.shape[-1])
         for name, t, rows in layouts(flat, rng):
-            assert_bits_equal(dequantize(t, qtype, n_cols), reference(rows, qtype), f"{qtype.name} seed {seed} {name}")
+            got = dequantize(t, qtype, n_cols)
+            assert_bits_equal(got, reference(rows, qtype), f"{qtype.name} seed {seed} {name}")
         # leading dims kept as given
         assert_bits_equal(dequantize(torch.from_numpy(raw), qtype, n_cols), reference(raw, qtype), f"{qtype.name} {shape}")
         assert np.array_equal(raw, before), "dequantize wrote into its input"
