@@ -6,12 +6,17 @@ and Q6_K. Prints a Markdown table: best-of-N wall time, GB/s of float32 output, 
 The blocks are random bytes with realistic f16 scales (the work does not depend on the values); each result
 is checked bit-identical to gguf-py's before it is timed.
 
+On Linux, most of our time for a float32 result can be the page faults of the freshly allocated output
+(torch maps 4 KiB pages; numpy asks for transparent huge pages): run with THP_MEM_ALLOC_ENABLE=1 in the
+environment (read by torch at start-up) to see the dequantization itself. The header line says which.
+
     python scripts/bench_dequantize.py [--runs 5] [--types Q4_K,Q6_K] [--dtype bfloat16] [--threads N]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -65,7 +70,8 @@ def main() -> None:
     cases = [(t, 4096, 4096) for t in types] + [(t, 14336, 4096) for t in types if t in (Q.Q4_K, Q.Q6_K)]
     rng = np.random.default_rng(0)
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; output {args.dtype}; "
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, THP_MEM_ALLOC_ENABLE="
+          f"{os.environ.get('THP_MEM_ALLOC_ENABLE', 'unset')}; numpy {np.__version__}; output {args.dtype}; "
           f"best of {args.runs} (ours) / 3 (gguf-py)\n")
     print("| type | shape | ours ms | gguf-py ms | ours GB/s | gguf-py GB/s | speed-up |")
     print("|---|---|---:|---:|---:|---:|---:|")
