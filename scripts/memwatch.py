@@ -1,0 +1,227 @@
+#!/usr/bin/env python3
+"""Peak memory and extra disk of a command's whole process tree, with a watchdog that kills the tree.
+
+Memory is PSS (/proc/PID/smaps_rollup) summed over the tree: each page is split among the processes
+mapping it, so a GGUF mapped by the trainer and by llama.cpp's child counts once, and file pages count
+while mapped (not while merely cached). RSS would count such a page once per process; ru_maxrss cannot
+see grandchildren that outlive nothing. Disk is the allocated bytes under the command's private
+directories (du), with the filesystem's free-space drop (statvfs) as a cross-check that also sees
+writes elsewhere, and other users' writes: it is noisy on a shared machine.
+
+    python scripts/memwatch.py          # self-check: a child and a grandchild map one known file
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+GB = 1e9
+
+
+def children(pid: int) -> list[int]:
+    out = []
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                out += [int(c) for c in f.read().split()]
+    except OSError:  # the process (or one thread) is gone: its children were reparented
+        pass
+    return out
+
+
+def tree(pid: int) -> list[int]:
+    pids, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        pids.append(p)
+        todo += children(p)
+    return pids
+
+
+def pss(pid: int) -> int:
+    """Bytes; 0 for a process that is gone or a zombie."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def du(path: Path) -> int:
+    """Allocated bytes of the files under path (sparse files count what they use, as du does)."""
+    total = 0
+    for root, _, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_blocks * 512
+            except OSError:  # renamed or removed between listing and stat
+                pass
+    return total
+
+
+def free_bytes(path: Path) -> int:
+    s = os.statvfs(path)
+    return s.f_bavail * s.f_frsize
+
+
+@dataclass
+class Sample:
+    t: float
+    pss: int
+    disk: int
+    free_drop: int
+    nproc: int
+
+
+@dataclass
+class Watch:
+    """A sampler thread over the tree rooted at `pid`: peaks, a timeline, and a kill when the tree's PSS
+    passes `limit` bytes or the filesystem of `dirs[0]` falls below `min_free` bytes free."""
+
+    pid: int
+    limit: float | None = None
+    dirs: tuple[Path, ...] = ()
+    min_free: float = 0
+    interval: float = 0.05
+    samples: list[Sample] = field(default_factory=list)
+    killed: str | None = None  # why, when the watchdog killed the tree
+
+    def __post_init__(self):
+        self.t0 = time.perf_counter()
+        self.free0 = free_bytes(self.dirs[0]) if self.dirs else 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    def _loop(self):
+        while not self._stop.is_set():
+            pids = tree(self.pid)
+            mem = sum(pss(p) for p in pids)
+            disk = sum(du(d) for d in self.dirs)
+            free = free_bytes(self.dirs[0]) if self.dirs else 0
+            s = Sample(time.perf_counter() - self.t0, mem, disk, self.free0 - free if self.dirs else 0, len(pids))
+            self.samples.append(s)
+            if self.killed is None:
+                if self.limit is not None and mem > self.limit:
+                    self.killed = f"PSS {mem / GB:.2f} GB > limit {self.limit / GB:.2f} GB after {s.t:.0f} s"
+                elif self.dirs and free < self.min_free:
+                    self.killed = f"free disk {free / GB:.1f} GB < {self.min_free / GB:.1f} GB after {s.t:.0f} s"
+                if self.killed:
+                    kill_tree(self.pid, pids)
+            self._stop.wait(self.interval)
+
+    def peak(self, key: str = "pss") -> int:
+        return max((getattr(s, key) for s in self.samples), default=0)
+
+    def timeline(self, every: float = 1.0) -> list[list[float]]:
+        """[t s, PSS GB, disk GB] about once per `every` seconds, plus the peak sample: for the JSON."""
+        out, next_t, top = [], 0.0, max(self.samples, key=lambda s: s.pss, default=None)
+        for s in self.samples:
+            if s.t >= next_t or s is top:
+                out.append([round(s.t, 2), round(s.pss / GB, 3), round(s.disk / GB, 3)])
+                next_t = s.t + every
+        return out
+
+
+def kill_tree(root: int, pids: list[int]) -> None:
+    """SIGKILL the command's process group (it was started in its own session) and every process seen in
+    its tree, in case one left the group."""
+    try:
+        os.killpg(root, signal.SIGKILL)
+    except OSError:
+        pass
+    for p in pids:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except OSError:
+            pass
+
+
+@dataclass
+class Result:
+    rc: int
+    wall_s: float
+    peak_pss: int
+    peak_disk: int
+    peak_free_drop: int
+    killed: str | None
+    watch: Watch
+
+
+def run(cmd: list[str], limit: float | None = None, dirs: tuple[Path, ...] = (), min_free: float = 0,
+        env: dict | None = None, log: Path | None = None, interval: float = 0.05) -> Result:
+    """Run cmd to completion (or to the watchdog's kill) under a Watch; its output goes to `log`."""
+    with open(log or os.devnull, "wb") as out:
+        t = time.perf_counter()
+        p = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                             start_new_session=True)
+        with Watch(p.pid, limit, tuple(dirs), min_free, interval) as w:
+            rc = p.wait()
+        wall = time.perf_counter() - t
+    return Result(rc, wall, w.peak(), w.peak("disk"), w.peak("free_drop"), w.killed, w)
+
+
+# -- self-check -------------------------------------------------------------------------------------
+# A child maps a FILE_MB file and reads every page, allocates ANON_MB and writes it, then starts a
+# grandchild that maps and reads the same file. Expected tree PSS: file once + anon + two interpreters.
+CHILD = """
+import mmap, subprocess, sys, time
+path, anon_mb, me = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+f = open(path, "rb"); m = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
+s = sum(m[i] for i in range(0, len(m), 4096))  # touch every page of the file
+a = bytearray(anon_mb << 20)
+for i in range(0, len(a), 4096): a[i] = 1  # bytearray is calloc'd: write to make the pages real
+if me:  # the grandchild: same file, no anon, no further child
+    subprocess.run([sys.executable, "-c", me, path, "0", ""])
+else:
+    time.sleep(1.5)
+"""
+
+
+def self_check(file_mb: int = 512, anon_mb: int = 256) -> None:
+    import tempfile
+
+    with tempfile.TemporaryDirectory(dir=Path.home()) as d:
+        d = Path(d)
+        f = d / "known.bin"
+        with open(f, "wb") as fh:
+            for _ in range(file_mb):
+                fh.write(os.urandom(1 << 20))
+        cmd = [sys.executable, "-c", CHILD, str(f), str(anon_mb), CHILD]
+        # baseline: one bare interpreter's PSS
+        bare = run([sys.executable, "-c", "import time; time.sleep(1)"])
+        r = run(cmd, dirs=(d,))
+        want = (file_mb + anon_mb) * 2**20
+        extra = r.peak_pss - want
+        print(f"bare interpreter: {bare.peak_pss / 2**20:.0f} MiB PSS")
+        print(f"child maps {file_mb} MiB file + {anon_mb} MiB anon, grandchild maps the same file: "
+              f"peak tree PSS {r.peak_pss / 2**20:.0f} MiB = expected {want / 2**20:.0f} MiB + {extra / 2**20:.0f} MiB "
+              f"(two interpreters ≈ {2 * bare.peak_pss / 2**20:.0f}); max processes seen "
+              f"{max(s.nproc for s in r.watch.samples)}; disk under the dir {r.peak_disk / 2**20:.0f} MiB")
+        assert 0 <= extra < 2 * bare.peak_pss + 32 * 2**20, "tree PSS is not file once + anon + interpreters"
+        assert max(s.nproc for s in r.watch.samples) == 2, "the grandchild was not seen"
+        k = run(cmd, limit=(file_mb // 2) * 2**20)
+        print(f"with a {file_mb // 2} MiB limit: killed={k.killed!r}, rc {k.rc}, after {k.wall_s:.1f} s")
+        assert k.killed and k.rc == -signal.SIGKILL
+        print("ok")
+
+
+if __name__ == "__main__":
+    self_check()
