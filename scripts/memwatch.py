@@ -3,12 +3,13 @@
 
 Memory is PSS (/proc/PID/smaps_rollup) summed over the tree: each page is split among the processes
 mapping it, so a GGUF mapped by the trainer and by llama.cpp's child counts once, and file pages count
-while mapped (not while merely cached). RSS would count such a page once per process; ru_maxrss cannot
-see grandchildren that outlive nothing. Disk is the allocated bytes under the command's private
+while mapped (not while merely cached). RSS would count such a page once per process, and ru_maxrss is
+one process's peak, never the tree's. Disk is the growth of the allocated bytes under the given
 directories (du), with the filesystem's free-space drop (statvfs) as a cross-check that also sees
 writes elsewhere, and other users' writes: it is noisy on a shared machine.
 
-    python scripts/memwatch.py          # self-check: a child and a grandchild map one known file
+    python scripts/memwatch.py --self-check     # a child and a grandchild map one known file
+    python scripts/memwatch.py [--limit-gb G] [--dir D] -- CMD...   # peak PSS, wall, extra disk of CMD
 """
 
 from __future__ import annotations
@@ -99,6 +100,7 @@ class Watch:
     def __post_init__(self):
         self.t0 = time.perf_counter()
         self.free0 = free_bytes(self.dirs[0]) if self.dirs else 0
+        self.disk0 = sum(du(d) for d in self.dirs)  # disk is counted as growth over this
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
@@ -112,20 +114,21 @@ class Watch:
 
     def _loop(self):
         while not self._stop.is_set():
+            t = time.perf_counter()
             pids = tree(self.pid)
             mem = sum(pss(p) for p in pids)
-            disk = sum(du(d) for d in self.dirs)
+            disk = sum(du(d) for d in self.dirs) - self.disk0
             free = free_bytes(self.dirs[0]) if self.dirs else 0
             s = Sample(time.perf_counter() - self.t0, mem, disk, self.free0 - free if self.dirs else 0, len(pids))
             self.samples.append(s)
             if self.killed is None:
                 if self.limit is not None and mem > self.limit:
-                    self.killed = f"PSS {mem / GB:.2f} GB > limit {self.limit / GB:.2f} GB after {s.t:.0f} s"
+                    self.killed = f"PSS {mem / GB:.3f} GB > limit {self.limit / GB:.3f} GB after {s.t:.1f} s"
                 elif self.dirs and free < self.min_free:
                     self.killed = f"free disk {free / GB:.1f} GB < {self.min_free / GB:.1f} GB after {s.t:.0f} s"
                 if self.killed:
                     kill_tree(self.pid, pids)
-            self._stop.wait(self.interval)
+            self._stop.wait(max(0.0, self.interval - (time.perf_counter() - t)))  # reading /proc takes time too
 
     def peak(self, key: str = "pss") -> int:
         return max((getattr(s, key) for s in self.samples), default=0)
@@ -167,14 +170,22 @@ class Result:
 
 def run(cmd: list[str], limit: float | None = None, dirs: tuple[Path, ...] = (), min_free: float = 0,
         env: dict | None = None, log: Path | None = None, interval: float = 0.05) -> Result:
-    """Run cmd to completion (or to the watchdog's kill) under a Watch; its output goes to `log`."""
-    with open(log or os.devnull, "wb") as out:
-        t = time.perf_counter()
-        p = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                             start_new_session=True)
-        with Watch(p.pid, limit, tuple(dirs), min_free, interval) as w:
-            rc = p.wait()
+    """Run cmd to completion (or to the watchdog's kill) under a Watch. Its output goes to `log`, each
+    line (or progress-bar update) stamped with the seconds since the start and the tree's PSS then, to
+    see which phase the memory belongs to."""
+    t = time.perf_counter()
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                         start_new_session=True)
+    with Watch(p.pid, limit, tuple(dirs), min_free, interval) as w, open(log or os.devnull, "w") as out:
+        for chunk in iter(lambda: os.read(p.stdout.fileno(), 1 << 16), b""):
+            now = w.samples[-1].pss if w.samples else 0
+            for line in chunk.decode(errors="replace").replace("\r", "\n").splitlines():
+                if line.strip():
+                    out.write(f"[{time.perf_counter() - t:7.1f} s {now / GB:6.2f} GB] {line}\n")
+            out.flush()
+        rc = p.wait()
         wall = time.perf_counter() - t
+    p.stdout.close()
     return Result(rc, wall, w.peak(), w.peak("disk"), w.peak("free_drop"), w.killed, w)
 
 
@@ -223,5 +234,23 @@ def self_check(file_mb: int = 512, anon_mb: int = 256) -> None:
         print("ok")
 
 
+def main() -> None:
+    import argparse
+    import json
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--self-check", action="store_true")
+    ap.add_argument("--limit-gb", type=float, help="Kill the tree above this PSS.")
+    ap.add_argument("--dir", type=Path, action="append", default=[], help="Count disk used under this directory.")
+    ap.add_argument("cmd", nargs="*")
+    a = ap.parse_args()
+    if a.self_check:
+        return self_check()
+    r = run(a.cmd, a.limit_gb * GB if a.limit_gb else None, tuple(a.dir), log=Path("/dev/stderr"))
+    print(json.dumps({"rc": r.rc, "wall_s": round(r.wall_s, 1), "peak_pss_gb": round(r.peak_pss / GB, 3),
+                      "peak_disk_gb": round(r.peak_disk / GB, 3), "peak_free_drop_gb": round(r.peak_free_drop / GB, 3),
+                      "killed": r.killed}))
+
+
 if __name__ == "__main__":
-    self_check()
+    main()
