@@ -56,14 +56,15 @@ def bench(name: str, cmd: list[str], work: Path, limit: float, min_free: float, 
     ran = r.rc == 0 or (name == "verify" and r.rc == 1)  # verify exits 1 when a pair misses its threshold
     status = (f"killed: {r.killed}" if r.killed else f"failed (exit {r.rc})" if not ran else
               "pass" if r.peak_pss <= limit else "over the limit")
-    top = max(r.watch.samples, key=lambda s: s.pss, default=None)
-    row = {"command": name, "argv": cmd, "rc": r.rc, "status": status, "peak_pss_gb": r.peak_pss / GB,
-           "peak_at_s": top.t if top else None, "limit_gb": limit / GB, "wall_s": r.wall_s,
+    top = r.watch.top()
+    row = {"command": name, "argv": cmd, "rc": r.rc, "status": status, "peak_pss_gb": r.peak_pss / GB, "peak_pss_one_sample_gb": r.watch.peak("pss") / GB,
+           "peak_at_s": top.t if top else None, "peak_pss_file_gb": top.pss_file / GB if top else None, "limit_gb": limit / GB, "wall_s": r.wall_s,
            "extra_disk_gb": r.peak_disk / GB, "free_drop_gb": r.peak_free_drop / GB,
            "max_processes": max((s.nproc for s in r.watch.samples), default=0),
            "sample_interval_s": r.wall_s / max(1, len(r.watch.samples)),
-           "log_tail": log.read_text().splitlines()[-8:], "timeline_t_pss_disk": r.watch.timeline()}
-    print(f"  {status}, exit {r.rc}, peak PSS {row['peak_pss_gb']:.2f} GB at {row['peak_at_s'] or 0:.0f} s, "
+           "log_tail": log.read_text().splitlines()[-8:], "timeline_t_pss_file_disk": r.watch.timeline()}
+    print(f"  {status}, exit {r.rc}, peak PSS {row['peak_pss_gb']:.2f} GB (file pages "
+          f"{row['peak_pss_file_gb'] or 0:.2f}) at {row['peak_at_s'] or 0:.0f} s, "
           f"{r.wall_s:.0f} s, extra disk {row['extra_disk_gb']:.2f} GB (free-space drop "
           f"{row['free_drop_gb']:.2f} GB)", flush=True)
     return row
