@@ -14,6 +14,7 @@ writes elsewhere, and other users' writes: it is noisy on a shared machine.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -22,6 +23,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TextIO
 
 GB = 1e9
 
@@ -184,21 +186,26 @@ class Result:
 
 
 def run(cmd: list[str], limit: float | None = None, dirs: tuple[Path, ...] = (), min_free: float = 0,
-        env: dict | None = None, log: Path | None = None, interval: float = 0.05) -> Result:
+        env: dict | None = None, log: Path | TextIO | None = None, interval: float = 0.05) -> Result:
     """Run cmd to completion (or to the watchdog's kill) under a Watch. Its output goes to `log`, each
     line (or progress-bar update) stamped with the seconds since the start and the tree's PSS then, to
     see which phase the memory belongs to."""
     t = time.perf_counter()
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                          start_new_session=True)
-    with Watch(p.pid, limit, tuple(dirs), min_free, interval) as w, open(log or os.devnull, "w") as out:
+    with Watch(p.pid, limit, tuple(dirs), min_free, interval) as w, \
+            (open(log or os.devnull, "w") if log is None or isinstance(log, Path) else contextlib.nullcontext(log)) as out:
+        rest = ""  # a line split across two reads
         for chunk in iter(lambda: os.read(p.stdout.fileno(), 1 << 16), b""):
             now = w.samples[-1] if w.samples else Sample(0, 0, 0, 0, 0, 0)
-            for line in chunk.decode(errors="replace").replace("\r", "\n").splitlines():
+            *lines, rest = (rest + chunk.decode(errors="replace")).replace("\r", "\n").split("\n")
+            for line in lines:
                 if line.strip():
-                    out.write(f"[{time.perf_counter() - t:7.1f} s {now.pss / GB:6.2f} GB, file {now.pss_file / GB:5.2f}] "
+                    out.write(f"[{time.perf_counter() - t:7.1f} s {now.held / GB:6.2f} GB, file {now.pss_file / GB:5.2f}] "
                               f"{line}\n")
             out.flush()
+        if rest.strip():
+            out.write(f"[{time.perf_counter() - t:7.1f} s] {rest}\n")
         rc = p.wait()
         wall = time.perf_counter() - t
     p.stdout.close()
@@ -265,7 +272,7 @@ def main() -> None:
     a = ap.parse_args()
     if a.self_check:
         return self_check()
-    r = run(a.cmd, a.limit_gb * GB if a.limit_gb else None, tuple(a.dir), log=Path("/dev/stderr"))
+    r = run(a.cmd, a.limit_gb * GB if a.limit_gb else None, tuple(a.dir), log=sys.stderr)
     print(json.dumps({"rc": r.rc, "wall_s": round(r.wall_s, 1), "peak_pss_gb": round(r.peak_pss / GB, 3),
                       "peak_disk_gb": round(r.peak_disk / GB, 3), "peak_free_drop_gb": round(r.peak_free_drop / GB, 3),
                       "killed": r.killed}))
