@@ -57,8 +57,9 @@ def bench(name: str, cmd: list[str], work: Path, limit: float, min_free: float, 
     status = (f"killed: {r.killed}" if r.killed else f"failed (exit {r.rc})" if not ran else
               "pass" if r.peak_pss <= limit else "over the limit")
     top = r.watch.top()
-    row = {"command": name, "argv": cmd, "rc": r.rc, "status": status, "peak_pss_gb": r.peak_pss / GB, "peak_pss_one_sample_gb": r.watch.peak("pss") / GB,
-           "peak_at_s": top.t if top else None, "peak_pss_file_gb": top.pss_file / GB if top else None, "limit_gb": limit / GB, "wall_s": r.wall_s,
+    row = {"command": name, "argv": cmd, "rc": r.rc, "status": status, "limit_gb": limit / GB, "wall_s": r.wall_s,
+           "peak_pss_gb": r.peak_pss / GB, "peak_at_s": top.t if top else None,
+           "peak_pss_file_gb": top.pss_file / GB if top else None, "peak_pss_one_sample_gb": r.watch.peak("pss") / GB,
            "extra_disk_gb": r.peak_disk / GB, "free_drop_gb": r.peak_free_drop / GB,
            "max_processes": max((s.nproc for s in r.watch.samples), default=0),
            "sample_interval_s": r.wall_s / max(1, len(r.watch.samples)),

@@ -127,7 +127,8 @@ class Watch:
             mem, mem_file = map(sum, zip(*(pss(p) for p in pids)))
             disk = sum(du(d) for d in self.dirs) - self.disk0
             free = free_bytes(self.dirs[0]) if self.dirs else 0
-            s = Sample(time.perf_counter() - self.t0, mem, mem_file, disk, self.free0 - free if self.dirs else 0, len(pids))
+            s = Sample(time.perf_counter() - self.t0, mem, mem_file, disk, self.free0 - free if self.dirs else 0,
+                       len(pids))
             # The processes are read one after another: a page that becomes shared between two reads counts
             # in full in the first and half in the second, so a sum can overshoot for one sample (by 200 MB
             # in the self-check on a loaded machine). A level held over two samples (~0.1 s) cannot.
@@ -193,16 +194,17 @@ def run(cmd: list[str], limit: float | None = None, dirs: tuple[Path, ...] = (),
     t = time.perf_counter()
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                          start_new_session=True)
+    to_file = log is None or isinstance(log, Path)
     with Watch(p.pid, limit, tuple(dirs), min_free, interval) as w, \
-            (open(log or os.devnull, "w") if log is None or isinstance(log, Path) else contextlib.nullcontext(log)) as out:
+            (open(log or os.devnull, "w") if to_file else contextlib.nullcontext(log)) as out:
         rest = ""  # a line split across two reads
         for chunk in iter(lambda: os.read(p.stdout.fileno(), 1 << 16), b""):
             now = w.samples[-1] if w.samples else Sample(0, 0, 0, 0, 0, 0)
             *lines, rest = (rest + chunk.decode(errors="replace")).replace("\r", "\n").split("\n")
             for line in lines:
                 if line.strip():
-                    out.write(f"[{time.perf_counter() - t:7.1f} s {now.held / GB:6.2f} GB, file {now.pss_file / GB:5.2f}] "
-                              f"{line}\n")
+                    out.write(f"[{time.perf_counter() - t:7.1f} s {now.held / GB:6.2f} GB, "
+                              f"file {now.pss_file / GB:5.2f}] {line}\n")
             out.flush()
         if rest.strip():
             out.write(f"[{time.perf_counter() - t:7.1f} s] {rest}\n")
@@ -241,22 +243,28 @@ def self_check(file_mb: int = 512, anon_mb: int = 256) -> None:
         cmd = [sys.executable, "-c", CHILD, str(f), str(anon_mb), CHILD]
         # baseline: one bare interpreter's PSS
         bare = run([sys.executable, "-c", "import time; time.sleep(1)"])
-        r = run(cmd, dirs=(d,))
-        want = (file_mb + anon_mb) * 2**20
-        extra = r.peak_pss - want
-        print(f"bare interpreter: {bare.peak_pss / 2**20:.0f} MiB PSS")
-        print(f"child maps {file_mb} MiB file + {anon_mb} MiB anon, grandchild maps the same file: "
-              f"peak tree PSS {r.peak_pss / 2**20:.0f} MiB (one-sample max {r.watch.peak('pss') / 2**20:.0f}) = expected {want / 2**20:.0f} MiB + {extra / 2**20:.0f} MiB "
-              f"(two interpreters ≈ {2 * bare.peak_pss / 2**20:.0f}); max processes seen "
-              f"{max(s.nproc for s in r.watch.samples)}; disk under the dir {r.peak_disk / 2**20:.0f} MiB")
-        top = r.watch.top()
-        print(f"  of which file pages {top.pss_file / 2**20:.0f} MiB (the file once: {file_mb} MiB, plus the interpreters')")
+        r = run(cmd)
+        MiB, want = 2**20, (file_mb + anon_mb) * 2**20
+        extra, top = r.peak_pss - want, r.watch.top()
+        print(f"bare interpreter: {bare.peak_pss / MiB:.0f} MiB PSS")
+        print(f"child maps a {file_mb} MiB file and writes {anon_mb} MiB, grandchild maps the same file: peak "
+              f"tree PSS {r.peak_pss / MiB:.0f} MiB = expected {want / MiB:.0f} + {extra / MiB:.0f} (two interpreters "
+              f"≈ {2 * bare.peak_pss / MiB:.0f}), of which file pages {top.pss_file / MiB:.0f} MiB (the file once "
+              f"+ the interpreters'); max processes seen {max(s.nproc for s in r.watch.samples)}; largest single "
+              f"sample {r.watch.peak('pss') / MiB:.0f} MiB")
         assert 0 <= top.pss_file - file_mb * 2**20 < 16 * 2**20, "the shared file is not counted once"
         assert 0 <= extra < 2 * bare.peak_pss + 32 * 2**20, "tree PSS is not file once + anon + interpreters"
         assert max(s.nproc for s in r.watch.samples) == 2, "the grandchild was not seen"
         k = run(cmd, limit=(file_mb // 2) * 2**20)
         print(f"with a {file_mb // 2} MiB limit: killed={k.killed!r}, rc {k.rc}, after {k.wall_s:.1f} s")
         assert k.killed and k.rc == -signal.SIGKILL
+        w = d / "scratch"
+        w.mkdir()
+        write = f"import os, time; open('{w}/x', 'wb').write(os.urandom(64 << 20)); time.sleep(0.5); os.remove('{w}/x')"
+        r = run([sys.executable, "-c", write], dirs=(w,))
+        print(f"a child writes then removes 64 MiB: peak extra disk {r.peak_disk / MiB:.1f} MiB (du), free-space drop "
+              f"{r.peak_free_drop / MiB:.1f} MiB")
+        assert abs(r.peak_disk - 64 * MiB) < MiB
         print("ok")
 
 
@@ -273,9 +281,11 @@ def main() -> None:
     if a.self_check:
         return self_check()
     r = run(a.cmd, a.limit_gb * GB if a.limit_gb else None, tuple(a.dir), log=sys.stderr)
+    top = r.watch.top()
     print(json.dumps({"rc": r.rc, "wall_s": round(r.wall_s, 1), "peak_pss_gb": round(r.peak_pss / GB, 3),
-                      "peak_disk_gb": round(r.peak_disk / GB, 3), "peak_free_drop_gb": round(r.peak_free_drop / GB, 3),
-                      "killed": r.killed}))
+                      "peak_pss_file_gb": round(top.pss_file / GB, 3) if top else 0,
+                      "peak_disk_gb": round(r.peak_disk / GB, 3),
+                      "peak_free_drop_gb": round(r.peak_free_drop / GB, 3), "killed": r.killed}))
 
 
 if __name__ == "__main__":
