@@ -1,14 +1,18 @@
 #!/usr/bin/env python3
-"""Generate a ~1.5 GB F16 llama-shaped GGUF base (random weights, valid metadata, a SentencePiece-style
-vocabulary that llama.cpp loads) and a matching PEFT LoRA adapter, for the merge benchmark.
+"""Generate a llama-shaped GGUF base (random weights, valid metadata, a SentencePiece-style vocabulary
+that llama.cpp loads), a matching PEFT LoRA adapter and a small training JSONL, for the benchmarks.
 
-Shape: width 2048, 32 heads / 4 KV heads, FFN 5632, 14 layers, vocab 32000, untied output: 748 M
-parameters. Written tensor by tensor (never more than one in memory), deterministically from --seed.
+Shapes (--shape): `big` (default, bench_merge.py's): width 2048, 32 heads / 4 KV heads, FFN 5632, 14 layers,
+vocab 32000, untied output, 748 M parameters, ~1.5 GB F16. `1b`, `3b`, `8b`: Llama-3.2-1B, Llama-3.2-3B
+(tied embeddings) and Llama-3.1-8B (untied) shapes, vocab 128256, rope theta 500000 (bench_scale.py's).
+Weights are normal with std 0.02 (an init's scale), norms 1, so llama.cpp's forward stays finite.
+Written tensor by tensor (never more than one in memory), deterministically from --seed. --quant
+q4_k_m then quantizes the F16 file with llama.cpp (lora2gguf.quantize.llama_quantize) and deletes it.
 The adapter (r=16 on all seven projections of every layer) is written directly in PEFT's on-disk format
-(adapter_config.json + adapter_model.safetensors), since loading this base in transformers to let peft
-write it would need ~6 GB.
+(adapter_config.json + adapter_model.safetensors), since loading the base in transformers to let peft
+write it would need 4 bytes per parameter.
 
-    python scripts/make_big_base.py [--out ~/.cache/lora2gguf-bench] [--force]
+    python scripts/make_big_base.py [--shape big|1b|3b|8b] [--quant q4_k_m] [--out ~/.cache/lora2gguf-bench]
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -27,17 +32,39 @@ from safetensors.numpy import save_file  # noqa: E402
 
 from lora2gguf import models  # noqa: E402
 from lora2gguf.gguf_write import PlannedTensor, atomic_output, nbytes_of, write_streaming  # noqa: E402
+from lora2gguf.quantize import llama_quantize, output_type  # noqa: E402
 
-DIMS = dict(n_layer=14, n_embd=2048, n_ff=5632, n_head=32, n_head_kv=4, n_vocab=32000, n_ctx=4096)
-BASE_NAME, ADAPTER_NAME = "big-llama-f16.gguf", "big-llama-lora"
+SHAPES = {  # name → dims; "big" (the default) is bench_merge.py's base
+    "big": dict(n_layer=14, n_embd=2048, n_ff=5632, n_head=32, n_head_kv=4, n_vocab=32000, n_ctx=4096,
+                rope_theta=10000.0, tied=False),
+    "1b": dict(n_layer=16, n_embd=2048, n_ff=8192, n_head=32, n_head_kv=8, n_vocab=128256, n_ctx=8192,
+               rope_theta=500000.0, tied=True),  # Llama-3.2-1B
+    "3b": dict(n_layer=28, n_embd=3072, n_ff=8192, n_head=24, n_head_kv=8, n_vocab=128256, n_ctx=8192,
+               rope_theta=500000.0, tied=True),  # Llama-3.2-3B
+    "8b": dict(n_layer=32, n_embd=4096, n_ff=14336, n_head=32, n_head_kv=8, n_vocab=128256, n_ctx=8192,
+               rope_theta=500000.0, tied=False),  # Llama-3.1-8B
+}
+DATA_NAME = "big-llama-data.jsonl"  # the same text for every shape (one tokenizer)
 LORA = dict(r=16, lora_alpha=32, targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
+WORDS = ("the a of and to in is it that was for on with as at by from old new small big red blue green cat dog "
+         "bird fish tree river hill road house door window book letter lamp boat ship sea sun moon star rain "
+         "wind snow morning evening night day week year keeper sailor baker child woman man walked ran sat "
+         "slept wrote read found kept made saw heard opened closed carried counted quiet slow warm cold").split()
 
 
 def default_dir() -> Path:
     return Path.home() / ".cache" / "lora2gguf-bench"
 
 
+def names(shape: str) -> tuple[str, str]:
+    """(base file stem, adapter directory): big-llama-f16.gguf for the default shape, as before."""
+    stem = "big-llama" if shape == "big" else f"big-llama-{shape}"
+    return stem, f"{stem}-lora"
+
+
 def vocab(n: int) -> tuple[list[str], list[float], list[int]]:
+    """SentencePiece-style: control tokens, the 256 byte tokens, then ▁w0, ▁w1, ... English words are none
+    of those, so llama.cpp's tokenizer spells them with byte tokens (about one token per byte)."""
     T = gguf.TokenType
     toks, scores, types = ["<unk>", "<s>", "</s>"], [0.0, 0.0, 0.0], [T.UNKNOWN, T.CONTROL, T.CONTROL]
     toks += [f"<0x{b:02X}>" for b in range(256)]
@@ -50,16 +77,14 @@ def vocab(n: int) -> tuple[list[str], list[float], list[int]]:
     return toks, scores, [int(t) for t in types]
 
 
-def hf_shapes() -> dict[str, tuple[int, int]]:
-    d = DIMS
-    hd, e, f = d["n_embd"] // d["n_head"], d["n_embd"], d["n_ff"]
-    return {"self_attn.q_proj": (d["n_head"] * hd, e), "self_attn.k_proj": (d["n_head_kv"] * hd, e),
-            "self_attn.v_proj": (d["n_head_kv"] * hd, e), "self_attn.o_proj": (e, d["n_head"] * hd),
-            "mlp.gate_proj": (f, e), "mlp.up_proj": (f, e), "mlp.down_proj": (e, f)}
+def spec_of(d: dict):
+    return models.get("llama").spec_from_hf(
+        {"hidden_size": d["n_embd"], "num_attention_heads": d["n_head"], "num_key_value_heads": d["n_head_kv"],
+         "num_hidden_layers": d["n_layer"], "intermediate_size": d["n_ff"], "vocab_size": d["n_vocab"],
+         "rope_theta": d["rope_theta"], "tie_word_embeddings": d["tied"]}, "big base")
 
 
-def write_base(path: Path, seed: int) -> None:
-    d = DIMS
+def write_base(path: Path, seed: int, d: dict) -> None:
     hd = d["n_embd"] // d["n_head"]
     w = gguf.GGUFWriter(None, "llama")
     w.add_name("big-llama-random")
@@ -70,7 +95,7 @@ def write_base(path: Path, seed: int) -> None:
     w.add_head_count(d["n_head"])
     w.add_head_count_kv(d["n_head_kv"])
     w.add_rope_dimension_count(hd)
-    w.add_rope_freq_base(10000.0)
+    w.add_rope_freq_base(d["rope_theta"])
     w.add_layer_norm_rms_eps(1e-5)
     w.add_vocab_size(d["n_vocab"])
     w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
@@ -83,28 +108,19 @@ def write_base(path: Path, seed: int) -> None:
     w.add_eos_token_id(2)
     w.add_unk_token_id(0)
 
-    shapes = hf_shapes()
-    plan, F16, F32 = [], gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.F32
-    llama = models.get("llama")
-    spec = llama.spec_from_hf({"hidden_size": d["n_embd"], "num_attention_heads": d["n_head"],
-                               "num_key_value_heads": d["n_head_kv"], "num_hidden_layers": d["n_layer"],
-                               "intermediate_size": d["n_ff"], "vocab_size": d["n_vocab"]}, "big base")
-    for hf in llama.expected_shapes(spec, tied=False):
-        name = llama.gguf_name(d["n_layer"], hf)
-        if hf.endswith("norm.weight"):
-            shape, t = (d["n_embd"],), F32
-        elif hf in ("model.embed_tokens.weight", "lm_head.weight"):
-            shape, t = (d["n_vocab"], d["n_embd"]), F16
-        else:
-            shape, t = shapes[hf.split(".", 3)[3].rsplit(".", 1)[0]], F16
-        plan.append(PlannedTensor(name, shape, t, nbytes_of(shape, t)))
+    llama, spec = models.get("llama"), spec_of(d)
+    F16, F32 = gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.F32
+    plan = []
+    for hf, shape in llama.expected_shapes(spec).items():  # a tied spec has no lm_head: no output.weight
+        t = F32 if len(shape) == 1 else F16  # norms F32, as llama.cpp's converter writes them
+        plan.append(PlannedTensor(llama.gguf_name(d["n_layer"], hf), shape, t, nbytes_of(shape, t)))
     rng = np.random.default_rng(seed)
 
     def data():
         for p in plan:
             if p.type == F32:
-                yield np.ones(p.shape, np.float32)
-            else:  # one tensor at a time; rows drawn in blocks to keep the float32 temporary small
+                yield np.ones(p.shape, np.float32)  # norms = 1: the forward stays finite through every layer
+            else:  # std 0.02 like an init; rows drawn in blocks to keep the float32 temporary small
                 out = np.empty(p.shape, np.float16)
                 for i in range(0, p.shape[0], 1024):
                     out[i:i + 1024] = rng.standard_normal((min(1024, p.shape[0] - i), p.shape[1]), np.float32) * 0.02
@@ -113,13 +129,14 @@ def write_base(path: Path, seed: int) -> None:
     write_streaming(path, w, plan, data())
 
 
-def write_adapter(out_dir: Path, seed: int) -> None:
+def write_adapter(out_dir: Path, seed: int, d: dict) -> None:
     """A plain PEFT LoRA in the exact layout peft's save_pretrained writes."""
     rng = np.random.default_rng(seed + 1)
-    shapes, r = hf_shapes(), LORA["r"]
+    shapes, r = models.get("llama").linear_shapes(spec_of(d)), LORA["r"]
     tensors = {}
-    for i in range(DIMS["n_layer"]):
+    for i in range(d["n_layer"]):
         for mod, (n_out, n_in) in shapes.items():
+            mod = mod.removesuffix(".weight")
             if mod.split(".")[-1] not in LORA["targets"]:
                 continue
             key = f"base_model.model.model.layers.{i}.{mod}"
@@ -134,25 +151,60 @@ def write_adapter(out_dir: Path, seed: int) -> None:
     (out_dir / "adapter_config.json").write_text(json.dumps(cfg, indent=2))
 
 
-def make(out: Path, seed: int = 0, force: bool = False) -> tuple[Path, Path]:
+def write_data(path: Path, rows: int = 64, seed: int = 0) -> Path:
+    """Training text: plain English words, ~400 characters a row (over 128 tokens once spelled in bytes)."""
+    import random
+
+    rng = random.Random(seed)
+    with atomic_output(path) as tmp, open(tmp, "w") as f:
+        for _ in range(rows):
+            f.write(json.dumps({"text": " ".join(rng.choice(WORDS) for _ in range(80)) + "."}) + "\n")
+    return path
+
+
+def make(out: Path, seed: int = 0, force: bool = False, shape: str = "big", quant: str | None = None,
+         keep_f16: bool = False, log=lambda msg: None) -> tuple[Path, Path]:
+    """(base, adapter), made when missing. With `quant`, the F16 file is quantized by llama.cpp (the
+    project's llama_quantize) and then deleted unless keep_f16: both exist on disk while it runs."""
+    d = SHAPES[shape]
     out.mkdir(parents=True, exist_ok=True)
-    base, adapter = out / BASE_NAME, out / ADAPTER_NAME
+    stem, adapter = names(shape)
+    f16, adapter = out / f"{stem}-f16.gguf", out / adapter
+    base = out / f"{stem}-{quant}.gguf" if quant else f16
     if force or not base.is_file():
-        with atomic_output(base) as tmp:
-            write_base(tmp, seed)
+        if force or not f16.is_file():
+            t = time.perf_counter()
+            with atomic_output(f16) as tmp:
+                write_base(tmp, seed, d)
+            log(f"wrote {f16} ({f16.stat().st_size / 1e9:.2f} GB) in {time.perf_counter() - t:.0f} s")
+        if quant:
+            t = time.perf_counter()
+            with atomic_output(base) as tmp:
+                llama_quantize(f16, tmp, output_type(quant).ftype)
+            log(f"quantized to {base} ({base.stat().st_size / 1e9:.2f} GB) in {time.perf_counter() - t:.0f} s; "
+                f"disk peak {(f16.stat().st_size + base.stat().st_size) / 1e9:.2f} GB (both files)")
+            if not keep_f16:
+                f16.unlink()
     if force or not (adapter / "adapter_config.json").is_file():
-        write_adapter(adapter, seed)
+        write_adapter(adapter, seed, d)
     return base, adapter
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=default_dir())
+    ap.add_argument("--shape", choices=SHAPES, default="big")
+    ap.add_argument("--quant", help="Quantize the F16 file with llama.cpp to this type (e.g. q4_k_m), then "
+                                    "delete the F16 file.")
+    ap.add_argument("--keep-f16", action="store_true", help="With --quant: keep the F16 file.")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--force", action="store_true", help="Rewrite even if the files exist.")
     a = ap.parse_args()
-    base, adapter = make(a.out, a.seed, a.force)
-    print(f"{base} ({base.stat().st_size / 1e9:.2f} GB)\n{adapter}")
+    base, adapter = make(a.out, a.seed, a.force, a.shape, a.quant, a.keep_f16, log=print)
+    data = a.out / DATA_NAME
+    if a.force or not data.is_file():
+        write_data(data)
+    print(f"{base} ({base.stat().st_size / 1e9:.2f} GB)\n{adapter}\n{data}")
 
 
 if __name__ == "__main__":
