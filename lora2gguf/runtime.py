@@ -45,8 +45,11 @@ def _cpu_has_amx() -> bool:
 
 
 @contextlib.contextmanager
-def _without_amx(llama_cpp):
-    """Load a model without llama.cpp's extra CPU buffer types where the CPU has AMX. A build with AMX
+def _without_extra_bufts(llama_cpp, repack: bool):
+    """Load a model without llama.cpp's extra CPU buffer types where the CPU has AMX, or where the caller
+    asks for the file's own layout (`repack=False`). The extra types are llama.cpp's repacked CPU kernels:
+    on x86 they copy the quantized weights into another layout, so an 8B Q4_K_M (4.9 GB) costs the mapped
+    file plus 3.4 GB of copies (8.6 GB measured); verify loads the file as it is (5.3 GB). A build with AMX
     (GGML_NATIVE on a Sapphire Rapids machine) moves quantized weights into its AMX buffer, and on this
     project's 2-core KVM machines (llama-cpp-python 0.3.36) those kernels die with SIGILL at the first
     batched matmul (`tilezero` in ggml_backend_amx_mul_mat; Q4_1, Q8_0 and K-quant models alike, any
@@ -54,7 +57,7 @@ def _without_amx(llama_cpp):
     in ggml or the VM, not found. llama-cpp-python's Llama() has no argument for use_extra_bufts, so its
     default params are patched for the load. Elsewhere llama.cpp keeps its defaults (there the extra types
     are its repacked CPU kernels)."""
-    if not _cpu_has_amx():
+    if repack and not _cpu_has_amx():
         yield
         return
     lc = llama_cpp.llama_cpp
@@ -74,14 +77,14 @@ def _without_amx(llama_cpp):
 
 class LlamaRuntime:
     def __init__(self, model_path: str | os.PathLike, n_ctx: int = 512, n_threads: int | None = None,
-                 vocab_only: bool = False, verbose: bool = False):
+                 vocab_only: bool = False, verbose: bool = False, repack: bool = True):
         import llama_cpp
 
         self._lc = llama_cpp
         self.path = Path(model_path)
         self.verbose = verbose
         self._adapters: dict[str, object] = {}
-        with _quiet_stderr(not verbose), _without_amx(llama_cpp):
+        with _quiet_stderr(not verbose), _without_extra_bufts(llama_cpp, repack):
             try:
                 self.llm = llama_cpp.Llama(
                     model_path=str(self.path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=True,

@@ -301,7 +301,8 @@ def verify(base: str | os.PathLike, loras: list[tuple[str, float]], merged: str 
         chat = _chat_prompts(gb, prompts, chat_template) if prompts else None
         # the context holds the text, and each prompt with its greedy continuation
         n_ctx = max(256, n_tokens + 8, *[len(p) + n_greedy + 8 for p in chat or []])
-        rt = stack.enter_context(LlamaRuntime(base_path, n_ctx=n_ctx, verbose=verbose))
+        # the file as it is, not repacked by llama.cpp for its CPU kernels: the base once in memory, not twice
+        rt = stack.enter_context(LlamaRuntime(base_path, n_ctx=n_ctx, verbose=verbose, repack=False))
         tokens = rt.tokenize(text or DEFAULT_TEXT)[:n_tokens]
         if len(tokens) < 16:
             raise Lora2GGUFError(f"the text gives only {len(tokens)} tokens; give at least 16 (--text)")
@@ -319,7 +320,7 @@ def verify(base: str | os.PathLike, loras: list[tuple[str, float]], merged: str 
         mtype = None
         if merged:
             mtype = _file_type(Path(merged))
-            with LlamaRuntime(merged, n_ctx=n_ctx, verbose=verbose) as mrt:
+            with LlamaRuntime(merged, n_ctx=n_ctx, verbose=verbose, repack=False) as mrt:
                 logits["merged"] = mrt.logits(tokens)
                 if conts is None:
                     conts = [mrt.greedy(p, n_greedy) for p in prompt_tokens]

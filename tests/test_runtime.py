@@ -36,7 +36,7 @@ def test_greedy_prefix_reuse_and_adapter_swap(tmp_path):
 
 def test_batched_eval_of_quantized_models_runs():
     """A whole prompt through each quantized fixture, in a child process so that a crash in llama.cpp's
-    CPU kernels (SIGILL in its AMX path, before runtime._without_amx) fails this test and not the run."""
+    CPU kernels (SIGILL in its AMX path, before runtime._without_extra_bufts) fails this test and not the run."""
     code = ("import sys, numpy as np; sys.path.insert(0, 'tests'); from conftest import fixture, token_ids; "
             "from lora2gguf.runtime import LlamaRuntime\n"
             "for arch in ('llama', 'qwen3'):\n"
