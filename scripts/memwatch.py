@@ -141,7 +141,10 @@ class Watch:
                     self.killed = f"free disk {free / GB:.1f} GB < {self.min_free / GB:.1f} GB after {s.t:.0f} s"
                 if self.killed:
                     kill_tree(self.pid, pids)
-            self._stop.wait(max(0.0, self.interval - (time.perf_counter() - t)))  # reading /proc takes time too
+            # reading /proc takes time too: smaps_rollup walks the page tables of every mapping (tens of ms
+            # for a mapped 5 GB GGUF), so wait at least 3× that, or the sampler takes a core from the command
+            spent = time.perf_counter() - t
+            self._stop.wait(max(self.interval - spent, 3 * spent))
 
     def peak(self, key: str = "held") -> int:
         return max((getattr(s, key) for s in self.samples), default=0)
