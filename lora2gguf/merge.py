@@ -411,7 +411,9 @@ def _source(fh, job: Job, spec, pool: RowPool) -> Tensor:
     if not job.touched:
         fd, src = fh.fileno(), job.source
         return Tensor(info.name, info.shape, src.type, lambda: ggml_rows(fd, src), lambda: stored_slabs(fd, src))
-    return Tensor(info.name, info.shape, info.type, lambda: _merged_blocks(fh, job, spec, pool))
+    dtype = np.float16 if info.type == GGMLQuantizationType.F16 else np.float32  # rounded as the file holds it
+    return Tensor(info.name, info.shape, info.type,
+                  lambda: (b.astype(dtype, copy=False) for b in _merged_blocks(fh, job, spec, pool)))
 
 
 def _write_quantized(path: Path, base: GGUFBase, jobs: list[Job], qtype: OutputType, mid_type: LlamaFileType,

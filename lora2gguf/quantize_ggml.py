@@ -180,23 +180,27 @@ _LINE = re.compile(r"^\[\s*(\d+)/\s*(\d+)\]\s+(\S+)\s+- \[[^\]]*\], type =\s*(\S
 
 @contextlib.contextmanager
 def _llama_log(sink: Callable[[str], None]):
-    """Route llama.cpp's (and ggml's) log to sink for the duration, then give it back to llama-cpp-python's
-    logger. The callback is process-wide: nothing else may run llama.cpp meanwhile in this process."""
+    """Route llama.cpp's (and ggml's) log to sink for the duration, then give back whatever callback was set
+    (llama-cpp-python's). The callback is process-wide: what llama.cpp logs meanwhile from another thread
+    goes to sink too (the dry run's parser only takes its own tensor lines, checked one by one)."""
     import llama_cpp
+
+    lib = llama_cpp.llama_cpp._lib
+    get, put = lib["llama_log_get"], lib["llama_log_set"]  # fresh function objects: our own argtypes
+    get.argtypes, get.restype = [ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_void_p)], None
+    put.argtypes, put.restype = [ctypes.c_void_p, ctypes.c_void_p], None
+    old_cb, old_ud = ctypes.c_void_p(), ctypes.c_void_p()
+    get(ctypes.byref(old_cb), ctypes.byref(old_ud))
 
     @llama_cpp.llama_log_callback
     def cb(level, text, user_data):
         sink(text.decode("utf-8", errors="replace"))
 
-    llama_cpp.llama_log_set(cb, ctypes.c_void_p(0))
+    put(ctypes.cast(cb, ctypes.c_void_p), None)
     try:
         yield
     finally:
-        try:
-            from llama_cpp._logger import llama_log_callback as default
-        except ImportError:  # pragma: no cover - older llama-cpp-python
-            default = llama_cpp.llama_log_callback(0)
-        llama_cpp.llama_log_set(default, ctypes.c_void_p(0))
+        put(old_cb, old_ud)
 
 
 _DRY_RUN_LOCK = threading.Lock()
