@@ -352,12 +352,12 @@ def write_quantized(out: str | os.PathLike, ftype: LlamaFileType, kv: GGUFWriter
         probe = Path(str(out) + ".types.part")
         try:
             _write_probe(probe, kv, tensors)
-            order = _order(llama_target_types(probe, ftype, verbose), by_name)
+            order = _order(_types_off_main_thread(probe, ftype, verbose), by_name)
             header = _header(probe, ftype, order)
         finally:
             probe.unlink(missing_ok=True)
     else:
-        order = _order(llama_target_types(kv, ftype, verbose), by_name)
+        order = _order(_types_off_main_thread(kv, ftype, verbose), by_name)
         header = _header(Path(kv), ftype, order)
     n_threads = threads or os.cpu_count() or 1
     _, g = _libs()
@@ -379,6 +379,14 @@ def write_quantized(out: str | os.PathLike, ftype: LlamaFileType, kv: GGUFWriter
         finally:
             for f in pending:
                 f.cancel()
+
+
+def _types_off_main_thread(model, ftype, verbose):
+    """llama_target_types on a worker thread. Its log callback is Python code called from C: on the main
+    thread a signal handler would run inside it, where ctypes prints and drops the exception (a Ctrl-C
+    lost); here the main thread waits on the result, where Ctrl-C / SIGTERM raise at once."""
+    with ThreadPoolExecutor(1, thread_name_prefix="dry-run") as ex:
+        return ex.submit(llama_target_types, model, ftype, verbose).result()
 
 
 def _order(types: list[tuple[str, GGMLQuantizationType | None]], by_name: dict[str, Tensor]
