@@ -9,15 +9,27 @@ keeps the original shared weight plus only lm_head's own LoRA (PEFT's merge_and_
 reference_model, instead let an embed_tokens update leak into the tied head).
 
 Streaming: the plan (names, shapes, types) is fixed from the base's header, then tensors are read into
-fresh memory (not through a memory map, whose pages would stay resident), merged in row blocks on a
-thread pool, written, and dropped, one at a time.
+fresh memory (not through a memory map, whose pages would stay resident) and merged on a thread pool,
+plain LoRA in row blocks (n blocks of ≤ 1 MB at a time), DoRA/biases/replacements whole, one tensor at
+a time.
 
-Types: f32/f16/bf16 are written directly. Quantized types go through an intermediate file in the output
-directory (merged tensors F16 for an F16 base as llama-export-lora writes them, F32 otherwise; untouched
-tensors byte-for-byte as in the base) and llama.cpp's quantizer, which copies every tensor already of
-its target type and quantizes the rest. So from an F16 (F32) base the result is byte-identical to
-`llama-quantize` of our f16 (f32) output, and from a quantized base the tensors no adapter touches keep
-their exact bytes wherever their type is what the output uses.
+Types: f32/f16/bf16 are written directly. Quantized types are written by llama.cpp's own quantizer run in
+this process on the merge's row blocks (quantize_ggml): the model it quantizes is what used to be an
+intermediate file (merged tensors F16 for an F16 base as llama-export-lora writes them, F32 otherwise;
+untouched tensors byte-for-byte as in the base) but never exists on disk. llama.cpp chooses every tensor's
+type (its dry run), copies each tensor already of its target type and quantizes the rest with
+ggml_quantize_chunk. So from an F16 (F32) base the result is byte-identical to `llama-quantize` of our f16
+(f32) output, from any base it is byte-identical to the previous intermediate-file path (intermediate=True,
+kept and tested against), and from a quantized base the tensors no adapter touches keep their exact bytes
+wherever their type is what the output uses.
+
+Disk: a quantized merge writes only its output's temp file beside `out` (renamed at the end) and, for a
+moment before the first tensor, a probe of a few KB: extra disk ≤ the output's size. The intermediate path
+also wrote the intermediate (F32 merged tensors: ~29 GB for an all-linear adapter on an 8B model). Memory
+of a quantized merge: the base's header, the adapters, a touched tensor's row blocks being merged (n blocks
+of ≤ 1 MB for plain LoRA; the whole float32 tensor for DoRA, biases and replacements), the quantizer's chunks
+in flight (≤ 2n + 1 of ≤ 1 MB of floats) and 16 MB slabs of an untouched tensor. f32/f16/bf16 outputs hold
+whole tensors, two at a time (the next one computed while this one is written).
 """
 
 from __future__ import annotations
