@@ -447,9 +447,17 @@ def stored_slabs(fd: int, info, slab: int = SLAB_BYTES) -> Iterator[np.ndarray]:
         yield _pread(fd, info.offset + off, min(step, info.nbytes - off))
 
 
+def _float_slab(info, slab: int) -> int:
+    """Stored bytes per read such that the float32 rows they give take about `slab` bytes (a Q4_K slab
+    expands 7x)."""
+    ne0 = info.shape[-1]
+    return max(1, slab // (4 * ne0)) * _row_bytes(info.type, ne0)
+
+
 def ggml_rows(fd: int, info, slab: int = SLAB_BYTES) -> Iterator[np.ndarray]:
-    """A stored tensor as float32 rows, converted by ggml as llama.cpp's quantizer converts its input."""
-    for raw in stored_slabs(fd, info, slab):
+    """A stored tensor as float32 rows (about `slab` bytes of them at a time), converted by ggml as llama.cpp's
+    quantizer converts its input."""
+    for raw in stored_slabs(fd, info, _float_slab(info, slab)):
         yield dequantize_rows(raw, info.type, info.shape[-1])
 
 
@@ -459,7 +467,7 @@ def gguf_py_rows(fd: int, info, slab: int = SLAB_BYTES) -> Iterator[np.ndarray]:
     from gguf.quants import dequantize
 
     ne0 = info.shape[-1]
-    for raw in stored_slabs(fd, info, slab):
+    for raw in stored_slabs(fd, info, _float_slab(info, slab)):
         if info.type == F32:
             yield raw.view(np.float32).reshape(-1, ne0)
         elif info.type == F16:

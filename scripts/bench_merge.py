@@ -151,12 +151,13 @@ class Sampler(threading.Thread):
             self.done.wait(self.every)
 
 
-def timed(cmd: list[str], watch: Path | None = None, out: Path | None = None, env: dict | None = None) -> dict:
+def timed(cmd: list[str], watch: Path | None = None, out: Path | None = None, env: dict | None = None,
+          cwd: Path | None = None) -> dict:
     """One command under GNU time: wall and CPU seconds, peak RSS (MB); sampled while it runs, peak PSS of its
     process tree (MB) and peak extra disk in `watch` beyond the final size of `out` (MB)."""
     with tempfile.NamedTemporaryFile("r", suffix=".time") as tf:
         proc = subprocess.Popen(["/usr/bin/time", "-f", "%e %U %S %M", "-o", tf.name, *cmd], stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, text=True, env=env)
+                                stderr=subprocess.PIPE, text=True, env=env, cwd=cwd)
         sampler = Sampler(proc.pid, watch or Path(tempfile.gettempdir()))
         sampler.start()
         _, err = proc.communicate()
@@ -171,7 +172,8 @@ def timed(cmd: list[str], watch: Path | None = None, out: Path | None = None, en
 
 
 def ours_cmd(code: Path | None) -> tuple[list[str], dict | None]:
-    """How to run our CLI: this checkout's, or another checkout's (--code) on this venv's packages."""
+    """How to run our CLI: this checkout's, or another checkout's (--code) on this venv's packages (run from
+    that directory: `python -m` puts the working directory first on sys.path)."""
     if code is not None:
         return [PY, "-m", "lora2gguf.cli"], os.environ | {"PYTHONPATH": str(code)}
     exe = ROOT / ".venv/bin/lora2gguf"
@@ -186,7 +188,7 @@ def bench(name: str, base: Path, adapter: Path, tools: tuple[Path, Path] | None,
     def ours():
         ours_out.unlink(missing_ok=True)
         return [timed([*cli, "merge", "--base", str(base), "--lora", str(adapter), "--quant", "q4_k_m", "-o",
-                       str(ours_out)], work, ours_out, env)]
+                       str(ours_out)], work, ours_out, env, code)]
 
     def theirs():
         export_lora, quantize = tools
