@@ -18,7 +18,7 @@ with the adapter (PEFT's math): (a) llama.cpp runtime LoRA on a q4_k_m base, (b)
 base, (c) our merge from the q4_k_m base, (d) llama-export-lora + llama-quantize.
 
     python scripts/bench_merge.py [--runs 3] [--only smollm2|big] [--quality] [--cache DIR]
-                                  [--code DIR] [--no-llama-cpp]
+                                  [--code DIR] [--no-llama-cpp] [--big-type f16|q8_0]
 
 --code DIR runs "ours" from another checkout of lora2gguf (e.g. `git archive COMMIT | tar -x -C DIR`), for
 before/after numbers on the same inputs; --no-llama-cpp skips llama.cpp's chain (and building it).
@@ -83,10 +83,22 @@ def smollm2_inputs(cache: Path) -> tuple[Path, Path]:
     return base, adapter
 
 
-def big_inputs(cache: Path) -> tuple[Path, Path]:
+def big_inputs(cache: Path, kind: str = "f16") -> tuple[Path, Path]:
+    """The generated F16 base and its adapter; kind q8_0: that base quantized by llama.cpp (a quantized base,
+    where the previous path's intermediate held the merged tensors in F32), cached beside it."""
     from make_big_base import make
 
-    return make(cache)
+    base, adapter = make(cache)
+    if kind != "f16":
+        from gguf import LlamaFileType
+
+        from lora2gguf.quantize import llama_quantize
+
+        q = base.with_name(base.name.replace("f16", kind))
+        if not q.is_file():
+            llama_quantize(base, q, LlamaFileType[f"MOSTLY_{kind.upper()}"])
+        base = q
+    return base, adapter
 
 
 def _tree(root: int) -> list[int]:
@@ -293,6 +305,7 @@ def main() -> None:
     ap.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "lora2gguf-bench")
     ap.add_argument("--code", type=Path, help="Run 'ours' from this checkout of lora2gguf (before/after).")
     ap.add_argument("--no-llama-cpp", action="store_true", help="Skip llama.cpp's export-lora + quantize chain.")
+    ap.add_argument("--big-type", choices=["f16", "q8_0"], default="f16", help="The big base's type.")
     a = ap.parse_args()
     a.cache.mkdir(parents=True, exist_ok=True)
     tools = None if a.no_llama_cpp else build_tools(a.cache)
@@ -302,7 +315,8 @@ def main() -> None:
         if a.only in (None, "smollm2"):
             rows.append(bench("SmolLM2-135M F32", *smollm2_inputs(a.cache), tools, work, a.runs, a.code))
         if a.only in (None, "big"):
-            rows.append(bench("big llama F16", *big_inputs(a.cache), tools, work, a.runs, a.code))
+            rows.append(bench(f"big llama {a.big_type.upper()}", *big_inputs(a.cache, a.big_type), tools, work, a.runs,
+                              a.code))
         print("\n| base | ours: wall (CPU), peak RSS / PSS, peak extra disk |" +
               (" export-lora + quantize: wall (CPU), peak RSS / PSS, peak extra disk | wall | CPU | RSS |" if tools else ""))
         print("|---|---|" + ("---|---:|---:|---:|" if tools else ""))
