@@ -176,16 +176,22 @@ def encode(arr: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
 
 
 
+def f32_copy_writer(f: GGUFFile) -> GGUFWriter:
+    """A writer carrying the metadata of dequantize_file's F32 copy of f (the base's, file type ALL_F32)."""
+    from gguf import LlamaFileType
+
+    w = GGUFWriter(None, f.get("general.architecture"))
+    copy_fields(f, w, skip=lambda k: k == "general.file_type")
+    w.add_file_type(LlamaFileType.ALL_F32)
+    return w
+
+
 def dequantize_file(src: str | os.PathLike, dst: str | os.PathLike, replace: dict | None = None) -> None:
     """An F32 copy of a GGUF model: same metadata, every tensor dequantized (norms stay F32 anyway); `replace`
     (GGUF name → float32 array in GGUF layout) gives some tensors other values."""
-    from gguf import LlamaFileType
-
     dst = Path(dst)
     with GGUFFile(src) as f, atomic_output(dst) as tmp:
-        w = GGUFWriter(None, f.get("general.architecture"))
-        copy_fields(f, w, skip=lambda k: k == "general.file_type")
-        w.add_file_type(LlamaFileType.ALL_F32)
+        w = f32_copy_writer(f)
         plan = [PlannedTensor(t.name, t.shape, GGMLQuantizationType.F32, 4 * t.n_elements)
                 for t in f.tensors.values()]
         replace = replace or {}

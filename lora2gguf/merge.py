@@ -9,19 +9,32 @@ keeps the original shared weight plus only lm_head's own LoRA (PEFT's merge_and_
 reference_model, instead let an embed_tokens update leak into the tied head).
 
 Streaming: the plan (names, shapes, types) is fixed from the base's header, then tensors are read into
-fresh memory (not through a memory map, whose pages would stay resident), merged in row blocks on a
-thread pool, written, and dropped, one at a time.
+fresh memory (not through a memory map, whose pages would stay resident) and merged on a thread pool,
+plain LoRA in row blocks (n blocks of ≤ 1 MB at a time), DoRA/biases/replacements whole, one tensor at
+a time.
 
-Types: f32/f16/bf16 are written directly. Quantized types go through an intermediate file in the output
-directory (merged tensors F16 for an F16 base as llama-export-lora writes them, F32 otherwise; untouched
-tensors byte-for-byte as in the base) and llama.cpp's quantizer, which copies every tensor already of
-its target type and quantizes the rest. So from an F16 (F32) base the result is byte-identical to
-`llama-quantize` of our f16 (f32) output, and from a quantized base the tensors no adapter touches keep
-their exact bytes wherever their type is what the output uses.
+Types: f32/f16/bf16 are written directly. Quantized types are written by llama.cpp's own quantizer run in
+this process on the merge's row blocks (quantize_ggml): the model it quantizes is what used to be an
+intermediate file (merged tensors F16 for an F16 base as llama-export-lora writes them, F32 otherwise;
+untouched tensors byte-for-byte as in the base) but never exists on disk. llama.cpp chooses every tensor's
+type (its dry run), copies each tensor already of its target type and quantizes the rest with
+ggml_quantize_chunk. So from an F16 (F32) base the result is byte-identical to `llama-quantize` of our f16
+(f32) output, from any base it is byte-identical to the previous intermediate-file path (intermediate=True,
+kept and tested against), and from a quantized base the tensors no adapter touches keep their exact bytes
+wherever their type is what the output uses.
+
+Disk: a quantized merge writes only its output's temp file beside `out` (renamed at the end) and, for a
+moment before the first tensor, a probe of a few KB: extra disk ≤ the output's size. The intermediate path
+also wrote the intermediate (F32 merged tensors: ~29 GB for an all-linear adapter on an 8B model). Memory
+of a quantized merge: the base's header, the adapters, a touched tensor's row blocks being merged (n blocks
+of ≤ 1 MB for plain LoRA; the whole float32 tensor for DoRA, biases and replacements), the quantizer's chunks
+in flight (≤ 2n + 1 of ≤ 1 MB of floats) and 16 MB slabs of an untouched tensor. f32/f16/bf16 outputs hold
+whole tensors, two at a time (the next one computed while this one is written).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
 import hashlib
@@ -32,6 +45,7 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFWriter, LlamaFileType
@@ -43,6 +57,9 @@ from .gguf_file import TensorInfo
 from .gguf_write import (PlannedTensor, atomic_output, check_output, copy_fields, encode, nbytes_of, part_prefix,
                          write_streaming)
 from .quantize import OutputType, llama_quantize, output_type, takes_file_type
+
+if TYPE_CHECKING:
+    from .quantize_ggml import Tensor
 
 F32 = GGMLQuantizationType.F32
 KEY_ADAPTERS, KEY_SCALES, KEY_SHA256 = "lora2gguf.merge.adapters", "lora2gguf.merge.scales", "lora2gguf.merge.sha256"
@@ -193,16 +210,27 @@ def _plan(base: GGUFBase, adapters: list[tuple[PeftAdapter, float]]) -> list[Job
 
 def _read(fh, t: TensorInfo) -> np.ndarray:
     """The tensor's bytes, read into fresh memory (freed after use, unlike pages of a memory map)."""
-    buf = np.empty(t.nbytes, np.uint8)
+    return _read_range(fh.fileno(), t, 0, t.nbytes)
+
+
+def _read_range(fd: int, t: TensorInfo, start: int, n: int) -> np.ndarray:
+    """n bytes of the tensor's data from `start`, read into fresh memory."""
+    buf = np.empty(n, np.uint8)
     view, got = memoryview(buf), 0
-    fh.seek(t.offset)
-    while got < t.nbytes:
-        n = fh.readinto(view[got:])
-        if not n:  # the header was checked against the size at open: the file shrank since
-            raise Lora2GGUFError(f"{fh.name}: tensor {t.name}: the base file ended early (was it changed while "
-                                 "merging?); it is truncated")
-        got += n
+    while got < n:
+        k = os.preadv(fd, [view[got:]], t.offset + start + got)
+        if not k:  # the header was checked against the size at open: the file shrank since
+            raise Lora2GGUFError(f"{_path_of(fd)}: tensor {t.name}: the base file ended early (was it changed "
+                                 "while merging?); it is truncated")
+        got += k
     return buf
+
+
+def _path_of(fd: int) -> str:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return "the base file"
 
 
 def _decode(raw: np.ndarray, t: TensorInfo) -> np.ndarray:
@@ -219,24 +247,18 @@ def _decode(raw: np.ndarray, t: TensorInfo) -> np.ndarray:
         raise Lora2GGUFError(f"tensor {t.name} has type {t.type.name}, which gguf-py cannot dequantize") from None
 
 
-def _rows(m: ModuleLoRA, rows: slice) -> ModuleLoRA:
-    """The part of a module's LoRA that produces these output rows (ΔW rows are rows of B, or columns of A
-    for embeddings); DoRA's per-row magnitude goes with them."""
-    if m.embedding or m.fan_in_fan_out:
-        return dataclasses.replace(m, A=m.A[:, rows], bias=None)
-    mag = None if m.magnitude is None else m.magnitude[rows]
-    return dataclasses.replace(m, B=m.B[rows], magnitude=mag, bias=None)
-
-
 class RowPool:
     """Runs a function over the row blocks of a tensor on n threads (numpy releases the GIL)."""
 
     def __init__(self, n: int):
         self.n, self.pool = n, ThreadPoolExecutor(n)
 
+    def step(self, shape: tuple[int, ...]) -> int:
+        """Rows per block: at most ROW_BLOCK elements, and at least n blocks when there are enough rows."""
+        return max(1, min(ROW_BLOCK // max(1, shape[1]), -(-shape[0] // self.n)))
+
     def map(self, fn, shape: tuple[int, ...]) -> None:
-        """Blocks of at most ROW_BLOCK elements, and at least n of them when there are enough rows."""
-        step = max(1, min(ROW_BLOCK // max(1, shape[1]), -(-shape[0] // self.n)))
+        step = self.step(shape)
         list(self.pool.map(fn, [slice(i, i + step) for i in range(0, shape[0], step)]))
 
 
@@ -248,50 +270,66 @@ def _merge_dora(w: np.ndarray, mods: list[tuple[ModuleLoRA, float]], pool: RowPo
     out = np.empty(w.shape, np.float32)
 
     def block(rows: slice) -> None:
-        out[rows] = merged_weight(w[rows], [(_rows(m, rows), u) for m, u in mods])
+        out[rows] = merged_weight(w[rows], [(m.row_block(rows), u) for m, u in mods])
 
     pool.map(block, w.shape)
     return out
 
 
-def _merge_plain(src: TensorInfo, raw: np.ndarray, mods: list[tuple[ModuleLoRA, float]], rows_to_gguf,
-                 pool: RowPool, dtype: type) -> np.ndarray:
+def _plain_blocks(fd: int, src: TensorInfo, mods: list[tuple[ModuleLoRA, float]], rows_to_gguf, pool: RowPool,
+                  dtype: type) -> Iterator[np.ndarray]:
     """W + Σ u·s·B·A for plain LoRA, merged_weight's sum computed the way PEFT's own merge does it: the
     scales folded into B, B·A and the sum in float32 (the output's precision; float64 here cost 3x the
     time for changes below one float32 ulp). In GGUF layout (B's rows permuted like the base's q/k rather
-    than un-permuting W); each row block is decoded, merged and stored as `dtype` (float32 or float16)
-    on the pool: one pass over the tensor."""
+    than un-permuting W). Yields the tensor's row blocks in order, as `dtype` (float32 or float16): each
+    block's base rows are read, decoded and merged on the pool, n blocks at a time, so only those are in
+    memory. The f32/f16 outputs and the quantized ones (whose input these blocks are) share this function:
+    the same blocks, the same float32 arithmetic, the same values."""
     factors = []
     for m, u in mods:
         a, b = m.factors()  # b @ a == ΔW / scale; rows of b are rows of W
         b = (b.astype(np.float64) * (m.scale * u)).astype(np.float32)
         factors.append((np.ascontiguousarray(a, np.float32), rows_to_gguf(b)))
-    if src.type in (F32, GGMLQuantizationType.F16):
-        data = raw.view(np.float32 if src.type == F32 else np.float16).reshape(src.shape)
-    else:
-        data = _decode(raw, src)  # gguf-py dequantizes a whole tensor at once
-    out = data if data.dtype == dtype else np.empty(src.shape, dtype)
+    n_rows, ne0 = src.shape
+    row_bytes = src.nbytes // n_rows
+    step = pool.step(src.shape)
 
-    def block(rows: slice) -> None:
-        w = data[rows].astype(np.float32)  # a copy, even when already float32
+    def block(rows: slice, raw: np.ndarray) -> np.ndarray:
+        w = _decode_rows(raw, src, rows.stop - rows.start).astype(np.float32)  # a copy, even when already float32
         for a, b in factors:
             w += b[rows] @ a
-        out[rows] = w
+        return w if dtype == np.float32 else w.astype(dtype)
 
-    pool.map(block, src.shape)
-    return out
+    group = step * pool.n
+    for g0 in range(0, n_rows, group):
+        g1 = min(n_rows, g0 + group)
+        raw = _read_range(fd, src, g0 * row_bytes, (g1 - g0) * row_bytes)
+        slices = [slice(i, min(i + step, g1)) for i in range(g0, g1, step)]
+        yield from pool.pool.map(lambda r: block(r, raw[(r.start - g0) * row_bytes:(r.stop - g0) * row_bytes]), slices)
 
 
-def _merged(fh, job: Job, spec, pool: RowPool) -> np.ndarray:
-    """The output tensor in GGUF layout: float16 when that is the type written and the merge allows it
-    (plain LoRA), float32 otherwise."""
+def _decode_rows(raw: np.ndarray, t: TensorInfo, n: int) -> np.ndarray:
+    """Rows of a tensor (their stored bytes) as float32, or float16 for F16 (upcast by the caller), decoded
+    as _decode decodes the whole tensor (gguf-py; elementwise, so the same values)."""
+    ne0 = t.shape[-1]
+    if t.type == F32:
+        return raw.view(np.float32).reshape(n, ne0)
+    if t.type == GGMLQuantizationType.F16:
+        return raw.view(np.float16).reshape(n, ne0)
+    return _decode(raw, TensorInfo(t.name, (n, ne0), t.type, 0, raw.size))
+
+
+def _merged_blocks(fh, job: Job, spec, pool: RowPool) -> Iterator[np.ndarray]:
+    """The output tensor in GGUF layout, in row blocks: float16 when that is the type written and the merge
+    allows it (plain LoRA), float32 otherwise. Plain LoRA streams block by block; DoRA, biases and
+    replacements come whole (one block)."""
     arch = spec.arch_module
+    if job.replacement is None and not job.hf.endswith(".bias") and all(m.magnitude is None for m, _ in job.loras):
+        half = job.info.type == GGMLQuantizationType.F16
+        return _plain_blocks(fh.fileno(), job.source, job.loras, lambda b: arch.rows_to_gguf(spec, job.hf, b),
+                             pool, np.float16 if half else np.float32)  # in GGUF layout already
     if job.replacement is not None:
         t = arch.to_gguf(spec, job.hf, np.asarray(job.replacement, np.float32))
-    elif not job.hf.endswith(".bias") and all(m.magnitude is None for m, _ in job.loras):
-        half = job.info.type == GGMLQuantizationType.F16
-        t = _merge_plain(job.source, _read(fh, job.source), job.loras, lambda b: arch.rows_to_gguf(spec, job.hf, b),
-                         pool, np.float16 if half else np.float32)  # in GGUF layout already
     else:  # DoRA and biases: PEFT's math in HF layout and values, then back
         base = None if job.source is None else arch.from_gguf(spec, job.hf, _decode(_read(fh, job.source), job.source))
         if job.hf.endswith(".bias"):
@@ -299,6 +337,15 @@ def _merged(fh, job: Job, spec, pool: RowPool) -> np.ndarray:
         else:
             t = _merge_dora(base, job.loras, pool)
         t = arch.to_gguf(spec, job.hf, t)
+    if t.shape != job.info.shape:
+        raise Lora2GGUFError(f"{fh.name}: an adapter gives {job.hf} shape {t.shape}, the base has {job.info.shape}")
+    return iter([t])
+
+
+def _merged(fh, job: Job, spec, pool: RowPool) -> np.ndarray:
+    """The whole output tensor (see _merged_blocks)."""
+    blocks = list(_merged_blocks(fh, job, spec, pool))
+    t = blocks[0] if len(blocks) == 1 else np.concatenate(blocks)
     if t.shape != job.info.shape:
         raise Lora2GGUFError(f"{fh.name}: an adapter gives {job.hf} shape {t.shape}, the base has {job.info.shape}")
     return t
@@ -324,8 +371,8 @@ def _tensor_data(fh, job: Job, spec, pool: RowPool) -> np.ndarray:
     return t if t.dtype == np.float16 or want == F32 else encode(t, want)
 
 
-def _write(path: Path, base: GGUFBase, jobs: list[Job], ftype: LlamaFileType, record: dict, bar,
-           threads: int | None) -> None:
+def _writer(base: GGUFBase, ftype: LlamaFileType, record: dict) -> GGUFWriter:
+    """A GGUFWriter carrying the output's metadata: the base's, this file type, the adapters on record."""
     f = base.file
     w = GGUFWriter(None, base.spec.arch)
     copy_fields(f, w, skip=lambda k: k == "general.file_type" or k.startswith("lora2gguf.merge."))
@@ -333,14 +380,56 @@ def _write(path: Path, base: GGUFBase, jobs: list[Job], ftype: LlamaFileType, re
     for key, values in record.items():  # earlier merges of this base stay on record, first
         old = f.get(key)
         w.add_array(key, (old.tolist() if isinstance(old, np.ndarray) else list(old or [])) + values)
+    return w
+
+
+@contextlib.contextmanager
+def _merging(base: GGUFBase, threads: int | None):
+    """The base file opened unbuffered and the row pool, with one BLAS thread per block: numpy's OpenBLAS
+    would spread each rank-r product over every core and spin between calls (10x the CPU time, slower in
+    wall time too); the pool parallelises instead."""
     from threadpoolctl import threadpool_limits
 
-    # One BLAS thread per block: numpy's OpenBLAS would spread each rank-r product over every core and
-    # spin between calls (10x the CPU time, slower in wall time too); the pool parallelises instead.
     pool = RowPool(threads or os.cpu_count() or 1)
     with open(base.path, "rb", buffering=0) as fh, pool.pool, threadpool_limits(1, user_api="blas"):
+        yield fh, pool
+
+
+def _write(path: Path, base: GGUFBase, jobs: list[Job], ftype: LlamaFileType, record: dict, bar,
+           threads: int | None) -> None:
+    w = _writer(base, ftype, record)
+    with _merging(base, threads) as (fh, pool):
         data = _ahead(lambda j: _tensor_data(fh, j, base.spec, pool), jobs)
         write_streaming(path, w, [j.info for j in jobs], data, progress=lambda t: bar.update(1))
+
+
+def _source(fh, job: Job, spec, pool: RowPool) -> Tensor:
+    """One tensor of the model llama.cpp's quantizer would read (the intermediate file of intermediate=True):
+    an untouched tensor as stored in the base (converted to float by ggml, as llama.cpp converts it, when
+    it is requantized), a merged one as _merged_blocks computes it, in its intermediate type (F32, or F16
+    from an F16 base)."""
+    from .quantize_ggml import Tensor, ggml_rows, stored_slabs
+
+    info = job.info
+    if not job.touched:
+        fd, src = fh.fileno(), job.source
+        return Tensor(info.name, info.shape, src.type, lambda: ggml_rows(fd, src), lambda: stored_slabs(fd, src))
+    dtype = np.float16 if info.type == GGMLQuantizationType.F16 else np.float32  # rounded as the file holds it
+    return Tensor(info.name, info.shape, info.type,
+                  lambda: (b.astype(dtype, copy=False) for b in _merged_blocks(fh, job, spec, pool)))
+
+
+def _write_quantized(path: Path, base: GGUFBase, jobs: list[Job], qtype: OutputType, mid_type: LlamaFileType,
+                     record: dict, bar, threads: int | None, verbose: bool) -> None:
+    """The quantized output straight from the merge: llama.cpp's quantizer run in this process on the
+    intermediate model (metadata of our f16/f32 output, tensors as _set_types plans them), which never
+    becomes a file (quantize_ggml)."""
+    from .quantize_ggml import write_quantized
+
+    with _merging(base, threads) as (fh, pool):
+        tensors = [_source(fh, j, base.spec, pool) for j in jobs]
+        write_quantized(path, qtype.ftype, _writer(base, mid_type, record), tensors, threads,
+                        progress=lambda t: bar.update(1), verbose=verbose)
 
 
 def _ahead(fn, items):
@@ -368,9 +457,11 @@ def _release_free_memory() -> None:
 
 def merge(base: str | os.PathLike, loras: list[tuple[str | os.PathLike, float]], out: str | os.PathLike,
           quant: str = "f16", threads: int | None = None, force: bool = False, progress: bool | None = None,
-          verbose: bool = False) -> Path:
+          verbose: bool = False, intermediate: bool = False) -> Path:
     """Merge (adapter, scale) pairs into the GGUF base and write `out` as `quant`. Everything that can be
-    wrong with the request is checked before any tensor is read. progress=None: a bar when stderr is a tty."""
+    wrong with the request is checked before any tensor is read. progress=None: a bar when stderr is a tty.
+    intermediate=True (quantized types): the previous path, an intermediate file beside `out` quantized by
+    llama.cpp in a child process; same bytes, more disk (see the module docstring)."""
     from tqdm import tqdm
 
     qtype = output_type(quant)
@@ -400,16 +491,20 @@ def merge(base: str | os.PathLike, loras: list[tuple[str | os.PathLike, float]],
         f16_base = b.file.get("general.file_type") == LlamaFileType.MOSTLY_F16
         _set_types(jobs, qtype, f16_base)
         n = len(jobs)
-        with tqdm(total=n if qtype.direct else 2 * n, desc=f"merge → {qtype.label}", unit="tensor", file=sys.stderr,
+        mid_type = LlamaFileType.MOSTLY_F16 if f16_base else LlamaFileType.ALL_F32
+        with tqdm(total=2 * n if intermediate and not qtype.direct else n, desc=f"merge → {qtype.label}",
+                  unit="tensor", file=sys.stderr,
                   disable=(not sys.stderr.isatty()) if progress is None else not progress) as bar, \
                 atomic_output(out) as tmp:
             if qtype.direct is not None:
                 _write(tmp, b, jobs, qtype.ftype, record, bar, threads)
                 return out
+            if not intermediate:
+                _write_quantized(tmp, b, jobs, qtype, mid_type, record, bar, threads, verbose)
+                return out
             fd, mid = tempfile.mkstemp(prefix=part_prefix(out), suffix=".merged.part", dir=out.parent)
             os.close(fd)
             try:  # the intermediate's metadata is exactly that of our f16 / f32 output
-                mid_type = LlamaFileType.MOSTLY_F16 if f16_base else LlamaFileType.ALL_F32
                 _write(Path(mid), b, jobs, mid_type, record, bar, threads)
                 del jobs, adapters, a  # the quantizer's buffers come on top of what we still hold: drop it
                 b.close()

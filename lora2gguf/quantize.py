@@ -1,9 +1,16 @@
 """Output types for merge, and llama.cpp's own quantizer (through llama-cpp-python) for the quantized ones.
 
 f32/f16/bf16 are plain conversions that merge writes itself, with llama.cpp's rule for which tensors
-take the file's type (see `takes_file_type`). Every quantized type, q8_0 included, comes from
-`llama_model_quantize`: the same code path as the `llama-quantize` tool, so its per-tensor mixes
-(q4_k_m's Q6_K attn_v/ffn_down, fallbacks for odd shapes) and bytes are llama.cpp's, not an imitation.
+take the file's type (see `takes_file_type`). Every quantized type, q8_0 included, comes from llama.cpp's
+quantizer, so its per-tensor mixes (q4_k_m's Q6_K attn_v/ffn_down, fallbacks for odd shapes) and bytes are
+llama.cpp's, not an imitation. Two ways to run it:
+
+- in this process, tensor by tensor from float rows (quantize_ggml.write_quantized): what merge and
+  verify use, with no intermediate model file; types from llama.cpp's dry run, data from
+  ggml_quantize_chunk; byte-identical to the next one (tests/test_quantize_ggml.py);
+- `llama_quantize` here: `llama_model_quantize` on a GGUF file, in a child process (file in, file out), kept
+  for merge's intermediate=True path (the reference the in-process writer is tested against), scripts, and
+  whatever the in-process writer refuses (types that need an importance matrix, which merge refuses too).
 """
 
 from __future__ import annotations

@@ -132,34 +132,37 @@ def _base_alone(base_path: Path, ftype_name: str, tokens, tmp: Path, n_ctx: int)
 
 
 def _measure_base_alone(base_path: Path, ftype_name: str, tokens, tmp: Path, n_ctx: int) -> np.ndarray:
+    """The base quantized by llama.cpp's quantizer, in this process (quantize_ggml): from the base itself when
+    it is F32/F16/BF16, else from its tensors dequantized by gguf-py (what llama_model_quantize of
+    dequantize_file's F32 copy gives, without that copy: no file here is larger than the quantized one)."""
     from gguf import LlamaFileType
 
-    from .gguf_write import dequantize_file
-    from .quantize import llama_quantize
+    from .quantize_ggml import quantize_f32_copy, quantize_file
     from .runtime import LlamaRuntime
 
-    src = base_path
-    if _file_type(base_path) not in FULL_PRECISION:
-        src = tmp / "base-f32.gguf"
-        if not src.exists():
-            dequantize_file(base_path, src)
     dst = tmp / f"base-{ftype_name}.gguf"
-    llama_quantize(src, dst, LlamaFileType[ftype_name])
-    with LlamaRuntime(dst, n_ctx=n_ctx) as rt:
-        return rt.logits(tokens)
+    if _file_type(base_path) in FULL_PRECISION:
+        quantize_file(base_path, dst, LlamaFileType[ftype_name])
+    else:
+        quantize_f32_copy(base_path, dst, LlamaFileType[ftype_name])
+    try:
+        with LlamaRuntime(dst, n_ctx=n_ctx, repack=False) as rt:
+            return rt.logits(tokens)
+    finally:
+        dst.unlink(missing_ok=True)
 
 
 def _exact_merge_quantized(gb, ref, adapters, mtype: str, tokens, tmp: Path, n_ctx: int) -> np.ndarray | None:
-    # ref: reference.ReferenceWeights, the reference's tensors made one at a time
-    """llama.cpp's logits for the reference's merged weights (PEFT's math, float64) written into an F32 copy of
-    the base and quantized by llama.cpp to the merged type: what a correct merge of that type computes. The
+    """llama.cpp's logits for the reference's merged weights (PEFT's math, float64) in place of the base's
+    tensors (the others dequantized by gguf-py), quantized by llama.cpp's quantizer to the merged type in this
+    process (quantize_ggml, no F32 copy of the base): what a correct merge of that type computes
+    (`ref`: reference.ReferenceWeights, which makes each merged tensor when asked). The
     floor for a merge into the base's own quantized type, where the base alone re-rounds nothing (its values
     are on the grid already) while the merge re-rounds every tensor it changes. None when the merge adds
     tensors the base lacks (a new bias, an untied head): the base-alone floor is used then."""
     from gguf import LlamaFileType
 
-    from .gguf_write import dequantize_file
-    from .quantize import llama_quantize
+    from .quantize_ggml import quantize_f32_copy
     from .runtime import LlamaRuntime
 
     spec, arch = gb.spec, gb.spec.arch_module
@@ -168,26 +171,25 @@ def _exact_merge_quantized(gb, ref, adapters, mtype: str, tokens, tmp: Path, n_c
     if spec.tied_embeddings and changed & {"model.embed_tokens", "lm_head"}:
         return None  # the merge unties the head: a tensor the base lacks
     replace = {}
+    names = set(gb.hf_names())
     for mod in sorted(changed):
-        n_out = gb.file.tensors[gb.gguf_name(f"{mod}.weight")].shape[0] if f"{mod}.weight" in gb.hf_names() else None
+        n_out = gb.file.tensors[gb.gguf_name(f"{mod}.weight")].shape[0] if f"{mod}.weight" in names else None
         for attr in ("weight", "bias"):
             name = f"{mod}.{attr}"
-            t = ref.get(name, n_out)
-            if t is None:
+            if name not in names:
+                if ref.get(name, n_out) is not None:
+                    return None  # a tensor the base lacks (a LoRA bias on a bias-free projection)
                 continue
-            try:
-                g = gb.gguf_name(name)
-            except Lora2GGUFError:
-                return None
-            if g not in gb.file.tensors:
-                return None
-            replace[g] = np.ascontiguousarray(arch.to_gguf(spec, name, t.detach().float().numpy()), np.float32)
-    src, dst = tmp / "exact-merge-f32.gguf", tmp / f"exact-merge-{mtype}.gguf"
-    dequantize_file(gb.path, src, replace)
-    llama_quantize(src, dst, LlamaFileType[mtype])
-    src.unlink()
-    with LlamaRuntime(dst, n_ctx=n_ctx) as rt:
-        return rt.logits(tokens)
+            # made when the quantizer reaches it: one merged tensor in memory at a time
+            replace[gb.gguf_name(name)] = lambda name=name, n_out=n_out: np.ascontiguousarray(
+                arch.to_gguf(spec, name, ref.get(name, n_out).numpy()), np.float32)
+    dst = tmp / f"exact-merge-{mtype}.gguf"
+    quantize_f32_copy(gb.path, dst, LlamaFileType[mtype], replace)
+    try:
+        with LlamaRuntime(dst, n_ctx=n_ctx, repack=False) as rt:
+            return rt.logits(tokens)
+    finally:
+        dst.unlink(missing_ok=True)
 
 
 def carried_fraction(base_ref: np.ndarray, ref: np.ndarray, base_alone: np.ndarray,

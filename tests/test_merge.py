@@ -185,18 +185,87 @@ def dora_llama(tmp_path_factory):
     return make("llama", CASES["dora"], tmp_path_factory.mktemp("dora"))
 
 
-@pytest.mark.parametrize("kind", ["f32", "f16"])
-@pytest.mark.parametrize("quant", ["q4_k_m", "q8_0", "q5_k_s"])
-def test_quantized_output_is_llama_quantize_of_our_float_merge(kind, quant, dora_llama, tmp_path):
+from lora2gguf.quantize import OUTPUT_TYPES  # noqa: E402
+
+QUANTS = [n for n, t in OUTPUT_TYPES.items() if t.direct is None]  # every quantized type merge writes
+# each arch × (F32, F16 base) gets 3 of them, in turn: every type twice over the 12 slots
+FLOAT_CASES = [("llama", k, q) for k in ("f32", "f16") for q in ("q4_k_m", "q8_0", "q5_k_s")] + [
+    (a, k, QUANTS[(3 * (2 * i + j) + n) % len(QUANTS)]) for i, a in enumerate(ARCHS[1:]) for j, k in
+    enumerate(("f32", "f16")) for n in range(3)]
+
+
+@pytest.fixture(scope="module")
+def all_linear(tmp_path_factory):
+    d = tmp_path_factory.mktemp("all-linear")
+    return {a: [(make_peft_adapter(fixture(a, "hf"), d / a, seed=4, **CASES["plain"][0][0]), 1.0)] for a in ARCHS}
+
+
+@pytest.mark.parametrize("arch,kind,quant", FLOAT_CASES, ids=["-".join(c) for c in FLOAT_CASES])
+def test_quantized_output_is_llama_quantize_of_our_float_merge(arch, kind, quant, dora_llama, all_linear, tmp_path):
     """From an F32 (F16) base, --quant X is byte for byte what llama.cpp's quantizer writes from our f32
-    (f16) merge."""
+    (f16) merge (DoRA on llama, all-linear plain LoRA elsewhere)."""
+    adapters = dora_llama if arch == "llama" else all_linear[arch]
+    merged = merge(fixture(arch, kind), adapters, tmp_path / "m.gguf", quant=kind)
+    llama_cpp_quantize(merged, tmp_path / "theirs.gguf", OUTPUT_TYPES[quant].ftype)
+    ours = merge(fixture(arch, kind), adapters, tmp_path / "ours.gguf", quant=quant)
+    assert ours.read_bytes() == (tmp_path / "theirs.gguf").read_bytes()
+
+
+def in_process_llama_quantize(src, dst, ftype, threads=None, verbose=False, on_tensor=None):
+    """quantize.llama_quantize's contract, llama.cpp's quantizer called here rather than in a child process
+    (the same C function; faster for tests)."""
     import llama_cpp
 
-    adapters = dora_llama
-    merged = merge(fixture("llama", kind), adapters, tmp_path / "m.gguf", quant=kind)
-    llama_cpp_quantize(merged, tmp_path / "theirs.gguf", getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{quant.upper()}"))
-    ours = merge(fixture("llama", kind), adapters, tmp_path / "ours.gguf", quant=quant)
-    assert ours.read_bytes() == (tmp_path / "theirs.gguf").read_bytes()
+    p = llama_cpp.llama_model_quantize_default_params()
+    p.ftype, p.nthread, p.allow_requantize = int(ftype), 2, True
+    assert llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(p)) == 0
+
+
+INTERMEDIATE_CASES = [  # (arch, base kind, adapters' case, quant): quantized bases (untouched tensors copied or
+    # requantized from their type), new tensors, an untied head (token_embd's type follows), DoRA, replacements
+    ("llama", "q8_0", "plain", "q4_k_m"), ("llama", "q4_k_m", "dora", "q4_k_m"), ("llama", "f16", "dora", "q5_k_m"),
+    ("llama", "q8_0", "lora-bias-new-tensors", "q3_k_m"), ("llama", "q4_k_m", "embed-and-head", "q6_k"),
+    ("qwen2", "q4_k_m", "head-on-tied-base", "q4_k_m"), ("qwen2", "q8_0", "embed-on-tied-base", "q8_0"),
+    ("qwen2", "f16", "lora-bias", "iq4_nl"), ("qwen3", "q8_0", "modules-to-save", "q4_k_s"),
+    ("qwen3", "q4_k_m", "two-adapters", "q2_k"), ("gemma3", "q8_0", "embed-on-tied-base", "q4_k_m"),
+    ("gemma3", "q4_k_m", "rslora", "iq4_xs"), ("gemma2", "q8_0", "plain", "q5_0"), ("gemma2", "q4_k_m", "dora", "q4_1"),
+    ("phi3", "q8_0", "lora-bias-new-tensors", "q4_k_m"), ("phi3", "q4_k_m", "plain", "q3_k_l"),
+]
+
+
+@pytest.mark.parametrize("arch,kind,case,quant", INTERMEDIATE_CASES, ids=["-".join(c) for c in INTERMEDIATE_CASES])
+def test_in_process_quantization_is_the_intermediate_path(arch, kind, case, quant, monkeypatch, tmp_path):
+    """From any base, --quant X in process is byte for byte what the intermediate file path writes (our
+    f32/f16-typed merge with untouched tensors as stored, quantized by llama.cpp)."""
+    import lora2gguf.merge as m
+
+    adapters = make(arch, CASES.get(case) or ARCH_CASES[(arch, case)], tmp_path)
+    monkeypatch.setattr(m, "llama_quantize", in_process_llama_quantize)
+    theirs = merge(fixture(arch, kind), adapters, tmp_path / "theirs.gguf", quant=quant, intermediate=True)
+    monkeypatch.setattr(m, "llama_quantize", None)  # the in-process path must not call it
+    ours = merge(fixture(arch, kind), adapters, tmp_path / "ours.gguf", quant=quant)
+    assert ours.read_bytes() == theirs.read_bytes()
+
+
+def test_quantized_merge_needs_no_extra_disk(plain_llama, monkeypatch, tmp_path):
+    """No intermediate file: while the quantized output is written, the output directory holds its temp
+    file (at most the output's size) and, before the first tensor, a probe of a few KB; no llama.cpp child."""
+    import lora2gguf.merge as m
+    import lora2gguf.quantize_ggml as qg
+
+    seen = []
+    real = qg._quantize_task
+
+    def spy(*a):
+        seen.append({p.name: p.stat().st_size for p in tmp_path.iterdir()})
+        return real(*a)
+
+    monkeypatch.setattr(qg, "_quantize_task", spy)
+    monkeypatch.setattr(m, "llama_quantize", None)
+    out = merge(fixture("llama", "f16"), [(plain_llama, 1.0)], tmp_path / "m.gguf", quant="q4_k_m", threads=1)
+    size = out.stat().st_size
+    assert seen and all(len(s) == 1 and sum(s.values()) <= size for s in seen), seen
+    assert all(n.startswith(".m.gguf.") and n.endswith(".part") for s in seen for n in s)
 
 
 @pytest.mark.parametrize("quant,ftype", [("f16", "LLAMA_FTYPE_MOSTLY_F16"), ("bf16", "LLAMA_FTYPE_MOSTLY_BF16")])
@@ -336,11 +405,134 @@ def test_failure_mid_write_leaves_nothing(plain_llama, tmp_path, monkeypatch):
 
     real = m._tensor_data
     monkeypatch.setattr(m, "_tensor_data", boom)
-    for quant in ("f16", "q4_k_m"):
-        calls.clear()
-        with pytest.raises(OSError):
-            merge(fixture("llama"), [(plain_llama, 1.0)], tmp_path / "m.gguf", quant=quant)
-        assert list(tmp_path.iterdir()) == [], "no partial output, no intermediate"
+    calls.clear()
+    with pytest.raises(OSError):
+        merge(fixture("llama"), [(plain_llama, 1.0)], tmp_path / "m.gguf", quant="f16")
+    assert list(tmp_path.iterdir()) == [], "no partial output"
+
+    def failing_source(*a):  # the 5th tensor fails when the quantizer reads it, mid-file
+        t = real_source(*a)
+        calls.append(1)
+        if len(calls) == 5:
+            def rows():
+                raise OSError("disk full")
+            t.rows = t.raw = rows
+        return t
+
+    real_source = m._source
+    monkeypatch.setattr(m, "_source", failing_source)
+    calls.clear()
+    with pytest.raises(OSError):
+        merge(fixture("llama"), [(plain_llama, 1.0)], tmp_path / "m.gguf", quant="q4_k_m")
+    assert list(tmp_path.iterdir()) == [], "no partial output, no probe"
+
+
+# -- signals --------------------------------------------------------------------------------------
+# The quantizer runs in this process (quantize_ggml): its C calls are one chunk of rows each, on worker
+# threads, while the main thread waits in Python, where Ctrl-C / SIGTERM raise. To show that the merge stops
+# promptly in the middle of the quantization, the CLI runs with one row per chunk, each slowed down: the
+# whole run would take a minute or more, the signal must end it within seconds, with nothing left behind.
+
+SLOW_CLI = """
+import sys, time
+import lora2gguf.quantize_ggml as q
+real, delay = q._quantize_task, float(sys.argv[1])
+def slow(*a):
+    time.sleep(delay)
+    return real(*a)
+if delay:
+    q._quantize_task, q.TASK_ELEMENTS = slow, 1
+from lora2gguf.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+OLD = b"the previous output, which must survive\n"
+
+
+def start_slow_merge(adapter, out, delay, extra=()):
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    args = ["merge", "--base", str(fixture("llama")), "--lora", str(adapter), "-o", str(out), "--quant", "q4_k_m",
+            "--threads", "1", *extra]
+    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen([sys.executable, "-c", SLOW_CLI, str(delay), *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+
+
+def temps(out):
+    return sorted(p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}."))
+
+
+@pytest.fixture(scope="module")
+def full_q4_k_m(plain_llama, tmp_path_factory):
+    """The complete output of the slowed-down command: its size, and where its tensor data begin."""
+    out = merge(fixture("llama"), [(plain_llama, 1.0)], tmp_path_factory.mktemp("full") / "m.gguf", quant="q4_k_m")
+    with GGUFFile(out) as f:
+        return out.stat().st_size, f.data_offset
+
+
+def wait_mid_quantization(proc, out, data_offset, timeout=120):
+    """Until the output's temp file holds tensor data (4 KB past its header): the quantizer is at work."""
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        for name in temps(out):
+            try:
+                if not name.endswith(".types.part") and (out.parent / name).stat().st_size > data_offset + 4096:
+                    return
+            except FileNotFoundError:
+                pass
+        time.sleep(0.01)
+    proc.kill()
+    raise AssertionError("the quantizer wrote no tensor data")
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_signal_stops_the_quantization_promptly(plain_llama, full_q4_k_m, tmp_path, sig):
+    """Mid-quantization (one row per 20 ms: a minute or more in all), SIGTERM / Ctrl-C end the merge within
+    seconds: exit 143 / 130, the previous file intact, no temp file (output or probe) left."""
+    import signal
+    import time
+
+    size, data_offset = full_q4_k_m
+    out = tmp_path / "m.gguf"
+    out.write_bytes(OLD)
+    proc = start_slow_merge(plain_llama, out, 0.02, ["--force"])
+    wait_mid_quantization(proc, out, data_offset)
+    t0 = time.time()
+    proc.send_signal(getattr(signal, sig))
+    _, err = proc.communicate(timeout=120)
+    elapsed = time.time() - t0
+    assert proc.returncode == (128 + signal.SIGTERM if sig == "SIGTERM" else 130), (proc.returncode, err)
+    assert elapsed < 10, f"took {elapsed:.1f} s to stop"
+    assert "Traceback" not in err and "Exception ignored" not in err, err
+    assert out.read_bytes() == OLD and temps(out) == []
+
+
+def test_sigkill_mid_quantization_leaves_a_temp_that_the_next_run_removes(plain_llama, full_q4_k_m, tmp_path):
+    """SIGKILL runs no clean-up: no output, only the partial temp file; no other writer keeps filling it (no
+    child process), and the next run removes it."""
+    import time
+
+    size, data_offset = full_q4_k_m
+    out = tmp_path / "m.gguf"
+    proc = start_slow_merge(plain_llama, out, 0.02)
+    wait_mid_quantization(proc, out, data_offset)
+    proc.kill()
+    proc.communicate(timeout=60)
+    left = {n: (tmp_path / n).stat().st_size for n in temps(out)}
+    assert left and not out.exists() and all(v < size for v in left.values()), left
+    time.sleep(1)  # anything still writing would grow the file now
+    assert left == {n: (tmp_path / n).stat().st_size for n in temps(out)}
+    done = start_slow_merge(plain_llama, out, 0)
+    _, err = done.communicate(timeout=300)
+    assert done.returncode == 0, err
+    assert out.stat().st_size == size and temps(out) == []
 
 
 # -- SmolLM2-135M ---------------------------------------------------------------------------------

@@ -327,3 +327,87 @@ def test_same_type_merge_floor_rerounds_the_changed_tensors(arch, tmp_path):
     assert r["pass"], r["pairs"]
     r = verify(base, [(str(adapter), 1.0)], merged=base, n_tokens=96)
     assert not r["pass"] and r["merged_carries_adapter"]["fraction"] < 0.25
+
+
+FLOOR_CASES = [("llama", "q4_k_m", "MOSTLY_Q4_K_M"), ("gemma3", "q8_0", "MOSTLY_Q8_0"), ("qwen2", "f16", "MOSTLY_Q5_K_M"),
+               ("phi3", "q4_k_m", "MOSTLY_Q4_K_M")]
+
+
+@pytest.mark.parametrize("arch,kind,mtype", FLOOR_CASES, ids=["-".join(c[:2]) for c in FLOOR_CASES])
+def test_floors_are_llama_quantize_of_the_f32_copy_without_the_copy(arch, kind, mtype, tmp_path, monkeypatch):
+    """The two quantized floors (the base alone; the reference's merged weights in place of the touched
+    tensors) measure exactly the files llama_model_quantize wrote from dequantize_file's F32 copy (from the
+    base itself when it is F16), and no file bigger than that quantized one is written for them."""
+    import ctypes
+    from pathlib import Path
+
+    import llama_cpp
+    from gguf import LlamaFileType
+
+    import lora2gguf.quantize_ggml as qg
+    import lora2gguf.runtime as runtime
+    import lora2gguf.verify as v
+    from lora2gguf.gguf_write import dequantize_file
+    from lora2gguf.reference import reference_model
+
+    measured, biggest, replaced = {}, [], []
+
+    class Recorder:  # stands in for llama.cpp's runtime: the file it would load, instead of its logits
+        def __init__(self, path, **kw):
+            measured[Path(path).name] = Path(path).read_bytes()
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            pass
+
+        def logits(self, tokens):
+            return np.zeros((len(tokens), 8), np.float32)
+
+    real_task, real_copy = qg._quantize_task, qg.quantize_f32_copy
+
+    def task(*a):
+        biggest.append(max((p.stat().st_size for p in work.iterdir()), default=0))
+        return real_task(*a)
+
+    def copy(src, dst, ftype, replace=None, threads=None):
+        replaced.append(replace)
+        return real_copy(src, dst, ftype, replace, threads)
+
+    monkeypatch.setattr(runtime, "LlamaRuntime", Recorder)
+    monkeypatch.setattr(qg, "_quantize_task", task)
+    monkeypatch.setattr(qg, "quantize_f32_copy", copy)
+
+    def llama_quantize(src, dst):
+        p = llama_cpp.llama_model_quantize_default_params()
+        p.ftype, p.allow_requantize = int(LlamaFileType[mtype]), True
+        assert llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(p)) == 0
+        return dst.read_bytes()
+
+    work = tmp_path / "work"
+    work.mkdir()
+    base = fixture(arch, kind)
+    v._measure_base_alone(base, mtype, [1, 5, 9], work, 64)
+    if kind == "f16":
+        want = llama_quantize(base, tmp_path / "theirs.gguf")
+    else:
+        dequantize_file(base, tmp_path / "f32.gguf")
+        want = llama_quantize(tmp_path / "f32.gguf", tmp_path / "theirs.gguf")
+    assert measured.pop(f"base-{mtype}.gguf") == want
+    assert biggest and max(biggest) <= len(want), "no file bigger than the quantized one"
+
+    adapter = make_peft_adapter(fixture(arch, "hf"), tmp_path / "a", seed=3, b_std=0.2, r=4, lora_alpha=8,
+                                target_modules=["o_proj", "down_proj"])
+    with open_base(base) as gb:
+        lora = v._load_adapter(adapter, gb.spec)
+        ref = reference_model(gb, [(lora, 1.0)])
+        biggest.clear()
+        assert v._exact_merge_quantized(gb, ref, [v.Adapter(adapter, 1.0, lora)], mtype, [1, 5, 9], work, 64) is not None
+    (replace,) = [r for r in replaced if r]
+    assert {"blk.0.attn_output.weight", "blk.1.ffn_down.weight"} <= set(replace)
+    dequantize_file(base, tmp_path / "exact-f32.gguf", replace)
+    assert measured.pop(f"exact-merge-{mtype}.gguf") == llama_quantize(tmp_path / "exact-f32.gguf",
+                                                                       tmp_path / "exact.gguf")
+    assert max(biggest) <= (tmp_path / "exact.gguf").stat().st_size
+    assert list(work.iterdir()) == [], "each quantized file is removed once measured"

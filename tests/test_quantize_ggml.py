@@ -1,0 +1,197 @@
+"""quantize_ggml: llama.cpp's quantizer run in this process, tensor by tensor from float rows, writes byte for
+byte what llama_model_quantize writes: on every arch fixture, for every file type merge offers, from F32, F16
+and quantized bases, from a file (quantize_file) and from a model that is never a file (quantize_f32_copy,
+the probe's dry run), and on a wider base where the K-quants fit every tensor and q4_k_m mixes types by layer."""
+
+import ctypes
+import sys
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as T, LlamaFileType
+
+from conftest import ARCHS, ROOT, fixture
+from lora2gguf import quantize_ggml as qg
+from lora2gguf.errors import Lora2GGUFError
+from lora2gguf.gguf_file import GGUFFile
+from lora2gguf.gguf_write import dequantize_file
+from lora2gguf.quantize import OUTPUT_TYPES
+
+FTYPES = [n for n, t in OUTPUT_TYPES.items() if t.direct is None]  # q8_0 ... q2_k, iq4_nl, iq4_xs, iq3_s, iq3_m
+
+
+def ftype(name: str) -> LlamaFileType:
+    return OUTPUT_TYPES[name].ftype
+
+
+def llama_model_quantize(src, dst, ft) -> int:
+    """llama.cpp's own quantizer (what `llama-quantize` runs), in this process."""
+    import llama_cpp
+
+    p = llama_cpp.llama_model_quantize_default_params()
+    p.ftype, p.nthread, p.allow_requantize = int(ft), 2, True
+    return llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(p))
+
+
+def theirs(src, dst, ft):
+    assert llama_model_quantize(src, dst, ft) == 0
+    return dst
+
+
+def test_output_types_cover_the_issue_list():
+    assert set(FTYPES) >= {"q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s",
+                           "q4_k_m", "q5_k_s", "q5_k_m", "q6_k", "iq4_nl", "iq4_xs"}
+
+
+FILE_CASES = [(a, k, q) for a in ARCHS for k in ("f32", "q8_0") for q in FTYPES] + [
+    (a, k, q) for a in ARCHS for k in ("f16", "q4_k_m") for q in ("q4_k_m", "q6_k", "iq4_xs", "q8_0")]
+
+
+@pytest.mark.parametrize("arch,kind,quant", FILE_CASES, ids=["-".join(c) for c in FILE_CASES])
+def test_quantize_file_is_llama_model_quantize(arch, kind, quant, tmp_path):
+    src = fixture(arch, kind)
+    ours = qg.quantize_file(src, tmp_path / "ours.gguf", ftype(quant), threads=2)
+    assert ours.read_bytes() == theirs(src, tmp_path / "theirs.gguf", ftype(quant)).read_bytes()
+
+
+COPY_CASES = [(a, k, q) for i, a in enumerate(ARCHS) for k in ("q4_k_m", "f16")
+              for q in (FTYPES[(3 * i) % len(FTYPES)], FTYPES[(3 * i + 7) % len(FTYPES)], "q4_k_m")]
+
+
+@pytest.mark.parametrize("arch,kind,quant", COPY_CASES, ids=["-".join(c) for c in COPY_CASES])
+def test_f32_copy_route_without_the_copy(arch, kind, quant, tmp_path):
+    """quantize_f32_copy (the verify floors' route: a model that never exists as a file, its types from the
+    dry run of a shape-cut probe) == llama_model_quantize of dequantize_file's F32 copy; one tensor replaced."""
+    src = fixture(arch, kind)
+    with GGUFFile(src) as f:
+        name = "blk.0.ffn_down.weight"
+        new = f.tensor(name) + np.random.default_rng(0).standard_normal(f.tensors[name].shape).astype(np.float32) * 0.01
+    dequantize_file(src, tmp_path / "f32.gguf", {name: new})
+    ref = theirs(tmp_path / "f32.gguf", tmp_path / "theirs.gguf", ftype(quant))
+    ours = qg.quantize_f32_copy(src, tmp_path / "ours.gguf", ftype(quant), {name: new}, threads=2)
+    assert ours.read_bytes() == ref.read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f32.gguf", "ours.gguf", "theirs.gguf"], "no temp left"
+
+
+@pytest.fixture(scope="module")
+def wide(tmp_path_factory):
+    """A llama base whose rows fit the 256-wide K-quant blocks everywhere (no fallbacks), 4 layers so that the
+    q4_k_m / q5_k_m / q3_k_m mixes differ by layer, 4 query heads per KV head (attn_v rules on n_gqa), F16
+    (scripts/make_big_base.py at small dimensions: 1.7 M parameters), and its Q8_0 quantization."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import make_big_base as mbb
+
+    d = tmp_path_factory.mktemp("wide")
+    saved = dict(mbb.DIMS)
+    try:
+        mbb.DIMS.update(n_layer=4, n_embd=256, n_ff=256, n_head=4, n_head_kv=1, n_vocab=512, n_ctx=256)
+        mbb.write_base(d / "f16.gguf", seed=0)
+    finally:
+        mbb.DIMS.clear()
+        mbb.DIMS.update(saved)
+    theirs(d / "f16.gguf", d / "q8_0.gguf", LlamaFileType.MOSTLY_Q8_0)
+    return d
+
+
+WIDE_CASES = [("f16", q) for q in FTYPES] + [("q8_0", q) for q in ("q4_k_m", "q3_k_l", "q5_k_s", "iq4_xs")]
+
+
+@pytest.mark.parametrize("kind,quant", WIDE_CASES, ids=["-".join(c) for c in WIDE_CASES])
+def test_wide_base(wide, kind, quant, tmp_path):
+    src = wide / f"{kind}.gguf"
+    ours = qg.quantize_file(src, tmp_path / "ours.gguf", ftype(quant))
+    assert ours.read_bytes() == theirs(src, tmp_path / "theirs.gguf", ftype(quant)).read_bytes()
+
+
+@pytest.mark.parametrize("quant", ["q4_k_m", "q3_k_m"])
+def test_wide_base_f32_copy_route(wide, quant, tmp_path):
+    ours = qg.quantize_f32_copy(wide / "q8_0.gguf", tmp_path / "ours.gguf", ftype(quant))
+    dequantize_file(wide / "q8_0.gguf", tmp_path / "f32.gguf")
+    assert ours.read_bytes() == theirs(tmp_path / "f32.gguf", tmp_path / "theirs.gguf", ftype(quant)).read_bytes()
+
+
+def test_wide_base_exercises_the_mixes(wide, tmp_path):
+    """The control for test_wide_base: there, q4_k_m is really Q4_K with Q6_K on some layers' attn_v and
+    ffn_down (not the fallbacks the 64-wide fixtures take), so the per-tensor choice is what is compared."""
+    out = qg.quantize_file(wide / "f16.gguf", tmp_path / "q.gguf", LlamaFileType.MOSTLY_Q4_K_M)
+    with GGUFFile(out) as f:
+        v = [f.tensors[f"blk.{i}.attn_v.weight"].type for i in range(4)]
+        down = [f.tensors[f"blk.{i}.ffn_down.weight"].type for i in range(4)]
+        assert f.tensors["blk.2.attn_q.weight"].type == T.Q4_K and f.tensors["output.weight"].type == T.Q6_K
+    assert set(v) == {T.Q4_K, T.Q6_K} and set(down) == {T.Q4_K, T.Q6_K}, (v, down)
+
+
+def test_bytes_do_not_depend_on_threads_or_chunks(wide, tmp_path, monkeypatch):
+    src = wide / "q8_0.gguf"
+    a = qg.quantize_file(src, tmp_path / "a.gguf", LlamaFileType.MOSTLY_Q5_K_M, threads=1).read_bytes()
+    monkeypatch.setattr(qg, "TASK_ELEMENTS", 300)  # tasks of one row (256 wide)
+    monkeypatch.setattr(qg, "SLAB_BYTES", 1000)
+    b = qg.quantize_file(src, tmp_path / "b.gguf", LlamaFileType.MOSTLY_Q5_K_M, threads=4).read_bytes()
+    assert a == b
+
+
+def test_types_come_from_llama_cpp(monkeypatch, tmp_path):
+    """The types are llama.cpp's dry run's: what it says is what is written (so a stale copy of its rules
+    could not hide here)."""
+    real = qg.llama_target_types
+
+    def all_q8(model, ft, verbose=False):
+        return [(n, None if t is None else T.Q8_0) for n, t in real(model, ft, verbose)]
+
+    monkeypatch.setattr(qg, "llama_target_types", all_q8)
+    out = qg.quantize_file(fixture("llama"), tmp_path / "o.gguf", LlamaFileType.MOSTLY_Q4_K_M)
+    with GGUFFile(out) as f:
+        assert {t.type for t in f.tensors.values()} == {T.F32, T.Q8_0}
+
+
+def test_nan_is_refused_like_llama_cpp(tmp_path):
+    with GGUFFile(fixture("qwen2")) as f:
+        bad = f.tensor("blk.1.attn_q.weight")
+    bad[3, 5] = np.nan
+    dequantize_file(fixture("qwen2"), tmp_path / "f32.gguf", {"blk.1.attn_q.weight": bad})
+    assert llama_model_quantize(tmp_path / "f32.gguf", tmp_path / "theirs.gguf", LlamaFileType.MOSTLY_Q8_0) != 0
+    with pytest.raises(Lora2GGUFError, match="blk.1.attn_q.weight.*not finite"):
+        qg.quantize_f32_copy(fixture("qwen2"), tmp_path / "ours.gguf", LlamaFileType.MOSTLY_Q8_0,
+                             {"blk.1.attn_q.weight": bad})
+    assert not (tmp_path / "ours.gguf").exists() and not list(tmp_path.glob(".ours*")), "nothing left"
+
+
+def test_imatrix_types_are_refused(tmp_path):
+    with pytest.raises(Lora2GGUFError, match="importance matrix"):
+        qg.quantize_file(fixture("llama", "f16"), tmp_path / "o.gguf", LlamaFileType.MOSTLY_IQ2_XXS)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_llama_cpp_log_callback_is_given_back(tmp_path):
+    import llama_cpp
+
+    get = llama_cpp.llama_cpp._lib["llama_log_get"]
+    get.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_void_p)]
+
+    def current():
+        cb, ud = ctypes.c_void_p(), ctypes.c_void_p()
+        get(ctypes.byref(cb), ctypes.byref(ud))
+        return cb.value, ud.value
+
+    before = current()
+    qg.quantize_file(fixture("gemma2"), tmp_path / "o.gguf", LlamaFileType.MOSTLY_Q4_0)
+    assert current() == before
+
+
+def test_dequantize_rows_is_ggmls(tmp_path):
+    """Untouched tensors that merge requantizes are converted by ggml (as llama.cpp does), not gguf-py: check
+    the helper against ggml's own per-type functions on a Q4_K tensor."""
+    import llama_cpp
+    from llama_cpp._ctypes_extensions import load_shared_library
+    from pathlib import Path
+
+    lib = load_shared_library("ggml-base", Path(llama_cpp.__file__).parent / "lib")
+    with GGUFFile(fixture("llama", "q4_k_m")) as f:
+        t = f.tensors["blk.0.ffn_down.weight"]
+        assert t.type == T.Q4_K
+        raw = np.array(f.raw(t.name))
+    got = qg.dequantize_rows(raw, t.type, t.shape[-1])
+    want = np.empty(t.n_elements, np.float32)
+    lib.dequantize_row_q4_K(raw.ctypes.data_as(ctypes.c_void_p), want.ctypes.data_as(ctypes.c_void_p),
+                            ctypes.c_int64(t.n_elements))
+    assert got.shape == t.shape and np.array_equal(got.reshape(-1), want)
