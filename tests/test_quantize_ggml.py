@@ -82,13 +82,8 @@ def wide(tmp_path_factory):
     import make_big_base as mbb
 
     d = tmp_path_factory.mktemp("wide")
-    saved = dict(mbb.DIMS)
-    try:
-        mbb.DIMS.update(n_layer=4, n_embd=256, n_ff=256, n_head=4, n_head_kv=1, n_vocab=512, n_ctx=256)
-        mbb.write_base(d / "f16.gguf", seed=0)
-    finally:
-        mbb.DIMS.clear()
-        mbb.DIMS.update(saved)
+    dims = dict(mbb.SHAPES["big"], n_layer=4, n_embd=256, n_ff=256, n_head=4, n_head_kv=1, n_vocab=512, n_ctx=256)
+    mbb.write_base(d / "f16.gguf", seed=0, d=dims)
     theirs(d / "f16.gguf", d / "q8_0.gguf", LlamaFileType.MOSTLY_Q8_0)
     return d
 
