@@ -26,8 +26,8 @@ from torch import nn
 from .checkpoint import RESUME_KEYS, Interrupt, latest_checkpoint, load_checkpoint, save_checkpoint
 from .errors import Lora2GGUFError
 from .training_layers import fuse_for_training
-from .training_model import (LossModel, adapter_config, choose_base_weights, inject_lora, load_base_model, lora_parameters, parse_layers,
-                             resolve_targets, save_adapter)
+from .training_model import (LossModel, adapter_config, choose_base_weights, inject_lora, load_base_model,
+                             lora_parameters, parse_layers, resolve_targets, save_adapter)
 
 LOG_NAME, PLOT_NAME = "train_log.jsonl", "loss.png"
 
