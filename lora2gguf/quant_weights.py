@@ -38,10 +38,6 @@ class QuantWeight:
     def device(self) -> torch.device:
         return self.raw.device
 
-    @property
-    def nbytes(self) -> int:
-        return self.raw.numel()
-
     def rows(self, a: int = 0, b: int | None = None) -> torch.Tensor:
         """W[a:b] dequantized, in self.dtype."""
         from .dequantize import dequantize
@@ -180,17 +176,6 @@ def quant_weight(base, hf_name: str, dtype: torch.dtype, device: torch.device | 
         perm = torch.from_numpy(np.ascontiguousarray(arch.rows_from_gguf(spec, hf_name, np.arange(rows))))
     w = QuantWeight(raw, info.type, info.shape[1], perm, dtype)
     return w.to(device) if torch.device(device).type != "cpu" else w
-
-
-def quantized_bytes(base) -> tuple[int, int]:
-    """(parameters in 2-D tensors, bytes the file stores them in): what the two training forms cost."""
-    n, size = 0, 0
-    for name in base.hf_names():
-        info = base.file.tensors[base.gguf_name(name)]
-        if len(info.shape) == 2:
-            n += info.n_elements
-            size += info.nbytes
-    return n, size
 
 
 def load_quantized_model(base, dtype: torch.dtype, device: torch.device):

@@ -29,35 +29,18 @@ def modules_by_target(adapters: list[tuple[PeftAdapter, float]]) -> dict[str, li
 def reference_model(base, adapters: list[tuple[PeftAdapter, float]] = (), dtype: torch.dtype = torch.float32,
                     device: str | torch.device = "cpu") -> Transformer:
     """Transformer on `base` with every adapter folded in (user scale per adapter, like llama.cpp's
-    --lora-scaled). modules_to_save weights replace the base tensor; the last adapter wins."""
-    adapters = list(adapters)
-    for a, _ in adapters:
-        a.check_base(dataclasses.replace(base.spec, tied_embeddings=False), f"base {base.spec.name}")
-    model = Transformer.from_base(base)
-    mods = modules_by_target(adapters)
-    touched = set(mods) | {t.rsplit(".", 1)[0] for a, _ in adapters for t in a.full_weights}
+    --lora-scaled): ReferenceWeights' tensors, all of them at once. modules_to_save weights replace the base
+    tensor; the last adapter wins."""
+    src = ReferenceWeights(base, list(adapters))
     # PEFT on a tied base: a LoRA or modules_to_save on embed_tokens changes the lookup only, the head
-    # keeps multiplying by the original embedding (and a LoRA on lm_head changes the head only). So untie:
-    # the head gets its own copy of the original weight before either side is changed.
-    if base.spec.tied_embeddings and touched & {"lm_head", "model.embed_tokens"}:
-        model.spec = dataclasses.replace(model.spec, tied_embeddings=False)
-        model.lm_head = nn.Linear(base.spec.n_embd, base.spec.n_vocab, bias=False)
-        model.lm_head.weight = nn.Parameter(model.model.embed_tokens.weight.detach().clone(), requires_grad=False)
-    for name, ms in mods.items():
-        module = model.get_submodule(name)
-        w = module.weight.detach().numpy()
-        module.weight = nn.Parameter(torch.from_numpy(merged_weight(w, ms).astype(np.float32)), requires_grad=False)
-        old_b = module.bias.detach().numpy() if getattr(module, "bias", None) is not None else None
-        b = merged_bias(old_b, w.shape[0], ms)
-        if b is not None:
-            module.bias = nn.Parameter(torch.from_numpy(np.asarray(b, np.float32)), requires_grad=False)
-    for a, _ in adapters:
-        for tname, t in a.full_weights.items():
-            mod_name, attr = tname.rsplit(".", 1)
-            module = model.get_submodule(mod_name)
-            setattr(module, attr, nn.Parameter(torch.from_numpy(np.asarray(t, np.float32)), requires_grad=False))
+    # keeps multiplying by the original embedding (and a LoRA on lm_head changes the head only): untied
+    spec = dataclasses.replace(base.spec, tied_embeddings=False) if src.untied else base.spec
+    with torch.device("meta"):
+        model = Transformer(spec, None)
+    src.load(model, "")
+    ff = base.rope_freqs()
+    model.set_rope_factors(torch.from_numpy(ff) if ff is not None else None)
     return model.to(device=device, dtype=dtype).eval()
-
 
 ROW_BLOCK = 1 << 22  # elements of one float64 merge block: PEFT's math stays row-local, a block at a time
 
