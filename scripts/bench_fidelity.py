@@ -56,9 +56,18 @@ def main() -> None:
     prompt_ids = [tok.encode(tok.render(m, add_generation_prompt=True)) for m in prompts]
     tok.close()
     rows = []
+
+    def answer_kl(trained, served) -> tuple[float, float]:
+        """Mean KL and top-1 agreement over the answer positions (what the adapter was trained to produce);
+        a prompt answered with end-of-turn at once has none."""
+        kl = [compare(t[len(p) - 1:-1], s[len(p) - 1:-1]) for t, s, p in zip(trained, served, prompt_ids)
+              if len(t) > len(p)]
+        return float(np.mean([k["mean_kl"] for k in kl])), float(np.mean([k["top1"] for k in kl]))
+
     with tempfile.TemporaryDirectory() as tmp:
         for label, base, form in (("Q4_K_M file (quantized path)", quant, "quantized"), ("F32 weights", f32, "resident")):
             out = Path(tmp) / form
+            out.mkdir()  # train writes the GGUF LoRA beside the adapter; its directory must exist
             train(TrainConfig(base=str(base), data=str(DEMO_DATA / behaviour.data), out=str(out), rank=a.rank,
                               alpha=2 * a.rank, lr=1e-3, steps=a.steps, batch_size=4, seq_len=128, dropout=0.0,
                               targets="all-linear", gguf=str(out / "lora.gguf"), force=True, progress=False,
@@ -70,16 +79,19 @@ def main() -> None:
                 answers = [rt.detokenize(s[len(p):]) for s, p in zip(seqs, prompt_ids)]
             with GGUFBase(base) as b:
                 trained = reference_logits(b, [(load_adapter(out, b.spec), 1.0)], seqs)
-            # KL over the answer positions: what the adapter was trained to produce
-            kl = [compare(t[len(p) - 1:-1], s[len(p) - 1:-1]) for t, s, p in zip(trained, served, prompt_ids)]
-            rows.append((label, float(np.mean([k["mean_kl"] for k in kl])), float(np.mean([k["top1"] for k in kl])),
-                         float(np.mean([behaviour.adheres(x) for x in answers]))))
+            rows.append((label, *answer_kl(trained, served), float(np.mean([behaviour.adheres(x) for x in answers]))))
+            if form == "resident":  # the floor: the same answers, no adapter, F32 weights → the Q4_K_M file
+                with LlamaRuntime(quant, n_ctx=256) as rt:
+                    served = [rt.logits(s) for s in seqs]
+                with GGUFBase(base) as b:
+                    trained = reference_logits(b, [], seqs)
+                rows.append(("no adapter: F32 weights, served on the Q4_K_M file", *answer_kl(trained, served), None))
     print(f"\n{a.base}: {a.behaviour} adapter, rank {a.rank} all-linear, {a.steps} steps; served on "
           f"{Path(quant).name} by llama.cpp; {len(prompt_ids)} held-out prompts, {a.answer_tokens} answer tokens\n")
     print("| trained on | KL trained → served | top-1 agreement | served answers in the trained format |")
     print("|---|---|---|---|")
     for label, kl, top1, adh in rows:
-        print(f"| {label} | {kl:.4g} | {top1:.1%} | {adh:.0%} |")
+        print(f"| {label} | {kl:.4g} | {top1:.1%} | {'-' if adh is None else f'{adh:.0%}'} |")
 
 
 if __name__ == "__main__":
