@@ -3,8 +3,10 @@
 (`--base-weights quantized`) and one trained on the F32 weights (the usual way: full-precision weights),
 same data, seed and recipe, are both served the way users serve them: llama.cpp, the Q4_K_M base, the
 GGUF LoRA at run time. For each, the KL from the model it was trained as (the reference on its training
-base + the adapter) to the model users get, on held-out chat prompts with the adapter's own answers, and
-how often the greedy answer still follows the trained format.
+base + the adapter) to the model users get, on held-out chat prompts followed by either adapter's answer,
+and how often the served greedy answer follows the trained format. Two floors without an adapter:
+llama.cpp against the Q4_K_M file's own weights (its compute alone), and against the F32 weights (the
+quantization gap).
 
     .venv/bin/python scripts/bench_fidelity.py [--base gemma3] [--steps 40] [--rank 8]
 """
@@ -55,44 +57,62 @@ def main() -> None:
     tok = Tokenizer(quant, template)
     prompt_ids = [tok.encode(tok.render(m, add_generation_prompt=True)) for m in prompts]
     tok.close()
-    rows = []
-
-    def answer_kl(trained, served) -> tuple[float, float]:
-        """Mean KL and top-1 agreement over the answer positions (what the adapter was trained to produce);
-        a prompt answered with end-of-turn at once has none."""
-        kl = [compare(t[len(p) - 1:-1], s[len(p) - 1:-1]) for t, s, p in zip(trained, served, prompt_ids)
-              if len(t) > len(p)]
-        return float(np.mean([k["mean_kl"] for k in kl])), float(np.mean([k["top1"] for k in kl]))
+    n_prompts = len(prompt_ids)
 
     with tempfile.TemporaryDirectory() as tmp:
-        for label, base, form in (("Q4_K_M file (quantized path)", quant, "quantized"), ("F32 weights", f32, "resident")):
+        trained = {}  # form → (training base, GGUF LoRA, PEFT directory)
+        for form, base in (("quantized", quant), ("resident", f32)):
             out = Path(tmp) / form
             out.mkdir()  # train writes the GGUF LoRA beside the adapter; its directory must exist
             train(TrainConfig(base=str(base), data=str(DEMO_DATA / behaviour.data), out=str(out), rank=a.rank,
                               alpha=2 * a.rank, lr=1e-3, steps=a.steps, batch_size=4, seq_len=128, dropout=0.0,
                               targets="all-linear", gguf=str(out / "lora.gguf"), force=True, progress=False,
                               seed=0, chat_template=template, base_weights=form))
-            with LlamaRuntime(quant, n_ctx=256) as rt:
-                rt.set_adapters([(out / "lora.gguf", 1.0)])
-                seqs = [p + rt.greedy(p, a.answer_tokens) for p in prompt_ids]
-                served = [rt.logits(s) for s in seqs]
-                answers = [rt.detokenize(s[len(p):]) for s, p in zip(seqs, prompt_ids)]
-            with GGUFBase(base) as b:
-                trained = reference_logits(b, [(load_adapter(out, b.spec), 1.0)], seqs)
-            rows.append((label, *answer_kl(trained, served), float(np.mean([behaviour.adheres(x) for x in answers]))))
-            if form == "resident":  # the floor: the same answers, no adapter, F32 weights → the Q4_K_M file
-                with LlamaRuntime(quant, n_ctx=256) as rt:
-                    served = [rt.logits(s) for s in seqs]
-                with GGUFBase(base) as b:
-                    trained = reference_logits(b, [], seqs)
-                rows.append(("no adapter: F32 weights, served on the Q4_K_M file", *answer_kl(trained, served), None))
-    print(f"\n{a.base}: {a.behaviour} adapter, rank {a.rank} all-linear, {a.steps} steps; served on "
-          f"{Path(quant).name} by llama.cpp; {len(prompt_ids)} held-out prompts, {a.answer_tokens} answer tokens\n")
-    print("| trained on | KL trained → served | top-1 agreement | served answers in the trained format |")
-    print("|---|---|---|---|")
-    for label, kl, top1, adh in rows:
-        print(f"| {label} | {kl:.4g} | {top1:.1%} | {'-' if adh is None else f'{adh:.0%}'} |")
+            trained[form] = (base, out / "lora.gguf", out)
+        # One set of sequences for every row: each prompt with each adapter's own greedy answer as served.
+        # (Comparing each adapter on its own answers would compare how peaked two different texts are.)
+        seqs, adherence = [], {}
+        with LlamaRuntime(quant, n_ctx=256) as rt:
+            for form, (_, lora, _) in trained.items():
+                rt.set_adapters([(lora, 1.0)])
+                answers = [rt.greedy(p, a.answer_tokens) for p in prompt_ids]
+                adherence[form] = float(np.mean([behaviour.adheres(rt.detokenize(x)) for x in answers]))
+                seqs += [p + x for p, x in zip(prompt_ids, answers)]
+        starts = [len(p) for p in prompt_ids] * 2
 
+        def served_logits(lora):
+            with LlamaRuntime(quant, n_ctx=256) as rt:
+                rt.set_adapters([(lora, 1.0)] if lora else [])
+                return [rt.logits(s) for s in seqs]
+
+        def reference(base, peft_dir):
+            with GGUFBase(base) as b:
+                return reference_logits(b, [(load_adapter(peft_dir, b.spec), 1.0)] if peft_dir else [], seqs)
+
+        def row(label, ref, served, adh=None):
+            every = [compare(r[:-1], s[:-1]) for r, s in zip(ref, served)]  # positions that predict a token
+            ans = [compare(r[k - 1:-1], s[k - 1:-1]) for r, s, k in zip(ref, served, starts) if len(r) > k]
+            return (label, float(np.mean([c["mean_kl"] for c in every])), float(np.mean([c["top1"] for c in every])),
+                    float(np.mean([c["mean_kl"] for c in ans])), adh)
+
+        q_base, q_lora, q_dir = trained["quantized"]
+        f_base, f_lora, f_dir = trained["resident"]
+        no_lora = served_logits(None)
+        rows = [row("Q4_K_M file (`--base-weights quantized`) + its adapter", reference(q_base, q_dir),
+                    served_logits(q_lora), adherence["quantized"]),
+                row("F32 weights (`--base-weights resident`) + its adapter", reference(f_base, f_dir),
+                    served_logits(f_lora), adherence["resident"]),
+                row("no adapter: the Q4_K_M file's own weights (llama.cpp's compute alone)", reference(quant, None), no_lora),
+                row("no adapter: F32 weights (the quantization gap)", reference(f32, None), no_lora)]
+    print(f"\n{a.base}: {a.behaviour} adapter, rank {a.rank} all-linear, {a.steps} steps, the same data, seed and "
+          f"recipe on both bases; served by llama.cpp on {Path(quant).name} with the GGUF LoRA at run time; "
+          f"{n_prompts} held-out prompts × 2 answers ({a.answer_tokens} tokens at most, each adapter's greedy answer), "
+          f"{sum(map(len, seqs))} positions\n")
+    print("| trained as (reference) | KL trained → served, every position | top-1 agreement | KL, answer positions "
+          "| served answers in the trained format |")
+    print("|---|---:|---:|---:|---:|")
+    for label, kl, top1, kl_ans, adh in rows:
+        print(f"| {label} | {kl:.3g} | {top1:.1%} | {kl_ans:.3g} | {'-' if adh is None else f'{adh:.0%}'} |")
 
 if __name__ == "__main__":
     main()
