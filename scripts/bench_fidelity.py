@@ -1,14 +1,20 @@
 #!/usr/bin/env python3
-"""Benchmark: what training on the quantized file buys. An adapter trained on the Q4_K_M GGUF itself
-(`--base-weights quantized`) and one trained on the F32 weights (the usual way: full-precision weights),
-same data, seed and recipe, are both served the way users serve them: llama.cpp, the Q4_K_M base, the
-GGUF LoRA at run time. For each, the KL from the model it was trained as (the reference on its training
-base + the adapter) to the model users get, on held-out chat prompts followed by either adapter's answer,
-and how often the served greedy answer follows the trained format. Two floors without an adapter:
-llama.cpp against the Q4_K_M file's own weights (its compute alone), and against the F32 weights (the
+"""Benchmark: what training on the quantized file buys. The full-precision weights (F32) are quantized
+by llama.cpp to the file users serve (Q4_K_M by default). An adapter trained on that file itself
+(`--base-weights quantized`) and one trained on the F32 weights (the usual way), same data, seed and
+recipe, are both served the way users serve them: llama.cpp, the quantized file, the GGUF LoRA at run
+time. For each, the KL from the model it was trained as (the reference on its training base + the
+adapter) to the model users get, on held-out chat prompts followed by either adapter's answer, and how
+often the served greedy answer follows the trained format. Two floors without an adapter: llama.cpp
+against the served file's own weights (its compute alone), and against the F32 weights (the
 quantization gap).
 
-    .venv/bin/python scripts/bench_fidelity.py [--base gemma3] [--steps 40] [--rank 8]
+The public files are quantized, so "full precision" here is a published file dequantized:
+SmolLM2's Q4_1 (requantizing it to Q4_K_M moves every weight to another grid: a real gap) or Gemma 3's
+Q4_K_M (requantized to Q4_K_M it lands on nearly the same values: a check that both paths train alike
+when the weights agree).
+
+    .venv/bin/python scripts/bench_fidelity.py [--base smollm2|gemma3] [--quant q4_k_m] [--steps 40] [--rank 8]
 """
 
 from __future__ import annotations
@@ -24,13 +30,13 @@ sys.path.insert(0, str(ROOT))
 
 from lora2gguf import real_models  # noqa: E402
 
-BASES = {"gemma3": (real_models.gemma3_gguf, real_models.gemma3_f32_gguf),
-         "smollm2": (real_models.smollm2_gguf, real_models.smollm2_f32_gguf)}
+BASES = {"gemma3": real_models.gemma3_f32_gguf, "smollm2": real_models.smollm2_f32_gguf}  # the F32 weights
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--base", default="gemma3", choices=sorted(BASES))
+    ap.add_argument("--base", default="smollm2", choices=sorted(BASES))
+    ap.add_argument("--quant", default="q4_k_m", help="the type users serve, made from the F32 weights by llama.cpp")
     ap.add_argument("--behaviour", default="json", choices=["json", "pirate"])
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--rank", type=int, default=8)
@@ -44,11 +50,17 @@ def main() -> None:
     from lora2gguf.data import Tokenizer
     from lora2gguf.demo import BEHAVIOURS, DEMO_DATA, chat_template_for
     from lora2gguf.metrics import compare
+    from lora2gguf.quantize import llama_quantize, output_type
     from lora2gguf.reference import reference_logits
     from lora2gguf.runtime import LlamaRuntime
     from lora2gguf.train import TrainConfig, train
 
-    quant, f32 = (get() for get in BASES[a.base])
+    f32 = BASES[a.base]()
+    quant = f32.with_name(f32.name.replace(".F32.", f".{a.quant.upper()}-from-F32."))
+    if not quant.is_file():  # made once, next to the F32 copy
+        part = quant.with_suffix(".part")
+        llama_quantize(f32, part, output_type(a.quant).ftype)
+        part.rename(quant)
     behaviour = next(b for b in BEHAVIOURS if b.name == a.behaviour)
     with GGUFBase(quant) as b:
         template = chat_template_for(b)
@@ -95,19 +107,23 @@ def main() -> None:
             return (label, float(np.mean([c["mean_kl"] for c in every])), float(np.mean([c["top1"] for c in every])),
                     float(np.mean([c["mean_kl"] for c in ans])), adh)
 
+        # How far apart the two adapters are: ‖ΔW_quantized − ΔW_F32‖ / ‖ΔW_F32‖ per module
+        dq, df = (load_adapter(trained[f][2]).modules for f in ("quantized", "resident"))
+        apart = [np.linalg.norm(dq[m].delta() - df[m].delta()) / np.linalg.norm(df[m].delta()) for m in df]
         q_base, q_lora, q_dir = trained["quantized"]
         f_base, f_lora, f_dir = trained["resident"]
         no_lora = served_logits(None)
-        rows = [row("Q4_K_M file (`--base-weights quantized`) + its adapter", reference(q_base, q_dir),
+        rows = [row(f"{quant.name} (`--base-weights quantized`) + its adapter", reference(q_base, q_dir),
                     served_logits(q_lora), adherence["quantized"]),
                 row("F32 weights (`--base-weights resident`) + its adapter", reference(f_base, f_dir),
                     served_logits(f_lora), adherence["resident"]),
-                row("no adapter: the Q4_K_M file's own weights (llama.cpp's compute alone)", reference(quant, None), no_lora),
+                row("no adapter: the served file's own weights (llama.cpp's compute alone)", reference(quant, None), no_lora),
                 row("no adapter: F32 weights (the quantization gap)", reference(f32, None), no_lora)]
     print(f"\n{a.base}: {a.behaviour} adapter, rank {a.rank} all-linear, {a.steps} steps, the same data, seed and "
           f"recipe on both bases; served by llama.cpp on {Path(quant).name} with the GGUF LoRA at run time; "
           f"{n_prompts} held-out prompts × 2 answers ({a.answer_tokens} tokens at most, each adapter's greedy answer), "
-          f"{sum(map(len, seqs))} positions\n")
+          f"{sum(map(len, seqs))} positions. The two adapters' updates differ by {np.median(apart):.3f} (median "
+          f"over modules; max {max(apart):.3f}) of the F32-trained one's norm\n")
     print("| trained as (reference) | KL trained → served, every position | top-1 agreement | KL, answer positions "
           "| served answers in the trained format |")
     print("|---|---:|---:|---:|---:|")
