@@ -9,10 +9,9 @@ often the served greedy answer follows the trained format. Two floors without an
 against the served file's own weights (its compute alone), and against the F32 weights (the
 quantization gap).
 
-The public files are quantized, so "full precision" here is a published file dequantized:
-SmolLM2's Q4_1 (requantizing it to Q4_K_M moves every weight to another grid: a real gap) or Gemma 3's
-Q4_K_M (requantized to Q4_K_M it lands on nearly the same values: a check that both paths train alike
-when the weights agree).
+The public files are quantized, so "full precision" here is a published file dequantized: SmolLM2's
+Q4_1 (requantizing it to Q4_K_M moves every weight to another grid: a real gap, the default) or Gemma 3's
+Q4_K_M (requantized to its own type, the gap is only what a second pass of the quantizer changes).
 
     .venv/bin/python scripts/bench_fidelity.py [--base smollm2|gemma3] [--quant q4_k_m] [--steps 40] [--rank 8]
 """
