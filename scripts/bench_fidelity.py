@@ -14,6 +14,7 @@ Q4_1 (requantizing it to Q4_K_M moves every weight to another grid: a real gap, 
 Q4_K_M (requantized to its own type, the gap is only what a second pass of the quantizer changes).
 
     .venv/bin/python scripts/bench_fidelity.py [--base smollm2|gemma3] [--quant q4_k_m] [--steps 40] [--rank 8]
+    .venv/bin/python scripts/bench_fidelity.py --control [...]   # identical weights, the two training paths
 """
 
 from __future__ import annotations
@@ -40,6 +41,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--answer-tokens", type=int, default=24)
+    ap.add_argument("--control", action="store_true",
+                    help="instead: train on the served file twice (quantized and resident paths, identical weights) "
+                         "and print how far apart the two adapters are")
     a = ap.parse_args()
 
     import numpy as np
@@ -70,21 +74,32 @@ def main() -> None:
     tok.close()
     n_prompts = len(prompt_ids)
 
+    def updates_apart(dirs) -> list[float]:
+        """‖ΔW_a − ΔW_b‖ / ‖ΔW_b‖ per module, for the adapters in two PEFT directories."""
+        da, db = (load_adapter(d).modules for d in dirs)
+        return [np.linalg.norm(da[m].delta() - db[m].delta()) / np.linalg.norm(db[m].delta()) for m in db]
+
     with tempfile.TemporaryDirectory() as tmp:
-        trained = {}  # form → (training base, GGUF LoRA, PEFT directory)
-        for form, base in (("quantized", quant), ("resident", f32)):
+        trained = {}  # form → (training base, GGUF LoRA, PEFT directory, last loss)
+        for form, base in (("quantized", quant), ("resident", quant if a.control else f32)):
             out = Path(tmp) / form
             out.mkdir()  # train writes the GGUF LoRA beside the adapter; its directory must exist
-            train(TrainConfig(base=str(base), data=str(DEMO_DATA / behaviour.data), out=str(out), rank=a.rank,
-                              alpha=2 * a.rank, lr=1e-3, steps=a.steps, batch_size=4, seq_len=128, dropout=0.0,
-                              targets="all-linear", gguf=str(out / "lora.gguf"), force=True, progress=False,
-                              seed=0, chat_template=template, base_weights=form))
-            trained[form] = (base, out / "lora.gguf", out)
+            r = train(TrainConfig(base=str(base), data=str(DEMO_DATA / behaviour.data), out=str(out), rank=a.rank,
+                                  alpha=2 * a.rank, lr=1e-3, steps=a.steps, batch_size=4, seq_len=128, dropout=0.0,
+                                  targets="all-linear", gguf=str(out / "lora.gguf"), force=True, progress=False,
+                                  seed=0, chat_template=template, base_weights=form))
+            trained[form] = (base, out / "lora.gguf", out, r.losses[-1])
+        if a.control:
+            apart = updates_apart([trained[f][2] for f in ("quantized", "resident")])
+            print(f"\ncontrol, {a.base}: both paths on {quant.name}, {a.steps} steps: last loss "
+                  f"{trained['quantized'][3]:.7f} (quantized) vs {trained['resident'][3]:.7f} (resident); updates "
+                  f"{np.median(apart):.2g} apart (median over modules; max {max(apart):.2g})")
+            return
         # One set of sequences for every row: each prompt with each adapter's own greedy answer as served.
         # (Comparing each adapter on its own answers would compare how peaked two different texts are.)
         seqs, adherence = [], {}
         with LlamaRuntime(quant, n_ctx=256) as rt:
-            for form, (_, lora, _) in trained.items():
+            for form, (_, lora, _, _) in trained.items():
                 rt.set_adapters([(lora, 1.0)])
                 answers = [rt.greedy(p, a.answer_tokens) for p in prompt_ids]
                 adherence[form] = float(np.mean([behaviour.adheres(rt.detokenize(x)) for x in answers]))
@@ -107,10 +122,9 @@ def main() -> None:
                     float(np.mean([c["mean_kl"] for c in ans])), adh)
 
         # How far apart the two adapters are: ‖ΔW_quantized − ΔW_F32‖ / ‖ΔW_F32‖ per module
-        dq, df = (load_adapter(trained[f][2]).modules for f in ("quantized", "resident"))
-        apart = [np.linalg.norm(dq[m].delta() - df[m].delta()) / np.linalg.norm(df[m].delta()) for m in df]
-        q_base, q_lora, q_dir = trained["quantized"]
-        f_base, f_lora, f_dir = trained["resident"]
+        apart = updates_apart([trained[f][2] for f in ("quantized", "resident")])
+        q_base, q_lora, q_dir, _ = trained["quantized"]
+        f_base, f_lora, f_dir, _ = trained["resident"]
         no_lora = served_logits(None)
         rows = [row(f"{quant.name} (`--base-weights quantized`) + its adapter", reference(q_base, q_dir),
                     served_logits(q_lora), adherence["quantized"]),
