@@ -10,8 +10,8 @@ import threading
 
 import click
 
-from . import __version__
-from .errors import Lora2GGUFError, Terminated
+from lora2gguf import __version__
+from lora2gguf.errors import Lora2GGUFError, Terminated
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -29,7 +29,7 @@ def cli(ctx: click.Context, verbose: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def inspect_cmd(path: str, base: str | None, as_json: bool) -> None:
     """Describe a GGUF model or adapter (or an HF model / PEFT adapter directory)."""
-    from .inspector import describe, format_description
+    from lora2gguf.commands.inspect import describe, format_description
 
     info = describe(path, base=base)
     click.echo(json.dumps(info, indent=2) if as_json else format_description(info))
@@ -53,8 +53,8 @@ def verify_cmd(ctx, base, loras, merged, runtime_lora, text_file, prompts_file, 
                as_json):
     """Prove parity: reference (PyTorch, PEFT math) vs llama.cpp runtime LoRA vs merged file.
     Exit 0 when every pair is within its threshold, 1 when not, 2 on bad input."""
-    from .merge import parse_lora_arg
-    from .verify import format_report, read_prompts, read_text, verify
+    from lora2gguf.commands.merge import parse_lora_arg
+    from lora2gguf.commands.verify import format_report, read_prompts, read_text, verify
 
     report = verify(base, [parse_lora_arg(a) for a in loras], merged=merged, runtime_lora=runtime_lora,
                     text=read_text(text_file) if text_file else None,
@@ -77,7 +77,7 @@ def verify_cmd(ctx, base, loras, merged, runtime_lora, text_file, prompts_file, 
 def merge_cmd(ctx: click.Context, base: str, loras: tuple[str, ...], quant: str, out: str, threads: int | None,
               force: bool) -> None:
     """Bake LoRA adapters into a GGUF base and write it at any llama.cpp quantization."""
-    from .merge import merge, parse_lora_arg
+    from lora2gguf.commands.merge import merge, parse_lora_arg
 
     pairs = [parse_lora_arg(a) for a in loras]
     click.echo(f"wrote {merge(base, pairs, out, quant=quant, threads=threads, force=force, verbose=ctx.obj['verbose'])}")
@@ -126,7 +126,8 @@ def train_cmd(**kwargs) -> None:
     The loss covers text, completions and assistant turns (chat rendered with the GGUF's template).
     Batches are padded with an attention mask, not packed. Ctrl-C or SIGTERM saves a checkpoint; --resume
     continues."""
-    from .train import TrainConfig, train
+    from lora2gguf.training.config import TrainConfig
+    from lora2gguf.commands.train import train
 
     result = train(TrainConfig(**kwargs))
     if result.rank == 0:
@@ -142,7 +143,7 @@ def train_cmd(**kwargs) -> None:
 @click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
 def convert_cmd(adapter_dir: str, base: str, out: str, outtype: str, force: bool) -> None:
     """Convert an adapter directory (PEFT, torchtune, mlx-lm) into a GGUF LoRA for llama.cpp's --lora."""
-    from .convert import convert
+    from lora2gguf.commands.convert import convert
 
     click.echo(f"wrote {convert(adapter_dir, base, out, outtype=outtype, force=force)}")
 
@@ -154,7 +155,7 @@ def convert_cmd(adapter_dir: str, base: str, out: str, outtype: str, force: bool
 @click.option("--force", is_flag=True, help="Replace OUT if it is an existing adapter directory.")
 def export_cmd(adapter_gguf: str, base: str, out: str, force: bool) -> None:
     """Turn a GGUF LoRA (or a torchtune / mlx-lm adapter) into a PEFT adapter directory."""
-    from .export import export
+    from lora2gguf.commands.export import export
 
     click.echo(f"wrote {export(adapter_gguf, base, out, force=force)}")
 
@@ -167,7 +168,7 @@ def export_cmd(adapter_gguf: str, base: str, out: str, force: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Also print the summary as one JSON object on stdout.")
 def demo_cmd(workdir: str, base: str | None, steps: int, as_json: bool) -> None:
     """Train two adapters, convert, hot-swap, merge to q4_k_m, verify: the whole pipeline on a real model."""
-    from .demo import Recipe, format_summary, run_demo
+    from lora2gguf.demo import Recipe, format_summary, run_demo
 
     summary = run_demo(workdir, base=base, recipe=Recipe(steps=steps), log=lambda m: click.echo(m, err=as_json))
     if as_json:
@@ -183,7 +184,7 @@ def demo_cmd(workdir: str, base: str | None, steps: int, as_json: bool) -> None:
 @click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
 def modelfile_cmd(base: str, lora: str, out: str, force: bool) -> None:
     """Write an Ollama Modelfile: FROM base, ADAPTER lora (then `ollama create NAME -f OUT`)."""
-    from .modelfile import write_modelfile
+    from lora2gguf.commands.modelfile import write_modelfile
 
     click.echo(f"wrote {write_modelfile(base, lora, out, force=force)}")
 
@@ -195,7 +196,7 @@ def modelfile_cmd(base: str, lora: str, out: str, force: bool) -> None:
 @click.option("--plot", "plot_out", type=click.Path(), help="Write a layer × module heatmap PNG (needs matplotlib).")
 def analyze_cmd(adapter: str, base: str | None, as_json: bool, plot_out: str | None) -> None:
     """How many of its r dimensions an adapter's update really uses, per layer and module."""
-    from .analyze import analyze, format_report, plot
+    from lora2gguf.commands.analyze import analyze, format_report, plot
 
     report = analyze(adapter, base)
     if plot_out:
@@ -217,7 +218,7 @@ def _target_options(f):
 @click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
 def resize_cmd(adapter, rank, energy, out, base, outtype, force) -> None:
     """Truncate each module's update optimally (SVD) to --rank K or to --energy E."""
-    from .resize import format_report, resize
+    from lora2gguf.commands.resize import format_report, resize
 
     click.echo(format_report(resize(adapter, out, rank=rank, energy=energy, base=base, outtype=outtype, force=force)))
 
@@ -231,8 +232,8 @@ def resize_cmd(adapter, rank, energy, out, base, outtype, force) -> None:
 @click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
 def combine_cmd(adapters, base, out, rank, outtype, force) -> None:
     """Sum adapters (each times its SCALE) into one GGUF LoRA that llama.cpp loads as a single adapter."""
-    from .combine import combine, format_report
-    from .merge import parse_lora_arg
+    from lora2gguf.commands.combine import combine, format_report
+    from lora2gguf.commands.merge import parse_lora_arg
 
     click.echo(format_report(combine([parse_lora_arg(a) for a in adapters], base, out, rank=rank, outtype=outtype,
                                      force=force)))
@@ -247,7 +248,7 @@ def combine_cmd(adapters, base, out, rank, outtype, force) -> None:
 @click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
 def extract_cmd(base, tuned, rank, energy, out, outtype, force) -> None:
     """Build a LoRA from a full fine-tune: per weight, the truncated SVD of tuned − base."""
-    from .extract import extract, format_report
+    from lora2gguf.commands.extract import extract, format_report
 
     click.echo(format_report(extract(base, tuned, out, rank=rank, energy=energy, outtype=outtype, force=force)))
 

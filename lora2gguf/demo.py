@@ -78,14 +78,15 @@ def chat_template_for(base) -> str | None:
 
 def run_demo(workdir: str | os.PathLike, base: str | os.PathLike | None = None, recipe: Recipe = Recipe(),
              max_prompts: int | None = None, log=print) -> dict:
-    from .base import open_base
-    from .data import Tokenizer
-    from .merge import merge
-    from .modelfile import write_modelfile
-    from .runtime import LlamaRuntime
-    from .real_models import gemma3_gguf, smollm2_gguf
-    from .train import TrainConfig, train
-    from .verify import verify
+    from lora2gguf.weights.base_model import open_base
+    from lora2gguf.llamacpp.tokenizer import Tokenizer
+    from lora2gguf.commands.merge import merge
+    from lora2gguf.commands.modelfile import write_modelfile
+    from lora2gguf.llamacpp.runtime import LlamaRuntime
+    from lora2gguf.weights.real_models import gemma3_gguf, smollm2_gguf
+    from lora2gguf.training.config import TrainConfig
+    from lora2gguf.commands.train import train
+    from lora2gguf.commands.verify import verify
 
     work = Path(workdir)
     work.mkdir(parents=True, exist_ok=True)

@@ -29,11 +29,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=3)
     args = ap.parse_args()
-    from lora2gguf.adapter_gguf_write import gguf_from_peft
-    from lora2gguf.adapter_io import load_for_base
-    from lora2gguf.analyze import analyze
-    from lora2gguf.lowrank import small_matrix_threads
-    from lora2gguf.real_models import smollm2_f32_gguf
+    from lora2gguf.adapters.gguf_lora_write import gguf_from_peft
+    from lora2gguf.adapters.load import load_for_base
+    from lora2gguf.commands.analyze import analyze
+    from lora2gguf.adapters.lowrank import small_matrix_threads
+    from lora2gguf.weights.real_models import smollm2_f32_gguf
     from peft_helpers import hf_dir_from_base, make_peft_adapter
 
     f32 = smollm2_f32_gguf()

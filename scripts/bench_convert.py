@@ -95,12 +95,12 @@ def main() -> None:
     import numpy as np
 
     from conftest import TEXT, reference_logits
-    from lora2gguf.adapter import load_peft
-    from lora2gguf.base import open_base
-    from lora2gguf.metrics import compare
-    from lora2gguf.reference import reference_model
-    from lora2gguf.runtime import LlamaRuntime
-    from lora2gguf.real_models import smollm2_f32_gguf, smollm2_gguf
+    from lora2gguf.adapters.peft import load_peft
+    from lora2gguf.weights.base_model import open_base
+    from lora2gguf.parity.metrics import compare
+    from lora2gguf.parity.reference import reference_model
+    from lora2gguf.llamacpp.runtime import LlamaRuntime
+    from lora2gguf.weights.real_models import smollm2_f32_gguf, smollm2_gguf
     from peft_helpers import hf_dir_from_base
 
     q4, f32 = smollm2_gguf(), smollm2_f32_gguf()

@@ -20,7 +20,7 @@ def main() -> None:
     ap.add_argument("--workdir", help="keep the outputs here (default: a temporary directory)")
     ap.add_argument("--steps", type=int, default=20)
     args = ap.parse_args()
-    from lora2gguf.real_models import smollm2_gguf
+    from lora2gguf.weights.real_models import smollm2_gguf
 
     smollm2_gguf()  # the download is not part of the target
     with tempfile.TemporaryDirectory() as tmp:

@@ -41,8 +41,9 @@ def with_moved_norms(src: Path, dst: Path, amount: float) -> Path:
     import numpy as np
     from gguf import GGMLQuantizationType, GGUFWriter
 
-    from lora2gguf.gguf_file import GGUFFile
-    from lora2gguf.gguf_write import PlannedTensor, atomic_output, copy_fields, write_streaming
+    from lora2gguf.fileio.gguf_read import GGUFFile
+    from lora2gguf.fileio.gguf_write import PlannedTensor, copy_fields, write_streaming
+    from lora2gguf.fileio.atomic import atomic_output
 
     rng = np.random.default_rng(0)
 
@@ -61,9 +62,9 @@ def with_moved_norms(src: Path, dst: Path, amount: float) -> Path:
 def norms_cost(f32: Path, tuned: Path, tokens, rank: int) -> None:
     """What leaving the norms out costs: the fine-tune with its RMSNorms moved by 1% and 5%, extracted
     at the rank that holds its projections exactly; KL of base + LoRA vs that fine-tune."""
-    from lora2gguf.extract import extract
-    from lora2gguf.metrics import compare
-    from lora2gguf.runtime import LlamaRuntime
+    from lora2gguf.commands.extract import extract
+    from lora2gguf.parity.metrics import compare
+    from lora2gguf.llamacpp.runtime import LlamaRuntime
 
     print("\n| RMSNorm weights moved by | share of ‖ΔW‖² left out | KL vs fine-tune | top-1 |\n|---:|---:|---:|---:|")
     for amount in (0.01, 0.05):
@@ -85,12 +86,12 @@ def main() -> None:
     ap.add_argument("--norms-only", action="store_true", help="only the cost of leaving moved norms out")
     args = ap.parse_args()
     from bench_convert import run
-    from lora2gguf.convert import convert
-    from lora2gguf.merge import merge
-    from lora2gguf.metrics import compare
-    from lora2gguf.runtime import LlamaRuntime
-    from lora2gguf.real_models import smollm2_f32_gguf
-    from lora2gguf.verify import DEFAULT_TEXT
+    from lora2gguf.commands.convert import convert
+    from lora2gguf.commands.merge import merge
+    from lora2gguf.parity.metrics import compare
+    from lora2gguf.llamacpp.runtime import LlamaRuntime
+    from lora2gguf.weights.real_models import smollm2_f32_gguf
+    from lora2gguf.commands.verify import DEFAULT_TEXT
     from peft_helpers import hf_dir_from_base
 
     WORK.mkdir(parents=True, exist_ok=True)

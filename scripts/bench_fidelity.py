@@ -28,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from lora2gguf import real_models  # noqa: E402
+from lora2gguf.weights import real_models  # noqa: E402
 
 BASES = {"gemma3": real_models.gemma3_f32_gguf, "smollm2": real_models.smollm2_f32_gguf}  # the F32 weights
 
@@ -48,15 +48,16 @@ def main() -> None:
 
     import numpy as np
 
-    from lora2gguf.adapter_any import load_adapter
-    from lora2gguf.base import GGUFBase
-    from lora2gguf.data import Tokenizer
+    from lora2gguf.adapters.load import load_adapter
+    from lora2gguf.weights.base_model import GGUFBase
+    from lora2gguf.llamacpp.tokenizer import Tokenizer
     from lora2gguf.demo import BEHAVIOURS, DEMO_DATA, chat_template_for
-    from lora2gguf.metrics import compare
-    from lora2gguf.quantize import llama_quantize, output_type
-    from lora2gguf.reference import reference_logits
-    from lora2gguf.runtime import LlamaRuntime
-    from lora2gguf.train import TrainConfig, train
+    from lora2gguf.parity.metrics import compare
+    from lora2gguf.llamacpp.quantize import llama_quantize, output_type
+    from lora2gguf.parity.reference import reference_logits
+    from lora2gguf.llamacpp.runtime import LlamaRuntime
+    from lora2gguf.training.config import TrainConfig
+    from lora2gguf.commands.train import train
 
     f32 = BASES[a.base]()
     quant = f32.with_name(f32.name.replace(".F32.", f".{a.quant.upper()}-from-F32."))

@@ -27,11 +27,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from lora2gguf.convert import convert  # noqa: E402
-from lora2gguf.metrics import compare  # noqa: E402
-from lora2gguf.runtime import LlamaRuntime  # noqa: E402
-from lora2gguf.real_models import smollm2_f32_gguf  # noqa: E402
-from lora2gguf.verify import DEFAULT_TEXT, verify  # noqa: E402
+from lora2gguf.commands.convert import convert  # noqa: E402
+from lora2gguf.parity.metrics import compare  # noqa: E402
+from lora2gguf.llamacpp.runtime import LlamaRuntime  # noqa: E402
+from lora2gguf.weights.real_models import smollm2_f32_gguf  # noqa: E402
+from lora2gguf.commands.verify import DEFAULT_TEXT, verify  # noqa: E402
 from peft_helpers import hf_dir_from_base, make_peft_adapter, peft_logits  # noqa: E402
 from test_adapter_gguf import rewrite_gguf  # noqa: E402
 from test_adapter_mlx import write_mlx  # noqa: E402
@@ -45,7 +45,7 @@ def as_peft_names(tune_dir: Path, out: Path) -> Path:
     import torch
     from safetensors.torch import save_file
 
-    from lora2gguf.adapter_torchtune import hf_module
+    from lora2gguf.adapters.torchtune import hf_module
 
     sd = torch.load(tune_dir / "adapter_model.pt", weights_only=True)
     out.mkdir()

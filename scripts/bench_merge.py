@@ -63,7 +63,7 @@ def build_tools(cache: Path) -> tuple[Path, Path]:
 
 
 def gguf_lora(adapter: Path, base: Path) -> Path:
-    from lora2gguf.convert import convert
+    from lora2gguf.commands.convert import convert
 
     out = adapter.with_suffix(".gguf")
     if not out.is_file():
@@ -72,7 +72,7 @@ def gguf_lora(adapter: Path, base: Path) -> Path:
 
 
 def smollm2_inputs(cache: Path) -> tuple[Path, Path]:
-    from lora2gguf.real_models import smollm2_f32_gguf
+    from lora2gguf.weights.real_models import smollm2_f32_gguf
     from peft_helpers import hf_dir_from_base, make_peft_adapter
 
     base = smollm2_f32_gguf()
@@ -92,7 +92,7 @@ def big_inputs(cache: Path, kind: str = "f16") -> tuple[Path, Path]:
     if kind != "f16":
         from gguf import LlamaFileType
 
-        from lora2gguf.quantize import llama_quantize
+        from lora2gguf.llamacpp.quantize import llama_quantize
 
         q = base.with_name(base.name.replace("f16", kind))
         if not q.is_file():
@@ -252,13 +252,13 @@ def bench(name: str, base: Path, adapter: Path, tools: tuple[Path, Path] | None,
 def quality(base: Path, adapter: Path, tools: tuple[Path, Path], work: Path) -> dict:
     """KL of each q4_k_m route to the F32 reference with the adapter, on 320 tokens of text."""
     from conftest import TEXT, reference_logits
-    from lora2gguf.adapter import load_peft
-    from lora2gguf.base import open_base
-    from lora2gguf.merge import merge
-    from lora2gguf.metrics import compare
-    from lora2gguf.quantize import llama_quantize
-    from lora2gguf.reference import reference_model
-    from lora2gguf.runtime import LlamaRuntime
+    from lora2gguf.adapters.peft import load_peft
+    from lora2gguf.weights.base_model import open_base
+    from lora2gguf.commands.merge import merge
+    from lora2gguf.parity.metrics import compare
+    from lora2gguf.llamacpp.quantize import llama_quantize
+    from lora2gguf.parity.reference import reference_model
+    from lora2gguf.llamacpp.runtime import LlamaRuntime
     from gguf import LlamaFileType
 
     lora = gguf_lora(adapter, base)

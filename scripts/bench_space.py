@@ -29,13 +29,14 @@ WORK = Path.home() / ".cache" / "lora2gguf-bench" / "space"
 
 def train_adapter(base: Path, behaviour, rank: int, name: str) -> Path:
     from lora2gguf.demo import DEMO_DATA, Recipe
-    from lora2gguf.train import TrainConfig, train
+    from lora2gguf.training.config import TrainConfig
+    from lora2gguf.commands.train import train
 
     out = WORK / name
     if (out / "adapter_config.json").is_file():
         return out
     r = Recipe()
-    with __import__("lora2gguf.base", fromlist=["open_base"]).open_base(base) as b:
+    with __import__("lora2gguf.weights.base_model", fromlist=["open_base"]).open_base(base) as b:
         layers = r.layers(b.spec.n_layer)
     t = time.perf_counter()
     res = train(TrainConfig(base=str(base), data=str(DEMO_DATA / behaviour.data), out=str(out), rank=rank,
@@ -53,10 +54,10 @@ class KLCost:
     adapter and one llama.cpp model for all files: verify's greedy checks take minutes on a loaded machine."""
 
     def __init__(self, f32: Path):
-        from lora2gguf.base import open_base
-        from lora2gguf.reference import reference_model
-        from lora2gguf.runtime import LlamaRuntime
-        from lora2gguf.verify import DEFAULT_TEXT, _ref_logits
+        from lora2gguf.weights.base_model import open_base
+        from lora2gguf.parity.reference import reference_model
+        from lora2gguf.llamacpp.runtime import LlamaRuntime
+        from lora2gguf.commands.verify import DEFAULT_TEXT, _ref_logits
 
         self.rt = LlamaRuntime(f32, n_ctx=512)
         self.tokens = self.rt.tokenize(DEFAULT_TEXT)[:256]
@@ -65,8 +66,8 @@ class KLCost:
         self.base_logits = self.ref([])
 
     def __call__(self, original: Path, resized: Path) -> dict:
-        from lora2gguf.adapter_any import load_adapter
-        from lora2gguf.metrics import compare
+        from lora2gguf.adapters.load import load_adapter
+        from lora2gguf.parity.metrics import compare
 
         if original not in self.cache:
             self.cache[original] = self.ref([(load_adapter(original, self.base.spec), 1.0)])
@@ -82,10 +83,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--verify-rows", type=int, default=0)
     args = ap.parse_args()
-    from lora2gguf.analyze import analyze
+    from lora2gguf.commands.analyze import analyze
     from lora2gguf.demo import BEHAVIOURS
-    from lora2gguf.resize import resize
-    from lora2gguf.real_models import smollm2_f32_gguf, smollm2_gguf
+    from lora2gguf.commands.resize import resize
+    from lora2gguf.weights.real_models import smollm2_f32_gguf, smollm2_gguf
 
     WORK.mkdir(parents=True, exist_ok=True)
     base, f32 = smollm2_gguf(), smollm2_f32_gguf()
@@ -122,7 +123,7 @@ def main() -> None:
         print(f"| {name} | {label} | {ranks[0]}-{ranks[-1]} | {rep['energy_kept']:.2%} | {rep['bytes']:,} | "
               f"{k['kl']:.2e} | {k['top1']:.3f} | {k['effect']:.4f} |", flush=True)
         if args.verify_rows > 0:
-            from lora2gguf.verify import verify
+            from lora2gguf.commands.verify import verify
 
             args.verify_rows -= 1
             v = verify(f32, [(str(adapters[name]), 1.0)], runtime_lora=str(out))

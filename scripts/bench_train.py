@@ -93,8 +93,9 @@ def prepare(a, work: Path) -> None:
 
     import torch
 
-    from lora2gguf.data import Tokenizer, load_dataset
-    from lora2gguf.real_models import smollm2_f32_gguf, smollm2_gguf
+    from lora2gguf.llamacpp.tokenizer import Tokenizer
+    from lora2gguf.training.data import load_dataset
+    from lora2gguf.weights.real_models import smollm2_f32_gguf, smollm2_gguf
     from peft_helpers import hf_dir_from_base
 
     f32 = str(smollm2_f32_gguf())  # the Q4_1 file's weights, dequantized: transformers reads them from here

@@ -32,9 +32,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=3)
     args = ap.parse_args()
-    from lora2gguf.convert import convert
-    from lora2gguf.merge import merge
-    from lora2gguf.real_models import smollm2_f32_gguf
+    from lora2gguf.commands.convert import convert
+    from lora2gguf.commands.merge import merge
+    from lora2gguf.weights.real_models import smollm2_f32_gguf
     from peft_helpers import hf_dir_from_base, make_peft_adapter
 
     base = smollm2_f32_gguf()

@@ -31,8 +31,9 @@ import gguf  # noqa: E402
 from safetensors.numpy import save_file  # noqa: E402
 
 from lora2gguf import models  # noqa: E402
-from lora2gguf.gguf_write import PlannedTensor, atomic_output, nbytes_of, write_streaming  # noqa: E402
-from lora2gguf.quantize import llama_quantize, output_type  # noqa: E402
+from lora2gguf.fileio.gguf_write import PlannedTensor, nbytes_of, write_streaming
+from lora2gguf.fileio.atomic import atomic_output
+from lora2gguf.llamacpp.quantize import llama_quantize, output_type  # noqa: E402
 
 SHAPES = {  # name → dims; "big" (the default) is bench_merge.py's base
     "big": dict(n_layer=14, n_embd=2048, n_ff=5632, n_head=32, n_head_kv=4, n_vocab=32000, n_ctx=4096,

@@ -35,7 +35,7 @@ def reference_logits(model, tokens) -> np.ndarray:
 
 @pytest.fixture(scope="session")
 def smollm2_f32() -> Path:
-    from lora2gguf.real_models import smollm2_f32_gguf
+    from lora2gguf.weights.real_models import smollm2_f32_gguf
 
     return smollm2_f32_gguf()
 
@@ -50,13 +50,13 @@ def smollm2_hf(smollm2_f32) -> Path:
 
 @pytest.fixture(scope="session")
 def gemma3_q4() -> Path:
-    from lora2gguf.real_models import gemma3_gguf
+    from lora2gguf.weights.real_models import gemma3_gguf
 
     return gemma3_gguf()
 
 
 @pytest.fixture(scope="session")
 def gemma3_f32(gemma3_q4) -> Path:
-    from lora2gguf.real_models import gemma3_f32_gguf
+    from lora2gguf.weights.real_models import gemma3_f32_gguf
 
     return gemma3_f32_gguf()

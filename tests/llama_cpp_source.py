@@ -17,7 +17,7 @@ def llama_cpp_source() -> Path | None:
     if os.environ.get("LLAMA_CPP_DIR"):
         return Path(os.environ["LLAMA_CPP_DIR"])
     from lora2gguf.errors import Lora2GGUFError
-    from lora2gguf.real_models import cache_dir, pip_download
+    from lora2gguf.weights.real_models import cache_dir, pip_download
 
     name = f"llama_cpp_python-{version('llama-cpp-python')}"
     tree = cache_dir() / name / "vendor" / "llama.cpp"

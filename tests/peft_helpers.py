@@ -79,7 +79,7 @@ def hf_dir_from_base(base_path: str | Path, out_dir: str | Path) -> Path:
 
     from safetensors.numpy import save_file
 
-    from lora2gguf.base import open_base
+    from lora2gguf.weights.base_model import open_base
 
     out_dir = Path(out_dir)
     if (out_dir / "config.json").is_file():
@@ -117,9 +117,9 @@ def assert_converts_like_peft(arch: str, adapter_dir: str | Path, peft_dir: str 
     with transformers + PEFT on `peft_dir` (the same ΔW in PEFT form): KL ≤ 1e-5, same top-1. Also checks
     that the adapter visibly moves the base, so that a dropped or mis-scaled adapter cannot pass."""
     from conftest import fixture, token_ids
-    from lora2gguf.convert import convert
-    from lora2gguf.metrics import compare
-    from lora2gguf.runtime import LlamaRuntime
+    from lora2gguf.commands.convert import convert
+    from lora2gguf.parity.metrics import compare
+    from lora2gguf.llamacpp.runtime import LlamaRuntime
 
     gguf = convert(adapter_dir, fixture(arch), out)
     with LlamaRuntime(fixture(arch)) as rt:
@@ -138,9 +138,9 @@ def assert_merges_like_peft(arch: str, adapter_dir: str | Path, peft_dir: str | 
     """Merge `adapter_dir` (any format) into the F32 `arch` fixture and compare the merged file's llama.cpp
     logits with transformers + PEFT on `peft_dir`: KL ≤ 1e-5, same top-1."""
     from conftest import fixture, token_ids
-    from lora2gguf.merge import merge
-    from lora2gguf.metrics import compare
-    from lora2gguf.runtime import LlamaRuntime
+    from lora2gguf.commands.merge import merge
+    from lora2gguf.parity.metrics import compare
+    from lora2gguf.llamacpp.runtime import LlamaRuntime
 
     merged = merge(fixture(arch), [(adapter_dir, 1.0)], out, quant="f32")
     with LlamaRuntime(merged) as rt:

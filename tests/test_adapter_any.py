@@ -15,10 +15,10 @@ import torch
 from safetensors.numpy import load_file, save_file
 
 from conftest import fixture
-from lora2gguf.adapter_any import adapter_format, describe_adapter
+from lora2gguf.adapters.load import adapter_format, describe_adapter
 from lora2gguf.cli import main
 from lora2gguf.errors import Lora2GGUFError
-from lora2gguf.verify import format_report, verify
+from lora2gguf.commands.verify import format_report, verify
 from peft_helpers import assert_converts_like_peft, make_peft_adapter
 
 P = "base_model.model."

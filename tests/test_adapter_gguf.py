@@ -12,16 +12,16 @@ import pytest
 
 from conftest import ARCHS, TEXT, fixture, reference_logits, token_ids
 from llama_cpp_source import llama_cpp_source
-from lora2gguf.adapter import load_peft
-from lora2gguf.adapter_gguf import load_gguf_lora
-from lora2gguf.base import open_base
+from lora2gguf.adapters.peft import load_peft
+from lora2gguf.adapters.gguf_lora import load_gguf_lora
+from lora2gguf.weights.base_model import open_base
 from lora2gguf.cli import main
-from lora2gguf.convert import convert
+from lora2gguf.commands.convert import convert
 from lora2gguf.errors import Lora2GGUFError
-from lora2gguf.gguf_file import GGUFFile
-from lora2gguf.metrics import compare
-from lora2gguf.reference import reference_model
-from lora2gguf.runtime import LlamaRuntime
+from lora2gguf.fileio.gguf_read import GGUFFile
+from lora2gguf.parity.metrics import compare
+from lora2gguf.parity.reference import reference_model
+from lora2gguf.llamacpp.runtime import LlamaRuntime
 from peft_helpers import make_peft_adapter, peft_logits
 from test_convert import ALL, CASES
 
@@ -31,7 +31,7 @@ def rewrite_gguf(src, dst, alpha=None, tensor_fn=None):
     reads as 0) and/or every tensor passed through tensor_fn (F32 files only)."""
     from gguf import GGUFWriter
 
-    from lora2gguf.gguf_write import PlannedTensor, copy_fields, write_streaming
+    from lora2gguf.fileio.gguf_write import PlannedTensor, copy_fields, write_streaming
 
     with GGUFFile(src) as f:
         w = GGUFWriter(None, f.get("general.architecture"))
@@ -185,8 +185,8 @@ def test_inspect_base_mismatch(llama_adapter, capsys):
 @pytest.mark.slow
 def test_smollm2_fingerprint(smollm2_f32, smollm2_hf):
     """The real model: the Q4_1 original, its F32 copy and the HF dir are one base; the tiny fixture is not."""
-    from lora2gguf import fingerprint
-    from lora2gguf.real_models import smollm2_gguf
+    from lora2gguf.weights import fingerprint
+    from lora2gguf.weights.real_models import smollm2_gguf
 
     fps = []
     for path in (smollm2_f32, smollm2_gguf(), smollm2_hf):

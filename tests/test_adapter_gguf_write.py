@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 
 from conftest import fixture, token_ids
-from lora2gguf.convert import convert
+from lora2gguf.commands.convert import convert
 from lora2gguf.errors import Lora2GGUFError
-from lora2gguf.merge import merge
-from lora2gguf.metrics import compare
-from lora2gguf.runtime import LlamaRuntime
+from lora2gguf.commands.merge import merge
+from lora2gguf.parity.metrics import compare
+from lora2gguf.llamacpp.runtime import LlamaRuntime
 from peft_helpers import make_peft_adapter, peft_logits
 
 INVOCATION = [17, 23, 5]  # three ids of the tiny vocabulary: a "<|assistant|>"-like marker
@@ -59,7 +59,7 @@ def test_invocation_tokens_written_as_uint32_and_read_by_llama_cpp(alora):
         n = lc.llama_adapter_get_alora_n_invocation_tokens(ptr)
         toks = lc.llama_adapter_get_alora_invocation_tokens(ptr)
         assert [toks[i] for i in range(n)] == INVOCATION
-    from lora2gguf.inspector import describe
+    from lora2gguf.commands.inspect import describe
 
     assert describe(str(gguf))["alora_invocation_tokens"] == INVOCATION
     assert describe(str(alora[0]))["alora_invocation_tokens"] == INVOCATION
@@ -105,7 +105,7 @@ def test_export_keeps_alora(alora, tmp_path):
     """GGUF aLoRA → PEFT directory: the invocation tokens come back and PEFT activates it the same way."""
     import json
 
-    from lora2gguf.export import export
+    from lora2gguf.commands.export import export
 
     peft_dir, gguf = alora
     out = export(gguf, fixture("llama"), tmp_path / "e")

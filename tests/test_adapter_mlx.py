@@ -14,11 +14,12 @@ import numpy as np
 import pytest
 
 from conftest import fixture
-from lora2gguf.adapter import load_peft, safetensors_header
-from lora2gguf.adapter_any import load_adapter
-from lora2gguf.convert import convert
+from lora2gguf.adapters.peft import load_peft
+from lora2gguf.fileio.tensors import safetensors_header
+from lora2gguf.adapters.load import load_adapter
+from lora2gguf.commands.convert import convert
 from lora2gguf.errors import Lora2GGUFError
-from lora2gguf.gguf_file import GGUFFile
+from lora2gguf.fileio.gguf_read import GGUFFile
 from peft_helpers import assert_converts_like_peft, assert_merges_like_peft, make_peft_adapter
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -141,9 +142,9 @@ def real_mlx_adapter(out, dora=False, seed=0):
 
 
 def test_real_mlx_lm_adapter_converts_and_exports(tmp_path):
-    from lora2gguf.export import export
-    from lora2gguf.metrics import compare
-    from lora2gguf.runtime import LlamaRuntime
+    from lora2gguf.commands.export import export
+    from lora2gguf.parity.metrics import compare
+    from lora2gguf.llamacpp.runtime import LlamaRuntime
     from peft_helpers import peft_logits
     from conftest import token_ids
 
@@ -166,9 +167,9 @@ def test_real_mlx_lm_adapter_converts_and_exports(tmp_path):
 
 
 def test_real_mlx_lm_dora_merges_exactly(tmp_path):
-    from lora2gguf.merge import merge
-    from lora2gguf.metrics import compare
-    from lora2gguf.runtime import LlamaRuntime
+    from lora2gguf.commands.merge import merge
+    from lora2gguf.parity.metrics import compare
+    from lora2gguf.llamacpp.runtime import LlamaRuntime
     from conftest import token_ids
 
     mlx_dir, mlx_logits = real_mlx_adapter(tmp_path / "mlx", dora=True, seed=1)

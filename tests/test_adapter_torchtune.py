@@ -16,12 +16,12 @@ import pytest
 import torch
 
 from conftest import fixture
-from lora2gguf.adapter import load_peft
-from lora2gguf.adapter_any import adapter_format, load_adapter
-from lora2gguf.base import open_base
-from lora2gguf.convert import convert
+from lora2gguf.adapters.peft import load_peft
+from lora2gguf.adapters.load import adapter_format, load_adapter
+from lora2gguf.weights.base_model import open_base
+from lora2gguf.commands.convert import convert
 from lora2gguf.errors import Lora2GGUFError
-from lora2gguf.gguf_file import GGUFFile
+from lora2gguf.fileio.gguf_read import GGUFFile
 from peft_helpers import assert_converts_like_peft, assert_merges_like_peft, make_peft_adapter
 
 TUNE = {"self_attn.q_proj": "attn.q_proj", "self_attn.k_proj": "attn.k_proj", "self_attn.v_proj": "attn.v_proj",

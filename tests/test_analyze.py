@@ -8,10 +8,10 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from conftest import fixture
-from lora2gguf.analyze import analyze
-from lora2gguf.base import open_base
+from lora2gguf.commands.analyze import analyze
+from lora2gguf.weights.base_model import open_base
 from lora2gguf.cli import main
-from lora2gguf.convert import convert
+from lora2gguf.commands.convert import convert
 from peft_helpers import make_peft_adapter, peft_deltas
 from test_convert import CASES
 

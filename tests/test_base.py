@@ -9,7 +9,7 @@ import pytest
 from conftest import ARCHS, fixture
 from lora2gguf import models
 from lora2gguf.models.llama import permute_rows, unpermute_rows
-from lora2gguf.base import GGUFBase, HFBase, open_base
+from lora2gguf.weights.base_model import GGUFBase, HFBase, open_base
 from lora2gguf.errors import Lora2GGUFError
 
 
@@ -58,8 +58,8 @@ def test_unknown_arch(tmp_path):
 def test_missing_tensor(tmp_path):
     import gguf
 
-    from lora2gguf.gguf_file import GGUFFile
-    from lora2gguf.gguf_write import copy_fields
+    from lora2gguf.fileio.gguf_read import GGUFFile
+    from lora2gguf.fileio.gguf_write import copy_fields
 
     out = tmp_path / "missing.gguf"
     with GGUFFile(fixture("llama")) as f:

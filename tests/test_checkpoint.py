@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from conftest import ROOT
-from lora2gguf.adapter import load_peft
+from lora2gguf.adapters.peft import load_peft
 from lora2gguf.errors import Lora2GGUFError
-from lora2gguf.train import train
+from lora2gguf.commands.train import train
 from test_train import assert_same_adapter, cfg, cli_args, log_rows, one_thread  # noqa: F401 (autouse fixture)
 
 

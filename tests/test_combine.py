@@ -5,14 +5,14 @@ import numpy as np
 import pytest
 
 from conftest import fixture, token_ids
-from lora2gguf.adapter_gguf import load_gguf_lora
-from lora2gguf.base import open_base
+from lora2gguf.adapters.gguf_lora import load_gguf_lora
+from lora2gguf.weights.base_model import open_base
 from lora2gguf.cli import main
-from lora2gguf.combine import combine
-from lora2gguf.convert import convert
-from lora2gguf.gguf_file import GGUFFile
-from lora2gguf.metrics import compare
-from lora2gguf.runtime import LlamaRuntime
+from lora2gguf.commands.combine import combine
+from lora2gguf.commands.convert import convert
+from lora2gguf.fileio.gguf_read import GGUFFile
+from lora2gguf.parity.metrics import compare
+from lora2gguf.llamacpp.runtime import LlamaRuntime
 from peft_helpers import make_peft_adapter, peft_deltas
 from test_merge import peft_multi_logits
 

@@ -11,15 +11,15 @@ import numpy as np
 import pytest
 
 from conftest import TEXT, fixture, reference_logits, token_ids
-from lora2gguf.adapter import load_peft
-from lora2gguf.base import open_base
+from lora2gguf.adapters.peft import load_peft
+from lora2gguf.weights.base_model import open_base
 from lora2gguf.cli import main
-from lora2gguf.convert import convert
+from lora2gguf.commands.convert import convert
 from lora2gguf.errors import Lora2GGUFError
-from lora2gguf.gguf_file import GGUFFile
-from lora2gguf.metrics import compare
-from lora2gguf.reference import reference_model
-from lora2gguf.runtime import LlamaRuntime
+from lora2gguf.fileio.gguf_read import GGUFFile
+from lora2gguf.parity.metrics import compare
+from lora2gguf.parity.reference import reference_model
+from lora2gguf.llamacpp.runtime import LlamaRuntime
 from peft_helpers import make_peft_adapter, peft_logits
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -232,7 +232,7 @@ def test_bin_pickle_that_runs_code_is_refused(tmp_path, monkeypatch):
 def _edit_tensors(adapter_dir, fn):
     from safetensors.numpy import save_file
 
-    from lora2gguf.adapter import read_safetensors_f32
+    from lora2gguf.fileio.tensors import read_safetensors_f32
 
     path = adapter_dir / "adapter_model.safetensors"
     save_file(fn(read_safetensors_f32(path)), str(path))

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from conftest import FIXTURES, fixture
-from lora2gguf.data import (DEFAULT_CHAT_TEMPLATE, IGNORE, Tokenizer, collate, encode_record, load_dataset,
-                            read_jsonl, render_chat)
+from lora2gguf.llamacpp.tokenizer import DEFAULT_CHAT_TEMPLATE, Tokenizer, render_chat
+from lora2gguf.training.data import IGNORE, collate, encode_record, load_dataset, read_jsonl
 from lora2gguf.errors import Lora2GGUFError
 
 CHAT = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello world"},
@@ -89,7 +89,7 @@ def test_renderer_matches_llama_cpp_python_on_a_real_template(smollm2_f32):
     """Our Jinja rendering against llama-cpp-python's own chat formatter, on SmolLM2's template."""
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-    from lora2gguf.gguf_file import GGUFFile
+    from lora2gguf.fileio.gguf_read import GGUFFile
 
     with GGUFFile(smollm2_f32) as f:
         template = f.get("tokenizer.chat_template")

@@ -17,9 +17,9 @@ import torch
 from gguf import GGML_QUANT_SIZES
 
 from conftest import ARCHS, fixture
-from lora2gguf.dequantize import SUPPORTED, dequantize
+from lora2gguf.weights.dequantize import SUPPORTED, dequantize
 from lora2gguf.errors import Lora2GGUFError
-from lora2gguf.gguf_file import GGUFFile
+from lora2gguf.fileio.gguf_read import GGUFFile
 
 Q = gguf.GGMLQuantizationType
 ALL = sorted(SUPPORTED)
@@ -153,7 +153,7 @@ def test_read_only_mmap_at_any_offset(qtype, tmp_path):
 def test_chunked_fill(qtype, monkeypatch):
     """Big tensors are filled in chunks of blocks (not of rows): with a chunk of 3 blocks, boundaries fall
     inside rows and the last chunk is short; float32 output and the bf16 path through the scratch buffer."""
-    import lora2gguf.dequantize as module
+    import lora2gguf.weights.dequantize as module
 
     block = GGML_QUANT_SIZES[qtype][0]
     monkeypatch.setattr(module, "CPU_CHUNK", 3 * block)
@@ -306,7 +306,7 @@ def test_gemma3_q4_k_m_every_tensor(gemma3_q4):
 
 @pytest.mark.slow
 def test_smollm2_q4_1_every_tensor():
-    from lora2gguf.real_models import smollm2_gguf
+    from lora2gguf.weights.real_models import smollm2_gguf
 
     assert gguf_tensors_bit_identical(smollm2_gguf()) == {Q.F32, Q.Q8_0, Q.Q4_1}
 

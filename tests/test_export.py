@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 
 from conftest import fixture, token_ids
-from lora2gguf.adapter import load_peft
+from lora2gguf.adapters.peft import load_peft
 from lora2gguf.cli import main
-from lora2gguf.convert import convert
+from lora2gguf.commands.convert import convert
 from lora2gguf.errors import Lora2GGUFError
-from lora2gguf.export import export
-from lora2gguf.metrics import compare
-from lora2gguf.runtime import LlamaRuntime
+from lora2gguf.commands.export import export
+from lora2gguf.parity.metrics import compare
+from lora2gguf.llamacpp.runtime import LlamaRuntime
 from peft_helpers import make_peft_adapter, peft_logits
 from test_adapter_gguf import assert_same_deltas, rewrite_gguf, shuffled_base
 from test_convert import CASES

@@ -9,14 +9,14 @@ import torch
 from safetensors.numpy import load_file, save_file
 
 from conftest import fixture, token_ids
-from lora2gguf import lowrank
-from lora2gguf.adapter_gguf import load_gguf_lora
-from lora2gguf.base import open_base
+from lora2gguf.adapters import lowrank
+from lora2gguf.adapters.gguf_lora import load_gguf_lora
+from lora2gguf.weights.base_model import open_base
 from lora2gguf.cli import main
-from lora2gguf.extract import extract
-from lora2gguf.merge import merge
-from lora2gguf.metrics import compare
-from lora2gguf.runtime import LlamaRuntime
+from lora2gguf.commands.extract import extract
+from lora2gguf.commands.merge import merge
+from lora2gguf.parity.metrics import compare
+from lora2gguf.llamacpp.runtime import LlamaRuntime
 from peft_helpers import make_peft_adapter, peft_deltas, peft_logits
 
 KW = dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"])

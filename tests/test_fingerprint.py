@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from conftest import fixture
-from lora2gguf import fingerprint
-from lora2gguf.base import open_base
+from lora2gguf.weights import fingerprint
+from lora2gguf.weights.base_model import open_base
 from test_adapter_gguf import rewrite_gguf
 
 TYPES = {"f16": "MOSTLY_F16", "q8_0": "MOSTLY_Q8_0", "q4_k_m": "MOSTLY_Q4_K_M", "q2_k": "MOSTLY_Q2_K"}
@@ -31,7 +31,7 @@ def fine_tune(src, dst, rel=0.02, seed=0):
 def quantized(src, dst, kind):
     from gguf import LlamaFileType
 
-    from lora2gguf.quantize import llama_quantize
+    from lora2gguf.llamacpp.quantize import llama_quantize
 
     llama_quantize(src, dst, LlamaFileType[TYPES[kind]])
     return dst
@@ -75,7 +75,7 @@ def test_instruct_version_is_told_apart(pair, kind):
 
 
 def test_commands_refuse_the_instruct_version_unless_overridden(pair, tmp_path):
-    from lora2gguf.convert import convert
+    from lora2gguf.commands.convert import convert
     from peft_helpers import make_peft_adapter
 
     lora = convert(make_peft_adapter(fixture("qwen3", "hf"), tmp_path / "a", r=4, lora_alpha=8,

@@ -6,7 +6,7 @@ import pytest
 
 from conftest import ARCHS, fixture
 from lora2gguf.errors import Lora2GGUFError
-from lora2gguf.gguf_file import GGUFFile, StringArray
+from lora2gguf.fileio.gguf_read import GGUFFile, StringArray
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from conftest import fixture
-from lora2gguf.gguf_write import atomic_output, remove_stale_parts
+from lora2gguf.fileio.atomic import atomic_output, remove_stale_parts
 
 
 def mode(p) -> int:
@@ -36,10 +36,11 @@ def test_atomic_output_mode_follows_the_umask(tmp_path):
 
 def test_every_output_is_readable_by_others(tmp_path, umask022):
     """GGUF LoRA, merged model, PEFT export dir, training run (adapter, checkpoint, log): 0644 / 0755."""
-    from lora2gguf.convert import convert
-    from lora2gguf.export import export
-    from lora2gguf.merge import merge
-    from lora2gguf.train import TrainConfig, train
+    from lora2gguf.commands.convert import convert
+    from lora2gguf.commands.export import export
+    from lora2gguf.commands.merge import merge
+    from lora2gguf.training.config import TrainConfig
+    from lora2gguf.commands.train import train
     from peft_helpers import make_peft_adapter
 
     peft_dir = make_peft_adapter(fixture("llama", "hf"), tmp_path / "a", r=4, lora_alpha=8, target_modules=["q_proj"])

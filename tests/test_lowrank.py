@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from lora2gguf import lowrank
+from lora2gguf.adapters import lowrank
 
 
 def factors(m, n, r, seed=0, decay=0.5):

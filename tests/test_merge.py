@@ -12,14 +12,14 @@ import pytest
 import torch
 
 from conftest import ARCHS, fixture, reference_logits, token_ids
-from lora2gguf.adapter import load_peft
-from lora2gguf.base import open_base
+from lora2gguf.adapters.peft import load_peft
+from lora2gguf.weights.base_model import open_base
 from lora2gguf.cli import main
-from lora2gguf.gguf_file import GGUFFile
-from lora2gguf.merge import merge
-from lora2gguf.metrics import compare
-from lora2gguf.reference import reference_model
-from lora2gguf.runtime import LlamaRuntime
+from lora2gguf.fileio.gguf_read import GGUFFile
+from lora2gguf.commands.merge import merge
+from lora2gguf.parity.metrics import compare
+from lora2gguf.parity.reference import reference_model
+from lora2gguf.llamacpp.runtime import LlamaRuntime
 from peft_helpers import make_peft_adapter
 
 LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -117,7 +117,7 @@ def test_f32_merge_matches_reference_and_peft(arch, case, tmp_path):
 def test_gguf_lora_input(arch, tmp_path):
     """A GGUF LoRA (made by convert) merges like its PEFT directory: llama.cpp's alpha/r scale, q/k rows
     and token_embd's flipped pair read back right."""
-    from lora2gguf.convert import convert
+    from lora2gguf.commands.convert import convert
 
     emb = ["embed_tokens"] if arch == "llama" else []  # convert refuses embed_tokens on tied qwen2
     (a, _), = make(arch, [(dict(r=4, lora_alpha=8, target_modules=LINEARS + emb), 1.0)], tmp_path)
@@ -185,7 +185,7 @@ def dora_llama(tmp_path_factory):
     return make("llama", CASES["dora"], tmp_path_factory.mktemp("dora"))
 
 
-from lora2gguf.quantize import OUTPUT_TYPES  # noqa: E402
+from lora2gguf.llamacpp.quantize import OUTPUT_TYPES  # noqa: E402
 
 QUANTS = [n for n, t in OUTPUT_TYPES.items() if t.direct is None]  # every quantized type merge writes
 # each arch × (F32, F16 base) gets 3 of them, in turn: every type twice over the 12 slots
@@ -237,7 +237,7 @@ INTERMEDIATE_CASES = [  # (arch, base kind, adapters' case, quant): quantized ba
 def test_in_process_quantization_is_the_intermediate_path(arch, kind, case, quant, monkeypatch, tmp_path):
     """From any base, --quant X in process is byte for byte what the intermediate file path writes (our
     f32/f16-typed merge with untouched tensors as stored, quantized by llama.cpp)."""
-    import lora2gguf.merge as m
+    import lora2gguf.commands.merge as m
 
     adapters = make(arch, CASES.get(case) or ARCH_CASES[(arch, case)], tmp_path)
     monkeypatch.setattr(m, "llama_quantize", in_process_llama_quantize)
@@ -250,8 +250,8 @@ def test_in_process_quantization_is_the_intermediate_path(arch, kind, case, quan
 def test_quantized_merge_needs_no_extra_disk(plain_llama, monkeypatch, tmp_path):
     """No intermediate file: while the quantized output is written, the output directory holds its temp
     file (at most the output's size) and, before the first tensor, a probe of a few KB; no llama.cpp child."""
-    import lora2gguf.merge as m
-    import lora2gguf.quantize_ggml as qg
+    import lora2gguf.commands.merge as m
+    import lora2gguf.llamacpp.ggml as qg
 
     seen = []
     real = qg._quantize_task
@@ -393,7 +393,7 @@ def test_gemma2_embedding_lora_refused(tmp_path, capsys):
 
 
 def test_failure_mid_write_leaves_nothing(plain_llama, tmp_path, monkeypatch):
-    import lora2gguf.merge as m
+    import lora2gguf.commands.merge as m
 
     calls = []
 
@@ -560,7 +560,7 @@ def test_smollm2_f32_merge_matches_reference(smollm2_f32, smollm2_adapter, tmp_p
 
 @pytest.mark.slow
 def test_smollm2_q4_k_m_from_q4_1_original(smollm2_adapter, tmp_path):
-    from lora2gguf.real_models import smollm2_gguf
+    from lora2gguf.weights.real_models import smollm2_gguf
 
     out = merge(smollm2_gguf(), [(smollm2_adapter, 1.0)], tmp_path / "m.gguf", quant="q4_k_m")
     with LlamaRuntime(out) as rt:

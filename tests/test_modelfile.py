@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 from conftest import fixture
-from lora2gguf.convert import convert
+from lora2gguf.commands.convert import convert
 from peft_helpers import make_peft_adapter
 
 CLI = [sys.executable, "-m", "lora2gguf.cli", "modelfile"]
@@ -41,7 +41,7 @@ def test_modelfile_refuses_a_base_as_lora_and_a_lora_for_another_base(tmp_path):
 
 
 def test_modelfile_mode_follows_umask(tmp_path):
-    from lora2gguf.modelfile import write_modelfile
+    from lora2gguf.commands.modelfile import write_modelfile
 
     lora = convert(make_peft_adapter(fixture("llama", "hf"), tmp_path / "a", r=4, lora_alpha=8,
                                      target_modules=["q_proj"]), fixture("llama"), tmp_path / "a.gguf")

@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from conftest import ARCHS, TEXT, fixture, reference_logits, token_ids
-from lora2gguf.base import open_base
-from lora2gguf.metrics import compare
+from lora2gguf.weights.base_model import open_base
+from lora2gguf.parity.metrics import compare
 from lora2gguf.models.layers import Transformer
-from lora2gguf.runtime import LlamaRuntime
+from lora2gguf.llamacpp.runtime import LlamaRuntime
 
 
 def load_reference(path, dtype=torch.float32):
@@ -111,7 +111,7 @@ def test_training_forms_are_the_reference_math(qk_norm):
     import torch.nn.functional as F
 
     from lora2gguf.models.layers import RMSNorm, rotate_half
-    from lora2gguf.training_layers import RMSNormFunction, RopeQKV, SwiGLU
+    from lora2gguf.training.fused import RMSNormFunction, RopeQKV, SwiGLU
 
     torch.manual_seed(0)
     B, T, H, Hkv, D = 2, 5, 4, 2, 8

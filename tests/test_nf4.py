@@ -8,7 +8,7 @@ hand-worked block and the properties below hold the rounding to the NF4 definiti
 import numpy as np
 import pytest
 
-from lora2gguf.nf4 import BLOCK, CODE, nf4_round
+from lora2gguf.parity.nf4 import BLOCK, CODE, nf4_round
 
 
 def test_hand_worked_block():

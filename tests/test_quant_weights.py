@@ -10,11 +10,13 @@ import pytest
 import torch
 
 from conftest import ARCHS, FIXTURES
-from lora2gguf.base import GGUFBase, HFBase
+from lora2gguf.weights.base_model import GGUFBase, HFBase
 from lora2gguf.errors import Lora2GGUFError
-from lora2gguf.quant_weights import QuantLinear, QuantWeight, frozen_grad_input, frozen_linear
-from lora2gguf.training_layers import fuse_for_training
-from lora2gguf.training_model import LossModel, choose_base_weights, inject_lora, load_base_model
+from lora2gguf.weights.quantized import QuantLinear, QuantWeight, frozen_grad_input, frozen_linear
+from lora2gguf.training.fused import fuse_for_training
+from lora2gguf.training.loss import LossModel
+from lora2gguf.weights.frozen import choose_base_weights, load_base_model
+from lora2gguf.training.lora import inject_lora
 
 CPU = torch.device("cpu")
 
@@ -76,7 +78,7 @@ def test_no_dequantized_copy_is_held():
 
 def test_blocked_products_equal_the_dense_ones(monkeypatch):
     """frozen_linear / frozen_grad_input over several row blocks equal x·Wᵀ and g·W on the dequantized W."""
-    import lora2gguf.quant_weights as qw
+    import lora2gguf.weights.quantized as qw
 
     monkeypatch.setattr(qw, "CHUNK_BYTES", 4 * 64 * 5)  # blocks of 5 rows: uneven splits
     with GGUFBase(FIXTURES / "qwen2" / "base-q4_k_m.gguf") as b:
@@ -96,13 +98,13 @@ def test_permuted_rows_are_taken_in_hf_order():
     """llama stores q/k rows permuted for its rope: the QuantWeight reads them back in HF order."""
     with GGUFBase(FIXTURES / "llama" / "base-q8_0.gguf") as b:
         name = "model.layers.1.self_attn.q_proj.weight"
-        w = __import__("lora2gguf.quant_weights", fromlist=["x"]).quant_weight(b, name, torch.float32)
+        w = __import__("lora2gguf.weights.quantized", fromlist=["x"]).quant_weight(b, name, torch.float32)
         assert w.perm is not None and not torch.equal(w.perm, torch.arange(len(w.perm)))
         np.testing.assert_array_equal(w.rows().numpy(), b.tensor(name))
 
 
 def test_auto_picks_by_free_memory(monkeypatch):
-    import lora2gguf.training_model as tm
+    import lora2gguf.training.lora as tm
 
     with GGUFBase(FIXTURES / "llama" / "base-q4_k_m.gguf") as b:
         cost = tm.resident_cost(b, torch.float32, CPU)

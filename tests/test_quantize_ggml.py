@@ -11,11 +11,11 @@ import pytest
 from gguf import GGMLQuantizationType as T, LlamaFileType
 
 from conftest import ARCHS, ROOT, fixture
-from lora2gguf import quantize_ggml as qg
+from lora2gguf.llamacpp import ggml as qg
 from lora2gguf.errors import Lora2GGUFError
-from lora2gguf.gguf_file import GGUFFile
-from lora2gguf.gguf_write import dequantize_file
-from lora2gguf.quantize import OUTPUT_TYPES
+from lora2gguf.fileio.gguf_read import GGUFFile
+from lora2gguf.fileio.gguf_write import dequantize_file
+from lora2gguf.llamacpp.quantize import OUTPUT_TYPES
 
 FTYPES = [n for n, t in OUTPUT_TYPES.items() if t.direct is None]  # q8_0 ... q2_k, iq4_nl, iq4_xs, iq3_s, iq3_m
 

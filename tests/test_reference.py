@@ -3,10 +3,10 @@
 import pytest
 
 from conftest import fixture, reference_logits, token_ids
-from lora2gguf.adapter import load_peft
-from lora2gguf.base import open_base
-from lora2gguf.metrics import compare
-from lora2gguf.reference import reference_model
+from lora2gguf.adapters.peft import load_peft
+from lora2gguf.weights.base_model import open_base
+from lora2gguf.parity.metrics import compare
+from lora2gguf.parity.reference import reference_model
 from peft_helpers import make_peft_adapter, peft_logits
 
 CASES = {
@@ -43,7 +43,7 @@ def test_layerwise_reference_is_the_reference(case, tmp_path):
     """reference.reference_logits (one layer's tensors at a time, embedding and head kept quantized when
     untouched) gives reference_model's logits on a quantized base, for several sequences at once, and
     matches transformers + PEFT on the F32 base."""
-    from lora2gguf.reference import reference_logits as layerwise
+    from lora2gguf.parity.reference import reference_logits as layerwise
 
     arch, kw = LAYERWISE_CASES[case]
     adapter_dir = make_peft_adapter(fixture(arch, "hf"), tmp_path / "a", seed=3, **kw)

@@ -5,8 +5,8 @@ import subprocess
 import sys
 
 from conftest import ROOT, fixture, token_ids
-from lora2gguf.convert import convert
-from lora2gguf.runtime import LlamaRuntime
+from lora2gguf.commands.convert import convert
+from lora2gguf.llamacpp.runtime import LlamaRuntime
 from peft_helpers import make_peft_adapter
 
 

@@ -12,13 +12,14 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import FIXTURES, ROOT, fixture, reference_logits, token_ids
-from lora2gguf.adapter import load_peft
-from lora2gguf.base import open_base
-from lora2gguf.data import DEFAULT_CHAT_TEMPLATE, render_chat
+from lora2gguf.adapters.peft import load_peft
+from lora2gguf.weights.base_model import open_base
+from lora2gguf.llamacpp.tokenizer import DEFAULT_CHAT_TEMPLATE, render_chat
 from lora2gguf.errors import Lora2GGUFError
-from lora2gguf.metrics import compare
-from lora2gguf.reference import reference_model
-from lora2gguf.train import TrainConfig, train
+from lora2gguf.parity.metrics import compare
+from lora2gguf.parity.reference import reference_model
+from lora2gguf.training.config import TrainConfig
+from lora2gguf.commands.train import train
 from peft_helpers import peft_logits
 
 DATA = FIXTURES / "train"
@@ -71,7 +72,7 @@ def expected_continuation(rt, rec):
                                               ("gemma3", "q4_k_m", "memorise.jsonl")])
 def test_memorise_then_llama_cpp_serves_it(tmp_path, arch, kind, data):
     """train (on the quantized GGUF itself) → convert (--gguf) → llama.cpp with --lora, greedy."""
-    from lora2gguf.runtime import LlamaRuntime
+    from lora2gguf.llamacpp.runtime import LlamaRuntime
 
     gguf = tmp_path / "adapter.gguf"
     res = train(cfg(tmp_path / "out", arch, kind, data, steps=50, seq_len=256, gguf=str(gguf)))
@@ -239,7 +240,7 @@ def test_smollm2_real_template_training_matches_peft(tmp_path, smollm2_f32, smol
 def test_layers_subset_f16_gguf_and_peft_agrees(tmp_path):
     """--layers 1: LoRA on layer 1 only, saved as PEFT's layers_to_transform (PEFT loads it and agrees),
     --gguf-outtype f16 writes F16 tensors for blk.1 only; an out-of-range layer is a one-line error."""
-    from lora2gguf.gguf_file import GGUFFile
+    from lora2gguf.fileio.gguf_read import GGUFFile
 
     out = tmp_path / "out"
     train(cfg(out, "qwen2", steps=8, layers="1", gguf=str(tmp_path / "a.gguf"), gguf_outtype="f16"))

@@ -10,10 +10,11 @@ import torch
 from safetensors import safe_open
 
 from conftest import ARCHS, fixture, reference_logits, token_ids
-from lora2gguf.base import open_base
+from lora2gguf.weights.base_model import open_base
 from lora2gguf.errors import Lora2GGUFError
-from lora2gguf.training_model import adapter_config, inject_lora, resolve_targets, save_adapter
-from lora2gguf.metrics import compare
+from lora2gguf.adapters.peft import lora_config, write_peft_files
+from lora2gguf.training.lora import inject_lora, resolve_targets, to_adapter
+from lora2gguf.parity.metrics import compare
 from lora2gguf.models.layers import Transformer
 from peft_helpers import peft_logits
 
@@ -37,6 +38,12 @@ def read_st(path):
         return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
 
 
+def save_adapter(d, layers, config):
+    """What a training run saves: its LoRA handed over to PEFT's writer."""
+    d.mkdir(parents=True, exist_ok=True)
+    write_peft_files(d, to_adapter(layers, d, config), config)
+
+
 def test_saved_files_match_peft_save_pretrained(tmp_path):
     import peft
     import transformers
@@ -48,8 +55,8 @@ def test_saved_files_match_peft_save_pretrained(tmp_path):
     model = transformers.AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32)
     peft.get_peft_model(model, peft.LoraConfig(task_type="CAUSAL_LM", **kw)).save_pretrained(tmp_path / "peft")
     _, layers = our_model("llama", "q_proj,v_proj,down_proj", 4, 8, rslora=True, dropout=0.05)
-    save_adapter(tmp_path / "ours", layers, adapter_config(resolve_targets("q_proj,v_proj,down_proj"), 4, 8, True,
-                                                           0.05, str(hf)))
+    save_adapter(tmp_path / "ours", layers, lora_config(4, 8, resolve_targets("q_proj,v_proj,down_proj"), str(hf),
+                                                        use_rslora=True, dropout=0.05))
 
     theirs, their_meta = read_st(tmp_path / "peft" / "adapter_model.safetensors")
     ours, our_meta = read_st(tmp_path / "ours" / "adapter_model.safetensors")
@@ -73,7 +80,7 @@ def test_forward_matches_peft(tmp_path, arch, targets, rslora):
     """Our LoRA forward on our model == PEFT's on transformers, with the same non-zero weights."""
     model, layers = our_model(arch, targets, 8, 16, rslora)
     randomize_b(layers)
-    save_adapter(tmp_path, layers, adapter_config(resolve_targets(targets), 8, 16, rslora, 0.0, "x"))
+    save_adapter(tmp_path, layers, lora_config(8, 16, resolve_targets(targets), "x", use_rslora=rslora))
     tokens = token_ids(300, 48, seed=7)
     ours = reference_logits(model.eval(), tokens)
     theirs = peft_logits(fixture(arch, "hf"), tmp_path, tokens)
@@ -131,7 +138,7 @@ def test_lora_projection_is_peft_math():
     gradcheck in float64; and without dropout or residual."""
     import torch.nn.functional as F
 
-    from lora2gguf.training_model import LoRAProjection
+    from lora2gguf.training.lora import LoRAProjection
 
     torch.manual_seed(0)
     f64 = dict(dtype=torch.float64)
@@ -168,7 +175,7 @@ def test_lora_projection_is_peft_math():
 def test_dropped_positions_are_independent_bernoulli():
     """Dropout positions drawn as geometric gaps: every position dropped with probability p, independently
     of the others (rate, per-position spread and neighbour correlation of 400 draws)."""
-    from lora2gguf.training_model import dropped_positions
+    from lora2gguf.training.lora import dropped_positions
 
     torch.manual_seed(0)
     n, draws = 5000, 400
@@ -200,7 +207,7 @@ def test_lora_dropout_rate_and_eval_mode():
     with torch.enable_grad():
         noisy = layer(x) - layer.base_layer(x)
     assert not torch.allclose(clean, noisy), "dropout is on in training"
-    from lora2gguf.training_model import dropped_positions
+    from lora2gguf.training.lora import dropped_positions
 
     torch.manual_seed(3)
     keep = torch.ones(x.numel(), dtype=torch.bool)
@@ -221,8 +228,9 @@ def test_training_loss_equals_cross_entropy_of_the_model_logits(arch):
     applied a chunk of rows at a time."""
     import torch.nn.functional as F
 
-    from lora2gguf.training_layers import TrainingLayer, fuse_for_training
-    from lora2gguf.training_model import LossModel, lora_parameters
+    from lora2gguf.training.fused import TrainingLayer, fuse_for_training
+    from lora2gguf.training.loss import LossModel
+    from lora2gguf.training.lora import lora_parameters
 
     model, layers = our_model(arch, "all-linear", 8, 16)
     randomize_b(layers)
@@ -259,8 +267,8 @@ def test_fused_weights_are_views_and_the_model_computes_the_same():
     """fuse_for_training concatenates q/k/v and gate/up without duplicating them: each module's weight is a
     view of its group's block, and gate/up, stored next to each other in the GGUF, stay in the mapped file
     (no copy at all). The fused model's forward (eval) equals the reference; layers without LoRA too."""
-    from lora2gguf.training_layers import fuse_for_training
-    from lora2gguf.training_model import load_base_model
+    from lora2gguf.training.fused import fuse_for_training
+    from lora2gguf.weights.frozen import load_base_model
 
     tokens = token_ids(300, 32, seed=9)
     with open_base(fixture("llama")) as b:
@@ -284,7 +292,7 @@ def test_fused_weights_are_views_and_the_model_computes_the_same():
 
 def test_gguf_f32_tensors_used_in_place_and_model_unchanged():
     """load_base_model maps F32 GGUF tensors instead of copying them; same model as Transformer.from_base."""
-    from lora2gguf.training_model import load_base_model
+    from lora2gguf.weights.frozen import load_base_model
 
     tokens = token_ids(300, 32, seed=9)
     name = "model.layers.0.mlp.up_proj.weight"

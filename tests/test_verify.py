@@ -9,9 +9,9 @@ import pytest
 
 from conftest import ARCHS, ROOT, fixture
 from lora2gguf.models.llama import unpermute_rows
-from lora2gguf.base import open_base
-from lora2gguf.convert import convert
-from lora2gguf.verify import verify
+from lora2gguf.weights.base_model import open_base
+from lora2gguf.commands.convert import convert
+from lora2gguf.commands.verify import verify
 from peft_helpers import make_peft_adapter
 from test_adapter_gguf import rewrite_gguf, shuffled_base
 
@@ -36,7 +36,7 @@ def test_correct_adapter_passes(arch, tmp_path):
 
 
 def test_merged_files_pass_and_quantized_floor(tmp_path):
-    from lora2gguf.merge import merge
+    from lora2gguf.commands.merge import merge
 
     peft_dir = make_peft_adapter(fixture("qwen3", "hf"), tmp_path / "a", seed=3, **PLAIN)
     gguf_lora = convert(peft_dir, fixture("qwen3"), tmp_path / "a.gguf")
@@ -149,7 +149,7 @@ def test_human_table(tmp_path):
 
 @pytest.mark.slow
 def test_smollm2_end_to_end(smollm2_f32, smollm2_hf, tmp_path):
-    from lora2gguf.merge import merge
+    from lora2gguf.commands.merge import merge
 
     peft_dir = make_peft_adapter(smollm2_hf, tmp_path / "a", seed=9, b_std=0.05,
                                  r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"])
@@ -196,8 +196,8 @@ def test_base_alone_does_not_pass_as_a_small_effect_merge(arch, tmp_path):
     not carry the adapter; the true merge of that adapter must pass."""
     from gguf import LlamaFileType
 
-    from lora2gguf.merge import merge
-    from lora2gguf.quantize import llama_quantize
+    from lora2gguf.commands.merge import merge
+    from lora2gguf.llamacpp.quantize import llama_quantize
 
     peft_dir = make_peft_adapter(fixture(arch, "hf"), tmp_path / "a", seed=3, b_std=0.01, **PLAIN)
     gguf_lora = convert(peft_dir, fixture(arch), tmp_path / "a.gguf")
@@ -215,7 +215,7 @@ def test_base_alone_does_not_pass_as_a_small_effect_merge(arch, tmp_path):
 
 
 def test_merged_at_twice_the_scale_fails(tmp_path):
-    from lora2gguf.merge import merge
+    from lora2gguf.commands.merge import merge
 
     peft_dir = make_peft_adapter(fixture("qwen2", "hf"), tmp_path / "a", seed=3, b_std=0.01, **PLAIN)
     gguf_lora = convert(peft_dir, fixture("qwen2"), tmp_path / "a.gguf")
@@ -228,7 +228,7 @@ def test_merged_at_twice_the_scale_fails(tmp_path):
 def test_adapters_a_gguf_lora_cannot_hold_are_verified_on_the_merge(kind, tmp_path):
     """DoRA, modules_to_save, LoRA bias: no runtime LoRA (llama.cpp cannot apply them), so the runtime
     view is skipped with the reason, and the merged file is checked against PEFT's math."""
-    from lora2gguf.merge import merge
+    from lora2gguf.commands.merge import merge
 
     kw = {"dora": dict(PLAIN, use_dora=True), "modules_to_save": dict(PLAIN, modules_to_save=["post_attention_layernorm"]),
           "lora_bias": dict(PLAIN, target_modules=["q_proj", "k_proj", "v_proj"], lora_bias=True)}[kind]
@@ -251,7 +251,7 @@ def test_dora_merge_without_magnitudes_fails(tmp_path):
 
     from safetensors.numpy import load_file, save_file
 
-    from lora2gguf.merge import merge
+    from lora2gguf.commands.merge import merge
 
     peft_dir = make_peft_adapter(fixture("llama", "hf"), tmp_path / "a", seed=13, use_dora=True, **PLAIN)
     plain = tmp_path / "plain"
@@ -293,8 +293,8 @@ def test_smollm2_base_alone_is_not_a_small_effect_merge(smollm2_f32, smollm2_hf,
     passes (1.30)."""
     from gguf import LlamaFileType
 
-    from lora2gguf.merge import merge
-    from lora2gguf.quantize import llama_quantize
+    from lora2gguf.commands.merge import merge
+    from lora2gguf.llamacpp.quantize import llama_quantize
 
     peft_dir = make_peft_adapter(smollm2_hf, tmp_path / "a", seed=9, b_std=0.05,
                                  r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"])
@@ -315,7 +315,7 @@ def test_same_type_merge_floor_rerounds_the_changed_tensors(arch, tmp_path):
     alone at that type re-rounds nothing (its values are on the grid already): the floor is then the
     reference's merged weights quantized by llama.cpp, and a true merge passes against it; the base alone
     passed as the merge still fails (it carries none of the adapter)."""
-    from lora2gguf.merge import merge
+    from lora2gguf.commands.merge import merge
 
     base = fixture(arch, "q4_k_m")
     adapter = make_peft_adapter(fixture(arch, "hf"), tmp_path / "a", seed=3, b_std=0.2, r=4, lora_alpha=8,
@@ -344,11 +344,11 @@ def test_floors_are_llama_quantize_of_the_f32_copy_without_the_copy(arch, kind, 
     import llama_cpp
     from gguf import LlamaFileType
 
-    import lora2gguf.quantize_ggml as qg
-    import lora2gguf.runtime as runtime
-    import lora2gguf.verify as v
-    from lora2gguf.gguf_write import dequantize_file
-    from lora2gguf.reference import ReferenceWeights
+    import lora2gguf.llamacpp.ggml as qg
+    import lora2gguf.llamacpp.runtime as runtime
+    import lora2gguf.commands.verify as v
+    from lora2gguf.fileio.gguf_write import dequantize_file
+    from lora2gguf.parity.reference import ReferenceWeights
 
     measured, biggest, replaced = {}, [], []
 

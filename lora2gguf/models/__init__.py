@@ -8,9 +8,9 @@ from __future__ import annotations
 import importlib
 from functools import cache
 
-from ..errors import Lora2GGUFError
-from .arch import Arch
-from .spec import ModelSpec
+from lora2gguf.errors import Lora2GGUFError
+from lora2gguf.models.arch import Arch
+from lora2gguf.models.spec import ModelSpec
 
 NAMES = ("llama", "qwen2", "qwen3", "gemma3", "gemma2", "phi3")  # GGUF general.architecture, one module each
 

@@ -19,8 +19,8 @@ from functools import lru_cache
 
 from gguf import MODEL_ARCH, get_tensor_name_map
 
-from ..errors import Lora2GGUFError
-from .spec import ModelSpec, check_dims
+from lora2gguf.errors import Lora2GGUFError
+from lora2gguf.models.spec import ModelSpec, check_dims
 
 ATTN_PROJ = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
 MLP_PROJ = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -223,7 +223,7 @@ class Arch:
     # -- reference forward (torch, imported when called) ---------------------------------------------------
     def build_layer(self, spec: ModelSpec, i: int):
         """Decoder layer i as a torch module whose submodule names are the HF ones."""
-        from .layers import MLP, Attention, DecoderLayer, RMSNorm
+        from lora2gguf.models.layers import Attention, DecoderLayer, MLP, RMSNorm
 
         return DecoderLayer(
             norms={"input_layernorm": RMSNorm(spec.n_embd, spec.norm_eps),

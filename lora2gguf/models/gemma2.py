@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from gguf import MODEL_ARCH
 
-from .gemma3 import Gemma3
+from lora2gguf.models.gemma3 import Gemma3
 
 
 class Gemma2(Gemma3):

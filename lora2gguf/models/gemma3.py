@@ -19,9 +19,9 @@ from dataclasses import dataclass
 import numpy as np
 from gguf import MODEL_ARCH
 
-from ..errors import Lora2GGUFError
-from .arch import Arch
-from .spec import ModelSpec
+from lora2gguf.errors import Lora2GGUFError
+from lora2gguf.models.arch import Arch
+from lora2gguf.models.spec import ModelSpec
 
 
 @dataclass(frozen=True)
@@ -130,7 +130,7 @@ class Gemma3(Arch):
 
     # -- reference forward ---------------------------------------------------------------------------------
     def build_layer(self, spec: GemmaSpec, i: int):
-        from .layers import MLP, Attention, DecoderLayer, RMSNorm
+        from lora2gguf.models.layers import Attention, DecoderLayer, MLP, RMSNorm
 
         local = i in spec.swa_layers
         attn = Attention(spec, norm_offset=1.0, scale=spec.attn_scale, softcap=spec.attn_softcap,

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .spec import ModelSpec
+from lora2gguf.models.spec import ModelSpec
 
 
 class RMSNorm(nn.Module):
@@ -196,7 +196,7 @@ class Transformer(nn.Module):
         x = self.hidden_states(ids, attention_mask)
         head = self.model.embed_tokens.weight if self.spec.tied_embeddings else self.lm_head.weight
         if not isinstance(head, torch.Tensor):  # a head kept in its GGUF encoding (quant_weights)
-            from ..quant_weights import frozen_linear
+            from lora2gguf.weights.quantized import frozen_linear
 
             return self.cap_logits(frozen_linear(x.reshape(-1, x.shape[-1]), head).view(*x.shape[:-1], -1).float())
         return self.cap_logits(F.linear(x, head).float())

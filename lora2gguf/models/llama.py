@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 from gguf import MODEL_ARCH
 
-from .arch import Arch
+from lora2gguf.models.arch import Arch
 
 
 def permute_rows(w: np.ndarray, n_head: int) -> np.ndarray:

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from gguf import MODEL_ARCH
 
-from ..errors import Lora2GGUFError
-from .arch import Arch
+from lora2gguf.errors import Lora2GGUFError
+from lora2gguf.models.arch import Arch
 
 
 class Phi3(Arch):
@@ -52,7 +52,7 @@ class Phi3(Arch):
                 "mlp.gate_up_proj.weight": (2 * f, e), "mlp.down_proj.weight": (e, f)}
 
     def build_layer(self, spec, i: int):
-        from .layers import MLP, Attention, DecoderLayer, RMSNorm
+        from lora2gguf.models.layers import Attention, DecoderLayer, MLP, RMSNorm
 
         return DecoderLayer(
             norms={"input_layernorm": RMSNorm(spec.n_embd, spec.norm_eps),

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from gguf import MODEL_ARCH
 
-from .arch import Arch
+from lora2gguf.models.arch import Arch
 
 
 class Qwen2(Arch):

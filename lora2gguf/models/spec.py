@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from ..errors import Lora2GGUFError
+from lora2gguf.errors import Lora2GGUFError
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,7 @@ class ModelSpec:
     @property
     def arch_module(self):
         """The models/<arch>.py object that owns everything about this architecture."""
-        from . import get
+        from lora2gguf.models import get
 
         return get(self.arch)
 

@@ -97,7 +97,7 @@ class Valid:
 
 
 def build_valid(root: Path) -> Valid:
-    from lora2gguf.convert import convert
+    from lora2gguf.commands.convert import convert
 
     peft = write_peft(root / "peft")
     other = other_base(root / "other-llama.gguf")
@@ -185,8 +185,8 @@ def rewrite_adapter(src: Path, dst: Path, tensors: Callable[[dict], dict] | None
     architecture and/or some metadata replaced (fields: key → (value, GGUFValueType) or None to drop)."""
     import gguf
 
-    from lora2gguf.gguf_file import GGUFFile
-    from lora2gguf.gguf_write import copy_fields
+    from lora2gguf.fileio.gguf_read import GGUFFile
+    from lora2gguf.fileio.gguf_write import copy_fields
 
     fields = fields or {}
     with GGUFFile(src) as f:
@@ -258,7 +258,7 @@ def with_config(edit: Callable[[dict], object] | str | None):
 def with_tensors(edit: Callable[[dict], dict], config: dict | None = None):
     def make(v, dst):
         copy_peft(v, dst)
-        from lora2gguf.adapter import read_safetensors_f32
+        from lora2gguf.fileio.tensors import read_safetensors_f32
 
         write_peft(dst, edit(read_safetensors_f32(dst / "adapter_model.safetensors")), config)
         return dst

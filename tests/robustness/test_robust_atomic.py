@@ -136,7 +136,7 @@ def test_kill_convert_mid_write(big, tmp_path, sig):
 def test_completed_runs_replace_the_old_file(big, tmp_path):
     """The control for the kill tests: left alone, the same commands do replace the old file."""
     from lora2gguf.cli import main
-    from lora2gguf.gguf_file import GGUFFile
+    from lora2gguf.fileio.gguf_read import GGUFFile
 
     out = tmp_path / "adapter.gguf"
     out.write_bytes(OLD)
@@ -150,7 +150,7 @@ def test_ctrl_c_in_train_leaves_a_resumable_checkpoint(tmp_path, capfd):
     """A real SIGINT (what Ctrl-C sends) to this process while `lora2gguf train` runs in it through the CLI
     entry point (in process: torch is imported once; tests/test_train.py does the same from outside),
     then `--resume` continues the same run from the checkpoint it left."""
-    from lora2gguf.adapter import load_peft
+    from lora2gguf.adapters.peft import load_peft
     from lora2gguf.cli import main
 
     out, steps = tmp_path / "run", 30

@@ -58,7 +58,7 @@ def mutate(data: bytes, edits, cut) -> bytes:
 
 
 def _spec():
-    from lora2gguf.base import GGUFBase
+    from lora2gguf.weights.base_model import GGUFBase
 
     with GGUFBase(BASE) as b:
         return b.spec
@@ -67,10 +67,10 @@ def _spec():
 def test_fuzz_gguf_adapter(work):
     """GGUFFile, load_gguf_lora (what merge/export/verify read), describe (inspect), and merge's adapter
     loading with the base fingerprint check."""
-    from lora2gguf.adapter_gguf import describe_gguf_adapter, load_gguf_lora
-    from lora2gguf.base import GGUFBase
-    from lora2gguf.gguf_file import GGUFFile
-    from lora2gguf.merge import load_adapter
+    from lora2gguf.adapters.gguf_lora import describe_gguf_adapter, load_gguf_lora
+    from lora2gguf.weights.base_model import GGUFBase
+    from lora2gguf.fileio.gguf_read import GGUFFile
+    from lora2gguf.commands.merge import load_adapter
 
     d, v = work
     good = v.gguf.read_bytes()
@@ -110,7 +110,7 @@ def test_fuzz_gguf_adapter(work):
 def test_fuzz_safetensors_adapter(work):
     """The PEFT loader (read_safetensors_f32 through the safetensors library's validation, then PEFT's
     layout checks) on mutated adapter_model.safetensors files."""
-    from lora2gguf.adapter import load_peft
+    from lora2gguf.adapters.peft import load_peft
 
     d, v = work
     good = (v.peft / "adapter_model.safetensors").read_bytes()
@@ -145,8 +145,8 @@ def test_fuzz_safetensors_adapter(work):
 def test_fuzz_gguf_base_header(work):
     """A base model's header (metadata, tensor infos: what every verb reads first), through GGUFBase: the
     spec, every tensor's presence and shape, and the fingerprint sample convert records."""
-    from lora2gguf import fingerprint
-    from lora2gguf.base import GGUFBase
+    from lora2gguf.weights import fingerprint
+    from lora2gguf.weights.base_model import GGUFBase
 
     d, _ = work
     good = BASE.read_bytes()

@@ -1,0 +1,303 @@
+"""PEFT's LoRA format, read and written: an adapter directory (adapter_config.json + adapter_model.safetensors
+or .bin) → the in-memory adapters.lora.PeftAdapter with PEFT's own scale per module, and back.
+
+Everything PEFT-specific is written here once: the key prefix, the scale (rsLoRA, rank/alpha patterns), the
+config PEFT reads and the directory writer that convert's siblings (export, resize, combine, extract) and
+training (its output and its checkpoints) share. Layout is Hugging Face's (HF module names, HF row order);
+moving to GGUF names/row order is the architecture's job (models/).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import save_file
+
+from lora2gguf import models
+from lora2gguf.adapters.lora import ModuleLoRA, PeftAdapter
+from lora2gguf.errors import Lora2GGUFError
+from lora2gguf.fileio.atomic import atomic_output, fsync_path, part_prefix, remove_stale_parts, umask_mode
+from lora2gguf.fileio.tensors import read_json_object, read_safetensors_f32, read_torch_pickle
+
+PREFIX = "base_model.model."
+
+
+def pattern_value(patterns: dict, module: str, default):
+    """PEFT's rank_pattern/alpha_pattern lookup (peft.utils.other.get_pattern_key): the first key that
+    matches the end of the module path as a regex, after a dot or at the start."""
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", module):
+            return patterns[key]
+    return default
+
+
+def lora_scale(r: int, alpha: float, rslora: bool = False) -> float:
+    """PEFT's scale of a rank-r module: alpha / r, or alpha / √r with rsLoRA (LoraLayer.update_layer)."""
+    return alpha / math.sqrt(r) if rslora else alpha / r
+
+
+def peft_scale(config: dict, module: str) -> tuple[int, float, float]:
+    """(r, alpha, scale) PEFT uses for this module."""
+    r = int(pattern_value(config.get("rank_pattern") or {}, module, config["r"]))
+    alpha = float(pattern_value(config.get("alpha_pattern") or {}, module, config["lora_alpha"]))
+    return r, alpha, lora_scale(r, alpha, bool(config.get("use_rslora")))
+
+
+def lora_pair(where, mod: str, p: dict, ka: str, kb: str) -> tuple[np.ndarray, np.ndarray]:
+    """A module's two LoRA factors from its tensors `p`, or the error naming the one that is missing."""
+    if ka not in p or kb not in p:
+        have, miss = (ka, kb) if ka in p else (kb, ka)
+        raise Lora2GGUFError(f"{where}: {mod}.{have} has no matching {miss}; the adapter file is incomplete")
+    return p[ka], p[kb]
+
+
+def read_config(path: Path) -> dict:
+    cfg_path = path / "adapter_config.json"
+    cfg = read_json_object(cfg_path, f"{path}: no adapter_config.json; is this a PEFT adapter directory?")
+    ptype = str(cfg.get("peft_type", "LORA")).upper()
+    if ptype != "LORA":
+        raise Lora2GGUFError(f"{cfg_path}: peft_type {ptype} is not LoRA; only LoRA adapters are supported")
+    for key in ("r", "lora_alpha"):
+        if not isinstance(cfg.get(key), (int, float)) or isinstance(cfg.get(key), bool):
+            raise Lora2GGUFError(f"{cfg_path}: '{key}' is missing or not a number")
+        if not math.isfinite(cfg[key]):  # Python's json reads NaN / Infinity
+            raise Lora2GGUFError(f"{cfg_path}: '{key}' must be a finite number, got {cfg[key]}")
+    if cfg["r"] <= 0 or cfg["r"] != int(cfg["r"]):
+        raise Lora2GGUFError(f"{cfg_path}: 'r' must be a positive integer, got {cfg['r']}")
+    for key in ("rank_pattern", "alpha_pattern"):
+        pat = cfg.get(key) or {}
+        if not isinstance(pat, dict) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                and math.isfinite(v) and (v > 0 or key == "alpha_pattern")
+                                                for v in pat.values()):
+            raise Lora2GGUFError(f"{cfg_path}: '{key}' must map module patterns to "
+                                 f"{'positive ranks' if key == 'rank_pattern' else 'finite alphas'}")
+    targets = cfg.get("target_modules")
+    if targets is not None and not isinstance(targets, str) and not (
+            isinstance(targets, list) and all(isinstance(t, str) for t in targets)):
+        raise Lora2GGUFError(f"{cfg_path}: 'target_modules' must be a list of module names or a regex string")
+    return cfg
+
+
+def targeted(cfg: dict, module: str) -> bool:
+    """Whether adapter_config.json's target_modules selects this module, by PEFT's rule
+    (peft.tuners.tuners_utils.check_target_module_exists): a regex string must match the whole module
+    path, a list entry the path or its last components. "all-linear" (or no list) selects any module."""
+    t = cfg.get("target_modules")
+    if t is None or t == "all-linear":
+        return True
+    if isinstance(t, str):
+        try:
+            return re.fullmatch(t, module) is not None
+        except re.error:
+            return True  # not ours to judge; PEFT would refuse it, the tensors say what is adapted
+    return any(module == k or module.endswith("." + k) for k in t)
+
+
+def read_tensors(path: Path) -> dict[str, np.ndarray]:
+    st, binf = path / "adapter_model.safetensors", path / "adapter_model.bin"
+    if st.is_file():
+        return read_safetensors_f32(st)
+    if binf.is_file():
+        return read_torch_pickle(binf, "PEFT's save_pretrained")
+    raise Lora2GGUFError(f"{path}: no adapter_model.safetensors or adapter_model.bin")
+
+
+# Multimodal checkpoints (Gemma 3 4B+, Qwen2.5-VL, LLaVA-style): the language model sits under
+# `language_model.` (transformers' old and new layouts), beside vision modules llama.cpp gives no LoRA.
+_TEXT_TOWER = (("model.language_model.", "model."), ("language_model.model.", "model."), ("language_model.", ""))
+_VISION = re.compile(r"(^|\.)(vision_tower|vision_model|visual|multi_modal_projector|mm_projector|embed_vision)(\.|$)")
+_BNB_4BIT = re.compile(r"bnb[-_]?4bit|[-_]4bit\b|nf4", re.I)
+
+
+def text_tower(module: str) -> str:
+    """A multimodal checkpoint's text-tower module path → the text-only model's (model.layers.N...)."""
+    for old, new in _TEXT_TOWER:
+        if module.startswith(old):
+            return new + module[len(old):]
+    return module
+
+
+def vision_note(skipped: set[str]) -> str | None:
+    if not skipped:
+        return None
+    first = sorted(skipped)[0]
+    return (f"{len(skipped)} vision-tower module{'s' if len(skipped) > 1 else ''} skipped ({first}, ...): llama.cpp "
+            "applies no LoRA to the vision tower or projector; the text tower is converted")
+
+
+def four_bit_base(cfg: dict) -> str | None:
+    """The 4-bit base an adapter names as its training base: Unsloth / axolotl / QLoRA adapters name the
+    bitsandbytes one (`unsloth/…-bnb-4bit`), mlx-lm's QLoRA its own 4-bit one."""
+    name = str(cfg.get("base_model_name_or_path") or "")
+    return name if _BNB_4BIT.search(name) else None
+
+
+def bnb_note(path: Path, cfg: dict) -> str | None:
+    if (name := four_bit_base(cfg)) is None:
+        return None
+    return (f"{path}: trained on a 4-bit base ({name}): the adapter was fitted to 4-bit-rounded weights (NF4 for "
+            "bitsandbytes), not to your base's; its effect differs slightly (`lora2gguf verify` measures it)")
+
+
+def alora_note(cfg: dict) -> str | None:
+    toks = cfg.get("alora_invocation_tokens")
+    if not toks:
+        return None
+    return (f"activated LoRA: llama-server switches it on at the last occurrence of its invocation tokens {toks} "
+            "in the prompt; llama-cli, llama-cpp-python and `lora2gguf verify` apply it to every token")
+
+
+_LORA_KEY = re.compile(r"(.+?)\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)"
+                       r"(?:\.default)?(?:\.(weight|bias))?$")
+
+
+def load_peft(path: str | Path) -> PeftAdapter:
+    """Read and validate a PEFT LoRA directory (adapter_config.json + adapter_model.safetensors/.bin)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise Lora2GGUFError(f"{path}: not a directory; expected a PEFT adapter directory")
+    cfg = read_config(path)
+    tensors = read_tensors(path)
+    parts: dict[str, dict[str, np.ndarray]] = {}
+    full: dict[str, np.ndarray] = {}
+    origin: dict[str, str] = {}  # text-tower module → its path in the checkpoint (what target_modules names)
+    vision: set[str] = set()
+    for key, t in tensors.items():
+        name = key[len(PREFIX):] if key.startswith(PREFIX) else key
+        if not np.all(np.isfinite(t)):
+            raise Lora2GGUFError(f"{path}: tensor {key} contains NaN or Inf; the adapter is broken "
+                                 "(retrain, or check the training run for divergence)")
+        m = _LORA_KEY.match(name)
+        if m:
+            mod, kind, suffix = m.groups()
+            if _VISION.search(mod):
+                vision.add(mod)
+                continue
+            origin[text_tower(mod)] = mod
+            parts.setdefault(text_tower(mod), {})[kind + (".bias" if suffix == "bias" else "")] = t
+        elif name.endswith(".base_layer.weight"):
+            continue  # a copy of the base weight PEFT saves beside embedding LoRA; not part of the update
+        elif name.endswith(".base_layer.bias"):
+            full[name.replace(".base_layer.", ".")] = t  # bias="all"/"lora_only": a trained bias
+        else:
+            full[name.replace(".modules_to_save.default.", ".").replace(".original_module.", ".")] = t
+    if not parts and not full:
+        raise Lora2GGUFError(f"{path}: the adapter holds no LoRA tensors")
+    known = {p.split(".")[-1] for a in models.all_archs() for p in a.layer_linears} | {"embed_tokens", "lm_head"}
+    for mod in sorted(parts):
+        if mod.split(".")[-1] not in known:
+            raise Lora2GGUFError(f"{path}: target module {mod} has no GGUF tensor in the supported archs "
+                                 f"({', '.join(models.NAMES)}); supported targets: {', '.join(sorted(known))}")
+    untargeted = sorted(m for m in parts if not targeted(cfg, origin[m]))
+    if untargeted:
+        raise Lora2GGUFError(f"{path}: target_modules {cfg.get('target_modules')!r} in adapter_config.json does not "
+                             f"cover {untargeted[0]}, which has LoRA tensors; the config and the weights belong to "
+                             "different adapters (PEFT cannot load it either)")
+    fan = bool(cfg.get("fan_in_fan_out", False))
+    modules: dict[str, ModuleLoRA] = {}
+    for mod, p in sorted(parts.items()):
+        emb = "lora_embedding_A" in p or "lora_embedding_B" in p
+        ka, kb = ("lora_embedding_A", "lora_embedding_B") if emb else ("lora_A", "lora_B")
+        A, B = lora_pair(path, mod, p, ka, kb)
+        if A.ndim != 2 or B.ndim != 2 or A.shape[0] != B.shape[1]:
+            raise Lora2GGUFError(f"{path}: {mod}: {ka} {tuple(A.shape)} and {kb} {tuple(B.shape)} "
+                                 "do not multiply (rank mismatch); the adapter file is corrupt")
+        r, alpha, scale = peft_scale(cfg, mod)
+        if r != A.shape[0]:
+            raise Lora2GGUFError(f"{path}: {mod} has rank {A.shape[0]} but adapter_config.json says r={r} "
+                                 "(check r / rank_pattern)")
+        for kind in ("lora_magnitude_vector", "lora_B.bias") if not emb else ():  # per output row of a linear
+            if kind in p and p[kind].shape != (n_out := B.shape[0],):
+                raise Lora2GGUFError(f"{path}: {mod}.{kind} has shape {tuple(p[kind].shape)}, expected ({n_out},) "
+                                     "for its LoRA pair; the adapter file is corrupt")
+        modules[mod] = ModuleLoRA(mod, A, B, r, alpha, scale, embedding=emb, fan_in_fan_out=fan and not emb,
+                                  magnitude=p.get("lora_magnitude_vector"), bias=p.get("lora_B.bias"))
+    notes = [n for n in (bnb_note(path, cfg), vision_note(vision), alora_note(cfg)) if n]
+    return PeftAdapter(path, cfg, modules, full, notes)
+
+
+# -- writing ---------------------------------------------------------------------------------------------
+
+def lora_config(r: int, lora_alpha: float, target_modules: list[str], base_model: str, *, use_rslora: bool = False,
+                dropout: float = 0.0, rank_pattern: dict | None = None, alpha_pattern: dict | None = None,
+                layers_to_transform: list[int] | None = None, alora_invocation_tokens: list[int] | None = None) -> dict:
+    """adapter_config.json as PEFT's LoraConfig writes it: the keys PEFT reads, with its defaults."""
+    cfg = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
+        "r": r, "lora_alpha": lora_alpha, "use_rslora": use_rslora, "lora_dropout": dropout,
+        "target_modules": sorted(target_modules), "rank_pattern": rank_pattern or {},
+        "alpha_pattern": alpha_pattern or {}, "layers_to_transform": layers_to_transform, "layers_pattern": None,
+        "bias": "none", "fan_in_fan_out": False, "use_dora": False, "lora_bias": False, "modules_to_save": None,
+        "init_lora_weights": True, "inference_mode": True, "revision": None,
+    }
+    if alora_invocation_tokens:
+        cfg["alora_invocation_tokens"] = list(alora_invocation_tokens)
+    return cfg
+
+
+def config_for(adapter: PeftAdapter, base_model: str) -> dict:
+    """adapter_config.json for an adapter whose modules may each have their own rank and scale: exact module
+    paths as targets (so PEFT adapts nothing else), the common rank as r and a rank_pattern entry for each
+    other rank; lora_alpha and alpha_pattern such that every module's alpha_m / r_m is the scale its source
+    applies (llama.cpp: alpha / r, or 1 when the file's alpha is 0; mlx-lm: its scale)."""
+    ranks = Counter(m.r for m in adapter.modules.values())
+    r = ranks.most_common(1)[0][0]
+    alphas = {n: m.scale * m.r for n, m in adapter.modules.items()}
+    lora_alpha = float(Counter(a for n, a in alphas.items() if adapter.modules[n].r == r).most_common(1)[0][0])
+    return lora_config(
+        r, lora_alpha, list(adapter.modules), base_model,
+        rank_pattern={re.escape(n): m.r for n, m in adapter.modules.items() if m.r != r},
+        alpha_pattern={re.escape(n): float(a) for n, a in alphas.items()
+                       if not math.isclose(a, lora_alpha, rel_tol=1e-9)},
+        alora_invocation_tokens=adapter.config.get("alora_invocation_tokens"))
+
+
+def peft_tensors(adapter: PeftAdapter) -> dict[str, np.ndarray]:
+    """The adapter's tensors under the keys PEFT's save_pretrained writes (base_model.model.<module>...)."""
+    out = {}
+    for name, m in sorted(adapter.modules.items()):
+        if m.embedding:
+            out[f"{PREFIX}{name}.lora_embedding_A"], out[f"{PREFIX}{name}.lora_embedding_B"] = m.A, m.B
+        else:
+            out[f"{PREFIX}{name}.lora_A.weight"], out[f"{PREFIX}{name}.lora_B.weight"] = m.A, m.B
+    return {k: np.ascontiguousarray(v, np.float32) for k, v in out.items()}
+
+
+def write_peft_files(directory: Path, adapter: PeftAdapter, config: dict) -> Path:
+    """adapter_model.safetensors and adapter_config.json into an existing directory, each file whole or not
+    at all (a training run's output directory, a checkpoint)."""
+    with atomic_output(directory / "adapter_model.safetensors") as tmp:
+        save_file(peft_tensors(adapter), str(tmp), metadata={"format": "pt"})
+    with atomic_output(directory / "adapter_config.json") as tmp:
+        tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return directory
+
+
+def write_peft_dir(out: Path, adapter: PeftAdapter, config: dict) -> Path:
+    """A new PEFT directory at `out` (checked by check_output_dir), whole or not at all: built in a temp
+    directory beside it and renamed into place, an old one (--force) moved aside first."""
+    remove_stale_parts(out)
+    tmp = Path(tempfile.mkdtemp(prefix=part_prefix(out), suffix=".part", dir=out.parent))
+    try:
+        write_peft_files(tmp, adapter, config)
+        os.chmod(tmp, umask_mode(directory=True))  # mkdtemp made it 0700: servers of other users read it
+        fsync_path(tmp)
+        old = None
+        if out.exists():  # --force, checked above: move the old one aside, then swap
+            old = Path(tempfile.mkdtemp(prefix=part_prefix(out), suffix=".old.part", dir=out.parent))
+            os.replace(out, old / "x")
+        os.replace(tmp, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

@@ -1,0 +1,75 @@
+"""`lora2gguf inspect`: what a GGUF model/adapter (or an HF model, or a PEFT / torchtune / mlx-lm adapter
+directory) is."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+from gguf import LlamaFileType
+
+from lora2gguf import models
+from lora2gguf.weights.base_model import GGUFBase, HFBase
+from lora2gguf.fileio.gguf_read import GGUFFile
+
+
+def _file_type_name(v) -> str | None:
+    if v is None:
+        return None
+    try:
+        return LlamaFileType(int(v)).name
+    except (ValueError, TypeError):
+        return str(v)
+
+
+def describe(path: str, base: str | None = None) -> dict:
+    p = Path(path)
+    if p.is_dir():
+        if any((p / n).exists() for n in ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin",
+                                          "adapter_model.pt", "adapters.safetensors")):
+            from lora2gguf.adapters.load import describe_adapter  # PEFT, torchtune, mlx-lm: told by the files
+
+            return describe_adapter(p)
+        with HFBase(p) as b:
+            return {"path": str(p), "kind": "hf-model", "spec": b.spec.to_dict()}
+    with GGUFFile(p) as f:
+        info = {
+            "path": str(p), "kind": "gguf-adapter" if f.get("general.type") == "adapter" else "gguf-model",
+            "architecture": f.string("general.architecture"), "name": f.string("general.name"),
+            "file_type": _file_type_name(f.get("general.file_type")), "gguf_version": f.version,
+            "tensor_count": len(f.tensors), "tensor_bytes": sum(t.nbytes for t in f.tensors.values()),
+            "tensor_types": dict(Counter(t.type.name for t in f.tensors.values())),
+        }
+        if info["kind"] == "gguf-adapter":
+            from lora2gguf.adapters.gguf_lora import describe_gguf_adapter
+
+            info.update(describe_gguf_adapter(f, base=base))
+            return info
+        arch = info["architecture"]
+        # the architecture's own scalar metadata (block_count, expert_count, ssm.*…), whatever the arch
+        info["metadata"] = {k: v for k, v in ((k, f.get(k)) for k in f.fields if arch and k.startswith(arch + "."))
+                            if isinstance(v, (str, int, float, bool))}
+    if arch not in models.NAMES:
+        info["supported"] = False
+        info["verdict"] = (f"architecture {arch!r} is not one lora2gguf supports ({', '.join(models.NAMES)}): train, "
+                           "convert, merge, verify and export cannot use it; inspect reads its header only")
+        return info
+    with GGUFBase(p) as b:
+        info["supported"] = True
+        info["spec"] = b.spec.to_dict()
+    return info
+
+
+def format_description(info: dict) -> str:
+    lines = []
+    for k, v in info.items():
+        if isinstance(v, dict):
+            lines.append(f"{k}:")
+            lines += [f"  {kk}: {json.dumps(vv) if isinstance(vv, (list, dict)) else vv}" for kk, vv in v.items()]
+        elif isinstance(v, list):
+            lines.append(f"{k}: {', '.join(map(str, v))}")
+        else:
+            lines.append(f"{k}: {v}")
+    return "\n".join(lines)
+

@@ -1,0 +1,516 @@
+"""`lora2gguf merge`: bake LoRA adapters into a GGUF base, writing any llama.cpp type.
+
+Math: W + Σ u·s·B·A with PEFT's scale s per module (rsLoRA, rank/alpha patterns) and the user's u. Plain
+LoRA is summed in float32 as PEFT's own merge does, straight in GGUF layout (B's q/k rows permuted like
+the base's); DoRA goes through adapter.merged_weight (float64, in HF layout); biases through merged_bias.
+modules_to_save and trained biases replace their tensor. On a tied base, LoRA on lm_head or embed_tokens
+unties them: a new output.weight starts from the base embedding, as in PEFT's forward, where the head
+keeps the original shared weight plus only lm_head's own LoRA (PEFT's merge_and_unload, and
+reference_model, instead let an embed_tokens update leak into the tied head).
+
+Streaming: the plan (names, shapes, types) is fixed from the base's header, then tensors are read into
+fresh memory (not through a memory map, whose pages would stay resident) and merged on a thread pool,
+plain LoRA in row blocks (n blocks of ≤ 1 MB at a time), DoRA/biases/replacements whole, one tensor at
+a time.
+
+Types: f32/f16/bf16 are written directly. Quantized types are written by llama.cpp's own quantizer run in
+this process on the merge's row blocks (quantize_ggml): the model it quantizes is what used to be an
+intermediate file (merged tensors F16 for an F16 base as llama-export-lora writes them, F32 otherwise;
+untouched tensors byte-for-byte as in the base) but never exists on disk. llama.cpp chooses every tensor's
+type (its dry run), copies each tensor already of its target type and quantizes the rest with
+ggml_quantize_chunk. So from an F16 (F32) base the result is byte-identical to `llama-quantize` of our f16
+(f32) output, from any base it is byte-identical to the previous intermediate-file path (intermediate=True,
+kept and tested against), and from a quantized base the tensors no adapter touches keep their exact bytes
+wherever their type is what the output uses.
+
+Disk: a quantized merge writes only its output's temp file beside `out` (renamed at the end) and, for a
+moment before the first tensor, a probe of a few KB: extra disk ≤ the output's size. The intermediate path
+also wrote the intermediate (F32 merged tensors: ~29 GB for an all-linear adapter on an 8B model). Memory
+of a quantized merge: the base's header, the adapters, a touched tensor's row blocks being merged (n blocks
+of ≤ 1 MB for plain LoRA; the whole float32 tensor for DoRA, biases and replacements), the quantizer's chunks
+in flight (≤ 2n + 1 of ≤ 1 MB of floats) and 16 MB slabs of an untouched tensor. f32/f16/bf16 outputs hold
+whole tensors, two at a time (the next one computed while this one is written).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import dataclasses
+import hashlib
+import math
+import os
+import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterator
+
+import numpy as np
+from gguf import GGMLQuantizationType, GGUFWriter, LlamaFileType
+
+from lora2gguf.adapters.lora import ModuleLoRA, PeftAdapter, merged_bias, merged_weight
+from lora2gguf.weights.base_model import GGUFBase
+from lora2gguf.errors import Lora2GGUFError
+from lora2gguf.fileio.gguf_read import TensorInfo
+from lora2gguf.fileio.gguf_write import PlannedTensor, copy_fields, encode, nbytes_of, write_streaming
+from lora2gguf.fileio.atomic import atomic_output, check_output, part_prefix
+from lora2gguf.llamacpp.quantize import OutputType, llama_quantize, output_type, takes_file_type
+
+if TYPE_CHECKING:
+    from lora2gguf.llamacpp.ggml import Tensor
+
+F32 = GGMLQuantizationType.F32
+KEY_ADAPTERS, KEY_SCALES, KEY_SHA256 = "lora2gguf.merge.adapters", "lora2gguf.merge.scales", "lora2gguf.merge.sha256"
+ROW_BLOCK = 1 << 18  # elements per block of the merge math (1 MB of float32)
+
+# Bias tensors llama.cpp loads when present (optional slots), by HF module suffix: q/k/v for every arch
+# (create_tensor_qkv in llama-model.cpp), o/gate/up/down only for llama (src/models/llama.cpp).
+
+
+def parse_lora_arg(arg: str) -> tuple[str, float]:
+    """ADAPTER[:SCALE] → (path, scale); a path that itself contains ':' is taken whole when it exists."""
+    path, sep, tail = arg.rpartition(":")
+    if not sep or (Path(arg).exists() and not Path(path).exists()):
+        return arg, 1.0
+    try:
+        scale = float(tail)
+    except ValueError:
+        raise Lora2GGUFError(f"--lora {arg}: scale {tail!r} is not a number; write ADAPTER or ADAPTER:SCALE, "
+                             "e.g. my-adapter:0.5") from None
+    if not math.isfinite(scale):
+        raise Lora2GGUFError(f"--lora {arg}: scale must be a finite number")
+    return path, scale
+
+
+def _sha256(paths: list[Path]) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        with open(p, "rb") as fh:
+            while chunk := fh.read(1 << 22):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def load_adapter(path: str | os.PathLike, spec, base: GGUFBase | None = None) -> tuple[PeftAdapter, str]:
+    """An adapter directory (PEFT, torchtune, mlx-lm) or a GGUF LoRA file, in HF layout with its scale; and
+    its sha256 fingerprint (adapter_config.json then the weights for a directory, the file for GGUF). Refused
+    when it was made for another model: another arch (PEFT's recorded class), or, for a GGUF LoRA converted
+    by us, a base whose fingerprint is not `base`'s (same shapes, other weights: the merge would be silently
+    wrong); and refused when it is an activated LoRA."""
+    from lora2gguf.adapters.load import adapter_files, load_adapter as load_any, say_notes
+    from lora2gguf.adapters.rules import check_arch, check_not_activated
+
+    p = Path(path)
+    if not p.exists():
+        raise Lora2GGUFError(f"{p}: no such file or directory; --lora takes an adapter directory or a GGUF LoRA file")
+    a = load_any(p, spec)
+    check_not_activated(a, "a merged model")
+    if p.is_dir():
+        check_arch(a, spec, base.path if base is not None else "the base")
+    elif base is not None:
+        _check_fingerprint(p, base)
+    say_notes(a)
+    return a, _sha256(adapter_files(p))
+
+
+def _check_fingerprint(path: Path, base: GGUFBase) -> None:
+    from lora2gguf.adapters.gguf_lora import base_match
+
+    match, verdict = base_match(path, base)
+    if match is False:
+        raise Lora2GGUFError(f"{path}: was converted for another base than {base.path} ({verdict}); "
+                             "merge it into the base it was made for")
+
+
+@dataclass
+class Job:
+    """One output tensor: where its data comes from and what changes it."""
+
+    info: PlannedTensor  # name, shape (GGUF layout, numpy order), type written
+    source: TensorInfo | None  # base tensor read (token_embd for a new untied output); None: new bias
+    hf: str | None = None  # HF name of the output tensor (None: not a model tensor, copied as is)
+    loras: list[tuple[ModuleLoRA, float]] = dataclasses.field(default_factory=list)
+    replacement: np.ndarray | None = None  # modules_to_save / trained bias, HF layout
+
+    @property
+    def touched(self) -> bool:
+        return bool(self.loras) or self.replacement is not None
+
+
+def _plan(base: GGUFBase, adapters: list[tuple[PeftAdapter, float]]) -> list[Job]:
+    """Every output tensor in base order (new biases after their weight, a new output.weight last), with
+    its LoRA terms, checked against what llama.cpp can load. Types are set later."""
+    spec, tensors = base.spec, base.file.tensors
+    by_module: dict[str, list[tuple[ModuleLoRA, float]]] = {}
+    full: dict[str, np.ndarray] = {}
+    for a, u in adapters:
+        for name, m in a.modules.items():
+            by_module.setdefault(name, []).append((m, u))
+        full.update(a.full_weights)  # the last adapter wins, as in reference.reference_model
+    hf_of = {base.gguf_name(h): h for h in base.hf_names()}
+    if spec.tied_embeddings:
+        hf_of["output.weight"] = "lm_head.weight"
+    wanted: dict[str, str] = {}  # gguf name → hf name of tensors the adapters change
+    for module, mods in by_module.items():
+        wanted[base.gguf_name(module + ".weight")] = module + ".weight"
+        if any(m.bias is not None for m, _ in mods):
+            wanted[base.gguf_name(module + ".bias")] = module + ".bias"
+    for hf in full:
+        try:
+            g = base.gguf_name(hf)
+        except Lora2GGUFError:
+            g = None
+        src = next(a.path for a, _ in adapters if hf in a.full_weights)
+        if g is None or (g not in hf_of and not hf.endswith(".bias")):
+            raise Lora2GGUFError(f"{src}: the adapter replaces {hf}, which {base.path} does not have")
+        want = tensors[g].shape if g in tensors else None
+        if want is not None and full[hf].shape != want:
+            raise Lora2GGUFError(f"{src}: the adapter's {hf} has shape {full[hf].shape}, {base.path} has {want}; "
+                                 "the adapter was made for another model")
+        wanted[g] = hf
+    for g, hf in wanted.items():
+        if g not in tensors and hf.endswith(".bias"):
+            module = hf[:-len(".bias")]
+            slots = spec.arch_module.bias_slots
+            if not any(module.endswith(s) for s in slots):
+                src = next((a.path for a, _ in adapters if hf in a.full_weights or (
+                    module in a.modules and a.modules[module].bias is not None)), "adapter")
+                raise Lora2GGUFError(f"{src}: the adapter adds a bias to {module}, but llama.cpp's {spec.arch} has no bias "
+                                     f"tensor there (only {', '.join(s.split('.')[-1] for s in slots)}); "
+                                     "retrain without lora_bias / bias='all' for that module")
+
+    def job(g: str, shape: tuple[int, ...], source: TensorInfo | None) -> Job:
+        hf = wanted.get(g)
+        if hf is None:
+            return Job(PlannedTensor(g, shape, source.type, source.nbytes), source)
+        mods = by_module.get(hf.rsplit(".", 1)[0], [])
+        if hf.endswith(".bias"):
+            mods = [(m, u) for m, u in mods if m.bias is not None]
+        return Job(PlannedTensor(g, shape, F32, 4 * int(np.prod(shape))), source, hf, mods, full.get(hf))
+
+    jobs = []
+    for g, t in tensors.items():
+        jobs.append(job(g, t.shape, t))
+        if g.endswith(".weight") and (b := g[:-len("weight")] + "bias") in wanted and b not in tensors:
+            jobs.append(job(b, (t.shape[0],), None))
+    untie = "output.weight" in wanted or "token_embd.weight" in wanted
+    if untie and "output.weight" not in tensors and not spec.arch_module.can_untie:
+        src = next(a.path for a, _ in adapters if {"lm_head", "model.embed_tokens"} & set(a.modules) | {
+            n.rsplit(".", 1)[0] for n in a.full_weights})
+        raise Lora2GGUFError(f"{src}: the adapter changes embed_tokens or lm_head, but llama.cpp's {spec.arch} always "
+                             "multiplies the output by token_embd (it loads no separate output.weight), so no GGUF "
+                             "can hold the untied head PEFT computes; retrain without embed_tokens / lm_head")
+    if untie and "output.weight" not in tensors:  # the head starts from the original embedding
+        emb = tensors["token_embd.weight"]
+        jobs.append(job("output.weight", emb.shape, emb))
+    return jobs
+
+
+def _read(fh, t: TensorInfo) -> np.ndarray:
+    """The tensor's bytes, read into fresh memory (freed after use, unlike pages of a memory map)."""
+    return _read_range(fh.fileno(), t, 0, t.nbytes)
+
+
+def _read_range(fd: int, t: TensorInfo, start: int, n: int) -> np.ndarray:
+    """n bytes of the tensor's data from `start`, read into fresh memory."""
+    buf = np.empty(n, np.uint8)
+    view, got = memoryview(buf), 0
+    while got < n:
+        k = os.preadv(fd, [view[got:]], t.offset + start + got)
+        if not k:  # the header was checked against the size at open: the file shrank since
+            raise Lora2GGUFError(f"{_path_of(fd)}: tensor {t.name}: the base file ended early (was it changed "
+                                 "while merging?); it is truncated")
+        got += k
+    return buf
+
+
+def _path_of(fd: int) -> str:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return "the base file"
+
+
+def _decode(raw: np.ndarray, t: TensorInfo) -> np.ndarray:
+    """float32 in GGUF layout (numpy order), from any GGML type gguf-py can dequantize."""
+    if t.type == F32:
+        return raw.view(np.float32).reshape(t.shape)
+    if t.type == GGMLQuantizationType.F16:
+        return raw.view(np.float16).reshape(t.shape).astype(np.float32)
+    from gguf.quants import dequantize, quant_shape_to_byte_shape
+
+    try:
+        return dequantize(raw.reshape(quant_shape_to_byte_shape(t.shape, t.type)), t.type).reshape(t.shape)
+    except NotImplementedError:
+        raise Lora2GGUFError(f"tensor {t.name} has type {t.type.name}, which gguf-py cannot dequantize") from None
+
+
+class RowPool:
+    """Runs a function over the row blocks of a tensor on n threads (numpy releases the GIL)."""
+
+    def __init__(self, n: int):
+        self.n, self.pool = n, ThreadPoolExecutor(n)
+
+    def step(self, shape: tuple[int, ...]) -> int:
+        """Rows per block: at most ROW_BLOCK elements, and at least n blocks when there are enough rows."""
+        return max(1, min(ROW_BLOCK // max(1, shape[1]), -(-shape[0] // self.n)))
+
+    def map(self, fn, shape: tuple[int, ...]) -> None:
+        step = self.step(shape)
+        list(self.pool.map(fn, [slice(i, i + step) for i in range(0, shape[0], step)]))
+
+
+def _merge_dora(w: np.ndarray, mods: list[tuple[ModuleLoRA, float]], pool: RowPool) -> np.ndarray:
+    """adapter.merged_weight itself (HF layout), in row blocks: DoRA's row norms are row-wise for linear
+    layers; an embedding with DoRA is merged whole."""
+    if any(m.magnitude is not None and (m.embedding or m.fan_in_fan_out) for m, _ in mods):
+        return merged_weight(w, mods).astype(np.float32)
+    out = np.empty(w.shape, np.float32)
+
+    def block(rows: slice) -> None:
+        out[rows] = merged_weight(w[rows], [(m.row_block(rows), u) for m, u in mods])
+
+    pool.map(block, w.shape)
+    return out
+
+
+def _plain_blocks(fd: int, src: TensorInfo, mods: list[tuple[ModuleLoRA, float]], rows_to_gguf, pool: RowPool,
+                  dtype: type) -> Iterator[np.ndarray]:
+    """W + Σ u·s·B·A for plain LoRA, merged_weight's sum computed the way PEFT's own merge does it: the
+    scales folded into B, B·A and the sum in float32 (the output's precision; float64 here cost 3x the
+    time for changes below one float32 ulp). In GGUF layout (B's rows permuted like the base's q/k rather
+    than un-permuting W). Yields the tensor's row blocks in order, as `dtype` (float32 or float16): each
+    block's base rows are read, decoded and merged on the pool, n blocks at a time, so only those are in
+    memory. The f32/f16 outputs and the quantized ones (whose input these blocks are) share this function:
+    the same blocks, the same float32 arithmetic, the same values."""
+    factors = []
+    for m, u in mods:
+        a, b = m.factors()  # b @ a == ΔW / scale; rows of b are rows of W
+        b = (b.astype(np.float64) * (m.scale * u)).astype(np.float32)
+        factors.append((np.ascontiguousarray(a, np.float32), rows_to_gguf(b)))
+    n_rows, ne0 = src.shape
+    row_bytes = src.nbytes // n_rows
+    step = pool.step(src.shape)
+
+    def block(rows: slice, raw: np.ndarray) -> np.ndarray:
+        w = _decode_rows(raw, src, rows.stop - rows.start).astype(np.float32)  # a copy, even when already float32
+        for a, b in factors:
+            w += b[rows] @ a
+        return w if dtype == np.float32 else w.astype(dtype)
+
+    group = step * pool.n
+    for g0 in range(0, n_rows, group):
+        g1 = min(n_rows, g0 + group)
+        raw = _read_range(fd, src, g0 * row_bytes, (g1 - g0) * row_bytes)
+        slices = [slice(i, min(i + step, g1)) for i in range(g0, g1, step)]
+        yield from pool.pool.map(lambda r: block(r, raw[(r.start - g0) * row_bytes:(r.stop - g0) * row_bytes]), slices)
+
+
+def _decode_rows(raw: np.ndarray, t: TensorInfo, n: int) -> np.ndarray:
+    """Rows of a tensor (their stored bytes) as float32, or float16 for F16 (upcast by the caller), decoded
+    as _decode decodes the whole tensor (gguf-py; elementwise, so the same values)."""
+    ne0 = t.shape[-1]
+    if t.type == F32:
+        return raw.view(np.float32).reshape(n, ne0)
+    if t.type == GGMLQuantizationType.F16:
+        return raw.view(np.float16).reshape(n, ne0)
+    return _decode(raw, TensorInfo(t.name, (n, ne0), t.type, 0, raw.size))
+
+
+def _merged_blocks(fh, job: Job, spec, pool: RowPool) -> Iterator[np.ndarray]:
+    """The output tensor in GGUF layout, in row blocks: float16 when that is the type written and the merge
+    allows it (plain LoRA), float32 otherwise. Plain LoRA streams block by block; DoRA, biases and
+    replacements come whole (one block)."""
+    arch = spec.arch_module
+    if job.replacement is None and not job.hf.endswith(".bias") and all(m.magnitude is None for m, _ in job.loras):
+        half = job.info.type == GGMLQuantizationType.F16
+        return _plain_blocks(fh.fileno(), job.source, job.loras, lambda b: arch.rows_to_gguf(spec, job.hf, b),
+                             pool, np.float16 if half else np.float32)  # in GGUF layout already
+    if job.replacement is not None:
+        t = arch.to_gguf(spec, job.hf, np.asarray(job.replacement, np.float32))
+    else:  # DoRA and biases: PEFT's math in HF layout and values, then back
+        base = None if job.source is None else arch.from_gguf(spec, job.hf, _decode(_read(fh, job.source), job.source))
+        if job.hf.endswith(".bias"):
+            t = np.asarray(merged_bias(base, job.info.shape[0], job.loras), np.float32)
+        else:
+            t = _merge_dora(base, job.loras, pool)
+        t = arch.to_gguf(spec, job.hf, t)
+    if t.shape != job.info.shape:
+        raise Lora2GGUFError(f"{fh.name}: an adapter gives {job.hf} shape {t.shape}, the base has {job.info.shape}")
+    return iter([t])
+
+
+def _merged(fh, job: Job, spec, pool: RowPool) -> np.ndarray:
+    """The whole output tensor (see _merged_blocks)."""
+    blocks = list(_merged_blocks(fh, job, spec, pool))
+    t = blocks[0] if len(blocks) == 1 else np.concatenate(blocks)
+    if t.shape != job.info.shape:
+        raise Lora2GGUFError(f"{fh.name}: an adapter gives {job.hf} shape {t.shape}, the base has {job.info.shape}")
+    return t
+
+
+def _set_types(jobs: list[Job], out: OutputType, f16_base: bool) -> None:
+    """Direct types: llama.cpp's choice per tensor (file type for 2-D weights, others keep theirs; merged
+    1-D tensors F32). Quantized types: the intermediate is our f16 output for an F16 base, our f32 output
+    otherwise, except that untouched tensors keep their bytes and type (llama.cpp copies or requantizes)."""
+    for j in jobs:
+        t = out.direct or (GGMLQuantizationType.F16 if f16_base else F32)
+        if takes_file_type(j.info.name, j.info.shape) and (out.direct or j.touched):
+            j.info = PlannedTensor(j.info.name, j.info.shape, t, nbytes_of(j.info.shape, t))
+
+
+def _tensor_data(fh, job: Job, spec, pool: RowPool) -> np.ndarray:
+    src, want = job.source, job.info.type
+    if not job.touched:
+        if src.type == want:
+            return _read(fh, src)  # byte for byte
+        return encode(_decode(_read(fh, src), src), want)
+    t = _merged(fh, job, spec, pool)
+    return t if t.dtype == np.float16 or want == F32 else encode(t, want)
+
+
+def _writer(base: GGUFBase, ftype: LlamaFileType, record: dict) -> GGUFWriter:
+    """A GGUFWriter carrying the output's metadata: the base's, this file type, the adapters on record."""
+    f = base.file
+    w = GGUFWriter(None, base.spec.arch)
+    copy_fields(f, w, skip=lambda k: k == "general.file_type" or k.startswith("lora2gguf.merge."))
+    w.add_file_type(int(ftype))
+    for key, values in record.items():  # earlier merges of this base stay on record, first
+        old = f.get(key)
+        w.add_array(key, (old.tolist() if isinstance(old, np.ndarray) else list(old or [])) + values)
+    return w
+
+
+@contextlib.contextmanager
+def _merging(base: GGUFBase, threads: int | None):
+    """The base file opened unbuffered and the row pool, with one BLAS thread per block: numpy's OpenBLAS
+    would spread each rank-r product over every core and spin between calls (10x the CPU time, slower in
+    wall time too); the pool parallelises instead."""
+    from threadpoolctl import threadpool_limits
+
+    pool = RowPool(threads or os.cpu_count() or 1)
+    with open(base.path, "rb", buffering=0) as fh, pool.pool, threadpool_limits(1, user_api="blas"):
+        yield fh, pool
+
+
+def _write(path: Path, base: GGUFBase, jobs: list[Job], ftype: LlamaFileType, record: dict, bar,
+           threads: int | None) -> None:
+    w = _writer(base, ftype, record)
+    with _merging(base, threads) as (fh, pool):
+        data = _ahead(lambda j: _tensor_data(fh, j, base.spec, pool), jobs)
+        write_streaming(path, w, [j.info for j in jobs], data, progress=lambda t: bar.update(1))
+
+
+def _source(fh, job: Job, spec, pool: RowPool) -> Tensor:
+    """One tensor of the model llama.cpp's quantizer would read (the intermediate file of intermediate=True):
+    an untouched tensor as stored in the base (converted to float by ggml, as llama.cpp converts it, when
+    it is requantized), a merged one as _merged_blocks computes it, in its intermediate type (F32, or F16
+    from an F16 base)."""
+    from lora2gguf.llamacpp.ggml import Tensor, ggml_rows, stored_slabs
+
+    info = job.info
+    if not job.touched:
+        fd, src = fh.fileno(), job.source
+        return Tensor(info.name, info.shape, src.type, lambda: ggml_rows(fd, src), lambda: stored_slabs(fd, src))
+    dtype = np.float16 if info.type == GGMLQuantizationType.F16 else np.float32  # rounded as the file holds it
+    return Tensor(info.name, info.shape, info.type,
+                  lambda: (b.astype(dtype, copy=False) for b in _merged_blocks(fh, job, spec, pool)))
+
+
+def _write_quantized(path: Path, base: GGUFBase, jobs: list[Job], qtype: OutputType, mid_type: LlamaFileType,
+                     record: dict, bar, threads: int | None, verbose: bool) -> None:
+    """The quantized output straight from the merge: llama.cpp's quantizer run in this process on the
+    intermediate model (metadata of our f16/f32 output, tensors as _set_types plans them), which never
+    becomes a file (quantize_ggml)."""
+    from lora2gguf.llamacpp.ggml import write_quantized
+
+    with _merging(base, threads) as (fh, pool):
+        tensors = [_source(fh, j, base.spec, pool) for j in jobs]
+        write_quantized(path, qtype.ftype, _writer(base, mid_type, record), tensors, threads,
+                        progress=lambda t: bar.update(1), verbose=verbose)
+
+
+def _ahead(fn, items):
+    """fn(item) for each item, in order, the next one computed while the caller writes this one out
+    (so at most two results are alive)."""
+    with ThreadPoolExecutor(1) as ex:
+        pending = None
+        for item in items:
+            nxt = ex.submit(fn, item)
+            if pending is not None:
+                yield pending.result()
+            pending = nxt
+        if pending is not None:
+            yield pending.result()
+
+
+def _release_free_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc keeps it in per-thread arenas after our pool's
+    tensors are gone, ~15 MB that would otherwise sit under the quantizer's peak)."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+def merge(base: str | os.PathLike, loras: list[tuple[str | os.PathLike, float]], out: str | os.PathLike,
+          quant: str = "f16", threads: int | None = None, force: bool = False, progress: bool | None = None,
+          verbose: bool = False, intermediate: bool = False) -> Path:
+    """Merge (adapter, scale) pairs into the GGUF base and write `out` as `quant`. Everything that can be
+    wrong with the request is checked before any tensor is read. progress=None: a bar when stderr is a tty.
+    intermediate=True (quantized types): the previous path, an intermediate file beside `out` quantized by
+    llama.cpp in a child process; same bytes, more disk (see the module docstring)."""
+    from tqdm import tqdm
+
+    qtype = output_type(quant)
+    if threads is not None and threads < 1:
+        raise Lora2GGUFError(f"--threads {threads}: give a positive number of threads")
+    if not loras:
+        raise Lora2GGUFError("no adapter given; pass --lora ADAPTER[:SCALE] at least once")
+    for p, s in loras:
+        if not math.isfinite(float(s)):
+            raise Lora2GGUFError(f"--lora {p}: scale must be a finite number")
+    out = check_output(out, force, [base, *[p for p, _ in loras]])
+    if Path(base).is_dir():
+        raise Lora2GGUFError(f"{base}: merge needs a GGUF base file (BASE.gguf), not a directory")
+    with GGUFBase(base) as b:
+        if int(b.file.get("split.count", 1)) > 1:
+            raise Lora2GGUFError(f"{base}: a split GGUF (shard of {b.file.get('split.count')}); join the shards "
+                                 "first with llama-gguf-split --merge")
+        adapters, record = [], {KEY_ADAPTERS: [], KEY_SCALES: [], KEY_SHA256: []}
+        for p, s in loras:
+            a, digest = load_adapter(p, b.spec, b)
+            a.check_base(dataclasses.replace(b.spec, tied_embeddings=False), f"base {b.path.name}")
+            adapters.append((a, float(s)))
+            record[KEY_ADAPTERS].append(Path(p).name)
+            record[KEY_SCALES].append(float(s))
+            record[KEY_SHA256].append(digest)
+        jobs = _plan(b, adapters)
+        f16_base = b.file.get("general.file_type") == LlamaFileType.MOSTLY_F16
+        _set_types(jobs, qtype, f16_base)
+        n = len(jobs)
+        mid_type = LlamaFileType.MOSTLY_F16 if f16_base else LlamaFileType.ALL_F32
+        with tqdm(total=2 * n if intermediate and not qtype.direct else n, desc=f"merge → {qtype.label}",
+                  unit="tensor", file=sys.stderr,
+                  disable=(not sys.stderr.isatty()) if progress is None else not progress) as bar, \
+                atomic_output(out) as tmp:
+            if qtype.direct is not None:
+                _write(tmp, b, jobs, qtype.ftype, record, bar, threads)
+                return out
+            if not intermediate:
+                _write_quantized(tmp, b, jobs, qtype, mid_type, record, bar, threads, verbose)
+                return out
+            fd, mid = tempfile.mkstemp(prefix=part_prefix(out), suffix=".merged.part", dir=out.parent)
+            os.close(fd)
+            try:  # the intermediate's metadata is exactly that of our f16 / f32 output
+                _write(Path(mid), b, jobs, mid_type, record, bar, threads)
+                del jobs, adapters, a  # the quantizer's buffers come on top of what we still hold: drop it
+                b.close()
+                _release_free_memory()
+                bar.set_description(f"quantize → {qtype.label}")
+                llama_quantize(mid, tmp, qtype.ftype, threads, verbose, on_tensor=lambda: bar.update(1))
+            finally:
+                Path(mid).unlink(missing_ok=True)
+    return out

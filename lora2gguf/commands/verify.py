@@ -1,0 +1,507 @@
+"""`lora2gguf verify`: the same tokens through three views of one model, and how far apart they are.
+
+  reference — PyTorch on the base's dequantized weights, adapters folded in with PEFT's math (F32)
+  runtime   — llama.cpp (llama-cpp-python): the base loaded once, the GGUF LoRA(s) applied at run time
+  merged    — llama.cpp on a merged file (optional)
+
+Each view is evaluated once over the whole text (logits for every position). Pass/fail thresholds follow
+the floor measured on the base alone at each file's type (llama.cpp's arithmetic, plus rounding for
+quantized types). A merged file must also show that it carries the adapter: a loose threshold for a
+quantized file would pass the base alone when the adapter moves the model less than the rounding does.
+Adapters a GGUF LoRA cannot express (DoRA, LoRA bias, modules_to_save) are checked on the merged file
+only; the runtime view is then skipped, with the reason in the report.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from lora2gguf.adapters.peft import four_bit_base
+from lora2gguf.adapters.gguf_lora import base_match
+from lora2gguf.errors import Lora2GGUFError
+from lora2gguf.parity.metrics import compare, perplexity
+
+DEFAULT_TEXT = (
+    "The lighthouse keeper woke before dawn, as he had every morning for thirty years. He climbed the "
+    "spiral stairs, one hundred and twelve of them, counting each step under his breath. At the top he "
+    "trimmed the wick, polished the great lens until it shone, and looked out over the grey water. A "
+    "fishing boat was already heading out past the rocks, its engine coughing in the cold air. He raised "
+    "a hand, though he knew nobody aboard could see him. In the small kitchen below, the kettle began to "
+    "whistle. He made tea the way his mother had taught him: the pot warmed first, the leaves measured "
+    "with a silver spoon, four minutes exactly by the clock on the wall. While it steeped he wrote in the "
+    "logbook: wind from the north-east, visibility good, sea moderate, one vessel departed at six. Later "
+    "that morning the supply boat would bring bread, oil, letters and the newspaper, usually two days "
+    "old. He liked old news. By the time it reached him, the arguments had cooled and the storms had "
+    "passed, and what was left was simply the record of what had happened. In the afternoon he repaired "
+    "a shutter that the winter gales had loosened, mixed a little paint for the railings, and walked the "
+    "length of the island to check the rain gauge. Seabirds wheeled above the cliffs, crying to one "
+    "another. When the light began to fail he climbed the stairs again, counted the steps, and lit the "
+    "lamp. Its beam swept across the water, steady and patient, as it had for a hundred years."
+)
+FULL_PRECISION = {"ALL_F32", "MOSTLY_F16", "MOSTLY_BF16"}
+
+
+@dataclass
+class Adapter:
+    path: Path
+    scale: float
+    lora: object  # adapter.PeftAdapter (HF layout, PEFT's or llama.cpp's scale)
+    runtime_path: Path | None = None  # the GGUF file llama.cpp loads for the runtime view
+
+
+def _load_adapter(path: Path, spec):
+    from lora2gguf.adapters.load import load_adapter
+
+    return load_adapter(path, spec)
+
+
+def _check_merged(path: Path, gb) -> None:
+    """Read the merged file's header before llama.cpp does (its refusals say little): a GGUF model of the
+    base's architecture and shapes."""
+    from lora2gguf.weights.base_model import GGUFBase
+
+    if not path.is_file():
+        raise Lora2GGUFError(f"{path}: no such merged GGUF file (--merged)")
+    with GGUFBase(path) as mb:
+        got, want = mb.spec, gb.spec
+        for what in ("arch", "n_layer", "n_embd", "n_vocab", "n_head", "n_head_kv"):
+            if getattr(got, what) != getattr(want, what):
+                raise Lora2GGUFError(f"{path}: not a merge of {gb.path}: {what} is {getattr(got, what)}, the base "
+                                     f"has {getattr(want, what)}; give the merged file made from this base")
+
+
+def _file_type(path: Path) -> str:
+    from gguf import LlamaFileType
+
+    from lora2gguf.fileio.gguf_read import GGUFFile
+
+    with GGUFFile(path) as f:
+        ft = f.get("general.file_type")
+    try:
+        return LlamaFileType(int(ft)).name if ft is not None else "ALL_F32"
+    except ValueError:
+        return str(ft)
+
+
+def _teacher_forced(logits_of, prompts: list[list[int]], conts: list[list[int]], logits=None) -> list[list[int]]:
+    """Each view's greedy choice at every step of llama.cpp's own greedy continuation, in one evaluation
+    per prompt (`logits_of(prompt + continuation)`, or those logits given): a view that picks the same token
+    at every step would have generated the same text."""
+    preds = []
+    for i, (p, c) in enumerate(zip(prompts, conts)):
+        lg = logits_of(p + c) if logits is None else logits[i]
+        preds.append(lg[len(p) - 1: len(p) - 1 + len(c)].argmax(-1).tolist())
+    return preds
+
+
+def _agreement(a: list[list[int]], b: list[list[int]], conts: list[list[int]]) -> dict:
+    """Greedy agreement of two views from their teacher-forced choices on the same continuations: the
+    common prefix ends where they choose differently, or after the first step where both left the
+    continuation (past it the teacher-forced context is no longer what either would have generated)."""
+    prefixes = []
+    for x, y, c in zip(a, b, conts):
+        n = 0
+        for px, py, pc in zip(x, y, c):
+            if px != py:
+                break
+            n += 1
+            if px != pc:
+                break
+        prefixes.append(n)
+    return {"identical": float(np.mean([n == len(c) for n, c in zip(prefixes, conts)])),
+            "mean_common_prefix": float(np.mean(prefixes))}
+
+
+_BASE_ALONE: dict[tuple, np.ndarray] = {}  # one process verifying several adapters on one base quantizes it once
+
+
+def _base_alone(base_path: Path, ftype_name: str, tokens, tmp: Path, n_ctx: int) -> np.ndarray:
+    """llama.cpp's logits for the base alone, no adapter, quantized to ftype_name by llama.cpp: what a
+    merged file of that type would look like if it carried nothing."""
+    st = base_path.stat()
+    key = (str(base_path.resolve()), st.st_size, st.st_mtime_ns, ftype_name, tuple(tokens), n_ctx)
+    if key not in _BASE_ALONE:
+        _BASE_ALONE[key] = _measure_base_alone(base_path, ftype_name, tokens, tmp, n_ctx)
+    return _BASE_ALONE[key]
+
+
+def _measure_base_alone(base_path: Path, ftype_name: str, tokens, tmp: Path, n_ctx: int) -> np.ndarray:
+    """The base quantized by llama.cpp's quantizer, in this process (quantize_ggml): from the base itself when
+    it is F32/F16/BF16, else from its tensors dequantized by gguf-py (what llama_model_quantize of
+    dequantize_file's F32 copy gives, without that copy: no file here is larger than the quantized one)."""
+    from gguf import LlamaFileType
+
+    from lora2gguf.llamacpp.ggml import quantize_f32_copy, quantize_file
+    from lora2gguf.llamacpp.runtime import LlamaRuntime
+
+    dst = tmp / f"base-{ftype_name}.gguf"
+    if _file_type(base_path) in FULL_PRECISION:
+        quantize_file(base_path, dst, LlamaFileType[ftype_name])
+    else:
+        quantize_f32_copy(base_path, dst, LlamaFileType[ftype_name])
+    try:
+        with LlamaRuntime(dst, n_ctx=n_ctx, repack=False) as rt:
+            return rt.logits(tokens)
+    finally:
+        dst.unlink(missing_ok=True)
+
+
+def _exact_merge_quantized(gb, ref, adapters, mtype: str, tokens, tmp: Path, n_ctx: int) -> np.ndarray | None:
+    """llama.cpp's logits for the reference's merged weights (PEFT's math, float64) in place of the base's
+    tensors (the others dequantized by gguf-py), quantized by llama.cpp's quantizer to the merged type in this
+    process (quantize_ggml, no F32 copy of the base): what a correct merge of that type computes
+    (`ref`: reference.ReferenceWeights, which makes each merged tensor when asked). The
+    floor for a merge into the base's own quantized type, where the base alone re-rounds nothing (its values
+    are on the grid already) while the merge re-rounds every tensor it changes. None when the merge adds
+    tensors the base lacks (a new bias, an untied head): the base-alone floor is used then."""
+    from gguf import LlamaFileType
+
+    from lora2gguf.llamacpp.ggml import quantize_f32_copy
+    from lora2gguf.llamacpp.runtime import LlamaRuntime
+
+    spec, arch = gb.spec, gb.spec.arch_module
+    changed = {m for a in adapters for m in a.lora.modules} | {
+        n.rsplit(".", 1)[0] for a in adapters for n in a.lora.full_weights}
+    if spec.tied_embeddings and changed & {"model.embed_tokens", "lm_head"}:
+        return None  # the merge unties the head: a tensor the base lacks
+    replace = {}
+    names = set(gb.hf_names())
+    for mod in sorted(changed):
+        n_out = gb.file.tensors[gb.gguf_name(f"{mod}.weight")].shape[0] if f"{mod}.weight" in names else None
+        for attr in ("weight", "bias"):
+            name = f"{mod}.{attr}"
+            if name not in names:
+                if ref.get(name, n_out) is not None:
+                    return None  # a tensor the base lacks (a LoRA bias on a bias-free projection)
+                continue
+            # made when the quantizer reaches it: one merged tensor in memory at a time
+            replace[gb.gguf_name(name)] = lambda name=name, n_out=n_out: np.ascontiguousarray(
+                arch.to_gguf(spec, name, ref.get(name, n_out).numpy()), np.float32)
+    dst = tmp / f"exact-merge-{mtype}.gguf"
+    quantize_f32_copy(gb.path, dst, LlamaFileType[mtype], replace)
+    try:
+        with LlamaRuntime(dst, n_ctx=n_ctx, repack=False) as rt:
+            return rt.logits(tokens)
+    finally:
+        dst.unlink(missing_ok=True)
+
+
+def carried_fraction(base_ref: np.ndarray, ref: np.ndarray, base_alone: np.ndarray,
+                     merged: np.ndarray) -> tuple[float, float]:
+    """How much of the adapter's effect a merged file carries, 1 = all of it, 0 = none, and the standard
+    error of that estimate. The change from the base alone to the merged file (both at the merged file's
+    type, so the rounding mostly cancels) is projected on the adapter's change from base to reference.
+    Changes are log-probability differences, centred and weighted by the reference's probabilities (the
+    Fisher metric, under which a small change's squared length is twice its KL). Rounding noise is spread
+    over every direction and averages out along the adapter's, over positions and vocabulary; the
+    standard error (jackknife over blocks of positions) says when it did not."""
+    from lora2gguf.parity.metrics import log_softmax
+
+    nums, dens = [], []
+    for i in range(0, len(ref), 16):  # (16, vocab) float64 at a time; one block of the jackknife
+        sl = slice(i, i + 16)
+        lr = log_softmax(ref[sl])
+        p = np.exp(lr)
+        da = lr - log_softmax(base_ref[sl])
+        dm = log_softmax(merged[sl]) - log_softmax(base_alone[sl])
+        da -= (p * da).sum(-1, keepdims=True)
+        dm -= (p * dm).sum(-1, keepdims=True)
+        nums.append(float((p * da * dm).sum()))
+        dens.append(float((p * da * da).sum()))
+    num, den = np.array(nums), np.array(dens)
+    if den.sum() <= 0:
+        return float("nan"), float("nan")
+    k = len(num)
+    leave_out = (num.sum() - num) / np.maximum(den.sum() - den, 1e-300)
+    return float(num.sum() / den.sum()), float(np.sqrt((k - 1) / k * ((leave_out - leave_out.mean()) ** 2).sum()))
+
+
+CARRIED_RANGE = (0.25, 1.75)  # 0: the adapter is missing; 2: applied twice. Measured on the fixtures at a KL
+# effect of 1/10 of q4_k_m's floor: true merges 0.51-1.38 (the rounding's projection on the adapter), the base alone 0
+
+
+def _runtime_refusal(lora) -> str | None:
+    """Why a PEFT adapter cannot become a GGUF LoRA (DoRA, LoRA bias, modules_to_save...), or None."""
+    from lora2gguf.adapters.gguf_lora_write import refuse_unsupported
+
+    try:
+        refuse_unsupported(lora)
+    except Lora2GGUFError as e:
+        return str(e)
+    return None
+
+
+def verify(base: str | os.PathLike, loras: list[tuple[str, float]], merged: str | os.PathLike | None = None,
+           runtime_lora: str | os.PathLike | None = None, text: str | None = None,
+           prompts: list[list[dict]] | None = None, n_tokens: int = 256, max_kl: float | None = None,
+           n_greedy: int = 16, verbose: bool = False, chat_template: str | None = None) -> dict:
+    """Compare reference / runtime / merged on the same tokens; returns the report (see format_report).
+    chat_template renders `prompts` where the base has none (data.chat_template: chatml, gemma, a file)."""
+    from lora2gguf.weights.base_model import GGUFBase
+    from lora2gguf.parity.reference import ReferenceWeights, reference_logits
+    from lora2gguf.llamacpp.runtime import LlamaRuntime
+
+    base_path = Path(base)
+    if base_path.is_dir():
+        raise Lora2GGUFError(f"{base_path}: verify needs the GGUF base that llama.cpp serves")
+    if not loras:
+        raise Lora2GGUFError("verify needs at least one --lora ADAPTER")
+    if runtime_lora and (len(loras) != 1 or not Path(loras[0][0]).is_dir()):
+        raise Lora2GGUFError("--runtime-lora checks one GGUF LoRA against its PEFT source: give exactly one "
+                             "--lora PEFT_DIR")
+    report: dict = {"base": str(base_path), "adapters": [], "warnings": [], "views": {}, "pairs": {},
+                    "skipped": {}}
+    with GGUFBase(base_path) as gb, tempfile.TemporaryDirectory(prefix="lora2gguf-verify-") as tmpd, \
+            contextlib.ExitStack() as stack:
+        tmp = Path(tmpd)
+        spec = gb.spec
+        adapters = []
+        for i, (p, scale) in enumerate(loras):
+            path = Path(p)
+            if not path.exists():
+                raise Lora2GGUFError(f"{path}: no such adapter file or directory")
+            lora = _load_adapter(path, spec)
+            lora.check_base(spec, f"base {base_path}")
+            report["warnings"] += lora.notes  # a 4-bit training base: the KL below is the gap it leaves
+            a = Adapter(path, scale, lora)
+            refusal = _runtime_refusal(lora) if path.is_dir() else None
+            if runtime_lora:  # read it ourselves first: llama.cpp aborts the process on some broken files
+                a.runtime_path = Path(runtime_lora)
+                if not a.runtime_path.is_file():
+                    raise Lora2GGUFError(f"{a.runtime_path}: no such GGUF LoRA file (--runtime-lora)")
+                _load_adapter(a.runtime_path, spec).check_base(spec, f"base {base_path}")
+            elif refusal:  # llama.cpp cannot apply it at run time; a merged file can still carry it
+                report["skipped"]["runtime"] = refusal
+            elif path.is_dir():
+                from lora2gguf.adapters.gguf_lora_write import gguf_from_peft
+
+                a.runtime_path = gguf_from_peft(path, base_path, tmp / f"adapter-{i}.gguf")
+            else:
+                a.runtime_path = path
+            entry = {"path": str(path), "scale": scale, "runtime_file": a.runtime_path and str(a.runtime_path),
+                     "base_match": None, "base_verdict": "a PEFT directory records no base fingerprint"}
+            if a.runtime_path:
+                entry["base_match"], entry["base_verdict"] = base_match(a.runtime_path, gb)
+            if entry["base_match"] is False:
+                report["warnings"].append(f"{a.runtime_path} was made for a different base than {base_path}: "
+                                          f"{entry['base_verdict']}")
+            report["adapters"].append(entry)
+            adapters.append(a)
+        run_runtime = "runtime" not in report["skipped"]
+        if not run_runtime and not merged:
+            raise Lora2GGUFError(f"{report['skipped']['runtime']} — so verify has no runtime LoRA to check: give "
+                                 "--merged MERGED.gguf (from lora2gguf merge) to verify the merge instead")
+
+        if merged:
+            _check_merged(Path(merged), gb)
+        chat = _chat_prompts(gb, prompts, chat_template) if prompts else None
+        # the context holds the text, and each prompt with its greedy continuation
+        n_ctx = max(256, n_tokens + 8, *[len(p) + n_greedy + 8 for p in chat or []])
+        # the file as it is, not repacked by llama.cpp for its CPU kernels: the base once in memory, not twice
+        rt = stack.enter_context(LlamaRuntime(base_path, n_ctx=n_ctx, verbose=verbose, repack=False))
+        tokens = rt.tokenize(text or DEFAULT_TEXT)[:n_tokens]
+        if len(tokens) < 16:
+            raise Lora2GGUFError(f"the text gives only {len(tokens)} tokens; give at least 16 (--text)")
+        report["tokens"] = len(tokens)
+        prompt_tokens = chat or _text_prompts(tokens)
+
+        logits = {"base_runtime": rt.logits(tokens)}
+        greedy: dict = {}
+        conts = None  # llama.cpp's greedy text: with the runtime LoRA, else from the merged file
+        if run_runtime:
+            rt.set_adapters([(a.runtime_path, a.scale) for a in adapters])
+            logits["runtime"] = rt.logits(tokens)
+            conts = greedy["runtime"] = [rt.greedy(p, n_greedy) for p in prompt_tokens]
+            rt.set_adapters([])
+        mtype = None
+        if merged:
+            mtype = _file_type(Path(merged))
+            with LlamaRuntime(merged, n_ctx=n_ctx, verbose=verbose, repack=False) as mrt:
+                logits["merged"] = mrt.logits(tokens)
+                if conts is None:
+                    conts = [mrt.greedy(p, n_greedy) for p in prompt_tokens]
+                greedy["merged"] = _teacher_forced(mrt.logits, prompt_tokens, conts)
+            # the base itself when it is of the merged type already (merge keeps untouched tensors' bytes)
+            logits["base_alone_as_merged"] = (logits["base_runtime"] if mtype == _file_type(base_path) else
+                                              _base_alone(base_path, mtype, tokens, tmp, n_ctx))
+        # the reference layer by layer over every sequence: one layer's weights in memory at a time
+        pairs = [(a.lora, a.scale) for a in adapters]
+        logits["base_reference"] = reference_logits(gb, [], [tokens])[0]
+        ref_logits = reference_logits(gb, pairs, [tokens] + [p + c for p, c in zip(prompt_tokens, conts)])
+        logits["reference"] = ref_logits[0]
+        greedy["reference"] = _teacher_forced(None, prompt_tokens, conts, ref_logits[1:])
+        del ref_logits
+        if merged and mtype == _file_type(base_path) and mtype not in FULL_PRECISION:
+            exact = _exact_merge_quantized(gb, ReferenceWeights(gb, pairs), adapters, mtype, tokens, tmp, n_ctx)
+            if exact is not None:
+                logits["exact_merge_quantized"] = exact
+        if any(four_bit_base(a.lora.config) for a in adapters):
+            report["four_bit_gap"] = _four_bit_gap(gb, adapters, tokens, logits)
+
+        report["views"] = {k: {"perplexity": perplexity(v, np.array(tokens))} for k, v in logits.items()}
+        moved = compare(logits["base_reference"], logits["reference"])
+        report["adapter_effect"] = {"kl_base_to_reference": moved["mean_kl"], "top1_changed": 1 - moved["top1"]}
+        # Thresholds follow the floor measured for each file type: what llama.cpp at that type costs on
+        # the base alone (its arithmetic at F32/F16/BF16, that plus the rounding for quantized types).
+        floor_base = compare(logits["base_reference"], logits["base_runtime"])["mean_kl"]
+        report["base_quantization_floor"] = floor_base
+        checks = {}
+        if run_runtime:
+            checks["runtime"] = ("reference", "runtime", 1.5 * floor_base + 1e-4)
+        if merged:
+            if "exact_merge_quantized" in logits:  # a same-type merge re-rounds exactly the tensors it changes
+                floor = compare(logits["reference"], logits["exact_merge_quantized"])["mean_kl"]
+                report["merged_floor_source"] = "the reference's merged weights quantized by llama.cpp at the merged type"
+            else:
+                floor = compare(logits["base_reference"], logits["base_alone_as_merged"])["mean_kl"]
+            report["merged_quantization_floor"] = floor
+            checks["merged"] = ("reference", "merged", 1.5 * floor + (1e-4 if mtype == "ALL_F32" else 1e-3))
+            if run_runtime:
+                checks["merged_vs_runtime"] = ("runtime", "merged", None)
+        ok = True
+        for name, (p, q, thr) in checks.items():
+            m = compare(logits[p], logits[q])
+            m["greedy"] = _agreement(greedy[p], greedy[q], conts)
+            if thr is not None:
+                m["max_kl_allowed"] = max_kl if max_kl is not None else thr
+                m["pass"] = m["mean_kl"] <= m["max_kl_allowed"]
+                ok &= m["pass"]
+            report["pairs"][name] = m
+        if merged:
+            c = _carries(logits)
+            report["merged_carries_adapter"] = c
+            ok &= c["pass"]
+        if moved["mean_kl"] < 1e-6:
+            report["warnings"].append("the adapters barely change the base (KL base→reference < 1e-6): "
+                                      "a no-op adapter proves nothing")
+            ok = False
+        if any(e["base_match"] is False for e in report["adapters"]):
+            ok = False
+        report["pass"] = bool(ok)
+    return report
+
+
+def _carries(logits: dict) -> dict:
+    """Does the merged file carry the adapter, rather than pass on a loose quantization threshold alone?
+    The fraction of the adapter's effect it carries (carried_fraction) must lie in CARRIED_RANGE; the KL
+    margin over the base alone at the same type is reported beside it."""
+    frac, err = carried_fraction(logits["base_reference"], logits["reference"], logits["base_alone_as_merged"],
+                                 logits["merged"])
+    kl_merged = compare(logits["reference"], logits["merged"])["mean_kl"]
+    kl_alone = compare(logits["reference"], logits["base_alone_as_merged"])["mean_kl"]
+    return {"fraction": frac, "fraction_stderr": err, "allowed": list(CARRIED_RANGE), "kl_reference_to_merged": kl_merged,
+            "kl_reference_to_base_alone": kl_alone, "kl_margin": kl_alone - kl_merged,
+            "pass": bool(CARRIED_RANGE[0] <= frac <= CARRIED_RANGE[1])}
+
+
+def _four_bit_gap(gb, adapters, tokens, logits) -> dict:
+    """A QLoRA adapter was fitted to NF4-rounded weights: the reference on an NF4-rounded copy of this base,
+    with and without the adapters, against the reference on this base (informative, no threshold)."""
+    from lora2gguf.parity.nf4 import NF4Base
+    from lora2gguf.parity.reference import reference_logits
+
+    nb = NF4Base(gb)
+    with_adapters = reference_logits(nb, [(a.lora, a.scale) for a in adapters], [tokens])[0]
+    alone = reference_logits(nb, [], [tokens])[0]
+    return {"kl_nf4_to_reference": compare(with_adapters, logits["reference"])["mean_kl"],
+            "kl_nf4_base_to_base": compare(alone, logits["base_reference"])["mean_kl"]}
+
+
+def _chat_prompts(gb, prompts, template: str | None) -> list[list[int]]:
+    """Chat prompts for the greedy check, rendered with `template` or else the base's own."""
+    from lora2gguf.llamacpp.tokenizer import Tokenizer
+
+    tok = Tokenizer(gb.path, template)
+    try:
+        return [tok.encode(tok.render(msgs, add_generation_prompt=True)) for msgs in prompts]
+    finally:
+        tok.close()
+
+
+def _text_prompts(tokens) -> list[list[int]]:
+    """Without chat prompts: four slices of the text."""
+    starts = [0, len(tokens) // 4, len(tokens) // 2, 3 * len(tokens) // 4]
+    return [tokens[: s + 12] if s == 0 else [tokens[0]] + tokens[s: s + 12] for s in starts]
+
+
+def format_report(r: dict) -> str:
+    lines = [f"base: {r['base']}  ({r['tokens']} tokens)"]
+    for a in r["adapters"]:
+        m = {True: "matches", False: "MISMATCH", None: "not recorded"}[a["base_match"]]
+        lines.append(f"adapter: {a['path']}  scale {a['scale']}  base fingerprint: {m}")
+    eff = r["adapter_effect"]
+    lines.append(f"adapter effect: KL(base→reference) {eff['kl_base_to_reference']:.3g}, "
+                 f"top-1 changed at {eff['top1_changed']:.0%} of positions")
+    lines.append(f"base quantization floor (llama.cpp base vs reference base): {r['base_quantization_floor']:.3g}")
+    if "four_bit_gap" in r:
+        g = r["four_bit_gap"]
+        lines.append(f"4-bit training base: KL(adapters on the NF4-rounded base → on this base) "
+                     f"{g['kl_nf4_to_reference']:.3g} (the base alone: {g['kl_nf4_base_to_base']:.3g})")
+    if "merged_quantization_floor" in r:
+        source = r.get("merged_floor_source", "base alone at the merged type vs reference base")
+        lines.append(f"merged-type quantization floor ({source}): {r['merged_quantization_floor']:.3g}")
+    for view, why in r.get("skipped", {}).items():
+        lines.append(f"{view} view skipped: {why}")
+    hdr = f"{'pair':<20}{'mean KL':>11}{'max KL':>11}{'top-1':>8}{'max|Δ|':>9}{'greedy':>8}{'limit':>10}  result"
+    lines += ["", hdr, "-" * len(hdr)]
+    for name, m in r["pairs"].items():
+        lim = f"{m['max_kl_allowed']:.2g}" if "max_kl_allowed" in m else "-"
+        res = ("pass" if m["pass"] else "FAIL") if "pass" in m else "info"
+        lines.append(f"{name:<20}{m['mean_kl']:>11.3g}{m['max_kl']:>11.3g}{m['top1']:>8.1%}"
+                     f"{m['max_abs_dlogit']:>9.3g}{m['greedy']['identical']:>8.0%}{lim:>10}  {res}")
+    c = r.get("merged_carries_adapter")
+    if c:
+        lines.append("")
+        lines.append(f"merged carries the adapter: {c['fraction']:.3f} of its effect (allowed {c['allowed'][0]}-"
+                     f"{c['allowed'][1]})  {'pass' if c['pass'] else 'FAIL'}")
+        lines.append(f"  KL to reference: merged {c['kl_reference_to_merged']:.3g}, base alone at the merged type "
+                     f"{c['kl_reference_to_base_alone']:.3g} (margin {c['kl_margin']:.3g})")
+    lines.append("")
+    lines.append("perplexity: " + ", ".join(f"{k} {v['perplexity']:.3f}" for k, v in r["views"].items()))
+    for w in r["warnings"]:
+        lines.append(f"warning: {w}")
+    lines.append("PASS" if r["pass"] else "FAIL")
+    return "\n".join(lines)
+
+
+def read_text(path: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise Lora2GGUFError(f"{path}: cannot read the text ({e})") from None
+
+
+def read_prompts(path: str) -> list[list[dict]]:
+    """JSONL, one conversation per line: {"messages": [{"role": ..., "content": ...}, ...]} or a bare list."""
+    import json
+
+    from lora2gguf.llamacpp.tokenizer import ROLES
+
+    out = []
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise Lora2GGUFError(f"{path}: cannot read the prompts ({e})") from None
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise Lora2GGUFError(f"{path}:{i}: invalid JSON ({e.msg})") from None
+        msgs = obj.get("messages") if isinstance(obj, dict) else obj
+        if not isinstance(msgs, list) or not all(isinstance(m, dict) and "role" in m and "content" in m for m in msgs):
+            raise Lora2GGUFError(f"{path}:{i}: expected {{\"messages\": [{{\"role\": ..., \"content\": ...}}]}}")
+        bad = [m["role"] for m in msgs if m["role"] not in ROLES]
+        if bad:
+            raise Lora2GGUFError(f"{path}:{i}: unknown role {bad[0]!r}; expected one of {', '.join(ROLES)}")
+        out.append(msgs)
+    if not out:
+        raise Lora2GGUFError(f"{path}: no prompts")
+    return out

@@ -1,0 +1,108 @@
+"""Write GGUF files safely: atomically (temp file in the target directory, renamed at the end), never
+over an existing file without --force, never over an input, streaming tensor by tensor."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+from gguf import GGMLQuantizationType, GGUFWriter
+
+from lora2gguf.fileio.atomic import atomic_output
+from lora2gguf.fileio.gguf_read import GGUFFile, StringArray
+
+
+def copy_fields(src: GGUFFile, writer: GGUFWriter, skip: Callable[[str], bool] = lambda k: False) -> None:
+    """Copy every metadata key of src (tokenizer, chat template, rope...) except those skip() names."""
+    for key, field in src.fields.items():
+        if key.startswith("GGUF.") or key in ("general.architecture", "general.alignment") or skip(key):
+            continue
+        value = field.value
+        if isinstance(value, StringArray):
+            value = list(value)
+        elif isinstance(value, np.ndarray):
+            value = value.tolist()
+        writer.add_key_value(key, value, field.type, sub_type=field.elem_type)
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    name: str
+    shape: tuple[int, ...]  # numpy order
+    type: GGMLQuantizationType
+    nbytes: int
+
+
+def nbytes_of(shape: tuple[int, ...], qtype: GGMLQuantizationType) -> int:
+    from gguf import GGML_QUANT_SIZES
+
+    block, size = GGML_QUANT_SIZES[qtype]
+    return int(np.prod(shape[:-1], dtype=np.int64)) * (shape[-1] // block) * size
+
+
+def write_streaming(path: Path, writer: GGUFWriter, plan: list[PlannedTensor],
+                    data: Iterable[np.ndarray], progress: Callable[[PlannedTensor], None] | None = None) -> None:
+    """Write header, metadata and tensor infos, then each tensor's bytes as `data` yields them (in plan
+    order), so only one tensor is in memory at a time. `writer` must carry the metadata already."""
+    from gguf.quants import quant_shape_to_byte_shape
+
+    for t in plan:
+        raw = t.type not in (GGMLQuantizationType.F32, GGMLQuantizationType.F16)
+        # GGUFWriter takes the *byte* shape for uint8 data (quantized, BF16) and converts it back.
+        writer.add_tensor_info(t.name, quant_shape_to_byte_shape(t.shape, t.type) if raw else t.shape,
+                               np.dtype(np.uint8) if raw else (
+            np.dtype(np.float32) if t.type == GGMLQuantizationType.F32 else np.dtype(np.float16)),
+            t.nbytes, raw_dtype=t.type)
+    try:
+        writer.write_header_to_file(path)
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        n = 0
+        for t, arr in zip(plan, data):
+            arr = np.ascontiguousarray(arr)
+            if arr.nbytes != t.nbytes:
+                raise AssertionError(f"{t.name}: {arr.nbytes} bytes, planned {t.nbytes}")
+            writer.write_tensor_data(arr)
+            n += 1
+            if progress:
+                progress(t)
+        if n != len(plan):
+            raise AssertionError(f"wrote {n} of {len(plan)} tensors")
+    finally:  # on a failure too: the temp file is then removed, and must not stay open
+        writer.close()
+
+
+def encode(arr: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
+    """float32 array → bytes of the given type, for the types gguf-py quantizes (F32/F16/BF16/Q8_0...)."""
+    if qtype == GGMLQuantizationType.F32:
+        return arr.astype(np.float32, copy=False)
+    if qtype == GGMLQuantizationType.F16:
+        return arr.astype(np.float16)
+    from gguf.quants import quantize
+
+    return quantize(arr.astype(np.float32, copy=False), qtype)
+
+
+def f32_copy_writer(f: GGUFFile) -> GGUFWriter:
+    """A writer carrying the metadata of dequantize_file's F32 copy of f (the base's, file type ALL_F32)."""
+    from gguf import LlamaFileType
+
+    w = GGUFWriter(None, f.get("general.architecture"))
+    copy_fields(f, w, skip=lambda k: k == "general.file_type")
+    w.add_file_type(LlamaFileType.ALL_F32)
+    return w
+
+
+def dequantize_file(src: str | os.PathLike, dst: str | os.PathLike, replace: dict | None = None) -> None:
+    """An F32 copy of a GGUF model: same metadata, every tensor dequantized (norms stay F32 anyway); `replace`
+    (GGUF name → float32 array in GGUF layout) gives some tensors other values."""
+    dst = Path(dst)
+    with GGUFFile(src) as f, atomic_output(dst) as tmp:
+        w = f32_copy_writer(f)
+        plan = [PlannedTensor(t.name, t.shape, GGMLQuantizationType.F32, 4 * t.n_elements)
+                for t in f.tensors.values()]
+        replace = replace or {}
+        write_streaming(tmp, w, plan, (replace[t.name] if t.name in replace else f.tensor(t.name) for t in plan))

@@ -1,0 +1,530 @@
+"""llama.cpp's quantizer, tensor by tensor in this process: a quantized GGUF written from float32 rows, with
+no intermediate model file, byte-identical to what `llama_model_quantize` writes from that model.
+
+`llama_model_quantize` (quantize.llama_quantize) needs its input as a file: for a merge that is a copy of
+the base with the merged tensors in F32 (~29 GB extra for an all-linear adapter on an 8B model). This module
+does what llama-quant.cpp's main loop does, with the input given as a list of `Tensor`s instead (name,
+shape, the type the tensor would have in that input file, and callbacks that produce its float32 rows or
+its stored bytes a chunk at a time):
+
+- Per-tensor target types come from llama.cpp itself: `llama_model_quantize` with `dry_run` (no file is
+  written) on a *probe*, a GGUF with the input's metadata and tensor list whose shapes keep what type
+  selection reads (ne[0], how many dimensions, ne[2] > 1) but whose other dimensions are cut to at most 2:
+  a few KB of data instead of the model. Its log gives the order of the tensors (llama.cpp's loader
+  sorts them by layer, then name) and each one's target type, fallbacks for odd shapes included. Why not
+  `llama_quant_compute_types` (src/llama-ext.h): its symbols are C++-mangled, and the mock model it
+  quantizes for (`llama_quant_model_from_metadata`) infers LLM_TYPE_70B only for llama, where the real
+  loader sets it for qwen2/olmo/deci 80-layer models too (q3_k/q4_k attn_v then becomes Q5_K); the dry
+  run goes through the same loader and `llama_tensor_get_type` as the real run.
+- The header is built with ggml's own gguf API, as llama-quant.cpp does: the input's key-values copied
+  (`gguf_set_kv`), general.quantization_version and general.file_type set, split keys removed, tensors
+  added in the loader's order with their new types. Its offsets and padding are the ones llama.cpp writes.
+- Tensor data: a tensor whose target type is its input type is copied as is; the others are quantized
+  with `ggml_quantize_chunk` in row chunks on a thread pool (ctypes releases the GIL; rows are
+  independent without an importance matrix, so the bytes do not depend on the chunking or the threads)
+  and checked with `ggml_validate_row_data`, as llama.cpp checks its input and output.
+
+These C functions have no Python binding (llama-cpp-python binds llama.h, not gguf.h or ggml's quantizer;
+gguf-py writes GGUF but quantizes no K-quants), so they are declared here through ctypes, from the
+libraries llama-cpp-python ships (libllama, libggml-base: one copy of ggml in the process).
+
+What stays with `quantize.llama_quantize` (llama_model_quantize in a child process): quantizing a whole
+file as is (file in, file out), types that need an importance matrix (IQ1/IQ2/IQ3_XXS, Q2_K_S: merge refuses
+them), and merge's `intermediate=True`, the path this module replaces and is tested against. The IQ types
+that only need ggml's lookup tables (iq3_s/iq3_m/iq4_nl/iq4_xs) run here: `ggml_quantize_chunk` initialises
+those tables itself.
+
+Interrupts: the C calls are short (a chunk of rows each) and run on worker threads while the main thread
+waits on them in Python, so Ctrl-C / SIGTERM stop a write within one chunk; the caller's atomic_output
+removes the partial file.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import ctypes
+import functools
+import os
+import re
+import sys
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGML_QUANT_VERSION, GGMLQuantizationType, GGUFWriter, LlamaFileType
+
+from lora2gguf.errors import Lora2GGUFError
+
+F32, F16 = GGMLQuantizationType.F32, GGMLQuantizationType.F16
+ALIGN = 32  # GGUF_DEFAULT_ALIGNMENT: llama-quant.cpp pads every tensor's data to it
+TASK_ELEMENTS = 1 << 18  # float32 elements per quantization task (1 MB in)
+SLAB_BYTES = 1 << 24  # bytes per read of a stored tensor (copies, dequantization)
+
+
+@dataclass
+class Tensor:
+    """One tensor of the model llama.cpp would read: its GGUF name, shape (numpy order: ggml ne reversed), the
+    type it has in that input, `rows()` its values as float32 arrays of whole rows (n, ne[0]), in order, a
+    chunk at a time (what llama.cpp dequantizes the input to), and `raw()` its stored bytes in order, a chunk
+    at a time (copied when the target type is the input type). raw may be None for F32/F16 inputs: the bytes
+    are then the rows in that type."""
+
+    name: str
+    shape: tuple[int, ...]
+    type: GGMLQuantizationType
+    rows: Callable[[], Iterable[np.ndarray]]
+    raw: Callable[[], Iterable[np.ndarray]] | None = None
+
+    @property
+    def n_rows(self) -> int:
+        return int(np.prod(self.shape[:-1], dtype=np.int64))
+
+    def stored(self) -> Iterator[np.ndarray]:
+        if self.raw is not None:
+            return iter(self.raw())
+        if self.type not in (F32, F16):
+            raise AssertionError(f"{self.name}: a {self.type.name} tensor needs raw()")
+        dt = np.float32 if self.type == F32 else np.float16
+        return (np.ascontiguousarray(r).astype(dt, copy=False) for r in self.rows())
+
+
+# -- the C functions ------------------------------------------------------------------------------
+
+class _GGMLInitParams(ctypes.Structure):
+    _fields_ = [("mem_size", ctypes.c_size_t), ("mem_buffer", ctypes.c_void_p), ("no_alloc", ctypes.c_bool)]
+
+
+class _GGUFInitParams(ctypes.Structure):
+    _fields_ = [("no_alloc", ctypes.c_bool), ("ctx", ctypes.c_void_p)]
+
+
+class _TypeTraits(ctypes.Structure):  # struct ggml_type_traits (ggml.h)
+    _fields_ = [("type_name", ctypes.c_char_p), ("blck_size", ctypes.c_int64),
+                ("blck_size_interleave", ctypes.c_int64), ("type_size", ctypes.c_size_t),
+                ("is_quantized", ctypes.c_bool), ("to_float", ctypes.c_void_p), ("from_float_ref", ctypes.c_void_p)]
+
+
+_TO_FLOAT = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)
+
+
+@functools.lru_cache(maxsize=None)
+def _libs():
+    """(libllama, libggml-base) with the signatures used here."""
+    import llama_cpp
+    from llama_cpp._ctypes_extensions import load_shared_library
+
+    llama = llama_cpp.llama_cpp._lib
+    g = load_shared_library("ggml-base", Path(llama_cpp.__file__).parent / "lib")
+    vp, sz, i64, cp = ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int64, ctypes.c_char_p
+    sigs = {
+        "ggml_init": (vp, [_GGMLInitParams]), "ggml_free": (None, [vp]), "ggml_tensor_overhead": (sz, []),
+        "ggml_new_tensor": (vp, [vp, ctypes.c_int, ctypes.c_int, ctypes.POINTER(i64)]),
+        "ggml_set_name": (vp, [vp, cp]), "ggml_row_size": (sz, [ctypes.c_int, i64]),
+        "ggml_type_name": (cp, [ctypes.c_int]), "ggml_get_type_traits": (ctypes.POINTER(_TypeTraits), [ctypes.c_int]),
+        "ggml_quantize_chunk": (sz, [ctypes.c_int, vp, vp, i64, i64, i64, vp]),
+        "ggml_quantize_requires_imatrix": (ctypes.c_bool, [ctypes.c_int]),
+        "ggml_validate_row_data": (ctypes.c_bool, [ctypes.c_int, vp, sz]),
+        "gguf_init_empty": (vp, []), "gguf_init_from_file": (vp, [cp, _GGUFInitParams]), "gguf_free": (None, [vp]),
+        "gguf_set_kv": (None, [vp, vp]), "gguf_set_val_u32": (None, [vp, cp, ctypes.c_uint32]),
+        "gguf_remove_key": (i64, [vp, cp]), "gguf_add_tensor": (None, [vp, vp]),
+        "gguf_get_meta_size": (sz, [vp]), "gguf_get_meta_data": (None, [vp, vp]),
+        "gguf_get_n_tensors": (i64, [vp]), "gguf_get_tensor_offset": (sz, [vp, i64]),
+        "gguf_get_tensor_size": (sz, [vp, i64]), "gguf_get_tensor_name": (cp, [vp, i64]),
+        "gguf_get_alignment": (sz, [vp]),
+    }
+    for name, (res, args) in sigs.items():
+        f = getattr(g, name)
+        f.restype, f.argtypes = res, args
+    return llama, g
+
+
+@functools.lru_cache(maxsize=None)
+def _type_by_ggml_name() -> dict[str, GGMLQuantizationType]:
+    _, g = _libs()
+    return {g.ggml_type_name(int(t)).decode(): t for t in GGMLQuantizationType}
+
+
+def _ptr(a: np.ndarray) -> int:
+    return a.ctypes.data
+
+
+def dequantize_rows(raw: np.ndarray, qtype: GGMLQuantizationType, ne0: int) -> np.ndarray:
+    """float32 rows (n, ne0) from stored bytes of whole rows, with ggml's own conversion (the `to_float` of
+    its type traits, what llama.cpp's quantizer uses on a quantized or F16/BF16 input)."""
+    raw = np.ascontiguousarray(raw).view(np.uint8).reshape(-1)
+    if qtype == F32:
+        return raw.view(np.float32).reshape(-1, ne0)
+    _, g = _libs()
+    n = raw.size // _row_bytes(qtype, ne0) * ne0
+    out = np.empty(n, np.float32)
+    fn = g.ggml_get_type_traits(int(qtype)).contents.to_float
+    if not fn:
+        raise Lora2GGUFError(f"ggml cannot convert {qtype.name} to float")
+    _TO_FLOAT(fn)(_ptr(raw), _ptr(out), n)
+    return out.reshape(-1, ne0)
+
+
+def _row_bytes(qtype: GGMLQuantizationType, ne0: int) -> int:
+    block, size = GGML_QUANT_SIZES[qtype]
+    return ne0 // block * size
+
+
+# -- target types: llama.cpp's dry run ------------------------------------------------------------
+
+_LINE = re.compile(r"^\[\s*(\d+)/\s*(\d+)\]\s+(\S+)\s+- \[[^\]]*\], type =\s*(\S+), size = [^(]*(?:\((\S+)\))?\s*$")
+
+
+@contextlib.contextmanager
+def _llama_log(sink: Callable[[str], None]):
+    """Route llama.cpp's (and ggml's) log to sink for the duration, then give back whatever callback was set
+    (llama-cpp-python's). The callback is process-wide: what llama.cpp logs meanwhile from another thread
+    goes to sink too (the dry run's parser only takes its own tensor lines, checked one by one)."""
+    import llama_cpp
+
+    lib = llama_cpp.llama_cpp._lib
+    get, put = lib["llama_log_get"], lib["llama_log_set"]  # fresh function objects: our own argtypes
+    get.argtypes, get.restype = [ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_void_p)], None
+    put.argtypes, put.restype = [ctypes.c_void_p, ctypes.c_void_p], None
+    old_cb, old_ud = ctypes.c_void_p(), ctypes.c_void_p()
+    get(ctypes.byref(old_cb), ctypes.byref(old_ud))
+
+    @llama_cpp.llama_log_callback
+    def cb(level, text, user_data):
+        sink(text.decode("utf-8", errors="replace"))
+
+    put(ctypes.cast(cb, ctypes.c_void_p), None)
+    try:
+        yield
+    finally:
+        put(old_cb, old_ud)
+
+
+_DRY_RUN_LOCK = threading.Lock()
+
+
+def llama_target_types(model: str | os.PathLike, ftype: LlamaFileType, verbose: bool = False
+                       ) -> list[tuple[str, GGMLQuantizationType | None]]:
+    """(name, target type) for every tensor of a GGUF model, in the order llama_model_quantize writes them,
+    from its own dry run (no output file). The type is None where llama.cpp keeps the input's type."""
+    import llama_cpp
+
+    p = llama_cpp.llama_model_quantize_default_params()
+    p.ftype, p.dry_run, p.allow_requantize, p.nthread = int(ftype), True, True, 1
+    text: list[str] = []
+    with _DRY_RUN_LOCK, _llama_log(text.append):
+        rc = llama_cpp.llama_model_quantize(os.fsencode(model), os.fsencode(os.devnull), ctypes.byref(p))
+    log = "".join(text)
+    if verbose:
+        sys.stderr.write(log)
+    lines = log.splitlines()
+    if rc != 0:
+        why = next((ln.strip() for ln in reversed(lines) if "failed" in ln or "error" in ln.lower()),
+                   f"status {rc}")
+        raise Lora2GGUFError(f"llama.cpp cannot quantize this model to {LlamaFileType(ftype).name} ({why})")
+    if any("will require an imatrix" in ln for ln in lines):
+        raise Lora2GGUFError(f"{LlamaFileType(ftype).name}: llama.cpp needs an importance matrix for this type")
+    names = _type_by_ggml_name()
+    out, total = [], None
+    for ln in lines:
+        m = _LINE.match(ln)
+        if not m:
+            continue
+        i, n, name, _, new = int(m[1]), int(m[2]), m[3], m[4], m[5]
+        if i != len(out) + 1 or (total is not None and n != total):
+            raise Lora2GGUFError(f"unexpected llama.cpp quantizer log line: {ln!r}")
+        total = n
+        out.append((name, names[new] if new else None))
+    if total is None or len(out) != total:
+        raise Lora2GGUFError(f"llama.cpp's dry run listed {len(out)} of {total} tensors; cannot tell the types")
+    return out
+
+
+def _probe_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Keep ne[0] and which dimensions are > 1 (ggml_n_dims, ne[2] > 1: all llama.cpp's type choice reads of
+    a shape), cut the other dimensions to at most 2."""
+    return tuple(min(d, 2) for d in shape[:-1]) + (shape[-1],)
+
+
+def _write_probe(path: Path, writer: GGUFWriter, tensors: list[Tensor]) -> None:
+    from lora2gguf.fileio.gguf_write import PlannedTensor, nbytes_of, write_streaming
+
+    plan = [PlannedTensor(t.name, s, t.type, nbytes_of(s, t.type)) for t in tensors for s in [_probe_shape(t.shape)]]
+
+    def zeros():
+        for p in plan:
+            yield np.zeros(p.shape, np.float32) if p.type == F32 else (
+                np.zeros(p.shape, np.float16) if p.type == F16 else np.zeros(p.nbytes, np.uint8))
+
+    write_streaming(path, writer, plan, zeros())
+
+
+# -- the writer -----------------------------------------------------------------------------------
+
+class _GGUF:
+    """A gguf_context (and a ggml context for the tensor descriptors), freed on exit."""
+
+    def __init__(self):
+        self.g = _libs()[1]
+        self.ctx = self.g.gguf_init_empty()
+        self.ggml = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.ggml:
+            self.g.ggml_free(self.ggml)
+        self.g.gguf_free(self.ctx)
+
+
+def _header(kv_file: Path, ftype: LlamaFileType, order: list[tuple[Tensor, GGMLQuantizationType]]) -> bytes:
+    """llama-quant.cpp's output header: the input's key-values, then general.quantization_version and
+    general.file_type (set: moved to the end), split keys removed; tensors in order with their new types."""
+    with _GGUF() as out:
+        g = out.g
+        src = g.gguf_init_from_file(os.fsencode(kv_file), _GGUFInitParams(True, None))
+        if not src:
+            raise Lora2GGUFError(f"{kv_file}: ggml cannot read this GGUF header")
+        try:
+            g.gguf_set_kv(out.ctx, src)
+        finally:
+            g.gguf_free(src)
+        g.gguf_set_val_u32(out.ctx, b"general.quantization_version", GGML_QUANT_VERSION)
+        g.gguf_set_val_u32(out.ctx, b"general.file_type", int(ftype))
+        for key in (b"split.no", b"split.count", b"split.tensors.count"):
+            g.gguf_remove_key(out.ctx, key)
+        out.ggml = g.ggml_init(_GGMLInitParams(len(order) * g.ggml_tensor_overhead() + 1024, None, True))
+        if not out.ggml:
+            raise MemoryError("ggml_init")
+        for t, new in order:  # ggml asserts (aborts the process) on what is checked here first
+            ne = list(reversed(t.shape))
+            if len(t.name.encode()) >= 64 or not 1 <= len(ne) <= 4 or ne[0] % GGML_QUANT_SIZES[new][0]:
+                raise Lora2GGUFError(f"tensor {t.name}: shape {t.shape} / name cannot be a {new.name} ggml tensor")
+            tensor = g.ggml_new_tensor(out.ggml, int(new), len(ne), (ctypes.c_int64 * len(ne))(*ne))
+            g.ggml_set_name(tensor, t.name.encode())
+            g.gguf_add_tensor(out.ctx, tensor)
+        if g.gguf_get_alignment(out.ctx) != ALIGN:
+            raise Lora2GGUFError(f"{kv_file}: GGUF alignment {g.gguf_get_alignment(out.ctx)}, llama.cpp's quantizer "
+                                 f"pads to {ALIGN}")
+        meta = ctypes.create_string_buffer(g.gguf_get_meta_size(out.ctx))
+        g.gguf_get_meta_data(out.ctx, meta)
+        offsets = [g.gguf_get_tensor_offset(out.ctx, i) for i in range(len(order))]
+    pos = 0
+    for (t, new), off in zip(order, offsets):  # where our writes will land: the offsets in the header
+        if off != pos:
+            raise AssertionError(f"{t.name}: header offset {off}, data written at {pos}")
+        n = t.n_rows * _row_bytes(new, t.shape[-1])
+        pos += n + (-n % ALIGN)
+    return meta.raw
+
+
+def _quantize_task(qtype: GGMLQuantizationType, rows: np.ndarray, name: str) -> np.ndarray:
+    """ggml_quantize_chunk over these rows, input and output validated like llama.cpp does."""
+    _, g = _libs()
+    n, ne0 = rows.shape
+    if not g.ggml_validate_row_data(int(F32), _ptr(rows), rows.nbytes):
+        raise Lora2GGUFError(f"tensor {name}: the values to quantize are not finite (NaN or infinity)")
+    out = np.empty(n * g.ggml_row_size(int(qtype), ne0), np.uint8)
+    size = g.ggml_quantize_chunk(int(qtype), _ptr(rows), _ptr(out), 0, n, ne0, None)
+    if size != out.size or not g.ggml_validate_row_data(int(qtype), _ptr(out), size):
+        raise Lora2GGUFError(f"tensor {name}: quantized {qtype.name} data failed ggml's validation")
+    return out
+
+
+def write_quantized(out: str | os.PathLike, ftype: LlamaFileType, kv: GGUFWriter | str | os.PathLike,
+                    tensors: list[Tensor], threads: int | None = None,
+                    progress: Callable[[Tensor], None] | None = None, verbose: bool = False) -> None:
+    """Write `out` as llama_model_quantize(input, out, ftype) would, where the input is the model with the
+    key-values of `kv` and these tensors, and never exists as a file: `kv` is a GGUFWriter carrying them (it
+    is used, then closed) or the path of a GGUF file whose key-values they are (the input file itself, when
+    it exists). `out` is written in place (give it a temp path: atomic_output). A few KB of probe file
+    (`out` + '.types.part') exist while llama.cpp's dry run reads them. Memory: the tasks in flight (about
+    2 x threads chunks of TASK_ELEMENTS floats) plus what the tensors' callbacks hold."""
+    out = Path(out)
+    by_name = {t.name: t for t in tensors}
+    if len(by_name) != len(tensors):
+        raise Lora2GGUFError("duplicate tensor names")
+    if isinstance(kv, GGUFWriter):
+        probe = Path(str(out) + ".types.part")
+        try:
+            _write_probe(probe, kv, tensors)
+            order = _order(_types_off_main_thread(probe, ftype, verbose), by_name)
+            header = _header(probe, ftype, order)
+        finally:
+            probe.unlink(missing_ok=True)
+    else:
+        order = _order(_types_off_main_thread(kv, ftype, verbose), by_name)
+        header = _header(Path(kv), ftype, order)
+    n_threads = threads or os.cpu_count() or 1
+    _, g = _libs()
+    with open(out, "wb") as fh, ThreadPoolExecutor(n_threads, thread_name_prefix="quantize") as pool:
+        fh.write(header)
+        pending: collections.deque[Future] = collections.deque()
+        try:
+            for t, new in order:
+                if new == t.type:
+                    _drain(pending, fh, 0)
+                    _copy(t, fh, g)
+                else:
+                    _quantize(t, new, pool, pending, fh, 2 * n_threads + 1)
+                    _drain(pending, fh, 0)
+                size = t.n_rows * _row_bytes(new, t.shape[-1])
+                fh.write(b"\0" * (-size % ALIGN))
+                if progress:
+                    progress(t)
+        finally:
+            for f in pending:
+                f.cancel()
+
+
+def _types_off_main_thread(model, ftype, verbose):
+    """llama_target_types on a worker thread. Its log callback is Python code called from C: on the main
+    thread a signal handler would run inside it, where ctypes prints and drops the exception (a Ctrl-C
+    lost); here the main thread waits on the result, where Ctrl-C / SIGTERM raise at once."""
+    with ThreadPoolExecutor(1, thread_name_prefix="dry-run") as ex:
+        return ex.submit(llama_target_types, model, ftype, verbose).result()
+
+
+def _order(types: list[tuple[str, GGMLQuantizationType | None]], by_name: dict[str, Tensor]
+           ) -> list[tuple[Tensor, GGMLQuantizationType]]:
+    if {n for n, _ in types} != set(by_name) or len(types) != len(by_name):
+        raise Lora2GGUFError("llama.cpp's dry run saw other tensors than the ones given")
+    return [(by_name[n], new or by_name[n].type) for n, new in types]
+
+
+def _drain(pending: collections.deque, fh, keep: int) -> None:
+    while len(pending) > keep:
+        fh.write(memoryview(pending.popleft().result()))
+
+
+def _copy(t: Tensor, fh, g) -> None:
+    want, got = t.n_rows * _row_bytes(t.type, t.shape[-1]), 0
+    for chunk in t.stored():
+        b = np.ascontiguousarray(chunk).view(np.uint8).reshape(-1)
+        if not g.ggml_validate_row_data(int(t.type), _ptr(b), b.size):
+            raise Lora2GGUFError(f"tensor {t.name} has invalid data (NaN or infinity)")
+        fh.write(memoryview(b))
+        got += b.size
+    if got != want:
+        raise AssertionError(f"{t.name}: {got} bytes, expected {want}")
+
+
+def _quantize(t: Tensor, new: GGMLQuantizationType, pool, pending: collections.deque, fh, depth: int) -> None:
+    ne0, got = t.shape[-1], 0
+    step = max(1, TASK_ELEMENTS // ne0)
+    for chunk in t.rows():
+        rows = np.ascontiguousarray(chunk, np.float32).reshape(-1, ne0)
+        for i in range(0, len(rows), step):
+            pending.append(pool.submit(_quantize_task, new, rows[i:i + step], t.name))
+            _drain(pending, fh, depth)
+        got += len(rows)
+    if got != t.n_rows:
+        raise AssertionError(f"{t.name}: {got} rows, expected {t.n_rows}")
+
+
+# -- sources --------------------------------------------------------------------------------------
+
+def _pread(fd: int, offset: int, n: int) -> np.ndarray:
+    buf = np.empty(n, np.uint8)
+    view, got = memoryview(buf), 0
+    while got < n:
+        k = os.preadv(fd, [view[got:]], offset + got)
+        if not k:
+            raise Lora2GGUFError(f"tensor data ends early at byte {offset + got} (was the file changed?)")
+        got += k
+    return buf
+
+
+def stored_slabs(fd: int, info, slab: int = SLAB_BYTES) -> Iterator[np.ndarray]:
+    """A stored tensor's bytes (gguf_file.TensorInfo), read in slabs of whole rows."""
+    row = _row_bytes(info.type, info.shape[-1])
+    step = max(1, slab // row) * row
+    for off in range(0, info.nbytes, step):
+        yield _pread(fd, info.offset + off, min(step, info.nbytes - off))
+
+
+def _float_slab(info, slab: int) -> int:
+    """Stored bytes per read such that the float32 rows they give take about `slab` bytes (a Q4_K slab
+    expands 7x)."""
+    ne0 = info.shape[-1]
+    return max(1, slab // (4 * ne0)) * _row_bytes(info.type, ne0)
+
+
+def ggml_rows(fd: int, info, slab: int = SLAB_BYTES) -> Iterator[np.ndarray]:
+    """A stored tensor as float32 rows (about `slab` bytes of them at a time), converted by ggml as llama.cpp's
+    quantizer converts its input."""
+    for raw in stored_slabs(fd, info, _float_slab(info, slab)):
+        yield dequantize_rows(raw, info.type, info.shape[-1])
+
+
+def gguf_py_rows(fd: int, info, slab: int = SLAB_BYTES) -> Iterator[np.ndarray]:
+    """A stored tensor as float32 rows, dequantized by gguf-py (what GGUFFile.tensor and so dequantize_file
+    give, row block by row block)."""
+    from gguf.quants import dequantize
+
+    ne0 = info.shape[-1]
+    for raw in stored_slabs(fd, info, _float_slab(info, slab)):
+        if info.type == F32:
+            yield raw.view(np.float32).reshape(-1, ne0)
+        elif info.type == F16:
+            yield raw.view(np.float16).reshape(-1, ne0).astype(np.float32)
+        else:
+            try:
+                yield dequantize(raw.reshape(-1, _row_bytes(info.type, ne0)), info.type).reshape(-1, ne0)
+            except NotImplementedError:
+                raise Lora2GGUFError(f"tensor {info.name} has type {info.type.name}, which gguf-py cannot "
+                                     "dequantize") from None
+
+
+def array_rows(a: np.ndarray, rows: int = TASK_ELEMENTS * 16) -> Callable[[], Iterator[np.ndarray]]:
+    """rows() over an in-memory float32 array, in blocks."""
+    flat = np.ascontiguousarray(a, np.float32).reshape(-1, a.shape[-1])
+    step = max(1, rows // max(1, a.shape[-1]))
+    return lambda: (flat[i:i + step] for i in range(0, len(flat), step))
+
+
+def _replaced_rows(value) -> Callable[[], Iterator[np.ndarray]]:
+    def rows():
+        yield from array_rows(value() if callable(value) else value)()
+    return rows
+
+
+def quantize_file(src: str | os.PathLike, dst: str | os.PathLike, ftype: LlamaFileType, threads: int | None = None,
+                  verbose: bool = False) -> Path:
+    """llama_model_quantize(src, dst, ftype) in this process (allow_requantize): same bytes."""
+    from lora2gguf.fileio.gguf_read import GGUFFile
+    from lora2gguf.fileio.atomic import atomic_output
+
+    dst = Path(dst)
+    with GGUFFile(src) as f, open(f.path, "rb") as fh, atomic_output(dst) as tmp:
+        fd = fh.fileno()
+        tensors = [Tensor(i.name, i.shape, i.type, functools.partial(ggml_rows, fd, i),
+                          functools.partial(stored_slabs, fd, i)) for i in f.tensors.values()]
+        write_quantized(tmp, ftype, f.path, tensors, threads, verbose=verbose)
+    return dst
+
+
+def quantize_f32_copy(src: str | os.PathLike, dst: str | os.PathLike, ftype: LlamaFileType,
+                      replace: dict[str, np.ndarray | Callable[[], np.ndarray]] | None = None,
+                      threads: int | None = None) -> Path:
+    """What llama_model_quantize writes from gguf_write.dequantize_file(src, replace) (every tensor F32,
+    dequantized by gguf-py; `replace` gives some tensors other values, GGUF layout: an array, or a function
+    that makes it when that tensor is written, so that one replaced tensor is in memory at a time), without
+    that F32 copy."""
+    from lora2gguf.fileio.gguf_read import GGUFFile
+    from lora2gguf.fileio.atomic import atomic_output
+    from lora2gguf.fileio.gguf_write import f32_copy_writer
+
+    dst, replace = Path(dst), replace or {}
+    with GGUFFile(src) as f, open(f.path, "rb") as fh, atomic_output(dst) as tmp:
+        fd = fh.fileno()
+        tensors = []
+        for i in f.tensors.values():
+            rows = _replaced_rows(replace[i.name]) if i.name in replace else functools.partial(gguf_py_rows, fd, i)
+            tensors.append(Tensor(i.name, i.shape, F32, rows))
+        write_quantized(tmp, ftype, f32_copy_writer(f), tensors, threads)
+    return dst

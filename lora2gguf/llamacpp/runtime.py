@@ -1,0 +1,170 @@
+"""llama.cpp through llama-cpp-python: load a GGUF once, read logits for every position, swap LoRA
+adapters on the loaded model without reloading it.
+
+Settings chosen for parity checks: F32 KV cache (llama.cpp's default F16 cache alone costs ~1e-6 KL),
+no flash attention, logits for all positions, one evaluation per sequence."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import functools
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from lora2gguf.errors import Lora2GGUFError
+
+
+@contextlib.contextmanager
+def _quiet_stderr(enabled: bool = True):
+    """llama.cpp logs to fd 2 from C; silence it unless asked for (verbose=True)."""
+    if not enabled:
+        yield
+        return
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+@functools.cache
+def _cpu_has_amx() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and " amx_tile" in line for line in f)
+    except OSError:  # not Linux: ggml has no AMX path there either
+        return False
+
+
+@contextlib.contextmanager
+def _without_extra_bufts(llama_cpp, repack: bool):
+    """Load a model without llama.cpp's extra CPU buffer types where the CPU has AMX, or where the caller
+    asks for the file's own layout (`repack=False`). The extra types are llama.cpp's repacked CPU kernels:
+    on x86 they copy the quantized weights into another layout, so an 8B Q4_K_M (4.9 GB) costs the mapped
+    file plus 3.4 GB of copies (8.6 GB measured); verify loads the file as it is (5.3 GB). A build with AMX
+    (GGML_NATIVE on a Sapphire Rapids machine) moves quantized weights into its AMX buffer, and on this
+    project's 2-core KVM machines (llama-cpp-python 0.3.36) those kernels die with SIGILL at the first
+    batched matmul (`tilezero` in ggml_backend_amx_mul_mat; Q4_1, Q8_0 and K-quant models alike, any
+    prompt of more than a few tokens), although a small C program's AMX tiles work there: the cause is
+    in ggml or the VM, not found. llama-cpp-python's Llama() has no argument for use_extra_bufts, so its
+    default params are patched for the load. Elsewhere llama.cpp keeps its defaults (there the extra types
+    are its repacked CPU kernels)."""
+    if repack and not _cpu_has_amx():
+        yield
+        return
+    lc = llama_cpp.llama_cpp
+    default = lc.llama_model_default_params
+
+    def params():
+        p = default()
+        p.use_extra_bufts = False
+        return p
+
+    lc.llama_model_default_params = params
+    try:
+        yield
+    finally:
+        lc.llama_model_default_params = default
+
+
+class LlamaRuntime:
+    def __init__(self, model_path: str | os.PathLike, n_ctx: int = 512, n_threads: int | None = None,
+                 vocab_only: bool = False, verbose: bool = False, repack: bool = True):
+        import llama_cpp
+
+        self._lc = llama_cpp
+        self.path = Path(model_path)
+        self.verbose = verbose
+        self._adapters: dict[str, object] = {}
+        with _quiet_stderr(not verbose), _without_extra_bufts(llama_cpp, repack):
+            try:
+                self.llm = llama_cpp.Llama(
+                    model_path=str(self.path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=True,
+                    type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32, flash_attn=False,
+                    n_threads=n_threads or min(4, os.cpu_count() or 1), vocab_only=vocab_only,
+                    seed=0, verbose=verbose)
+            except (ValueError, RuntimeError) as e:
+                raise Lora2GGUFError(f"{self.path}: llama.cpp could not load it ({e})") from None
+
+    # -- tokens -----------------------------------------------------------------------------------
+    def tokenize(self, text: str, add_bos: bool = True, special: bool = False) -> list[int]:
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=special)
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        return self.llm.detokenize(list(tokens)).decode("utf-8", errors="replace")
+
+    @property
+    def n_vocab(self) -> int:
+        return self.llm.n_vocab()
+
+    # -- adapters ---------------------------------------------------------------------------------
+    def set_adapters(self, adapters: Sequence[tuple[str | os.PathLike, float]]) -> None:
+        """Make exactly these (path, scale) adapters active on the loaded model. Each file is loaded
+        once and kept; switching between loaded adapters costs no model reload."""
+        lc = self._lc
+        ptrs = []
+        for path, _ in adapters:
+            key = str(Path(path).resolve())
+            if key not in self._adapters:
+                with _quiet_stderr(not self.verbose):
+                    ptr = lc.llama_adapter_lora_init(self.llm.model, key.encode())
+                if not ptr:
+                    raise Lora2GGUFError(f"{path}: llama.cpp refused this LoRA adapter for {self.path} "
+                                         "(run with --verbose to see llama.cpp's reason)")
+                self._adapters[key] = ptr
+            ptrs.append(self._adapters[key])
+        n = len(ptrs)
+        arr = (lc.llama_adapter_lora_p_ctypes * max(n, 1))(*ptrs)
+        scales = (ctypes.c_float * max(n, 1))(*[float(s) for _, s in adapters])
+        if lc.llama_set_adapters_lora(self.llm.ctx, arr if n else None, n, scales if n else None):
+            raise Lora2GGUFError(f"{self.path}: llama.cpp could not set the LoRA adapters")
+        self.llm.reset()  # the KV cache was computed with the previous adapters: no prefix reuse across
+
+    # -- evaluation -------------------------------------------------------------------------------
+    def logits(self, tokens: Sequence[int]) -> np.ndarray:
+        """float32 logits (len(tokens), n_vocab) for every position, from an empty context."""
+        if len(tokens) > self.llm.n_ctx():
+            raise Lora2GGUFError(f"{len(tokens)} tokens exceed the context of {self.llm.n_ctx()}")
+        self.llm.reset()
+        self.llm.eval(list(tokens))
+        return np.array(self.llm.scores[: len(tokens)], dtype=np.float32)
+
+    def greedy(self, tokens: Sequence[int], n: int) -> list[int]:
+        """Greedy continuation of n tokens (argmax of llama.cpp's logits), stopping at end of generation."""
+        out: list[int] = []
+        tokens = list(tokens)
+        # Reuse the KV cache of the longest prefix shared with the last evaluation (chat prompts share
+        # their system prompt), as llama-cpp-python's generate() does; at least one token is evaluated.
+        cached = self.llm.input_ids[: self.llm.n_tokens]
+        p = 0
+        while p < min(len(cached), len(tokens) - 1) and cached[p] == tokens[p]:
+            p += 1
+        self.llm.n_tokens = p  # eval() drops the cache past n_tokens
+        self.llm.eval(tokens[p:])
+        for _ in range(n):
+            nxt = int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
+            if self._lc.llama_vocab_is_eog(self._lc.llama_model_get_vocab(self.llm.model), nxt):
+                break
+            out.append(nxt)
+            self.llm.eval([nxt])
+        return out
+
+    def close(self) -> None:
+        for ptr in self._adapters.values():
+            self._lc.llama_adapter_lora_free(ptr)
+        self._adapters.clear()
+        self.llm.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -1,0 +1,163 @@
+"""The reference: the PyTorch model on the base's (dequantized) weights with adapters applied by PEFT's
+exact math (adapter.merged_weight / merged_bias, float64), the yardstick for convert/merge/verify.
+
+reference_model builds it whole (an fp32 copy of the model); reference_logits computes the same logits
+layer by layer, for bases whose fp32 copy would not fit (verify on an 8B)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lora2gguf.adapters.lora import ModuleLoRA, PeftAdapter, merged_bias, merged_weight
+from lora2gguf.models.layers import Transformer
+
+
+def modules_by_target(adapters: list[tuple[PeftAdapter, float]]) -> dict[str, list[tuple[ModuleLoRA, float]]]:
+    """HF module path → [(module LoRA, user scale)] over all adapters, in order."""
+    out: dict[str, list[tuple[ModuleLoRA, float]]] = {}
+    for adapter, scale in adapters:
+        for name, m in adapter.modules.items():
+            out.setdefault(name, []).append((m, scale))
+    return out
+
+
+def reference_model(base, adapters: list[tuple[PeftAdapter, float]] = (), dtype: torch.dtype = torch.float32,
+                    device: str | torch.device = "cpu") -> Transformer:
+    """Transformer on `base` with every adapter folded in (user scale per adapter, like llama.cpp's
+    --lora-scaled): ReferenceWeights' tensors, all of them at once. modules_to_save weights replace the base
+    tensor; the last adapter wins."""
+    src = ReferenceWeights(base, list(adapters))
+    # PEFT on a tied base: a LoRA or modules_to_save on embed_tokens changes the lookup only, the head
+    # keeps multiplying by the original embedding (and a LoRA on lm_head changes the head only): untied
+    spec = dataclasses.replace(base.spec, tied_embeddings=False) if src.untied else base.spec
+    with torch.device("meta"):
+        model = Transformer(spec, None)
+    src.load(model, "")
+    ff = base.rope_freqs()
+    model.set_rope_factors(torch.from_numpy(ff) if ff is not None else None)
+    return model.to(device=device, dtype=dtype).eval()
+
+ROW_BLOCK = 1 << 22  # elements of one float64 merge block: PEFT's math stays row-local, a block at a time
+
+
+class ReferenceWeights:
+    """The reference's tensors (HF names and layout), made when asked: the base's own, with the adapters
+    folded in by PEFT's math (merged_weight, a block of rows at a time) where they touch it; modules_to_save
+    replace it (the last adapter wins); on a tied base whose embedding or head an adapter touches, the head
+    starts as a copy of the original embedding. Untouched 2-D tensors can stay quantized (QuantWeight)."""
+
+    def __init__(self, base, adapters: list[tuple[PeftAdapter, float]]):
+        self.base, self.spec = base, base.spec
+        for a, _ in adapters:
+            a.check_base(dataclasses.replace(base.spec, tied_embeddings=False), f"base {base.spec.name}")
+        self.mods = modules_by_target(adapters)
+        self.full = {name: t for a, _ in adapters for name, t in a.full_weights.items()}
+        touched = set(self.mods) | {t.rsplit(".", 1)[0] for t in self.full}
+        self.untied = bool(base.spec.tied_embeddings and touched & {"lm_head", "model.embed_tokens"})
+        self.touched, self.names = touched, set(base.hf_names())
+
+    def _source_name(self, name: str) -> str:
+        return "model.embed_tokens.weight" if name == "lm_head.weight" and self.spec.tied_embeddings else name
+
+    def _quant(self, name: str):
+        from lora2gguf.weights.base_model import GGUFBase
+        from lora2gguf.weights.quantized import quant_weight
+
+        if not isinstance(self.base, GGUFBase) or not name.endswith(".weight"):
+            return None
+        return quant_weight(self.base, self._source_name(name), torch.float32)
+
+    def quantized(self, name: str):
+        """The reference tensor as a QuantWeight when it is the base's, untouched, and can be one, else None."""
+        return None if name.rsplit(".", 1)[0] in self.touched or name in self.full else self._quant(name)
+
+    def base_tensor(self, name: str) -> np.ndarray:
+        """The base's tensor (float32, HF layout), dequantized by dequantize.py where it can (gguf-py's values)."""
+        q = self._quant(name)
+        return q.rows().numpy() if q is not None else self.base.tensor(self._source_name(name))
+
+    def get(self, name: str, n_out: int | None = None) -> torch.Tensor | None:
+        """Tensor `name` (float32), or None for a bias that neither the base nor an adapter has."""
+        if name in self.full:
+            return torch.from_numpy(np.asarray(self.full[name], np.float32))
+        mod, attr = name.rsplit(".", 1)
+        has_base = self._source_name(name) in self.names
+        if mod not in self.mods:
+            return torch.from_numpy(self.base_tensor(name)) if has_base else None
+        ms = self.mods[mod]
+        if attr == "bias":
+            b = merged_bias(self.base_tensor(name) if has_base else None, n_out, ms)
+            return None if b is None else torch.from_numpy(np.asarray(b, np.float32))
+        w = self.base_tensor(name)
+        if any(m.embedding or m.fan_in_fan_out for m, _ in ms):  # ΔW rows are columns of A: merged whole
+            return torch.from_numpy(merged_weight(w, ms).astype(np.float32))
+        out = np.empty(w.shape, np.float32)
+        step = max(1, ROW_BLOCK // max(1, w.shape[1]))
+        for i in range(0, w.shape[0], step):
+            rows = slice(i, i + step)
+            out[rows] = merged_weight(w[rows], [(m.row_block(rows), u) for m, u in ms])
+        return torch.from_numpy(out)
+
+    def load(self, module: nn.Module, prefix: str) -> None:
+        """Give `module` (built on the meta device) its reference tensors, `prefix` its HF path + '.'."""
+        for sub_name, sub in module.named_modules():
+            path = prefix + sub_name + ("." if sub_name else "")
+            for attr, p in list(sub.named_parameters(recurse=False)):
+                setattr(sub, attr, nn.Parameter(self.get(path + attr), requires_grad=False))
+            if isinstance(sub, nn.Linear) and sub.bias is None:  # a LoRA bias adds one
+                b = self.get(path + "bias", sub.out_features)
+                if b is not None:
+                    sub.bias = nn.Parameter(b, requires_grad=False)
+
+
+def reference_logits(base, adapters: list[tuple[PeftAdapter, float]], sequences: list[list[int]]) -> list[np.ndarray]:
+    """The reference model's float32 logits for each token sequence, computed layer by layer over all of
+    them: one layer's tensors are dequantized (and the adapters folded in) at a time, used for every
+    sequence and dropped, and an untouched embedding and head stay quantized (rows looked up, logits by
+    blocks of rows). Peak memory is the file's pages plus one layer, not an fp32 copy of the model; the
+    result is reference_model's."""
+    from lora2gguf.weights.quantized import QuantWeight, frozen_linear
+
+    spec = base.spec
+    src = ReferenceWeights(base, list(adapters))
+    with torch.device("meta"):
+        model = Transformer(spec, None)
+    ff = base.rope_freqs()
+    model.set_rope_factors(torch.from_numpy(ff) if ff is not None else None)
+    with torch.no_grad():
+        emb = src.quantized("model.embed_tokens.weight")
+        emb_full = src.get("model.embed_tokens.weight") if emb is None else None
+        xs = []
+        for seq in sequences:
+            ids = torch.tensor([seq])
+            x = emb.take(ids) if emb is not None else emb_full[ids]
+            if model.embed_scale != 1.0:
+                x = x * torch.tensor(model.embed_scale, dtype=x.dtype)
+            xs.append(x)
+        del emb_full
+        positions = {len(s): torch.arange(len(s)).expand(1, len(s)) for s in sequences}
+        ropes = {T: {k: r(pos) for k, r in model.ropes.items()} for T, pos in positions.items()}
+        masks = {T: model.masks(T, None, "cpu") for T in positions}
+        for i in range(spec.n_layer):
+            with torch.device("meta"):
+                layer = spec.arch_module.build_layer(spec, i)
+            src.load(layer, f"model.layers.{i}.")
+            for j, seq in enumerate(sequences):
+                cos, sin = ropes[len(seq)][layer.self_attn.rope_key]
+                xs[j] = layer(xs[j], cos, sin, masks[len(seq)][layer.self_attn.window])
+            del layer
+        src.load(model.model.norm, "model.norm.")
+        head_name = "lm_head.weight" if (not spec.tied_embeddings or src.untied) else "model.embed_tokens.weight"
+        head = src.quantized(head_name)
+        head = src.get(head_name) if head is None else head
+        out = []
+        for x in xs:
+            h = model.model.norm(x)[0]
+            logits = frozen_linear(h, head) if isinstance(head, QuantWeight) else F.linear(h, head)
+            out.append(model.cap_logits(logits.float()).numpy())
+    return out
