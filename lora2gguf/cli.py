@@ -126,8 +126,8 @@ def train_cmd(**kwargs) -> None:
     The loss covers text, completions and assistant turns (chat rendered with the GGUF's template).
     Batches are padded with an attention mask, not packed. Ctrl-C or SIGTERM saves a checkpoint; --resume
     continues."""
-    from lora2gguf.training.config import TrainConfig
     from lora2gguf.commands.train import train
+    from lora2gguf.training.config import TrainConfig
 
     result = train(TrainConfig(**kwargs))
     if result.rank == 0:

@@ -14,6 +14,16 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from lora2gguf.commands.merge import merge
+from lora2gguf.commands.modelfile import write_modelfile
+from lora2gguf.commands.train import train
+from lora2gguf.commands.verify import verify
+from lora2gguf.llamacpp.runtime import LlamaRuntime
+from lora2gguf.llamacpp.tokenizer import Tokenizer
+from lora2gguf.training.config import TrainConfig
+from lora2gguf.weights.base_model import open_base
+from lora2gguf.weights.real_models import gemma3_gguf, smollm2_gguf
+
 DEMO_DATA = Path(__file__).resolve().parent.parent / "fixtures" / "demo"
 
 
@@ -78,15 +88,6 @@ def chat_template_for(base) -> str | None:
 
 def run_demo(workdir: str | os.PathLike, base: str | os.PathLike | None = None, recipe: Recipe = Recipe(),
              max_prompts: int | None = None, log=print) -> dict:
-    from lora2gguf.weights.base_model import open_base
-    from lora2gguf.llamacpp.tokenizer import Tokenizer
-    from lora2gguf.commands.merge import merge
-    from lora2gguf.commands.modelfile import write_modelfile
-    from lora2gguf.llamacpp.runtime import LlamaRuntime
-    from lora2gguf.weights.real_models import gemma3_gguf, smollm2_gguf
-    from lora2gguf.training.config import TrainConfig
-    from lora2gguf.commands.train import train
-    from lora2gguf.commands.verify import verify
 
     work = Path(workdir)
     work.mkdir(parents=True, exist_ok=True)

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Benchmark lora2gguf.dequantize (torch) against gguf-py's numpy dequantizer, per type, on CPU with torch's
+"""Benchmark lora2gguf.weights.dequantize (torch) against gguf-py's numpy dequantizer, per type, on CPU with torch's
 default thread count: a 4096×4096 matrix for every supported type, 14336×4096 (an 8B model's MLP) for Q4_K
 and Q6_K. Prints a Markdown table: best-of-N wall time, GB/s of float32 output, and the speed-up.
 

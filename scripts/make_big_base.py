@@ -7,7 +7,7 @@ vocab 32000, untied output, 748 M parameters, ~1.5 GB F16. `1b`, `3b`, `8b`: Lla
 (tied embeddings) and Llama-3.1-8B (untied) shapes, vocab 128256, rope theta 500000 (bench_scale.py's).
 Weights are normal with std 0.02 (an init's scale), norms 1, so llama.cpp's forward stays finite.
 Written tensor by tensor (never more than one in memory), deterministically from --seed. --quant
-q4_k_m then quantizes the F16 file with llama.cpp (lora2gguf.quantize.llama_quantize) and deletes it.
+q4_k_m then quantizes the F16 file with llama.cpp (lora2gguf.llamacpp.quantize.llama_quantize) and deletes it.
 The adapter (r=16 on all seven projections of every layer) is written directly in PEFT's on-disk format
 (adapter_config.json + adapter_model.safetensors), since loading the base in transformers to let peft
 write it would need 4 bytes per parameter.

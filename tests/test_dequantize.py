@@ -1,4 +1,4 @@
-"""lora2gguf.dequantize against gguf-py's numpy dequantizer, bit for bit: random blocks (every byte pattern
+"""lora2gguf.weights.dequantize against gguf-py's numpy dequantizer, bit for bit: random blocks (every byte pattern
 of the packed fields, scales spanning f16's range), llama.cpp's own quantizations of random floats (and
 its own dequantizer as a second reference), the fixture GGUFs, and (slow) every tensor of real models."""
 

@@ -435,7 +435,7 @@ def test_failure_mid_write_leaves_nothing(plain_llama, tmp_path, monkeypatch):
 
 SLOW_CLI = """
 import sys, time
-import lora2gguf.quantize_ggml as q
+import lora2gguf.llamacpp.ggml as q
 real, delay = q._quantize_task, float(sys.argv[1])
 def slow(*a):
     time.sleep(delay)

@@ -104,7 +104,7 @@ def test_permuted_rows_are_taken_in_hf_order():
 
 
 def test_auto_picks_by_free_memory(monkeypatch):
-    import lora2gguf.training.lora as tm
+    import lora2gguf.weights.frozen as tm
 
     with GGUFBase(FIXTURES / "llama" / "base-q4_k_m.gguf") as b:
         cost = tm.resident_cost(b, torch.float32, CPU)

@@ -19,6 +19,8 @@ from lora2gguf.adapters.lora import ModuleLoRA, PeftAdapter
 from lora2gguf.adapters.rules import check_tied_embedding, from_gguf_pair, llama_scale
 from lora2gguf.errors import Lora2GGUFError
 from lora2gguf.fileio.gguf_read import GGUFFile
+from lora2gguf.weights import fingerprint
+from lora2gguf.weights.base_model import open_base
 
 TOKEN_EMBD = "token_embd.weight"
 
@@ -138,8 +140,6 @@ def load_gguf_lora(path: str | os.PathLike, spec=None, any_qk_order: bool = Fals
 def recorded_fingerprint(f: GGUFFile):
     """The base fingerprint convert recorded in this adapter (fingerprint.Fingerprint), None when there is
     none (not written by lora2gguf); corrupt fingerprint metadata is an error, not a mismatch."""
-    from lora2gguf.weights import fingerprint
-
     s, v = f.fields.get(fingerprint.KEY_STRUCTURE), f.fields.get(fingerprint.KEY_SAMPLE)
     if s is None and v is None:
         return None
@@ -184,8 +184,6 @@ def provenance(f: GGUFFile) -> dict:
 def describe_gguf_adapter(f: GGUFFile, base: str | os.PathLike | None = None) -> dict:
     """For `lora2gguf inspect`: alpha, ranks, targets, tensor dtypes, our provenance; with base=…, whether
     the base's fingerprint matches the one recorded at conversion."""
-    from lora2gguf.weights import fingerprint
-
     arch = _check_header(f)
     pairs = _pairs(f)
     alpha = _alpha(f)
@@ -206,8 +204,6 @@ def describe_gguf_adapter(f: GGUFFile, base: str | os.PathLike | None = None) ->
     if (toks := f.get("adapter.alora.invocation_tokens")) is not None:  # llama-server activates it after these
         info["alora_invocation_tokens"] = [int(t) for t in toks]
     if base is not None:
-        from lora2gguf.weights.base_model import open_base
-
         with open_base(base) as b:
             if b.spec.arch != arch:
                 info["base_check"] = {"match": False, "verdict": f"arch mismatch: adapter {arch}, base {b.spec.arch}"}
@@ -228,8 +224,6 @@ def describe_gguf_adapter(f: GGUFFile, base: str | os.PathLike | None = None) ->
 def base_match(path: str | os.PathLike, base) -> tuple[bool | None, str]:
     """Was the GGUF LoRA at `path` converted for `base` (an open GGUFBase/HFBase)? (match, verdict) from
     the fingerprint convert recorded; (None, why) when there is none (not written by lora2gguf)."""
-    from lora2gguf.weights import fingerprint
-
     with GGUFFile(path) as f:
         recorded = recorded_fingerprint(f)
     if recorded is None:

@@ -19,11 +19,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from gguf import GGML_QUANT_SIZES, GGUFWriter
+from gguf import GGMLQuantizationType as T
+from gguf import GGUFValueType as V
 
 from lora2gguf import __version__
+from lora2gguf.adapters import load as adapter_any
 from lora2gguf.adapters.lora import ModuleLoRA, PeftAdapter
 from lora2gguf.adapters.rules import MERGE_HINT, check_arch, check_tied_embedding, llama_scale, to_gguf_pair
 from lora2gguf.errors import Lora2GGUFError
+from lora2gguf.fileio.atomic import atomic_output
+from lora2gguf.fileio.gguf_write import PlannedTensor, encode, nbytes_of, write_streaming
+from lora2gguf.weights.base_model import open_base
+from lora2gguf.weights.fingerprint import fingerprint
 
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 
@@ -97,9 +105,6 @@ def module_tensors(m: ModuleLoRA, spec, alpha_file: float) -> LoraTensors:
 def tensor_type(arr: np.ndarray, outtype: str):
     """GGML type for one tensor: as asked, falling back to F16 when the row length does not fit Q8_0's
     32-value blocks (llama.cpp's converter does the same)."""
-    from gguf import GGML_QUANT_SIZES
-    from gguf import GGMLQuantizationType as T
-
     qtype = {"f32": T.F32, "f16": T.F16, "bf16": T.BF16, "q8_0": T.Q8_0}[outtype]
     if arr.shape[-1] % GGML_QUANT_SIZES[qtype][0]:
         return T.F16
@@ -116,9 +121,6 @@ def gguf_from_peft(adapter_dir: str | os.PathLike, base: str | os.PathLike, out:
     """The adapter directory at `adapter_dir` (PEFT, torchtune or mlx-lm: adapter_any tells), for `base`
     (GGUF file, HF directory or config.json), written as a GGUF LoRA at `out` (atomically; the caller has
     checked the output path). say_notes: print the adapter's notes (a 4-bit training base...) on stderr."""
-    from lora2gguf.adapters import load as adapter_any
-    from lora2gguf.weights.base_model import open_base
-    from lora2gguf.weights.fingerprint import fingerprint
 
     check_outtype(outtype)
     if adapter_any.adapter_format(Path(adapter_dir)) == "gguf":  # a bad path is refused before the base is read
@@ -141,11 +143,7 @@ def gguf_from_peft(adapter_dir: str | os.PathLike, base: str | os.PathLike, out:
 def write_gguf_lora(out: Path, adapter: PeftAdapter, spec, alpha_file: float, outtype: str, fp) -> None:
     """Write `adapter`'s modules for a base of `spec` with one file alpha, PEFT's per-module scales folded
     in, and our provenance (ranks, targets, the base fingerprint `fp`) as metadata."""
-    from gguf import GGUFValueType as V
-    from gguf import GGUFWriter
 
-    from lora2gguf.fileio.gguf_write import PlannedTensor, encode, nbytes_of, write_streaming
-    from lora2gguf.fileio.atomic import atomic_output
 
     tensors = [module_tensors(m, spec, alpha_file) for m in adapter.modules.values()]
     w = GGUFWriter(None, spec.arch)

@@ -15,16 +15,17 @@ import os
 import sys
 from pathlib import Path
 
+from lora2gguf.adapters.gguf_lora import base_match, load_gguf_lora
 from lora2gguf.adapters.lora import PeftAdapter
+from lora2gguf.adapters.mlx import is_mlx_dir, load_mlx
 from lora2gguf.adapters.peft import load_peft
+from lora2gguf.adapters.rules import check_arch
+from lora2gguf.adapters.torchtune import is_torchtune_dir, load_torchtune
 from lora2gguf.errors import Lora2GGUFError
 
 
 def adapter_format(path: Path) -> str:
     """peft, torchtune, mlx-lm or gguf; an error naming what was looked for otherwise."""
-    from lora2gguf.adapters.mlx import is_mlx_dir
-    from lora2gguf.adapters.torchtune import is_torchtune_dir
-
     if path.is_file():
         return "gguf"
     if not path.is_dir():
@@ -58,16 +59,10 @@ def load_adapter(path: str | os.PathLike, spec=None) -> PeftAdapter:
     p = Path(path)
     fmt = adapter_format(p)
     if fmt == "gguf":
-        from lora2gguf.adapters.gguf_lora import load_gguf_lora
-
         return load_gguf_lora(p, spec)
     if fmt == "torchtune":
-        from lora2gguf.adapters.torchtune import load_torchtune
-
         return load_torchtune(p, spec)
     if fmt == "mlx-lm":
-        from lora2gguf.adapters.mlx import load_mlx
-
         return load_mlx(p)
     a = load_peft(p)
     # PEFT resets fan_in_fan_out to False on nn.Linear (it warns), and every LoRA target of the archs we
@@ -100,31 +95,32 @@ def describe_adapter(path: Path) -> dict:
     }
 
 
-def load_for_base(path: str | os.PathLike, base=None, any_qk_order: bool = False) -> PeftAdapter:
-    """Any adapter input, checked against the open base when one is given: arch (PEFT's recorded class),
-    shapes, tied embeddings, and, for a GGUF LoRA we wrote, the base fingerprint. Without a base, a GGUF
-    LoRA of a llama-family arch keeps llama.cpp's q/k row order only when any_qk_order allows it."""
-    from lora2gguf.adapters.load import load_adapter
-    from lora2gguf.adapters.rules import check_arch
+def check_made_for(path: Path, base) -> None:
+    """A GGUF LoRA that lora2gguf converted records its base's fingerprint: refuse one converted for another
+    base (same shapes, other weights: whatever is computed from it would be silently wrong)."""
+    match, verdict = base_match(path, base)
+    if match is False:
+        raise Lora2GGUFError(f"{path}: was converted for another base than {base.path} ({verdict}); pass the base "
+                             "it was made for")
 
+
+def load_for_base(path: str | os.PathLike, base=None, any_qk_order: bool = False) -> PeftAdapter:
+    """Any adapter input, checked against the open base when one is given: the one loader every verb that
+    takes an adapter and a base uses. Checks the arch (PEFT's recorded class), the shapes (a tied head is
+    the writer's question, not the loader's) and, for a GGUF LoRA we wrote, the base fingerprint. Without a
+    base, a GGUF LoRA of a llama-family arch keeps llama.cpp's q/k row order only when any_qk_order allows it."""
     p = Path(path)
+    if not p.exists():
+        raise Lora2GGUFError(f"{p}: no such file or directory; expected an adapter directory or a GGUF LoRA file")
     if base is None:
         if any_qk_order and p.is_file() and _magic(p) == b"GGUF":
-            from lora2gguf.adapters.gguf_lora import load_gguf_lora
-
             return load_gguf_lora(p, None, any_qk_order=True)
         return load_adapter(p, None)
     a = load_adapter(p, base.spec)
     if p.is_dir():
         check_arch(a, base.spec, base.path)
     else:
-        from lora2gguf.adapters.gguf_lora import base_match
-
-        match, verdict = base_match(p, base)
-        if match is False:
-            raise Lora2GGUFError(f"{p}: was made for another base than {base.path} ({verdict}); pass the base it "
-                                 "was made for")
-    # shapes only: whether a tied base can take an lm_head / embedding LoRA is the GGUF writer's question
+        check_made_for(p, base)
     a.check_base(dataclasses.replace(base.spec, tied_embeddings=False), f"base {base.path}")
     return a
 

@@ -13,8 +13,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from lora2gguf.adapters.lora import ModuleLoRA
+from lora2gguf.errors import Lora2GGUFError
 
 # Above this smaller dimension a dense matrix is decomposed by randomized SVD (numpy's full SVD of a
 # 2048×8192 matrix takes seconds; the randomized one at k ≪ 2048 a fraction of that).
@@ -25,8 +27,6 @@ EPS32 = float(np.finfo(np.float32).eps)
 def small_matrix_threads():
     """BLAS on one thread for the many small QR / r×r SVD calls: their work is microseconds, and waking a
     BLAS thread pool per call cost ~60× more on a loaded 2-core machine (scripts/bench_analyze.py)."""
-    from threadpoolctl import threadpool_limits
-
     return threadpool_limits(1, user_api="blas")
 
 
@@ -135,7 +135,6 @@ def spectral_norm(w: np.ndarray, tol: float = 1e-6, max_iter: int = 300, seed: i
 @dataclass
 class Truncation:
     """A rank-k factorization b @ a of the best rank-k approximation of an update, and what it keeps."""
-
     b: np.ndarray  # (m, k)
     a: np.ndarray  # (k, n)
     k: int
@@ -182,8 +181,6 @@ def module_from_factors(module: str, embedding: bool, b: np.ndarray, a: np.ndarr
 
 def check_target(rank: int | None, energy: float | None) -> None:
     """Exactly one of --rank K (≥ 1) / --energy E (0 < E ≤ 1)."""
-    from lora2gguf.errors import Lora2GGUFError
-
     if (rank is None) == (energy is None):
         raise Lora2GGUFError("give exactly one of --rank K or --energy E")
     if rank is not None and rank < 1:

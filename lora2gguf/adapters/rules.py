@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from lora2gguf import models
 from lora2gguf.errors import Lora2GGUFError
 
 MERGE_HINT = "`lora2gguf merge` applies it exactly into the base instead"
@@ -48,8 +49,6 @@ def check_tied_embedding(modules, spec, where, base_label: str) -> None:
 def check_arch(adapter, spec, base_path) -> None:
     """PEFT records the transformers class it wrapped; refuse an adapter made for another known arch
     (shapes alone cannot tell a qwen2 adapter from a llama one of the same size)."""
-    from lora2gguf import models
-
     cls = (adapter.config.get("auto_mapping") or {}).get("base_model_class")
     other = next((a.name for a in models.all_archs() if cls in a.hf_architectures), None)
     if other is not None and other != spec.arch:

@@ -12,10 +12,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from lora2gguf.adapters.gguf_lora_write import write_gguf_lora
 from lora2gguf.adapters.lora import PeftAdapter
 from lora2gguf.adapters.peft import config_for, write_peft_dir
+from lora2gguf.adapters.rules import check_tied_embedding
 from lora2gguf.errors import Lora2GGUFError
-from lora2gguf.fileio.atomic import check_output_dir
+from lora2gguf.fileio.atomic import check_output, check_output_dir
+from lora2gguf.weights.fingerprint import fingerprint
 
 
 def is_gguf_out(out: str | os.PathLike) -> bool:
@@ -25,8 +28,6 @@ def is_gguf_out(out: str | os.PathLike) -> bool:
 
 def check_out(out: str | os.PathLike, force: bool, inputs: list, base) -> Path:
     """Validate the output path before any work; a GGUF LoRA is written for a base, so it needs one."""
-    from lora2gguf.fileio.atomic import check_output
-
     if is_gguf_out(out):
         if base is None:
             raise Lora2GGUFError(f"{out}: writing a GGUF LoRA needs --base (the model it is for: its tensor names "
@@ -41,10 +42,6 @@ def save_adapter(out: Path, adapter: PeftAdapter, base, outtype: str = "f32") ->
     """Write `adapter` (modules in HF layout with their scales) to `out`, checked by check_out: a GGUF LoRA
     for the open base `base` when out ends in .gguf, else a PEFT directory. Returns the bytes written."""
     if is_gguf_out(out):
-        from lora2gguf.adapters.gguf_lora_write import write_gguf_lora
-        from lora2gguf.adapters.rules import check_tied_embedding
-        from lora2gguf.weights.fingerprint import fingerprint
-
         adapter.check_base(base.spec, f"base {base.path}")
         check_tied_embedding(adapter.modules, base.spec, out, f"base {base.path}")
         alpha = config_for(adapter, "")["lora_alpha"]  # the common modules then need no fold

@@ -19,8 +19,11 @@ from pathlib import Path
 import numpy as np
 
 from lora2gguf.adapters import lowrank
-from lora2gguf.models.arch import ATTN_PROJ, MLP_PROJ
+from lora2gguf.adapters.load import load_for_base
 from lora2gguf.errors import Lora2GGUFError
+from lora2gguf.fileio.atomic import atomic_output
+from lora2gguf.models.arch import ATTN_PROJ, MLP_PROJ
+from lora2gguf.weights.base_model import open_base
 
 THRESHOLDS = (0.9, 0.99)
 
@@ -66,15 +69,11 @@ def uniform_rank(modules: list[dict], energy: float) -> tuple[int, float]:
 
 def analyze(adapter: str | os.PathLike, base: str | os.PathLike | None = None) -> dict:
     """The report for `adapter` (any format the project reads), relative to `base` when given."""
-    from lora2gguf.adapters.load import load_for_base
-
     if base is None:
         a = load_for_base(adapter, None, any_qk_order=True)
         with lowrank.small_matrix_threads():
             stats = [module_stats(m) for m in a.modules.values()]
     else:
-        from lora2gguf.weights.base_model import open_base
-
         with open_base(base) as b, lowrank.small_matrix_threads():
             a = load_for_base(adapter, b)
             stats = [module_stats(m, b) for m in a.modules.values()]
@@ -152,7 +151,6 @@ def plot(report: dict, out: str | os.PathLike) -> Path:
     except ImportError:
         raise Lora2GGUFError("--plot needs matplotlib, which is not installed: pip install 'lora2gguf[plot]' "
                              "(or pip install matplotlib)") from None
-    from lora2gguf.fileio.atomic import atomic_output
 
     out = Path(out)
     norm_key = "rel_fro" if report["base"] else "fro"

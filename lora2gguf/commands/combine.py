@@ -16,14 +16,16 @@ from pathlib import Path
 import numpy as np
 
 from lora2gguf.adapters import lowrank
+from lora2gguf.adapters.gguf_lora_write import check_outtype, refuse_unsupported
+from lora2gguf.adapters.load import load_for_base
 from lora2gguf.adapters.lora import PeftAdapter
+from lora2gguf.adapters.save import check_out, is_gguf_out, save_adapter
 from lora2gguf.errors import Lora2GGUFError
+from lora2gguf.weights.base_model import open_base
 
 
 def combine_adapters(adapters: list[tuple[PeftAdapter, float]], rank: int | None = None) -> tuple[PeftAdapter, dict]:
     """The combined adapter (in memory, HF layout, scale 1 per module) and per module its rank and energy kept."""
-    from lora2gguf.adapters.gguf_lora_write import refuse_unsupported
-
     if rank is not None:
         lowrank.check_target(rank, None)
     blocks: dict[str, list] = {}
@@ -58,10 +60,6 @@ def combine_adapters(adapters: list[tuple[PeftAdapter, float]], rank: int | None
 def combine(loras: list[tuple[str | os.PathLike, float]], base: str | os.PathLike, out: str | os.PathLike,
             rank: int | None = None, outtype: str = "f32", force: bool = False) -> dict:
     """Combine adapters (any format, for `base`) into the GGUF LoRA `out`."""
-    from lora2gguf.adapters.gguf_lora_write import check_outtype
-    from lora2gguf.adapters.save import check_out, is_gguf_out, save_adapter
-    from lora2gguf.adapters.load import load_for_base
-    from lora2gguf.weights.base_model import open_base
 
     check_outtype(outtype)
     if not is_gguf_out(out):

@@ -11,13 +11,13 @@ import os
 from pathlib import Path
 
 from lora2gguf.adapters.gguf_lora_write import check_outtype, gguf_from_peft
+from lora2gguf.fileio.atomic import check_output
 
 
 def convert(adapter_dir: str | os.PathLike, base: str | os.PathLike, out: str | os.PathLike,
             outtype: str = "f32", force: bool = False) -> Path:
     """Convert an adapter directory (PEFT, torchtune or mlx-lm) for `base` (GGUF file, HF directory or
     config.json) into a GGUF LoRA at `out`."""
-    from lora2gguf.fileio.atomic import check_output
 
     check_outtype(outtype)
     out = check_output(out, force, inputs=[adapter_dir, base])

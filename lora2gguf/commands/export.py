@@ -12,30 +12,23 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from lora2gguf.adapters.gguf_lora_write import refuse_unsupported
+from lora2gguf.adapters.load import adapter_format, load_for_base, say_notes
 from lora2gguf.adapters.peft import config_for, write_peft_dir
-from lora2gguf.errors import Lora2GGUFError
 from lora2gguf.fileio.atomic import check_output_dir
+from lora2gguf.weights.base_model import open_base
 
 
 def export(adapter_in: str | os.PathLike, base: str | os.PathLike, out: str | os.PathLike,
            force: bool = False) -> Path:
     """Write the adapter at `adapter_in` (a GGUF LoRA, or a torchtune / mlx-lm / PEFT directory: adapter_any
     tells), for `base`, as a PEFT adapter directory at `out`."""
-    from lora2gguf.adapters.gguf_lora import base_match
-    from lora2gguf.adapters.gguf_lora_write import refuse_unsupported
-    from lora2gguf.adapters.load import adapter_format, load_adapter, say_notes
-    from lora2gguf.weights.base_model import open_base
-
     src, out = Path(adapter_in), Path(out)
     check_output_dir(out, force, [src, Path(base)])
     fmt = adapter_format(src)
     with open_base(base) as b:
-        adapter = load_adapter(src, b.spec)
+        adapter = load_for_base(src, b)
         if fmt == "gguf":
-            match, verdict = base_match(src, b)
-            if match is False:
-                raise Lora2GGUFError(f"{src}: was converted for another base than {base} ({verdict}); "
-                                     "pass the base it was made for")
             name = adapter.config["gguf"].get("peft_base_model") or b.spec.name or str(base)
         else:  # what a GGUF LoRA can hold, PEFT's plain LoRA can: the same refusals
             refuse_unsupported(adapter)

@@ -19,8 +19,11 @@ from pathlib import Path
 import numpy as np
 
 from lora2gguf.adapters import lowrank
+from lora2gguf.adapters.gguf_lora_write import check_outtype
 from lora2gguf.adapters.lora import PeftAdapter
+from lora2gguf.adapters.save import check_out, save_adapter
 from lora2gguf.errors import Lora2GGUFError
+from lora2gguf.weights.base_model import open_base
 
 SHAPE_FIELDS = ("arch", "n_layer", "n_embd", "n_ff", "n_head", "n_head_kv", "head_dim", "n_vocab", "tied_embeddings")
 
@@ -78,10 +81,6 @@ def extract(base: str | os.PathLike, tuned: str | os.PathLike, out: str | os.Pat
             energy: float | None = None, outtype: str = "f32", force: bool = False,
             log=lambda msg: None) -> dict:
     """Extract a LoRA of `tuned` relative to `base` into `out` (.gguf: GGUF LoRA; else a PEFT directory)."""
-    from lora2gguf.adapters.gguf_lora_write import check_outtype
-    from lora2gguf.adapters.save import check_out, save_adapter
-    from lora2gguf.weights.base_model import open_base
-
     check_outtype(outtype)
     lowrank.check_target(rank, energy)
     out = check_out(out, force, [base, tuned], base)

@@ -10,8 +10,10 @@ from pathlib import Path
 from gguf import LlamaFileType
 
 from lora2gguf import models
-from lora2gguf.weights.base_model import GGUFBase, HFBase
+from lora2gguf.adapters.gguf_lora import describe_gguf_adapter
+from lora2gguf.adapters.load import describe_adapter  # PEFT, torchtune, mlx-lm: told by the files
 from lora2gguf.fileio.gguf_read import GGUFFile
+from lora2gguf.weights.base_model import GGUFBase, HFBase
 
 
 def _file_type_name(v) -> str | None:
@@ -28,7 +30,6 @@ def describe(path: str, base: str | None = None) -> dict:
     if p.is_dir():
         if any((p / n).exists() for n in ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin",
                                           "adapter_model.pt", "adapters.safetensors")):
-            from lora2gguf.adapters.load import describe_adapter  # PEFT, torchtune, mlx-lm: told by the files
 
             return describe_adapter(p)
         with HFBase(p) as b:
@@ -42,8 +43,6 @@ def describe(path: str, base: str | None = None) -> dict:
             "tensor_types": dict(Counter(t.type.name for t in f.tensors.values())),
         }
         if info["kind"] == "gguf-adapter":
-            from lora2gguf.adapters.gguf_lora import describe_gguf_adapter
-
             info.update(describe_gguf_adapter(f, base=base))
             return info
         arch = info["architecture"]

@@ -49,14 +49,20 @@ from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFWriter, LlamaFileType
+from gguf.quants import dequantize, quant_shape_to_byte_shape
+from threadpoolctl import threadpool_limits
+from tqdm import tqdm
 
+from lora2gguf.adapters.load import adapter_files, load_for_base, say_notes
 from lora2gguf.adapters.lora import ModuleLoRA, PeftAdapter, merged_bias, merged_weight
-from lora2gguf.weights.base_model import GGUFBase
+from lora2gguf.adapters.rules import check_not_activated
 from lora2gguf.errors import Lora2GGUFError
+from lora2gguf.fileio.atomic import atomic_output, check_output, part_prefix
 from lora2gguf.fileio.gguf_read import TensorInfo
 from lora2gguf.fileio.gguf_write import PlannedTensor, copy_fields, encode, nbytes_of, write_streaming
-from lora2gguf.fileio.atomic import atomic_output, check_output, part_prefix
+from lora2gguf.llamacpp.ggml import Tensor, ggml_rows, stored_slabs, write_quantized
 from lora2gguf.llamacpp.quantize import OutputType, llama_quantize, output_type, takes_file_type
+from lora2gguf.weights.base_model import GGUFBase
 
 if TYPE_CHECKING:
     from lora2gguf.llamacpp.ggml import Tensor
@@ -93,35 +99,14 @@ def _sha256(paths: list[Path]) -> str:
     return h.hexdigest()
 
 
-def load_adapter(path: str | os.PathLike, spec, base: GGUFBase | None = None) -> tuple[PeftAdapter, str]:
-    """An adapter directory (PEFT, torchtune, mlx-lm) or a GGUF LoRA file, in HF layout with its scale; and
-    its sha256 fingerprint (adapter_config.json then the weights for a directory, the file for GGUF). Refused
-    when it was made for another model: another arch (PEFT's recorded class), or, for a GGUF LoRA converted
-    by us, a base whose fingerprint is not `base`'s (same shapes, other weights: the merge would be silently
-    wrong); and refused when it is an activated LoRA."""
-    from lora2gguf.adapters.load import adapter_files, load_adapter as load_any, say_notes
-    from lora2gguf.adapters.rules import check_arch, check_not_activated
-
-    p = Path(path)
-    if not p.exists():
-        raise Lora2GGUFError(f"{p}: no such file or directory; --lora takes an adapter directory or a GGUF LoRA file")
-    a = load_any(p, spec)
+def load_adapter(path: str | os.PathLike, base: GGUFBase) -> tuple[PeftAdapter, str]:
+    """An adapter (any format) checked against the base (adapters.load.load_for_base), refused when it is an
+    activated LoRA; and its sha256 (adapter_config.json then the weights for a directory, the file for
+    GGUF), recorded in the merged file."""
+    a = load_for_base(path, base)
     check_not_activated(a, "a merged model")
-    if p.is_dir():
-        check_arch(a, spec, base.path if base is not None else "the base")
-    elif base is not None:
-        _check_fingerprint(p, base)
     say_notes(a)
-    return a, _sha256(adapter_files(p))
-
-
-def _check_fingerprint(path: Path, base: GGUFBase) -> None:
-    from lora2gguf.adapters.gguf_lora import base_match
-
-    match, verdict = base_match(path, base)
-    if match is False:
-        raise Lora2GGUFError(f"{path}: was converted for another base than {base.path} ({verdict}); "
-                             "merge it into the base it was made for")
+    return a, _sha256(adapter_files(Path(path)))
 
 
 @dataclass
@@ -239,7 +224,6 @@ def _decode(raw: np.ndarray, t: TensorInfo) -> np.ndarray:
         return raw.view(np.float32).reshape(t.shape)
     if t.type == GGMLQuantizationType.F16:
         return raw.view(np.float16).reshape(t.shape).astype(np.float32)
-    from gguf.quants import dequantize, quant_shape_to_byte_shape
 
     try:
         return dequantize(raw.reshape(quant_shape_to_byte_shape(t.shape, t.type)), t.type).reshape(t.shape)
@@ -249,7 +233,6 @@ def _decode(raw: np.ndarray, t: TensorInfo) -> np.ndarray:
 
 class RowPool:
     """Runs a function over the row blocks of a tensor on n threads (numpy releases the GIL)."""
-
     def __init__(self, n: int):
         self.n, self.pool = n, ThreadPoolExecutor(n)
 
@@ -388,8 +371,6 @@ def _merging(base: GGUFBase, threads: int | None):
     """The base file opened unbuffered and the row pool, with one BLAS thread per block: numpy's OpenBLAS
     would spread each rank-r product over every core and spin between calls (10x the CPU time, slower in
     wall time too); the pool parallelises instead."""
-    from threadpoolctl import threadpool_limits
-
     pool = RowPool(threads or os.cpu_count() or 1)
     with open(base.path, "rb", buffering=0) as fh, pool.pool, threadpool_limits(1, user_api="blas"):
         yield fh, pool
@@ -408,8 +389,6 @@ def _source(fh, job: Job, spec, pool: RowPool) -> Tensor:
     an untouched tensor as stored in the base (converted to float by ggml, as llama.cpp converts it, when
     it is requantized), a merged one as _merged_blocks computes it, in its intermediate type (F32, or F16
     from an F16 base)."""
-    from lora2gguf.llamacpp.ggml import Tensor, ggml_rows, stored_slabs
-
     info = job.info
     if not job.touched:
         fd, src = fh.fileno(), job.source
@@ -424,7 +403,6 @@ def _write_quantized(path: Path, base: GGUFBase, jobs: list[Job], qtype: OutputT
     """The quantized output straight from the merge: llama.cpp's quantizer run in this process on the
     intermediate model (metadata of our f16/f32 output, tensors as _set_types plans them), which never
     becomes a file (quantize_ggml)."""
-    from lora2gguf.llamacpp.ggml import write_quantized
 
     with _merging(base, threads) as (fh, pool):
         tensors = [_source(fh, j, base.spec, pool) for j in jobs]
@@ -462,8 +440,6 @@ def merge(base: str | os.PathLike, loras: list[tuple[str | os.PathLike, float]],
     wrong with the request is checked before any tensor is read. progress=None: a bar when stderr is a tty.
     intermediate=True (quantized types): the previous path, an intermediate file beside `out` quantized by
     llama.cpp in a child process; same bytes, more disk (see the module docstring)."""
-    from tqdm import tqdm
-
     qtype = output_type(quant)
     if threads is not None and threads < 1:
         raise Lora2GGUFError(f"--threads {threads}: give a positive number of threads")
@@ -481,8 +457,7 @@ def merge(base: str | os.PathLike, loras: list[tuple[str | os.PathLike, float]],
                                  "first with llama-gguf-split --merge")
         adapters, record = [], {KEY_ADAPTERS: [], KEY_SCALES: [], KEY_SHA256: []}
         for p, s in loras:
-            a, digest = load_adapter(p, b.spec, b)
-            a.check_base(dataclasses.replace(b.spec, tied_embeddings=False), f"base {b.path.name}")
+            a, digest = load_adapter(p, b)
             adapters.append((a, float(s)))
             record[KEY_ADAPTERS].append(Path(p).name)
             record[KEY_SCALES].append(float(s))

@@ -13,14 +13,16 @@ import os
 from pathlib import Path
 
 from lora2gguf.adapters import lowrank
+from lora2gguf.adapters.gguf_lora_write import check_outtype, refuse_unsupported
+from lora2gguf.adapters.load import load_for_base
 from lora2gguf.adapters.lora import PeftAdapter
+from lora2gguf.adapters.save import check_out, save_adapter
 from lora2gguf.errors import Lora2GGUFError
+from lora2gguf.weights.base_model import open_base
 
 
 def resize_adapter(adapter: PeftAdapter, rank: int | None = None, energy: float | None = None) -> tuple[PeftAdapter, dict]:
     """The resized adapter (in memory) and what it keeps: per module (old rank, new rank, energy kept)."""
-    from lora2gguf.adapters.gguf_lora_write import refuse_unsupported
-
     lowrank.check_target(rank, energy)
     refuse_unsupported(adapter)  # DoRA, LoRA biases, modules_to_save: not a low-rank update we can resize
     modules, per, kept_sq, total_sq = {}, {}, 0.0, 0.0
@@ -50,9 +52,6 @@ def resize_adapter(adapter: PeftAdapter, rank: int | None = None, energy: float 
 def resize(adapter: str | os.PathLike, out: str | os.PathLike, rank: int | None = None, energy: float | None = None,
            base: str | os.PathLike | None = None, outtype: str = "f32", force: bool = False) -> dict:
     """Resize `adapter` (any format) and write it to `out` (.gguf: GGUF LoRA for `base`; else PEFT directory)."""
-    from lora2gguf.adapters.gguf_lora_write import check_outtype
-    from lora2gguf.adapters.save import check_out, save_adapter
-    from lora2gguf.adapters.load import load_for_base
 
     check_outtype(outtype)
     lowrank.check_target(rank, energy)
@@ -62,8 +61,6 @@ def resize(adapter: str | os.PathLike, out: str | os.PathLike, rank: int | None 
         new, report = resize_adapter(src, rank, energy)
         report["bytes"] = save_adapter(out, new, None, outtype)
     else:
-        from lora2gguf.weights.base_model import open_base
-
         with open_base(base) as b:
             src = load_for_base(adapter, b)
             new, report = resize_adapter(src, rank, energy)

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from lora2gguf.adapters.gguf_lora_write import check_outtype, gguf_from_peft
 from lora2gguf.errors import Lora2GGUFError
@@ -69,8 +70,6 @@ def train(cfg: TrainConfig, on_step=None) -> TrainResult:
     cdtype = pick_dtype(cfg.dtype, device)
     out = prepare_output(cfg)
     if world > 1:
-        import torch.distributed as dist
-
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")

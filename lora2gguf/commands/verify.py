@@ -15,17 +15,28 @@ only; the runtime view is then skipped, with the reason in the report.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from gguf import LlamaFileType
 
-from lora2gguf.adapters.peft import four_bit_base
 from lora2gguf.adapters.gguf_lora import base_match
+from lora2gguf.adapters.gguf_lora_write import gguf_from_peft, refuse_unsupported
+from lora2gguf.adapters.load import load_adapter
+from lora2gguf.adapters.peft import four_bit_base
 from lora2gguf.errors import Lora2GGUFError
-from lora2gguf.parity.metrics import compare, perplexity
+from lora2gguf.fileio.gguf_read import GGUFFile
+from lora2gguf.llamacpp.ggml import quantize_f32_copy, quantize_file
+from lora2gguf.llamacpp.runtime import LlamaRuntime
+from lora2gguf.llamacpp.tokenizer import ROLES, Tokenizer
+from lora2gguf.parity.metrics import compare, log_softmax, perplexity
+from lora2gguf.parity.nf4 import NF4Base
+from lora2gguf.parity.reference import ReferenceWeights, reference_logits
+from lora2gguf.weights.base_model import GGUFBase
 
 DEFAULT_TEXT = (
     "The lighthouse keeper woke before dawn, as he had every morning for thirty years. He climbed the "
@@ -56,16 +67,12 @@ class Adapter:
 
 
 def _load_adapter(path: Path, spec):
-    from lora2gguf.adapters.load import load_adapter
-
     return load_adapter(path, spec)
 
 
 def _check_merged(path: Path, gb) -> None:
     """Read the merged file's header before llama.cpp does (its refusals say little): a GGUF model of the
     base's architecture and shapes."""
-    from lora2gguf.weights.base_model import GGUFBase
-
     if not path.is_file():
         raise Lora2GGUFError(f"{path}: no such merged GGUF file (--merged)")
     with GGUFBase(path) as mb:
@@ -77,9 +84,7 @@ def _check_merged(path: Path, gb) -> None:
 
 
 def _file_type(path: Path) -> str:
-    from gguf import LlamaFileType
 
-    from lora2gguf.fileio.gguf_read import GGUFFile
 
     with GGUFFile(path) as f:
         ft = f.get("general.file_type")
@@ -135,10 +140,7 @@ def _measure_base_alone(base_path: Path, ftype_name: str, tokens, tmp: Path, n_c
     """The base quantized by llama.cpp's quantizer, in this process (quantize_ggml): from the base itself when
     it is F32/F16/BF16, else from its tensors dequantized by gguf-py (what llama_model_quantize of
     dequantize_file's F32 copy gives, without that copy: no file here is larger than the quantized one)."""
-    from gguf import LlamaFileType
 
-    from lora2gguf.llamacpp.ggml import quantize_f32_copy, quantize_file
-    from lora2gguf.llamacpp.runtime import LlamaRuntime
 
     dst = tmp / f"base-{ftype_name}.gguf"
     if _file_type(base_path) in FULL_PRECISION:
@@ -160,10 +162,7 @@ def _exact_merge_quantized(gb, ref, adapters, mtype: str, tokens, tmp: Path, n_c
     floor for a merge into the base's own quantized type, where the base alone re-rounds nothing (its values
     are on the grid already) while the merge re-rounds every tensor it changes. None when the merge adds
     tensors the base lacks (a new bias, an untied head): the base-alone floor is used then."""
-    from gguf import LlamaFileType
 
-    from lora2gguf.llamacpp.ggml import quantize_f32_copy
-    from lora2gguf.llamacpp.runtime import LlamaRuntime
 
     spec, arch = gb.spec, gb.spec.arch_module
     changed = {m for a in adapters for m in a.lora.modules} | {
@@ -201,8 +200,6 @@ def carried_fraction(base_ref: np.ndarray, ref: np.ndarray, base_alone: np.ndarr
     Fisher metric, under which a small change's squared length is twice its KL). Rounding noise is spread
     over every direction and averages out along the adapter's, over positions and vocabulary; the
     standard error (jackknife over blocks of positions) says when it did not."""
-    from lora2gguf.parity.metrics import log_softmax
-
     nums, dens = [], []
     for i in range(0, len(ref), 16):  # (16, vocab) float64 at a time; one block of the jackknife
         sl = slice(i, i + 16)
@@ -228,8 +225,6 @@ CARRIED_RANGE = (0.25, 1.75)  # 0: the adapter is missing; 2: applied twice. Mea
 
 def _runtime_refusal(lora) -> str | None:
     """Why a PEFT adapter cannot become a GGUF LoRA (DoRA, LoRA bias, modules_to_save...), or None."""
-    from lora2gguf.adapters.gguf_lora_write import refuse_unsupported
-
     try:
         refuse_unsupported(lora)
     except Lora2GGUFError as e:
@@ -243,9 +238,6 @@ def verify(base: str | os.PathLike, loras: list[tuple[str, float]], merged: str 
            n_greedy: int = 16, verbose: bool = False, chat_template: str | None = None) -> dict:
     """Compare reference / runtime / merged on the same tokens; returns the report (see format_report).
     chat_template renders `prompts` where the base has none (data.chat_template: chatml, gemma, a file)."""
-    from lora2gguf.weights.base_model import GGUFBase
-    from lora2gguf.parity.reference import ReferenceWeights, reference_logits
-    from lora2gguf.llamacpp.runtime import LlamaRuntime
 
     base_path = Path(base)
     if base_path.is_dir():
@@ -279,8 +271,6 @@ def verify(base: str | os.PathLike, loras: list[tuple[str, float]], merged: str 
             elif refusal:  # llama.cpp cannot apply it at run time; a merged file can still carry it
                 report["skipped"]["runtime"] = refusal
             elif path.is_dir():
-                from lora2gguf.adapters.gguf_lora_write import gguf_from_peft
-
                 a.runtime_path = gguf_from_peft(path, base_path, tmp / f"adapter-{i}.gguf")
             else:
                 a.runtime_path = path
@@ -403,9 +393,6 @@ def _carries(logits: dict) -> dict:
 def _four_bit_gap(gb, adapters, tokens, logits) -> dict:
     """A QLoRA adapter was fitted to NF4-rounded weights: the reference on an NF4-rounded copy of this base,
     with and without the adapters, against the reference on this base (informative, no threshold)."""
-    from lora2gguf.parity.nf4 import NF4Base
-    from lora2gguf.parity.reference import reference_logits
-
     nb = NF4Base(gb)
     with_adapters = reference_logits(nb, [(a.lora, a.scale) for a in adapters], [tokens])[0]
     alone = reference_logits(nb, [], [tokens])[0]
@@ -415,8 +402,6 @@ def _four_bit_gap(gb, adapters, tokens, logits) -> dict:
 
 def _chat_prompts(gb, prompts, template: str | None) -> list[list[int]]:
     """Chat prompts for the greedy check, rendered with `template` or else the base's own."""
-    from lora2gguf.llamacpp.tokenizer import Tokenizer
-
     tok = Tokenizer(gb.path, template)
     try:
         return [tok.encode(tok.render(msgs, add_generation_prompt=True)) for msgs in prompts]
@@ -479,9 +464,7 @@ def read_text(path: str) -> str:
 
 def read_prompts(path: str) -> list[list[dict]]:
     """JSONL, one conversation per line: {"messages": [{"role": ..., "content": ...}, ...]} or a bare list."""
-    import json
 
-    from lora2gguf.llamacpp.tokenizer import ROLES
 
     out = []
     try:

@@ -21,6 +21,7 @@ from typing import Any, Iterator
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 from gguf.constants import GGUF_DEFAULT_ALIGNMENT, GGUF_MAGIC
+from gguf.quants import dequantize, quant_shape_to_byte_shape
 
 from lora2gguf.errors import Lora2GGUFError
 
@@ -264,8 +265,6 @@ class GGUFFile:
 
     def tensor(self, name: str) -> np.ndarray:
         """The tensor as float32 in numpy order, dequantized with gguf-py whatever its GGML type."""
-        from gguf.quants import dequantize, quant_shape_to_byte_shape
-
         if name not in self.tensors:
             raise Lora2GGUFError(f"{self.path}: tensor {name} not found")
         t = self.tensors[name]

@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 import numpy as np
-from gguf import GGMLQuantizationType, GGUFWriter
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter, LlamaFileType
+from gguf.quants import quant_shape_to_byte_shape, quantize
 
 from lora2gguf.fileio.atomic import atomic_output
 from lora2gguf.fileio.gguf_read import GGUFFile, StringArray
@@ -37,8 +38,6 @@ class PlannedTensor:
 
 
 def nbytes_of(shape: tuple[int, ...], qtype: GGMLQuantizationType) -> int:
-    from gguf import GGML_QUANT_SIZES
-
     block, size = GGML_QUANT_SIZES[qtype]
     return int(np.prod(shape[:-1], dtype=np.int64)) * (shape[-1] // block) * size
 
@@ -47,8 +46,6 @@ def write_streaming(path: Path, writer: GGUFWriter, plan: list[PlannedTensor],
                     data: Iterable[np.ndarray], progress: Callable[[PlannedTensor], None] | None = None) -> None:
     """Write header, metadata and tensor infos, then each tensor's bytes as `data` yields them (in plan
     order), so only one tensor is in memory at a time. `writer` must carry the metadata already."""
-    from gguf.quants import quant_shape_to_byte_shape
-
     for t in plan:
         raw = t.type not in (GGMLQuantizationType.F32, GGMLQuantizationType.F16)
         # GGUFWriter takes the *byte* shape for uint8 data (quantized, BF16) and converts it back.
@@ -81,15 +78,12 @@ def encode(arr: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
         return arr.astype(np.float32, copy=False)
     if qtype == GGMLQuantizationType.F16:
         return arr.astype(np.float16)
-    from gguf.quants import quantize
 
     return quantize(arr.astype(np.float32, copy=False), qtype)
 
 
 def f32_copy_writer(f: GGUFFile) -> GGUFWriter:
     """A writer carrying the metadata of dequantize_file's F32 copy of f (the base's, file type ALL_F32)."""
-    from gguf import LlamaFileType
-
     w = GGUFWriter(None, f.get("general.architecture"))
     copy_fields(f, w, skip=lambda k: k == "general.file_type")
     w.add_file_type(LlamaFileType.ALL_F32)

@@ -6,9 +6,11 @@ from __future__ import annotations
 import json
 import re
 import struct
+import warnings
 from pathlib import Path
 
 import numpy as np
+from safetensors import SafetensorError, safe_open
 
 from lora2gguf.errors import Lora2GGUFError
 
@@ -36,8 +38,6 @@ def safetensors_header(path: Path, float_only: bool = True) -> dict:
     safetensors library itself has validated the file: header length and JSON, known dtypes, every
     tensor's offsets matching its shape and dtype, no overlap, the data section covered exactly (so a
     truncated file is caught here). float_only: any tensor that is not F32/F16/BF16/F64 is an error."""
-    from safetensors import SafetensorError, safe_open
-
     try:
         with safe_open(str(path), framework="numpy"):
             pass
@@ -83,8 +83,6 @@ def read_safetensors_f32(path: Path) -> dict[str, np.ndarray]:
 def read_torch_pickle(binf: Path, writer: str) -> dict[str, np.ndarray]:
     """A torch pickle of a flat {name: tensor} dict (PEFT's adapter_model.bin, torchtune's adapter_model.pt),
     loaded with weights_only: tensors and plain containers only, never code."""
-    import warnings
-
     import torch
 
     try:  # weights_only: tensors and plain containers only, never arbitrary objects

@@ -54,10 +54,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
+import llama_cpp
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGML_QUANT_VERSION, GGMLQuantizationType, GGUFWriter, LlamaFileType
+from gguf.quants import dequantize
+from llama_cpp._ctypes_extensions import load_shared_library
 
 from lora2gguf.errors import Lora2GGUFError
+from lora2gguf.fileio.atomic import atomic_output
+from lora2gguf.fileio.gguf_read import GGUFFile
+from lora2gguf.fileio.gguf_write import PlannedTensor, f32_copy_writer, nbytes_of, write_streaming
 
 F32, F16 = GGMLQuantizationType.F32, GGMLQuantizationType.F16
 ALIGN = 32  # GGUF_DEFAULT_ALIGNMENT: llama-quant.cpp pads every tensor's data to it
@@ -114,9 +120,6 @@ _TO_FLOAT = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_in
 @functools.lru_cache(maxsize=None)
 def _libs():
     """(libllama, libggml-base) with the signatures used here."""
-    import llama_cpp
-    from llama_cpp._ctypes_extensions import load_shared_library
-
     llama = llama_cpp.llama_cpp._lib
     g = load_shared_library("ggml-base", Path(llama_cpp.__file__).parent / "lib")
     vp, sz, i64, cp = ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int64, ctypes.c_char_p
@@ -183,8 +186,6 @@ def _llama_log(sink: Callable[[str], None]):
     """Route llama.cpp's (and ggml's) log to sink for the duration, then give back whatever callback was set
     (llama-cpp-python's). The callback is process-wide: what llama.cpp logs meanwhile from another thread
     goes to sink too (the dry run's parser only takes its own tensor lines, checked one by one)."""
-    import llama_cpp
-
     lib = llama_cpp.llama_cpp._lib
     get, put = lib["llama_log_get"], lib["llama_log_set"]  # fresh function objects: our own argtypes
     get.argtypes, get.restype = [ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_void_p)], None
@@ -210,7 +211,6 @@ def llama_target_types(model: str | os.PathLike, ftype: LlamaFileType, verbose: 
                        ) -> list[tuple[str, GGMLQuantizationType | None]]:
     """(name, target type) for every tensor of a GGUF model, in the order llama_model_quantize writes them,
     from its own dry run (no output file). The type is None where llama.cpp keeps the input's type."""
-    import llama_cpp
 
     p = llama_cpp.llama_model_quantize_default_params()
     p.ftype, p.dry_run, p.allow_requantize, p.nthread = int(ftype), True, True, 1
@@ -250,8 +250,6 @@ def _probe_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def _write_probe(path: Path, writer: GGUFWriter, tensors: list[Tensor]) -> None:
-    from lora2gguf.fileio.gguf_write import PlannedTensor, nbytes_of, write_streaming
-
     plan = [PlannedTensor(t.name, s, t.type, nbytes_of(s, t.type)) for t in tensors for s in [_probe_shape(t.shape)]]
 
     def zeros():
@@ -266,7 +264,6 @@ def _write_probe(path: Path, writer: GGUFWriter, tensors: list[Tensor]) -> None:
 
 class _GGUF:
     """A gguf_context (and a ggml context for the tensor descriptors), freed on exit."""
-
     def __init__(self):
         self.g = _libs()[1]
         self.ctx = self.g.gguf_init_empty()
@@ -464,8 +461,6 @@ def ggml_rows(fd: int, info, slab: int = SLAB_BYTES) -> Iterator[np.ndarray]:
 def gguf_py_rows(fd: int, info, slab: int = SLAB_BYTES) -> Iterator[np.ndarray]:
     """A stored tensor as float32 rows, dequantized by gguf-py (what GGUFFile.tensor and so dequantize_file
     give, row block by row block)."""
-    from gguf.quants import dequantize
-
     ne0 = info.shape[-1]
     for raw in stored_slabs(fd, info, _float_slab(info, slab)):
         if info.type == F32:
@@ -496,9 +491,6 @@ def _replaced_rows(value) -> Callable[[], Iterator[np.ndarray]]:
 def quantize_file(src: str | os.PathLike, dst: str | os.PathLike, ftype: LlamaFileType, threads: int | None = None,
                   verbose: bool = False) -> Path:
     """llama_model_quantize(src, dst, ftype) in this process (allow_requantize): same bytes."""
-    from lora2gguf.fileio.gguf_read import GGUFFile
-    from lora2gguf.fileio.atomic import atomic_output
-
     dst = Path(dst)
     with GGUFFile(src) as f, open(f.path, "rb") as fh, atomic_output(dst) as tmp:
         fd = fh.fileno()
@@ -515,9 +507,6 @@ def quantize_f32_copy(src: str | os.PathLike, dst: str | os.PathLike, ftype: Lla
     dequantized by gguf-py; `replace` gives some tensors other values, GGUF layout: an array, or a function
     that makes it when that tensor is written, so that one replaced tensor is in memory at a time), without
     that F32 copy."""
-    from lora2gguf.fileio.gguf_read import GGUFFile
-    from lora2gguf.fileio.atomic import atomic_output
-    from lora2gguf.fileio.gguf_write import f32_copy_writer
 
     dst, replace = Path(dst), replace or {}
     with GGUFFile(src) as f, open(f.path, "rb") as fh, atomic_output(dst) as tmp:

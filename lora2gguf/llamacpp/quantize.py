@@ -19,12 +19,14 @@ import contextlib
 import ctypes
 import os
 import re
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import llama_cpp
 from gguf import GGMLQuantizationType, LlamaFileType
 
 from lora2gguf.errors import Lora2GGUFError
@@ -126,15 +128,12 @@ def llama_quantize(src: str | os.PathLike, dst: str | os.PathLike, ftype: LlamaF
 
 def _child(src: str, dst: str, ftype: int, threads: int, parent: int) -> int:
     """The quantizer process: llama.cpp's log on stdout, for the parent to read."""
-    import signal
-
     with contextlib.suppress(OSError, AttributeError):  # Linux: die with the parent, whatever kills it
         ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
     if os.getppid() != parent:  # the parent died before prctl took effect
         return 1
     for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(s, signal.SIG_DFL)  # die at once, mid-tensor: the parent removes the output
-    import llama_cpp
 
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftype

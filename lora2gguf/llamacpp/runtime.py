@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 from typing import Sequence
 
+import llama_cpp
 import numpy as np
 
 from lora2gguf.errors import Lora2GGUFError
@@ -78,7 +79,6 @@ def _without_extra_bufts(llama_cpp, repack: bool):
 class LlamaRuntime:
     def __init__(self, model_path: str | os.PathLike, n_ctx: int = 512, n_threads: int | None = None,
                  vocab_only: bool = False, verbose: bool = False, repack: bool = True):
-        import llama_cpp
 
         self._lc = llama_cpp
         self.path = Path(model_path)

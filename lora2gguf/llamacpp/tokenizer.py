@@ -11,7 +11,13 @@ import os
 from datetime import datetime
 from pathlib import Path
 
+from jinja2.exceptions import TemplateError
+from jinja2.ext import Extension
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
 from lora2gguf.errors import Lora2GGUFError
+from lora2gguf.fileio.gguf_read import GGUFFile
+from lora2gguf.llamacpp.runtime import LlamaRuntime
 
 ROLES = ("system", "user", "assistant", "tool")
 # Templates a user can name with --chat-template for a base whose GGUF carries none (pretrained bases such as
@@ -57,11 +63,7 @@ def chat_template(name_or_path: str) -> str:
 
 class Tokenizer:
     """The GGUF's tokenizer through llama.cpp (vocab only) and its chat template."""
-
     def __init__(self, gguf_path: str | os.PathLike, template: str | None = None):
-        from lora2gguf.fileio.gguf_read import GGUFFile
-        from lora2gguf.llamacpp.runtime import LlamaRuntime
-
         self.path = Path(gguf_path)
         with GGUFFile(self.path) as f:
             if f.get("general.type") == "adapter":
@@ -134,10 +136,6 @@ def _environment():
     """A sandboxed Jinja environment set up as transformers' apply_chat_template sets it up."""
     global _ENV
     if _ENV is None:
-        from jinja2.exceptions import TemplateError
-        from jinja2.ext import Extension
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
         class GenerationTag(Extension):  # HF's {% generation %}...{% endgeneration %}: render the body as is
             tags = {"generation"}
 

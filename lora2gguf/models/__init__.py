@@ -1,41 +1,11 @@
-"""One module per architecture (models/<arch>.py, each exporting ARCH, an arch.Arch) and the registry that
-finds it from a GGUF `general.architecture` or a transformers `architectures` / `model_type` entry.
-
-Adding an architecture: write models/<name>.py and add its name to NAMES."""
+"""The architectures: the spec every one fills (spec), the base class that holds an architecture's every
+rule (arch), the PyTorch layers the reference forward composes (layers), one module per architecture, and
+the registry that finds them (registry: adding an architecture is models/<name>.py and its name there)."""
 
 from __future__ import annotations
 
-import importlib
-from functools import cache
-
-from lora2gguf.errors import Lora2GGUFError
 from lora2gguf.models.arch import Arch
+from lora2gguf.models.registry import NAMES, all_archs, find, get
 from lora2gguf.models.spec import ModelSpec
-
-NAMES = ("llama", "qwen2", "qwen3", "gemma3", "gemma2", "phi3")  # GGUF general.architecture, one module each
-
-
-@cache
-def get(name: str) -> Arch:
-    """The architecture whose GGUF name is `name`."""
-    return importlib.import_module(f".{name}", __name__).ARCH
-
-
-def all_archs() -> list[Arch]:
-    return [get(n) for n in NAMES]
-
-
-def find(name: str, where: str = "") -> Arch:
-    """The architecture for a GGUF arch name, an HF class name or an HF model_type; a one-line error
-    naming the supported ones otherwise."""
-    if name in NAMES:
-        return get(name)
-    for a in all_archs():
-        if name in a.hf_architectures or name in a.hf_model_types:
-            return a
-    prefix = f"{where}: " if where else ""
-    raise Lora2GGUFError(f"{prefix}unsupported architecture {name!r}; supported: {', '.join(NAMES)} "
-                         "(llama covers Mistral, SmolLM, TinyLlama)")
-
 
 __all__ = ["Arch", "ModelSpec", "NAMES", "all_archs", "find", "get"]

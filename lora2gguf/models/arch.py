@@ -223,7 +223,7 @@ class Arch:
     # -- reference forward (torch, imported when called) ---------------------------------------------------
     def build_layer(self, spec: ModelSpec, i: int):
         """Decoder layer i as a torch module whose submodule names are the HF ones."""
-        from lora2gguf.models.layers import Attention, DecoderLayer, MLP, RMSNorm
+        from lora2gguf.models.layers import MLP, Attention, DecoderLayer, RMSNorm
 
         return DecoderLayer(
             norms={"input_layernorm": RMSNorm(spec.n_embd, spec.norm_eps),

@@ -130,7 +130,7 @@ class Gemma3(Arch):
 
     # -- reference forward ---------------------------------------------------------------------------------
     def build_layer(self, spec: GemmaSpec, i: int):
-        from lora2gguf.models.layers import Attention, DecoderLayer, MLP, RMSNorm
+        from lora2gguf.models.layers import MLP, Attention, DecoderLayer, RMSNorm
 
         local = i in spec.swa_layers
         attn = Attention(spec, norm_offset=1.0, scale=spec.attn_scale, softcap=spec.attn_softcap,

@@ -164,11 +164,20 @@ class DecoderLayer(nn.Module):
         return x + self._norm(mlp_out, self.mlp(self._norm(mlp_in, x)))
 
 
+class Embedding(nn.Embedding):
+    """The token embedding, also callable as the output head of a tied model (as mlx-lm's `as_linear`): the
+    model asks the module for logits, never what storage its weight has (weights.quantized.QuantEmbedding
+    answers the same call from GGUF blocks)."""
+
+    def as_linear(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+
 class Decoder(nn.Module):
     def __init__(self, spec: ModelSpec):
         super().__init__()
         arch = spec.arch_module
-        self.embed_tokens = nn.Embedding(spec.n_vocab, spec.n_embd)
+        self.embed_tokens = Embedding(spec.n_vocab, spec.n_embd)
         self.layers = nn.ModuleList(arch.build_layer(spec, i) for i in range(spec.n_layer))
         self.norm = RMSNorm(spec.n_embd, spec.norm_eps, arch.norm_offset)
 
@@ -193,13 +202,11 @@ class Transformer(nn.Module):
         self.ropes = {k: Rope(self.spec.n_rot, k[0], k[1], freq_factors) for k in keys}
 
     def forward(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = self.hidden_states(ids, attention_mask)
-        head = self.model.embed_tokens.weight if self.spec.tied_embeddings else self.lm_head.weight
-        if not isinstance(head, torch.Tensor):  # a head kept in its GGUF encoding (quant_weights)
-            from lora2gguf.weights.quantized import frozen_linear
+        return self.cap_logits(self.head(self.hidden_states(ids, attention_mask)).float())
 
-            return self.cap_logits(frozen_linear(x.reshape(-1, x.shape[-1]), head).view(*x.shape[:-1], -1).float())
-        return self.cap_logits(F.linear(x, head).float())
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """The output projection: lm_head, or the embedding as a linear layer when they are tied."""
+        return self.model.embed_tokens.as_linear(x) if self.spec.tied_embeddings else self.lm_head(x)
 
     def cap_logits(self, logits: torch.Tensor) -> torch.Tensor:
         if self.final_softcap:

@@ -52,7 +52,7 @@ class Phi3(Arch):
                 "mlp.gate_up_proj.weight": (2 * f, e), "mlp.down_proj.weight": (e, f)}
 
     def build_layer(self, spec, i: int):
-        from lora2gguf.models.layers import Attention, DecoderLayer, MLP, RMSNorm
+        from lora2gguf.models.layers import MLP, Attention, DecoderLayer, RMSNorm
 
         return DecoderLayer(
             norms={"input_layernorm": RMSNorm(spec.n_embd, spec.norm_eps),

@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from lora2gguf.errors import Lora2GGUFError
+from lora2gguf.models.registry import get
 
 
 @dataclass(frozen=True)
@@ -33,8 +34,6 @@ class ModelSpec:
     @property
     def arch_module(self):
         """The models/<arch>.py object that owns everything about this architecture."""
-        from lora2gguf.models import get
-
         return get(self.arch)
 
     @property

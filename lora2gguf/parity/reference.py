@@ -10,11 +10,12 @@ import dataclasses
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lora2gguf.adapters.lora import ModuleLoRA, PeftAdapter, merged_bias, merged_weight
 from lora2gguf.models.layers import Transformer
+from lora2gguf.weights.base_model import GGUFBase
+from lora2gguf.weights.quantized import frozen_linear, quant_weight
 
 
 def modules_by_target(adapters: list[tuple[PeftAdapter, float]]) -> dict[str, list[tuple[ModuleLoRA, float]]]:
@@ -50,7 +51,6 @@ class ReferenceWeights:
     folded in by PEFT's math (merged_weight, a block of rows at a time) where they touch it; modules_to_save
     replace it (the last adapter wins); on a tied base whose embedding or head an adapter touches, the head
     starts as a copy of the original embedding. Untouched 2-D tensors can stay quantized (QuantWeight)."""
-
     def __init__(self, base, adapters: list[tuple[PeftAdapter, float]]):
         self.base, self.spec = base, base.spec
         for a, _ in adapters:
@@ -65,9 +65,6 @@ class ReferenceWeights:
         return "model.embed_tokens.weight" if name == "lm_head.weight" and self.spec.tied_embeddings else name
 
     def _quant(self, name: str):
-        from lora2gguf.weights.base_model import GGUFBase
-        from lora2gguf.weights.quantized import quant_weight
-
         if not isinstance(self.base, GGUFBase) or not name.endswith(".weight"):
             return None
         return quant_weight(self.base, self._source_name(name), torch.float32)
@@ -121,8 +118,6 @@ def reference_logits(base, adapters: list[tuple[PeftAdapter, float]], sequences:
     sequence and dropped, and an untouched embedding and head stay quantized (rows looked up, logits by
     blocks of rows). Peak memory is the file's pages plus one layer, not an fp32 copy of the model; the
     result is reference_model's."""
-    from lora2gguf.weights.quantized import QuantWeight, frozen_linear
-
     spec = base.spec
     src = ReferenceWeights(base, list(adapters))
     with torch.device("meta"):
@@ -158,6 +153,6 @@ def reference_logits(base, adapters: list[tuple[PeftAdapter, float]], sequences:
         out = []
         for x in xs:
             h = model.model.norm(x)[0]
-            logits = frozen_linear(h, head) if isinstance(head, QuantWeight) else F.linear(h, head)
+            logits = frozen_linear(h, head)  # a tensor or a QuantWeight
             out.append(model.cap_logits(logits.float()).numpy())
     return out

@@ -8,6 +8,7 @@ checkpoint (Run owns its checkpoint: what it saves and restores is its own state
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -17,19 +18,40 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
 
 from lora2gguf.adapters.peft import lora_config, write_peft_files
 from lora2gguf.errors import Lora2GGUFError
-from lora2gguf.training.checkpoint import (Interrupt, RESUME_KEYS, check_resumable, latest_checkpoint,
-    read_checkpoint, rng_state, set_rng_state, write_state)
+from lora2gguf.llamacpp.tokenizer import open_tokenizer
+from lora2gguf.training.checkpoint import (
+    RESUME_KEYS,
+    Interrupt,
+    check_resumable,
+    latest_checkpoint,
+    read_checkpoint,
+    rng_state,
+    set_rng_state,
+    write_state,
+)
 from lora2gguf.training.config import TrainConfig, TrainResult
+from lora2gguf.training.data import Order, collate, load_dataset
 from lora2gguf.training.fused import fuse_for_training
-from lora2gguf.training.lora import (inject_lora, load_lora_state, lora_parameters, parse_layers, resolve_targets,
-    to_adapter)
+from lora2gguf.training.lora import (
+    inject_lora,
+    load_lora_state,
+    lora_parameters,
+    parse_layers,
+    resolve_targets,
+    to_adapter,
+)
 from lora2gguf.training.loss import LossModel
 from lora2gguf.training.runlog import LOG_NAME, PLOT_NAME, clear_previous_run, plot_losses, read_log
+from lora2gguf.weights.base_model import open_base
+from lora2gguf.weights.fingerprint import fingerprint
 from lora2gguf.weights.frozen import choose_base_weights, load_base_model
 
 
@@ -44,9 +66,7 @@ def lr_lambda(warmup: int, total: int):
 
 def tokens_digest(examples) -> str:
     """sha256 of the tokenized examples: changes with the data, the tokenizer or the sequence length."""
-    import hashlib
 
-    import numpy as np
 
     h = hashlib.sha256()
     for e in examples:
@@ -58,8 +78,6 @@ def tokens_digest(examples) -> str:
 
 
 def file_sha256(path: str) -> str:
-    import hashlib
-
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
@@ -67,7 +85,6 @@ def file_sha256(path: str) -> str:
 @dataclass
 class Run:
     """Everything one training run holds; its methods are the pieces of the loop."""
-
     cfg: TrainConfig
     out: Path
     device: torch.device
@@ -86,8 +103,6 @@ class Run:
 
     def forward(self, module: nn.Module, examples, backward_scale: float | None = None) -> torch.Tensor:
         """Summed loss of these examples; with backward_scale, also backpropagates loss × scale."""
-        from lora2gguf.training.data import collate
-
         batch = {k: (v.to(self.device) if v is not None else None) for k, v in collate(examples, self.pad_id).items()}
         with torch.autocast(self.device.type, dtype=self.cdtype, enabled=self.cdtype != torch.float32):
             loss = module(batch["ids"], batch["attention_mask"], batch["targets"])
@@ -166,11 +181,6 @@ class Run:
 
 def setup(cfg, out, device, cdtype, rank, world, warn) -> tuple[Run, list, list]:
     """Tokenize the data, load the frozen base, add LoRA, build the optimizer → (run, train, eval examples)."""
-    from lora2gguf.training.data import load_dataset
-    from lora2gguf.llamacpp.tokenizer import open_tokenizer
-    from lora2gguf.weights.base_model import open_base
-    from lora2gguf.weights.fingerprint import fingerprint
-
     tok = open_tokenizer(cfg.base, cfg.tokenizer, cfg.chat_template)
     try:
         train_ex = load_dataset(cfg.data, tok, cfg.seq_len, warn)
@@ -203,8 +213,6 @@ def setup(cfg, out, device, cdtype, rank, world, warn) -> tuple[Run, list, list]
     assert all(not p.requires_grad for p in model.parameters() if id(p) not in trainable), "base must be frozen"
     net: nn.Module = LossModel(model)
     if world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
         # every rank loaded the same base: only LoRA weights need syncing (and mapped weights are read-only)
         frozen = [n for n, p in net.named_parameters() if not p.requires_grad]
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(net, frozen)
@@ -229,9 +237,7 @@ def setup(cfg, out, device, cdtype, rank, world, warn) -> tuple[Run, list, list]
 
 def run_training(cfg, on_step, out, device, cdtype, rank, world, warn) -> TrainResult:
     """Set the run up, resume it if asked, step it to the end (or to an interrupt), save the adapter."""
-    from tqdm import tqdm
 
-    from lora2gguf.training.data import Order
 
     run, train_ex, eval_ex = setup(cfg, out, device, cdtype, rank, world, warn)
     total, G = run.args["total_steps"], cfg.batch_size * cfg.grad_accum

@@ -9,10 +9,12 @@ import os
 from pathlib import Path
 
 import numpy as np
+from safetensors import safe_open
 
 from lora2gguf import models
 from lora2gguf.errors import Lora2GGUFError
 from lora2gguf.fileio.gguf_read import GGUFFile
+from lora2gguf.fileio.tensors import safetensors_header
 from lora2gguf.models.spec import ModelSpec
 
 
@@ -86,7 +88,6 @@ class GGUFBase:
 
 class HFBase:
     """A Hugging Face model directory: config.json + model.safetensors (or sharded with an index)."""
-
     def __init__(self, path: str | os.PathLike):
         path = Path(path)
         self.path = path.parent if path.name == "config.json" else path
@@ -119,8 +120,6 @@ class HFBase:
     def _index(self) -> dict[str, Path]:
         """HF tensor name → the safetensors file holding it. Every file is validated by the safetensors
         library, and every tensor the config implies must be there with its shape."""
-        from lora2gguf.fileio.tensors import safetensors_header
-
         idx = self.path / "model.safetensors.index.json"
         if idx.is_file():
             try:
@@ -153,8 +152,6 @@ class HFBase:
         return self.spec.arch_module.gguf_name(self.spec.n_layer, hf_name)
 
     def tensor(self, hf_name: str) -> np.ndarray:
-        from safetensors import safe_open
-
         if hf_name not in self._files:
             raise Lora2GGUFError(f"{self.path}: tensor {hf_name} not found")
         # framework="pt" reads bf16 too (numpy has no bfloat16); memory-mapped by safetensors.

@@ -26,7 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from gguf import GGMLQuantizationType
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf.quants import dequantize
 
 PER_TENSOR = 128  # sampled values per tensor
 MIN_CORRELATION = 0.8  # Q2_K keeps ~0.9 per tensor; unrelated weights stay below ~0.3 at 128 values
@@ -105,9 +106,6 @@ def fingerprint(base) -> Fingerprint:
 
 
 def _gguf_rows(base, hf_name: str, rows: list[int], cols: int) -> list[np.ndarray]:
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
-    from gguf.quants import dequantize
-
     f, spec = base.file, base.spec
     t = f.tensors[base.gguf_name(hf_name)]
     arch = spec.arch_module
@@ -133,7 +131,6 @@ def _gguf_rows(base, hf_name: str, rows: list[int], cols: int) -> list[np.ndarra
 class _SafetensorsIndex:
     """Shapes and single rows of an HF model's safetensors files, read through the headers and a memory
     map (no torch: safetensors' numpy loader cannot read bf16, and only a few rows are needed)."""
-
     _DT = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2"}
 
     def __init__(self, path: Path):

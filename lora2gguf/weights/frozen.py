@@ -4,12 +4,17 @@ place from its memory map) or quantized (the GGUF's own blocks, weights.quantize
 from __future__ import annotations
 
 import os
+import warnings
 
 import numpy as np
 import torch
+from gguf import GGMLQuantizationType
 from torch import nn
 
 from lora2gguf.errors import Lora2GGUFError
+from lora2gguf.models.layers import Transformer
+from lora2gguf.weights.base_model import GGUFBase
+from lora2gguf.weights.quantized import load_quantized_model
 
 BASE_WEIGHTS = ("auto", "resident", "quantized")
 
@@ -34,8 +39,6 @@ def available_memory(device: torch.device) -> int:
 def resident_cost(base, dtype: torch.dtype, device: torch.device) -> int:
     """Bytes the resident form adds beyond the file's pages: every 2-D tensor dequantized to `dtype`,
     except F32 tensors that load_base_model maps in place (CPU, fp32)."""
-    from gguf import GGMLQuantizationType
-
     total = 0
     for name in base.hf_names():
         info = base.file.tensors[base.gguf_name(name)]
@@ -52,7 +55,6 @@ def choose_base_weights(base, want: str, dtype: torch.dtype, device: torch.devic
     (fastest per step); quantized: the GGUF's own blocks, dequantized a block at a time in forward and
     backward (memory ≈ the file). auto picks resident when it needs at most RESIDENT_SHARE of the free
     memory (shared by the processes training on this machine or GPU), quantized otherwise."""
-    from lora2gguf.weights.base_model import GGUFBase
 
     if want not in BASE_WEIGHTS:
         raise Lora2GGUFError(f"--base-weights {want}: expected one of {', '.join(BASE_WEIGHTS)}")
@@ -78,18 +80,11 @@ def load_base_model(base, dtype: torch.dtype, device: torch.device, weights: str
     dequantized/copied). They are
     views of one tensor over the file, so that projections stored next to each other (gate/up) fuse
     without a copy (concat_rows)."""
-    from lora2gguf.models.layers import Transformer
-    from lora2gguf.weights.base_model import GGUFBase
-
     if weights == "quantized":
-        from lora2gguf.weights.quantized import load_quantized_model
-
         return load_quantized_model(base, dtype, device)
     if not (isinstance(base, GGUFBase) and dtype == torch.float32 and device.type == "cpu"):
         return Transformer.from_base(base, dtype=dtype, device=device)
-    import warnings
 
-    from gguf import GGMLQuantizationType
 
     spec = base.spec
     arch = spec.arch_module

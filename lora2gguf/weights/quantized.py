@@ -21,6 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lora2gguf.models.layers import Transformer
+from lora2gguf.weights.dequantize import SUPPORTED, dequantize
+
 CHUNK_BYTES = 64 << 20  # dequantized rows per block: big enough for an efficient GEMM, small beside the file
 
 
@@ -40,16 +43,12 @@ class QuantWeight:
 
     def rows(self, a: int = 0, b: int | None = None) -> torch.Tensor:
         """W[a:b] dequantized, in self.dtype."""
-        from lora2gguf.weights.dequantize import dequantize
-
         b = self.shape[0] if b is None else b
         raw = self.raw[a:b] if self.perm is None else self.raw[self.perm[a:b]]
         return dequantize(raw, self.qtype, self.shape[1], self.dtype)
 
     def take(self, ids: torch.Tensor) -> torch.Tensor:
         """W[ids] (an embedding lookup): only the rows asked for are dequantized."""
-        from lora2gguf.weights.dequantize import dequantize
-
         idx = ids.reshape(-1).to(self.raw.device)
         if self.perm is not None:
             idx = self.perm[idx]
@@ -111,7 +110,6 @@ def frozen_grad_input(g2: torch.Tensor, w) -> torch.Tensor:
 
 class QuantMatmul(torch.autograd.Function):
     """x·Wᵀ + bias with W a QuantWeight: dequantized again in backward for the input gradient (nothing kept)."""
-
     @staticmethod
     def forward(ctx, x, bias, w: QuantWeight):
         ctx.w = w
@@ -154,12 +152,14 @@ class QuantEmbedding(nn.Module):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.weight.take(ids)
 
+    def as_linear(self, x: torch.Tensor) -> torch.Tensor:
+        """The tied output head: x · Wᵀ from the blocks (models.layers.Embedding.as_linear's counterpart)."""
+        return QuantMatmul.apply(x, None, self.weight)
+
 
 def quant_weight(base, hf_name: str, dtype: torch.dtype, device: torch.device | str = "cpu") -> QuantWeight | None:
     """The base's 2-D tensor `hf_name` as a QuantWeight over the mapped file, or None where it cannot be one:
     a type dequantize.py does not read, or a value transform other than a row permutation."""
-    from lora2gguf.weights.dequantize import SUPPORTED
-
     spec, arch = base.spec, base.spec.arch_module
     info = base.file.tensors[base.gguf_name(hf_name)]
     if len(info.shape) != 2 or info.type not in SUPPORTED:
@@ -181,8 +181,6 @@ def quant_weight(base, hf_name: str, dtype: torch.dtype, device: torch.device | 
 def load_quantized_model(base, dtype: torch.dtype, device: torch.device):
     """The reference Transformer on a GGUF base with every 2-D weight (projections, embedding, head) a
     QuantWeight; norms and anything dequantize.py cannot read are resident, in `dtype`."""
-    from lora2gguf.models.layers import Transformer
-
     with torch.device("meta"):
         model = Transformer(base.spec, None)
     state = {}

