@@ -49,7 +49,6 @@ from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFWriter, LlamaFileType
-from gguf.quants import dequantize, quant_shape_to_byte_shape
 from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
@@ -58,7 +57,7 @@ from lora2gguf.adapters.lora import ModuleLoRA, PeftAdapter, merged_bias, merged
 from lora2gguf.adapters.rules import check_not_activated
 from lora2gguf.errors import Lora2GGUFError
 from lora2gguf.fileio.atomic import atomic_output, check_output, part_prefix
-from lora2gguf.fileio.gguf_read import TensorInfo
+from lora2gguf.fileio.gguf_read import TensorInfo, decode, pread
 from lora2gguf.fileio.gguf_write import PlannedTensor, copy_fields, encode, nbytes_of, write_streaming
 from lora2gguf.llamacpp.ggml import Tensor, ggml_rows, stored_slabs, write_quantized
 from lora2gguf.llamacpp.quantize import OutputType, llama_quantize, output_type, takes_file_type
@@ -195,40 +194,12 @@ def _plan(base: GGUFBase, adapters: list[tuple[PeftAdapter, float]]) -> list[Job
 
 def _read(fh, t: TensorInfo) -> np.ndarray:
     """The tensor's bytes, read into fresh memory (freed after use, unlike pages of a memory map)."""
-    return _read_range(fh.fileno(), t, 0, t.nbytes)
-
-
-def _read_range(fd: int, t: TensorInfo, start: int, n: int) -> np.ndarray:
-    """n bytes of the tensor's data from `start`, read into fresh memory."""
-    buf = np.empty(n, np.uint8)
-    view, got = memoryview(buf), 0
-    while got < n:
-        k = os.preadv(fd, [view[got:]], t.offset + start + got)
-        if not k:  # the header was checked against the size at open: the file shrank since
-            raise Lora2GGUFError(f"{_path_of(fd)}: tensor {t.name}: the base file ended early (was it changed "
-                                 "while merging?); it is truncated")
-        got += k
-    return buf
-
-
-def _path_of(fd: int) -> str:
-    try:
-        return os.readlink(f"/proc/self/fd/{fd}")
-    except OSError:
-        return "the base file"
+    return pread(fh.fileno(), t.offset, t.nbytes, f"tensor {t.name}")
 
 
 def _decode(raw: np.ndarray, t: TensorInfo) -> np.ndarray:
-    """float32 in GGUF layout (numpy order), from any GGML type gguf-py can dequantize."""
-    if t.type == F32:
-        return raw.view(np.float32).reshape(t.shape)
-    if t.type == GGMLQuantizationType.F16:
-        return raw.view(np.float16).reshape(t.shape).astype(np.float32)
-
-    try:
-        return dequantize(raw.reshape(quant_shape_to_byte_shape(t.shape, t.type)), t.type).reshape(t.shape)
-    except NotImplementedError:
-        raise Lora2GGUFError(f"tensor {t.name} has type {t.type.name}, which gguf-py cannot dequantize") from None
+    """float32 in GGUF layout (numpy order)."""
+    return decode(raw, t.type, t.shape, f"tensor {t.name}")
 
 
 class RowPool:
@@ -278,7 +249,7 @@ def _plain_blocks(fd: int, src: TensorInfo, mods: list[tuple[ModuleLoRA, float]]
     step = pool.step(src.shape)
 
     def block(rows: slice, raw: np.ndarray) -> np.ndarray:
-        w = _decode_rows(raw, src, rows.stop - rows.start).astype(np.float32)  # a copy, even when already float32
+        w = decode(raw, src.type, (-1, ne0), f"tensor {src.name}", copy=True)  # summed into in place
         for a, b in factors:
             w += b[rows] @ a
         return w if dtype == np.float32 else w.astype(dtype)
@@ -286,20 +257,9 @@ def _plain_blocks(fd: int, src: TensorInfo, mods: list[tuple[ModuleLoRA, float]]
     group = step * pool.n
     for g0 in range(0, n_rows, group):
         g1 = min(n_rows, g0 + group)
-        raw = _read_range(fd, src, g0 * row_bytes, (g1 - g0) * row_bytes)
+        raw = pread(fd, src.offset + g0 * row_bytes, (g1 - g0) * row_bytes, f"tensor {src.name}")
         slices = [slice(i, min(i + step, g1)) for i in range(g0, g1, step)]
         yield from pool.pool.map(lambda r: block(r, raw[(r.start - g0) * row_bytes:(r.stop - g0) * row_bytes]), slices)
-
-
-def _decode_rows(raw: np.ndarray, t: TensorInfo, n: int) -> np.ndarray:
-    """Rows of a tensor (their stored bytes) as float32, or float16 for F16 (upcast by the caller), decoded
-    as _decode decodes the whole tensor (gguf-py; elementwise, so the same values)."""
-    ne0 = t.shape[-1]
-    if t.type == F32:
-        return raw.view(np.float32).reshape(n, ne0)
-    if t.type == GGMLQuantizationType.F16:
-        return raw.view(np.float16).reshape(n, ne0)
-    return _decode(raw, TensorInfo(t.name, (n, ne0), t.type, 0, raw.size))
 
 
 def _merged_blocks(fh, job: Job, spec, pool: RowPool) -> Iterator[np.ndarray]:

@@ -21,7 +21,7 @@ from typing import Any, Iterator
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 from gguf.constants import GGUF_DEFAULT_ALIGNMENT, GGUF_MAGIC
-from gguf.quants import dequantize, quant_shape_to_byte_shape
+from gguf.quants import dequantize
 
 from lora2gguf.errors import Lora2GGUFError
 
@@ -264,21 +264,11 @@ class GGUFFile:
         return np.frombuffer(self._mm, dtype=np.uint8, count=t.nbytes, offset=t.offset)
 
     def tensor(self, name: str) -> np.ndarray:
-        """The tensor as float32 in numpy order, dequantized with gguf-py whatever its GGML type."""
+        """The tensor as float32 in numpy order (a copy, never a view of the file), decoded by `decode`."""
         if name not in self.tensors:
             raise Lora2GGUFError(f"{self.path}: tensor {name} not found")
         t = self.tensors[name]
-        raw = self.raw(name)
-        if t.type == GGMLQuantizationType.F32:
-            return raw.view(np.float32).reshape(t.shape).copy()
-        if t.type == GGMLQuantizationType.F16:
-            return raw.view(np.float16).reshape(t.shape).astype(np.float32)
-        try:
-            out = dequantize(raw.reshape(quant_shape_to_byte_shape(t.shape, t.type)), t.type)
-        except NotImplementedError:
-            raise Lora2GGUFError(f"{self.path}: tensor {name} has type {t.type.name}, "
-                                 "which gguf-py cannot dequantize") from None
-        return out.astype(np.float32, copy=False).reshape(t.shape)
+        return decode(self.raw(name), t.type, t.shape, f"{self.path}: tensor {name}", copy=True)
 
     def close(self) -> None:
         mm, self._mm = getattr(self, "_mm", None), None
@@ -295,3 +285,49 @@ class GGUFFile:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+# -- tensor data read outside a memory map: the one row reader and decoder ---------------------------------
+
+def row_bytes(qtype: GGMLQuantizationType, ne0: int) -> int:
+    """Stored bytes of one row of ne0 values."""
+    block, size = GGML_QUANT_SIZES[qtype]
+    return ne0 // block * size
+
+
+def decode(raw: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, ...], what: str = "tensor",
+           copy: bool = False) -> np.ndarray:
+    """float32 values of `shape` (numpy order; -1 allowed) from stored bytes of whole blocks, as gguf-py
+    dequantizes them: F32 viewed in place (copied with copy=True), F16 upcast, any other type by
+    gguf.quants.dequantize. Elementwise, so a block of rows decodes to those rows of the whole tensor."""
+    if qtype == GGMLQuantizationType.F32:
+        out = raw.view(np.float32).reshape(shape)
+        return out.copy() if copy else out
+    if qtype == GGMLQuantizationType.F16:
+        return raw.view(np.float16).reshape(shape).astype(np.float32)
+    try:
+        out = dequantize(raw.reshape(1, -1), qtype)
+    except NotImplementedError:
+        raise Lora2GGUFError(f"{what} has type {qtype.name}, which gguf-py cannot dequantize") from None
+    return out.astype(np.float32, copy=False).reshape(shape)
+
+
+def pread(fd: int, offset: int, n: int, what: str = "tensor data") -> np.ndarray:
+    """n bytes from `offset` of an open file, read into fresh memory (freed after use, unlike the pages of a
+    memory map, which stay resident)."""
+    buf = np.empty(n, np.uint8)
+    view, got = memoryview(buf), 0
+    while got < n:
+        k = os.preadv(fd, [view[got:]], offset + got)
+        if not k:  # the header was checked against the size at open: the file shrank since
+            raise Lora2GGUFError(f"{_path_of(fd)}: {what}: the file ended early at byte {offset + got} (was it "
+                                 "changed while being read?); it is truncated")
+        got += k
+    return buf
+
+
+def _path_of(fd: int) -> str:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return "the file"

@@ -57,12 +57,11 @@ from typing import Callable, Iterable, Iterator
 import llama_cpp
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGML_QUANT_VERSION, GGMLQuantizationType, GGUFWriter, LlamaFileType
-from gguf.quants import dequantize
 from llama_cpp._ctypes_extensions import load_shared_library
 
 from lora2gguf.errors import Lora2GGUFError
 from lora2gguf.fileio.atomic import atomic_output
-from lora2gguf.fileio.gguf_read import GGUFFile
+from lora2gguf.fileio.gguf_read import GGUFFile, decode, pread, row_bytes
 from lora2gguf.fileio.gguf_write import PlannedTensor, f32_copy_writer, nbytes_of, write_streaming
 
 F32, F16 = GGMLQuantizationType.F32, GGMLQuantizationType.F16
@@ -162,18 +161,13 @@ def dequantize_rows(raw: np.ndarray, qtype: GGMLQuantizationType, ne0: int) -> n
     if qtype == F32:
         return raw.view(np.float32).reshape(-1, ne0)
     _, g = _libs()
-    n = raw.size // _row_bytes(qtype, ne0) * ne0
+    n = raw.size // row_bytes(qtype, ne0) * ne0
     out = np.empty(n, np.float32)
     fn = g.ggml_get_type_traits(int(qtype)).contents.to_float
     if not fn:
         raise Lora2GGUFError(f"ggml cannot convert {qtype.name} to float")
     _TO_FLOAT(fn)(_ptr(raw), _ptr(out), n)
     return out.reshape(-1, ne0)
-
-
-def _row_bytes(qtype: GGMLQuantizationType, ne0: int) -> int:
-    block, size = GGML_QUANT_SIZES[qtype]
-    return ne0 // block * size
 
 
 # -- target types: llama.cpp's dry run ------------------------------------------------------------
@@ -314,7 +308,7 @@ def _header(kv_file: Path, ftype: LlamaFileType, order: list[tuple[Tensor, GGMLQ
     for (t, new), off in zip(order, offsets):  # where our writes will land: the offsets in the header
         if off != pos:
             raise AssertionError(f"{t.name}: header offset {off}, data written at {pos}")
-        n = t.n_rows * _row_bytes(new, t.shape[-1])
+        n = t.n_rows * row_bytes(new, t.shape[-1])
         pos += n + (-n % ALIGN)
     return meta.raw
 
@@ -369,7 +363,7 @@ def write_quantized(out: str | os.PathLike, ftype: LlamaFileType, kv: GGUFWriter
                 else:
                     _quantize(t, new, pool, pending, fh, 2 * n_threads + 1)
                     _drain(pending, fh, 0)
-                size = t.n_rows * _row_bytes(new, t.shape[-1])
+                size = t.n_rows * row_bytes(new, t.shape[-1])
                 fh.write(b"\0" * (-size % ALIGN))
                 if progress:
                     progress(t)
@@ -399,7 +393,7 @@ def _drain(pending: collections.deque, fh, keep: int) -> None:
 
 
 def _copy(t: Tensor, fh, g) -> None:
-    want, got = t.n_rows * _row_bytes(t.type, t.shape[-1]), 0
+    want, got = t.n_rows * row_bytes(t.type, t.shape[-1]), 0
     for chunk in t.stored():
         b = np.ascontiguousarray(chunk).view(np.uint8).reshape(-1)
         if not g.ggml_validate_row_data(int(t.type), _ptr(b), b.size):
@@ -425,30 +419,19 @@ def _quantize(t: Tensor, new: GGMLQuantizationType, pool, pending: collections.d
 
 # -- sources --------------------------------------------------------------------------------------
 
-def _pread(fd: int, offset: int, n: int) -> np.ndarray:
-    buf = np.empty(n, np.uint8)
-    view, got = memoryview(buf), 0
-    while got < n:
-        k = os.preadv(fd, [view[got:]], offset + got)
-        if not k:
-            raise Lora2GGUFError(f"tensor data ends early at byte {offset + got} (was the file changed?)")
-        got += k
-    return buf
-
-
 def stored_slabs(fd: int, info, slab: int = SLAB_BYTES) -> Iterator[np.ndarray]:
     """A stored tensor's bytes (gguf_file.TensorInfo), read in slabs of whole rows."""
-    row = _row_bytes(info.type, info.shape[-1])
+    row = row_bytes(info.type, info.shape[-1])
     step = max(1, slab // row) * row
     for off in range(0, info.nbytes, step):
-        yield _pread(fd, info.offset + off, min(step, info.nbytes - off))
+        yield pread(fd, info.offset + off, min(step, info.nbytes - off), f"tensor {info.name}")
 
 
 def _float_slab(info, slab: int) -> int:
     """Stored bytes per read such that the float32 rows they give take about `slab` bytes (a Q4_K slab
     expands 7x)."""
     ne0 = info.shape[-1]
-    return max(1, slab // (4 * ne0)) * _row_bytes(info.type, ne0)
+    return max(1, slab // (4 * ne0)) * row_bytes(info.type, ne0)
 
 
 def ggml_rows(fd: int, info, slab: int = SLAB_BYTES) -> Iterator[np.ndarray]:
@@ -461,18 +444,8 @@ def ggml_rows(fd: int, info, slab: int = SLAB_BYTES) -> Iterator[np.ndarray]:
 def gguf_py_rows(fd: int, info, slab: int = SLAB_BYTES) -> Iterator[np.ndarray]:
     """A stored tensor as float32 rows, dequantized by gguf-py (what GGUFFile.tensor and so dequantize_file
     give, row block by row block)."""
-    ne0 = info.shape[-1]
     for raw in stored_slabs(fd, info, _float_slab(info, slab)):
-        if info.type == F32:
-            yield raw.view(np.float32).reshape(-1, ne0)
-        elif info.type == F16:
-            yield raw.view(np.float16).reshape(-1, ne0).astype(np.float32)
-        else:
-            try:
-                yield dequantize(raw.reshape(-1, _row_bytes(info.type, ne0)), info.type).reshape(-1, ne0)
-            except NotImplementedError:
-                raise Lora2GGUFError(f"tensor {info.name} has type {info.type.name}, which gguf-py cannot "
-                                     "dequantize") from None
+        yield decode(raw, info.type, (-1, info.shape[-1]), f"tensor {info.name}")
 
 
 def array_rows(a: np.ndarray, rows: int = TASK_ELEMENTS * 16) -> Callable[[], Iterator[np.ndarray]]:

@@ -27,7 +27,8 @@ from pathlib import Path
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
-from gguf.quants import dequantize
+
+from lora2gguf.fileio.gguf_read import decode
 
 PER_TENSOR = 128  # sampled values per tensor
 MIN_CORRELATION = 0.8  # Q2_K keeps ~0.9 per tensor; unrelated weights stay below ~0.3 at 128 values
@@ -119,12 +120,7 @@ def _gguf_rows(base, hf_name: str, rows: list[int], cols: int) -> list[np.ndarra
     out = []
     for r in rows:
         chunk = raw[r * row_bytes: r * row_bytes + n_take // block * type_size]
-        if t.type == GGMLQuantizationType.F32:
-            out.append(chunk.view(np.float32))
-        elif t.type == GGMLQuantizationType.F16:
-            out.append(chunk.view(np.float16).astype(np.float32))
-        else:
-            out.append(dequantize(chunk.reshape(1, -1), t.type).reshape(-1))
+        out.append(decode(chunk, t.type, (-1,), f"{f.path}: tensor {t.name}"))
     return out
 
 
