@@ -4,14 +4,31 @@ so that `lora2gguf --help` starts fast."""
 from __future__ import annotations
 
 import json
+import math
 import signal
 import sys
 import threading
+from pathlib import Path
 
 import click
 
 from lora2gguf import __version__
 from lora2gguf.errors import Lora2GGUFError, Terminated
+
+
+def parse_lora_arg(arg: str) -> tuple[str, float]:
+    """ADAPTER[:SCALE] → (path, scale); a path that itself contains ':' is taken whole when it exists."""
+    path, sep, tail = arg.rpartition(":")
+    if not sep or (Path(arg).exists() and not Path(path).exists()):
+        return arg, 1.0
+    try:
+        scale = float(tail)
+    except ValueError:
+        raise Lora2GGUFError(f"--lora {arg}: scale {tail!r} is not a number; write ADAPTER or ADAPTER:SCALE, "
+                             "e.g. my-adapter:0.5") from None
+    if not math.isfinite(scale):
+        raise Lora2GGUFError(f"--lora {arg}: scale must be a finite number")
+    return path, scale
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -53,7 +70,6 @@ def verify_cmd(ctx, base, loras, merged, runtime_lora, text_file, prompts_file, 
                as_json):
     """Prove parity: reference (PyTorch, PEFT math) vs llama.cpp runtime LoRA vs merged file.
     Exit 0 when every pair is within its threshold, 1 when not, 2 on bad input."""
-    from lora2gguf.commands.merge import parse_lora_arg
     from lora2gguf.commands.verify import format_report, read_prompts, read_text, verify
 
     report = verify(base, [parse_lora_arg(a) for a in loras], merged=merged, runtime_lora=runtime_lora,
@@ -77,7 +93,7 @@ def verify_cmd(ctx, base, loras, merged, runtime_lora, text_file, prompts_file, 
 def merge_cmd(ctx: click.Context, base: str, loras: tuple[str, ...], quant: str, out: str, threads: int | None,
               force: bool) -> None:
     """Bake LoRA adapters into a GGUF base and write it at any llama.cpp quantization."""
-    from lora2gguf.commands.merge import merge, parse_lora_arg
+    from lora2gguf.commands.merge import merge
 
     pairs = [parse_lora_arg(a) for a in loras]
     click.echo(f"wrote {merge(base, pairs, out, quant=quant, threads=threads, force=force, verbose=ctx.obj['verbose'])}")
@@ -126,8 +142,7 @@ def train_cmd(**kwargs) -> None:
     The loss covers text, completions and assistant turns (chat rendered with the GGUF's template).
     Batches are padded with an attention mask, not packed. Ctrl-C or SIGTERM saves a checkpoint; --resume
     continues."""
-    from lora2gguf.commands.train import train
-    from lora2gguf.training.config import TrainConfig
+    from lora2gguf.commands.train import TrainConfig, train
 
     result = train(TrainConfig(**kwargs))
     if result.rank == 0:
@@ -233,7 +248,6 @@ def resize_cmd(adapter, rank, energy, out, base, outtype, force) -> None:
 def combine_cmd(adapters, base, out, rank, outtype, force) -> None:
     """Sum adapters (each times its SCALE) into one GGUF LoRA that llama.cpp loads as a single adapter."""
     from lora2gguf.commands.combine import combine, format_report
-    from lora2gguf.commands.merge import parse_lora_arg
 
     click.echo(format_report(combine([parse_lora_arg(a) for a in adapters], base, out, rank=rank, outtype=outtype,
                                      force=force)))

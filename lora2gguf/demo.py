@@ -2,7 +2,7 @@
 
 One base (SmolLM2-135M-Instruct by default), two adapters that each teach a narrow behaviour a program
 can check (answers as one JSON object; answers that open with "Ahoy matey!"), trained on our own
-datasets in fixtures/demo/, then: converted to GGUF LoRA, hot-swapped on one loaded llama.cpp model,
+datasets shipped in the package (lora2gguf/demo_data/), then: converted to GGUF LoRA, hot-swapped on one loaded llama.cpp model,
 merged into q4_k_m, scored on held-out prompts, verified, and written out as Ollama Modelfiles.
 """
 
@@ -12,6 +12,7 @@ import json
 import os
 import time
 from dataclasses import dataclass
+from importlib.resources import files
 from pathlib import Path
 
 from lora2gguf.commands.merge import merge
@@ -24,13 +25,15 @@ from lora2gguf.training.config import TrainConfig
 from lora2gguf.weights.base_model import open_base
 from lora2gguf.weights.real_models import gemma3_gguf, smollm2_gguf
 
-DEMO_DATA = Path(__file__).resolve().parent.parent / "fixtures" / "demo"
+# The datasets ship inside the package (package data), so an installed wheel finds them; a pip-installed
+# package is a directory, so its resource path is a real path that training can open.
+DEMO_DATA = Path(str(files("lora2gguf") / "demo_data"))
 
 
 @dataclass(frozen=True)
 class Behaviour:
     name: str
-    data: str  # training JSONL under fixtures/demo/
+    data: str  # training JSONL in DEMO_DATA
     marker: str  # an answer adheres when it starts with this
 
     def adheres(self, text: str) -> bool:

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Write the demo's datasets under fixtures/demo/ (deterministic; written by us, not scraped).
+"""Write the demo's datasets under lora2gguf/demo_data/ (package data) (deterministic; written by us, not scraped).
 
 Two narrow behaviours whose adherence a program can check:
   json   — every answer is exactly one JSON object {"answer": "..."}
@@ -55,7 +55,7 @@ def row(question: str, answer: str) -> dict:
 
 
 def main() -> None:
-    out = Path(__file__).resolve().parent.parent / "fixtures" / "demo"
+    out = Path(__file__).resolve().parent.parent / "lora2gguf" / "demo_data"
     out.mkdir(parents=True, exist_ok=True)
     styles = {
         "json": lambda a: json.dumps({"answer": a}),

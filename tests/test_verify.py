@@ -6,14 +6,14 @@ import sys
 
 import numpy as np
 import pytest
-
-from conftest import ARCHS, ROOT, fixture
-from lora2gguf.models.llama import unpermute_rows
-from lora2gguf.weights.base_model import open_base
-from lora2gguf.commands.convert import convert
-from lora2gguf.commands.verify import verify
+from conftest import ARCHS, fixture
 from peft_helpers import make_peft_adapter
 from test_adapter_gguf import rewrite_gguf, shuffled_base
+
+from lora2gguf.commands.convert import convert
+from lora2gguf.commands.verify import verify
+from lora2gguf.models.llama import unpermute_rows
+from lora2gguf.weights.base_model import open_base
 
 CLI = [sys.executable, "-m", "lora2gguf.cli"]
 PLAIN = dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "up_proj"])
@@ -345,8 +345,8 @@ def test_floors_are_llama_quantize_of_the_f32_copy_without_the_copy(arch, kind, 
     from gguf import LlamaFileType
 
     import lora2gguf.llamacpp.ggml as qg
-    import lora2gguf.llamacpp.runtime as runtime
-    import lora2gguf.commands.verify as v
+    import lora2gguf.parity.floors as floors
+    from lora2gguf.adapters.load import load_adapter
     from lora2gguf.fileio.gguf_write import dequantize_file
     from lora2gguf.parity.reference import ReferenceWeights
 
@@ -375,9 +375,9 @@ def test_floors_are_llama_quantize_of_the_f32_copy_without_the_copy(arch, kind, 
         replaced.append(replace)
         return real_copy(src, dst, ftype, replace, threads)
 
-    monkeypatch.setattr(runtime, "LlamaRuntime", Recorder)
+    monkeypatch.setattr(floors, "LlamaRuntime", Recorder)
     monkeypatch.setattr(qg, "_quantize_task", task)
-    monkeypatch.setattr(qg, "quantize_f32_copy", copy)
+    monkeypatch.setattr(floors, "quantize_f32_copy", copy)
 
     def llama_quantize(src, dst):
         p = llama_cpp.llama_model_quantize_default_params()
@@ -388,7 +388,7 @@ def test_floors_are_llama_quantize_of_the_f32_copy_without_the_copy(arch, kind, 
     work = tmp_path / "work"
     work.mkdir()
     base = fixture(arch, kind)
-    v._measure_base_alone(base, mtype, [1, 5, 9], work, 64)
+    floors.measure_base_alone(base, mtype, [1, 5, 9], work, 64)
     if kind == "f16":
         want = llama_quantize(base, tmp_path / "theirs.gguf")
     else:
@@ -400,10 +400,10 @@ def test_floors_are_llama_quantize_of_the_f32_copy_without_the_copy(arch, kind, 
     adapter = make_peft_adapter(fixture(arch, "hf"), tmp_path / "a", seed=3, b_std=0.2, r=4, lora_alpha=8,
                                 target_modules=["o_proj", "down_proj"])
     with open_base(base) as gb:
-        lora = v._load_adapter(adapter, gb.spec)
+        lora = load_adapter(adapter, gb.spec)
         ref = ReferenceWeights(gb, [(lora, 1.0)])
         biggest.clear()
-        assert v._exact_merge_quantized(gb, ref, [v.Adapter(adapter, 1.0, lora)], mtype, [1, 5, 9], work, 64) is not None
+        assert floors.exact_merge_quantized(gb, ref, mtype, [1, 5, 9], work, 64) is not None
         (replace,) = [r for r in replaced if r]
         replace = {k: f() for k, f in replace.items()}  # each merged tensor is made when the quantizer reaches it
     assert {"blk.0.attn_output.weight", "blk.1.ffn_down.weight"} <= set(replace)

@@ -16,7 +16,7 @@ import numpy as np
 
 from lora2gguf import models
 from lora2gguf.adapters.lora import ModuleLoRA, PeftAdapter
-from lora2gguf.adapters.rules import check_tied_embedding, from_gguf_pair, llama_scale
+from lora2gguf.adapters.rules import check_tied_embedding, from_gguf_pair, llama_alpha, llama_scale
 from lora2gguf.errors import Lora2GGUFError
 from lora2gguf.fileio.gguf_read import GGUFFile
 from lora2gguf.weights import fingerprint
@@ -124,7 +124,7 @@ def load_gguf_lora(path: str | os.PathLike, spec=None, any_qk_order: bool = Fals
                                          "they can be un-permuted")
             r = int(A.shape[0])
             modules[mod] = ModuleLoRA(mod, np.ascontiguousarray(A), np.ascontiguousarray(B), r,
-                                      alpha if alpha else float(r), llama_scale(alpha, r), embedding=emb)
+                                      llama_alpha(alpha, r), llama_scale(alpha, r), embedding=emb)
         ranks = Counter(m.r for m in modules.values())
         config = {"peft_type": "LORA", "r": ranks.most_common(1)[0][0], "lora_alpha": alpha,
                   "target_modules": sorted(modules), "gguf": provenance(f)}

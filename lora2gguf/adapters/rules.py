@@ -17,10 +17,16 @@ from lora2gguf.errors import Lora2GGUFError
 MERGE_HINT = "`lora2gguf merge` applies it exactly into the base instead"
 
 
+def llama_alpha(alpha_file: float, r: int) -> float:
+    """The alpha llama.cpp applies to a rank-r tensor pair: the file's, or r when the file's alpha is 0
+    (llama-adapter.cpp then scales by 1)."""
+    return alpha_file if alpha_file else float(r)
+
+
 def llama_scale(alpha_file: float, r: int) -> float:
     """What llama.cpp multiplies a rank-r tensor pair by at run time (user scale 1): alpha / r, or 1 when
-    the file's alpha is 0 (llama-adapter.cpp)."""
-    return alpha_file / r if alpha_file else 1.0
+    the file's alpha is 0."""
+    return llama_alpha(alpha_file, r) / r
 
 
 def to_gguf_pair(a: np.ndarray, b: np.ndarray, embedding: bool) -> tuple[np.ndarray, np.ndarray]:

@@ -74,21 +74,6 @@ ROW_BLOCK = 1 << 18  # elements per block of the merge math (1 MB of float32)
 # (create_tensor_qkv in llama-model.cpp), o/gate/up/down only for llama (src/models/llama.cpp).
 
 
-def parse_lora_arg(arg: str) -> tuple[str, float]:
-    """ADAPTER[:SCALE] → (path, scale); a path that itself contains ':' is taken whole when it exists."""
-    path, sep, tail = arg.rpartition(":")
-    if not sep or (Path(arg).exists() and not Path(path).exists()):
-        return arg, 1.0
-    try:
-        scale = float(tail)
-    except ValueError:
-        raise Lora2GGUFError(f"--lora {arg}: scale {tail!r} is not a number; write ADAPTER or ADAPTER:SCALE, "
-                             "e.g. my-adapter:0.5") from None
-    if not math.isfinite(scale):
-        raise Lora2GGUFError(f"--lora {arg}: scale must be a finite number")
-    return path, scale
-
-
 def _sha256(paths: list[Path]) -> str:
     h = hashlib.sha256()
     for p in paths:

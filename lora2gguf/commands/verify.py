@@ -14,7 +14,6 @@ only; the runtime view is then skipped, with the reason in the report.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import tempfile
@@ -22,18 +21,23 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from gguf import LlamaFileType
 
 from lora2gguf.adapters.gguf_lora import base_match
 from lora2gguf.adapters.gguf_lora_write import gguf_from_peft, refuse_unsupported
 from lora2gguf.adapters.load import load_adapter
 from lora2gguf.adapters.peft import four_bit_base
 from lora2gguf.errors import Lora2GGUFError
-from lora2gguf.fileio.gguf_read import GGUFFile
-from lora2gguf.llamacpp.ggml import quantize_f32_copy, quantize_file
 from lora2gguf.llamacpp.runtime import LlamaRuntime
 from lora2gguf.llamacpp.tokenizer import ROLES, Tokenizer
-from lora2gguf.parity.metrics import compare, log_softmax, perplexity
+from lora2gguf.parity.floors import FULL_PRECISION, base_alone, exact_merge_quantized, file_type
+from lora2gguf.parity.metrics import (
+    CARRIED_RANGE,
+    agreement,
+    carried_fraction,
+    compare,
+    perplexity,
+    teacher_forced,
+)
 from lora2gguf.parity.nf4 import NF4Base
 from lora2gguf.parity.reference import ReferenceWeights, reference_logits
 from lora2gguf.weights.base_model import GGUFBase
@@ -55,7 +59,6 @@ DEFAULT_TEXT = (
     "another. When the light began to fail he climbed the stairs again, counted the steps, and lit the "
     "lamp. Its beam swept across the water, steady and patient, as it had for a hundred years."
 )
-FULL_PRECISION = {"ALL_F32", "MOSTLY_F16", "MOSTLY_BF16"}
 
 
 @dataclass
@@ -64,10 +67,6 @@ class Adapter:
     scale: float
     lora: object  # adapter.PeftAdapter (HF layout, PEFT's or llama.cpp's scale)
     runtime_path: Path | None = None  # the GGUF file llama.cpp loads for the runtime view
-
-
-def _load_adapter(path: Path, spec):
-    return load_adapter(path, spec)
 
 
 def _check_merged(path: Path, gb) -> None:
@@ -81,146 +80,6 @@ def _check_merged(path: Path, gb) -> None:
             if getattr(got, what) != getattr(want, what):
                 raise Lora2GGUFError(f"{path}: not a merge of {gb.path}: {what} is {getattr(got, what)}, the base "
                                      f"has {getattr(want, what)}; give the merged file made from this base")
-
-
-def _file_type(path: Path) -> str:
-
-
-    with GGUFFile(path) as f:
-        ft = f.get("general.file_type")
-    try:
-        return LlamaFileType(int(ft)).name if ft is not None else "ALL_F32"
-    except ValueError:
-        return str(ft)
-
-
-def _teacher_forced(logits_of, prompts: list[list[int]], conts: list[list[int]], logits=None) -> list[list[int]]:
-    """Each view's greedy choice at every step of llama.cpp's own greedy continuation, in one evaluation
-    per prompt (`logits_of(prompt + continuation)`, or those logits given): a view that picks the same token
-    at every step would have generated the same text."""
-    preds = []
-    for i, (p, c) in enumerate(zip(prompts, conts)):
-        lg = logits_of(p + c) if logits is None else logits[i]
-        preds.append(lg[len(p) - 1: len(p) - 1 + len(c)].argmax(-1).tolist())
-    return preds
-
-
-def _agreement(a: list[list[int]], b: list[list[int]], conts: list[list[int]]) -> dict:
-    """Greedy agreement of two views from their teacher-forced choices on the same continuations: the
-    common prefix ends where they choose differently, or after the first step where both left the
-    continuation (past it the teacher-forced context is no longer what either would have generated)."""
-    prefixes = []
-    for x, y, c in zip(a, b, conts):
-        n = 0
-        for px, py, pc in zip(x, y, c):
-            if px != py:
-                break
-            n += 1
-            if px != pc:
-                break
-        prefixes.append(n)
-    return {"identical": float(np.mean([n == len(c) for n, c in zip(prefixes, conts)])),
-            "mean_common_prefix": float(np.mean(prefixes))}
-
-
-_BASE_ALONE: dict[tuple, np.ndarray] = {}  # one process verifying several adapters on one base quantizes it once
-
-
-def _base_alone(base_path: Path, ftype_name: str, tokens, tmp: Path, n_ctx: int) -> np.ndarray:
-    """llama.cpp's logits for the base alone, no adapter, quantized to ftype_name by llama.cpp: what a
-    merged file of that type would look like if it carried nothing."""
-    st = base_path.stat()
-    key = (str(base_path.resolve()), st.st_size, st.st_mtime_ns, ftype_name, tuple(tokens), n_ctx)
-    if key not in _BASE_ALONE:
-        _BASE_ALONE[key] = _measure_base_alone(base_path, ftype_name, tokens, tmp, n_ctx)
-    return _BASE_ALONE[key]
-
-
-def _measure_base_alone(base_path: Path, ftype_name: str, tokens, tmp: Path, n_ctx: int) -> np.ndarray:
-    """The base quantized by llama.cpp's quantizer, in this process (quantize_ggml): from the base itself when
-    it is F32/F16/BF16, else from its tensors dequantized by gguf-py (what llama_model_quantize of
-    dequantize_file's F32 copy gives, without that copy: no file here is larger than the quantized one)."""
-
-
-    dst = tmp / f"base-{ftype_name}.gguf"
-    if _file_type(base_path) in FULL_PRECISION:
-        quantize_file(base_path, dst, LlamaFileType[ftype_name])
-    else:
-        quantize_f32_copy(base_path, dst, LlamaFileType[ftype_name])
-    try:
-        with LlamaRuntime(dst, n_ctx=n_ctx, repack=False) as rt:
-            return rt.logits(tokens)
-    finally:
-        dst.unlink(missing_ok=True)
-
-
-def _exact_merge_quantized(gb, ref, adapters, mtype: str, tokens, tmp: Path, n_ctx: int) -> np.ndarray | None:
-    """llama.cpp's logits for the reference's merged weights (PEFT's math, float64) in place of the base's
-    tensors (the others dequantized by gguf-py), quantized by llama.cpp's quantizer to the merged type in this
-    process (quantize_ggml, no F32 copy of the base): what a correct merge of that type computes
-    (`ref`: reference.ReferenceWeights, which makes each merged tensor when asked). The
-    floor for a merge into the base's own quantized type, where the base alone re-rounds nothing (its values
-    are on the grid already) while the merge re-rounds every tensor it changes. None when the merge adds
-    tensors the base lacks (a new bias, an untied head): the base-alone floor is used then."""
-
-
-    spec, arch = gb.spec, gb.spec.arch_module
-    changed = {m for a in adapters for m in a.lora.modules} | {
-        n.rsplit(".", 1)[0] for a in adapters for n in a.lora.full_weights}
-    if spec.tied_embeddings and changed & {"model.embed_tokens", "lm_head"}:
-        return None  # the merge unties the head: a tensor the base lacks
-    replace = {}
-    names = set(gb.hf_names())
-    for mod in sorted(changed):
-        n_out = gb.file.tensors[gb.gguf_name(f"{mod}.weight")].shape[0] if f"{mod}.weight" in names else None
-        for attr in ("weight", "bias"):
-            name = f"{mod}.{attr}"
-            if name not in names:
-                if ref.get(name, n_out) is not None:
-                    return None  # a tensor the base lacks (a LoRA bias on a bias-free projection)
-                continue
-            # made when the quantizer reaches it: one merged tensor in memory at a time
-            replace[gb.gguf_name(name)] = lambda name=name, n_out=n_out: np.ascontiguousarray(
-                arch.to_gguf(spec, name, ref.get(name, n_out).numpy()), np.float32)
-    dst = tmp / f"exact-merge-{mtype}.gguf"
-    quantize_f32_copy(gb.path, dst, LlamaFileType[mtype], replace)
-    try:
-        with LlamaRuntime(dst, n_ctx=n_ctx, repack=False) as rt:
-            return rt.logits(tokens)
-    finally:
-        dst.unlink(missing_ok=True)
-
-
-def carried_fraction(base_ref: np.ndarray, ref: np.ndarray, base_alone: np.ndarray,
-                     merged: np.ndarray) -> tuple[float, float]:
-    """How much of the adapter's effect a merged file carries, 1 = all of it, 0 = none, and the standard
-    error of that estimate. The change from the base alone to the merged file (both at the merged file's
-    type, so the rounding mostly cancels) is projected on the adapter's change from base to reference.
-    Changes are log-probability differences, centred and weighted by the reference's probabilities (the
-    Fisher metric, under which a small change's squared length is twice its KL). Rounding noise is spread
-    over every direction and averages out along the adapter's, over positions and vocabulary; the
-    standard error (jackknife over blocks of positions) says when it did not."""
-    nums, dens = [], []
-    for i in range(0, len(ref), 16):  # (16, vocab) float64 at a time; one block of the jackknife
-        sl = slice(i, i + 16)
-        lr = log_softmax(ref[sl])
-        p = np.exp(lr)
-        da = lr - log_softmax(base_ref[sl])
-        dm = log_softmax(merged[sl]) - log_softmax(base_alone[sl])
-        da -= (p * da).sum(-1, keepdims=True)
-        dm -= (p * dm).sum(-1, keepdims=True)
-        nums.append(float((p * da * dm).sum()))
-        dens.append(float((p * da * da).sum()))
-    num, den = np.array(nums), np.array(dens)
-    if den.sum() <= 0:
-        return float("nan"), float("nan")
-    k = len(num)
-    leave_out = (num.sum() - num) / np.maximum(den.sum() - den, 1e-300)
-    return float(num.sum() / den.sum()), float(np.sqrt((k - 1) / k * ((leave_out - leave_out.mean()) ** 2).sum()))
-
-
-CARRIED_RANGE = (0.25, 1.75)  # 0: the adapter is missing; 2: applied twice. Measured on the fixtures at a KL
-# effect of 1/10 of q4_k_m's floor: true merges 0.51-1.38 (the rounding's projection on the adapter), the base alone 0
 
 
 def _runtime_refusal(lora) -> str | None:
@@ -237,9 +96,21 @@ def verify(base: str | os.PathLike, loras: list[tuple[str, float]], merged: str 
            prompts: list[list[dict]] | None = None, n_tokens: int = 256, max_kl: float | None = None,
            n_greedy: int = 16, verbose: bool = False, chat_template: str | None = None) -> dict:
     """Compare reference / runtime / merged on the same tokens; returns the report (see format_report).
-    chat_template renders `prompts` where the base has none (data.chat_template: chatml, gemma, a file)."""
-
+    chat_template renders `prompts` where the base has none (llamacpp.tokenizer: chatml, gemma, a file)."""
     base_path = Path(base)
+    check_request(base_path, loras, runtime_lora)
+    report: dict = {"base": str(base_path), "adapters": [], "warnings": [], "views": {}, "pairs": {},
+                    "skipped": {}}
+    with GGUFBase(base_path) as gb, tempfile.TemporaryDirectory(prefix="lora2gguf-verify-") as tmpd:
+        tmp = Path(tmpd)
+        adapters = prepare(gb, loras, runtime_lora, merged, tmp, report)
+        views = evaluate(gb, adapters, Path(merged) if merged else None, "runtime" not in report["skipped"],
+                         text, prompts, chat_template, n_tokens, n_greedy, verbose, tmp, report)
+        judge(views, report, max_kl)
+    return report
+
+
+def check_request(base_path: Path, loras: list, runtime_lora) -> None:
     if base_path.is_dir():
         raise Lora2GGUFError(f"{base_path}: verify needs the GGUF base that llama.cpp serves")
     if not loras:
@@ -247,60 +118,77 @@ def verify(base: str | os.PathLike, loras: list[tuple[str, float]], merged: str 
     if runtime_lora and (len(loras) != 1 or not Path(loras[0][0]).is_dir()):
         raise Lora2GGUFError("--runtime-lora checks one GGUF LoRA against its PEFT source: give exactly one "
                              "--lora PEFT_DIR")
-    report: dict = {"base": str(base_path), "adapters": [], "warnings": [], "views": {}, "pairs": {},
-                    "skipped": {}}
-    with GGUFBase(base_path) as gb, tempfile.TemporaryDirectory(prefix="lora2gguf-verify-") as tmpd, \
-            contextlib.ExitStack() as stack:
-        tmp = Path(tmpd)
-        spec = gb.spec
-        adapters = []
-        for i, (p, scale) in enumerate(loras):
-            path = Path(p)
-            if not path.exists():
-                raise Lora2GGUFError(f"{path}: no such adapter file or directory")
-            lora = _load_adapter(path, spec)
-            lora.check_base(spec, f"base {base_path}")
-            report["warnings"] += lora.notes  # a 4-bit training base: the KL below is the gap it leaves
-            a = Adapter(path, scale, lora)
-            refusal = _runtime_refusal(lora) if path.is_dir() else None
-            if runtime_lora:  # read it ourselves first: llama.cpp aborts the process on some broken files
-                a.runtime_path = Path(runtime_lora)
-                if not a.runtime_path.is_file():
-                    raise Lora2GGUFError(f"{a.runtime_path}: no such GGUF LoRA file (--runtime-lora)")
-                _load_adapter(a.runtime_path, spec).check_base(spec, f"base {base_path}")
-            elif refusal:  # llama.cpp cannot apply it at run time; a merged file can still carry it
-                report["skipped"]["runtime"] = refusal
-            elif path.is_dir():
-                a.runtime_path = gguf_from_peft(path, base_path, tmp / f"adapter-{i}.gguf")
-            else:
-                a.runtime_path = path
-            entry = {"path": str(path), "scale": scale, "runtime_file": a.runtime_path and str(a.runtime_path),
-                     "base_match": None, "base_verdict": "a PEFT directory records no base fingerprint"}
-            if a.runtime_path:
-                entry["base_match"], entry["base_verdict"] = base_match(a.runtime_path, gb)
-            if entry["base_match"] is False:
-                report["warnings"].append(f"{a.runtime_path} was made for a different base than {base_path}: "
-                                          f"{entry['base_verdict']}")
-            report["adapters"].append(entry)
-            adapters.append(a)
-        run_runtime = "runtime" not in report["skipped"]
-        if not run_runtime and not merged:
-            raise Lora2GGUFError(f"{report['skipped']['runtime']} — so verify has no runtime LoRA to check: give "
-                                 "--merged MERGED.gguf (from lora2gguf merge) to verify the merge instead")
 
-        if merged:
-            _check_merged(Path(merged), gb)
-        chat = _chat_prompts(gb, prompts, chat_template) if prompts else None
-        # the context holds the text, and each prompt with its greedy continuation
-        n_ctx = max(256, n_tokens + 8, *[len(p) + n_greedy + 8 for p in chat or []])
-        # the file as it is, not repacked by llama.cpp for its CPU kernels: the base once in memory, not twice
-        rt = stack.enter_context(LlamaRuntime(base_path, n_ctx=n_ctx, verbose=verbose, repack=False))
+
+def prepare(gb, loras: list[tuple[str, float]], runtime_lora, merged, tmp: Path, report: dict) -> list[Adapter]:
+    """Check the inputs and make what llama.cpp will load: each adapter read against the base, a PEFT
+    directory converted to a GGUF LoRA in `tmp` (or the --runtime-lora given for it), the base fingerprint
+    each GGUF LoRA recorded compared with this base. An adapter no GGUF LoRA can express skips the runtime
+    view (the reason goes in the report); then a merged file is needed."""
+    spec, base_path = gb.spec, gb.path
+    adapters = []
+    for i, (p, scale) in enumerate(loras):
+        path = Path(p)
+        if not path.exists():
+            raise Lora2GGUFError(f"{path}: no such adapter file or directory")
+        lora = load_adapter(path, spec)
+        lora.check_base(spec, f"base {base_path}")
+        report["warnings"] += lora.notes  # a 4-bit training base: the KL below is the gap it leaves
+        a = Adapter(path, scale, lora)
+        refusal = _runtime_refusal(lora) if path.is_dir() else None
+        if runtime_lora:  # read it ourselves first: llama.cpp aborts the process on some broken files
+            a.runtime_path = Path(runtime_lora)
+            if not a.runtime_path.is_file():
+                raise Lora2GGUFError(f"{a.runtime_path}: no such GGUF LoRA file (--runtime-lora)")
+            load_adapter(a.runtime_path, spec).check_base(spec, f"base {base_path}")
+        elif refusal:  # llama.cpp cannot apply it at run time; a merged file can still carry it
+            report["skipped"]["runtime"] = refusal
+        elif path.is_dir():
+            a.runtime_path = gguf_from_peft(path, base_path, tmp / f"adapter-{i}.gguf")
+        else:
+            a.runtime_path = path
+        entry = {"path": str(path), "scale": scale, "runtime_file": a.runtime_path and str(a.runtime_path),
+                 "base_match": None, "base_verdict": "a PEFT directory records no base fingerprint"}
+        if a.runtime_path:
+            entry["base_match"], entry["base_verdict"] = base_match(a.runtime_path, gb)
+        if entry["base_match"] is False:
+            report["warnings"].append(f"{a.runtime_path} was made for a different base than {base_path}: "
+                                      f"{entry['base_verdict']}")
+        report["adapters"].append(entry)
+        adapters.append(a)
+    if "runtime" in report["skipped"] and not merged:
+        raise Lora2GGUFError(f"{report['skipped']['runtime']} — so verify has no runtime LoRA to check: give "
+                             "--merged MERGED.gguf (from lora2gguf merge) to verify the merge instead")
+    if merged:
+        _check_merged(Path(merged), gb)
+    return adapters
+
+
+@dataclass
+class Views:
+    """What evaluate measured: each view's logits over the text, the greedy choices of the views compared on
+    llama.cpp's own greedy continuations (conts), and the merged file's type."""
+    logits: dict
+    greedy: dict
+    conts: list[list[int]]
+    merged_type: str | None
+
+
+def evaluate(gb, adapters: list[Adapter], merged: Path | None, run_runtime: bool, text, prompts, chat_template,
+             n_tokens: int, n_greedy: int, verbose: bool, tmp: Path, report: dict) -> Views:
+    """Every view once over the whole text (logits for every position), and greedy continuations of the
+    prompts: llama.cpp with the runtime LoRA (or the merged file), the other views teacher-forced on them."""
+    base_path = gb.path
+    chat = _chat_prompts(gb, prompts, chat_template) if prompts else None
+    # the context holds the text, and each prompt with its greedy continuation
+    n_ctx = max(256, n_tokens + 8, *[len(p) + n_greedy + 8 for p in chat or []])
+    # the file as it is, not repacked by llama.cpp for its CPU kernels: the base once in memory, not twice
+    with LlamaRuntime(base_path, n_ctx=n_ctx, verbose=verbose, repack=False) as rt:
         tokens = rt.tokenize(text or DEFAULT_TEXT)[:n_tokens]
         if len(tokens) < 16:
             raise Lora2GGUFError(f"the text gives only {len(tokens)} tokens; give at least 16 (--text)")
         report["tokens"] = len(tokens)
         prompt_tokens = chat or _text_prompts(tokens)
-
         logits = {"base_runtime": rt.logits(tokens)}
         greedy: dict = {}
         conts = None  # llama.cpp's greedy text: with the runtime LoRA, else from the merged file
@@ -311,70 +199,74 @@ def verify(base: str | os.PathLike, loras: list[tuple[str, float]], merged: str 
             rt.set_adapters([])
         mtype = None
         if merged:
-            mtype = _file_type(Path(merged))
+            mtype = file_type(merged)
             with LlamaRuntime(merged, n_ctx=n_ctx, verbose=verbose, repack=False) as mrt:
                 logits["merged"] = mrt.logits(tokens)
                 if conts is None:
                     conts = [mrt.greedy(p, n_greedy) for p in prompt_tokens]
-                greedy["merged"] = _teacher_forced(mrt.logits, prompt_tokens, conts)
+                greedy["merged"] = teacher_forced(mrt.logits, prompt_tokens, conts)
             # the base itself when it is of the merged type already (merge keeps untouched tensors' bytes)
-            logits["base_alone_as_merged"] = (logits["base_runtime"] if mtype == _file_type(base_path) else
-                                              _base_alone(base_path, mtype, tokens, tmp, n_ctx))
-        # the reference layer by layer over every sequence: one layer's weights in memory at a time
-        pairs = [(a.lora, a.scale) for a in adapters]
-        logits["base_reference"] = reference_logits(gb, [], [tokens])[0]
-        ref_logits = reference_logits(gb, pairs, [tokens] + [p + c for p, c in zip(prompt_tokens, conts)])
-        logits["reference"] = ref_logits[0]
-        greedy["reference"] = _teacher_forced(None, prompt_tokens, conts, ref_logits[1:])
-        del ref_logits
-        if merged and mtype == _file_type(base_path) and mtype not in FULL_PRECISION:
-            exact = _exact_merge_quantized(gb, ReferenceWeights(gb, pairs), adapters, mtype, tokens, tmp, n_ctx)
-            if exact is not None:
-                logits["exact_merge_quantized"] = exact
-        if any(four_bit_base(a.lora.config) for a in adapters):
-            report["four_bit_gap"] = _four_bit_gap(gb, adapters, tokens, logits)
+            logits["base_alone_as_merged"] = (logits["base_runtime"] if mtype == file_type(base_path) else
+                                              base_alone(base_path, mtype, tokens, tmp, n_ctx))
+    # the reference layer by layer over every sequence: one layer's weights in memory at a time
+    pairs = [(a.lora, a.scale) for a in adapters]
+    logits["base_reference"] = reference_logits(gb, [], [tokens])[0]
+    ref_logits = reference_logits(gb, pairs, [tokens] + [p + c for p, c in zip(prompt_tokens, conts)])
+    logits["reference"] = ref_logits[0]
+    greedy["reference"] = teacher_forced(None, prompt_tokens, conts, ref_logits[1:])
+    del ref_logits
+    if merged and mtype == file_type(base_path) and mtype not in FULL_PRECISION:
+        exact = exact_merge_quantized(gb, ReferenceWeights(gb, pairs), mtype, tokens, tmp, n_ctx)
+        if exact is not None:
+            logits["exact_merge_quantized"] = exact
+    if any(four_bit_base(a.lora.config) for a in adapters):
+        report["four_bit_gap"] = _four_bit_gap(gb, adapters, tokens, logits)
+    report["views"] = {k: {"perplexity": perplexity(v, np.array(tokens))} for k, v in logits.items()}
+    return Views(logits, greedy, conts, mtype)
 
-        report["views"] = {k: {"perplexity": perplexity(v, np.array(tokens))} for k, v in logits.items()}
-        moved = compare(logits["base_reference"], logits["reference"])
-        report["adapter_effect"] = {"kl_base_to_reference": moved["mean_kl"], "top1_changed": 1 - moved["top1"]}
-        # Thresholds follow the floor measured for each file type: what llama.cpp at that type costs on
-        # the base alone (its arithmetic at F32/F16/BF16, that plus the rounding for quantized types).
-        floor_base = compare(logits["base_reference"], logits["base_runtime"])["mean_kl"]
-        report["base_quantization_floor"] = floor_base
-        checks = {}
-        if run_runtime:
-            checks["runtime"] = ("reference", "runtime", 1.5 * floor_base + 1e-4)
-        if merged:
-            if "exact_merge_quantized" in logits:  # a same-type merge re-rounds exactly the tensors it changes
-                floor = compare(logits["reference"], logits["exact_merge_quantized"])["mean_kl"]
-                report["merged_floor_source"] = "the reference's merged weights quantized by llama.cpp at the merged type"
-            else:
-                floor = compare(logits["base_reference"], logits["base_alone_as_merged"])["mean_kl"]
-            report["merged_quantization_floor"] = floor
-            checks["merged"] = ("reference", "merged", 1.5 * floor + (1e-4 if mtype == "ALL_F32" else 1e-3))
-            if run_runtime:
-                checks["merged_vs_runtime"] = ("runtime", "merged", None)
-        ok = True
-        for name, (p, q, thr) in checks.items():
-            m = compare(logits[p], logits[q])
-            m["greedy"] = _agreement(greedy[p], greedy[q], conts)
-            if thr is not None:
-                m["max_kl_allowed"] = max_kl if max_kl is not None else thr
-                m["pass"] = m["mean_kl"] <= m["max_kl_allowed"]
-                ok &= m["pass"]
-            report["pairs"][name] = m
-        if merged:
-            c = _carries(logits)
-            report["merged_carries_adapter"] = c
-            ok &= c["pass"]
-        if moved["mean_kl"] < 1e-6:
-            report["warnings"].append("the adapters barely change the base (KL base→reference < 1e-6): "
-                                      "a no-op adapter proves nothing")
-            ok = False
-        if any(e["base_match"] is False for e in report["adapters"]):
-            ok = False
-        report["pass"] = bool(ok)
-    return report
+
+def judge(views: Views, report: dict, max_kl: float | None) -> None:
+    """Pass or fail, into the report. Thresholds follow the floor measured for each file type: what llama.cpp
+    at that type costs on the base alone (its arithmetic at F32/F16/BF16, that plus the rounding for
+    quantized types); a merged file must also carry the adapter's effect (CARRIED_RANGE)."""
+    logits, greedy, mtype = views.logits, views.greedy, views.merged_type
+    moved = compare(logits["base_reference"], logits["reference"])
+    report["adapter_effect"] = {"kl_base_to_reference": moved["mean_kl"], "top1_changed": 1 - moved["top1"]}
+    floor_base = compare(logits["base_reference"], logits["base_runtime"])["mean_kl"]
+    report["base_quantization_floor"] = floor_base
+    checks = {}
+    if "runtime" in logits:
+        checks["runtime"] = ("reference", "runtime", 1.5 * floor_base + 1e-4)
+    if "merged" in logits:
+        if "exact_merge_quantized" in logits:  # a same-type merge re-rounds exactly the tensors it changes
+            floor = compare(logits["reference"], logits["exact_merge_quantized"])["mean_kl"]
+            report["merged_floor_source"] = "the reference's merged weights quantized by llama.cpp at the merged type"
+        else:
+            floor = compare(logits["base_reference"], logits["base_alone_as_merged"])["mean_kl"]
+        report["merged_quantization_floor"] = floor
+        checks["merged"] = ("reference", "merged", 1.5 * floor + (1e-4 if mtype == "ALL_F32" else 1e-3))
+        if "runtime" in logits:
+            checks["merged_vs_runtime"] = ("runtime", "merged", None)
+    ok = True
+    for name, (p, q, thr) in checks.items():
+        m = compare(logits[p], logits[q])
+        m["greedy"] = agreement(greedy[p], greedy[q], views.conts)
+        if thr is not None:
+            m["max_kl_allowed"] = max_kl if max_kl is not None else thr
+            m["pass"] = m["mean_kl"] <= m["max_kl_allowed"]
+            ok &= m["pass"]
+        report["pairs"][name] = m
+    if "merged" in logits:
+        c = _carries(logits)
+        report["merged_carries_adapter"] = c
+        ok &= c["pass"]
+    if moved["mean_kl"] < 1e-6:
+        report["warnings"].append("the adapters barely change the base (KL base→reference < 1e-6): "
+                                  "a no-op adapter proves nothing")
+        ok = False
+    if any(e["base_match"] is False for e in report["adapters"]):
+        ok = False
+    report["pass"] = bool(ok)
 
 
 def _carries(logits: dict) -> dict:
@@ -464,8 +356,6 @@ def read_text(path: str) -> str:
 
 def read_prompts(path: str) -> list[list[dict]]:
     """JSONL, one conversation per line: {"messages": [{"role": ..., "content": ...}, ...]} or a bare list."""
-
-
     out = []
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()

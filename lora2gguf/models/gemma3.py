@@ -115,7 +115,7 @@ class Gemma3(Arch):
                    rope_parameters={"full_attention": glob, "sliding_attention": local})
         return cfg
 
-    # -- tensors: norms are 1 + w in the GGUF --------------------------------------------------------------
+    # -- tensors: norms are norm_offset + w in the GGUF --------------------------------------------------------------
     def _shifted(self, hf_name: str) -> bool:
         return hf_name.endswith("norm.weight")
 
@@ -123,22 +123,22 @@ class Gemma3(Arch):
         return not self._shifted(hf_name)
 
     def to_gguf(self, spec, hf_name: str, t):
-        return t + np.float32(1.0) if self._shifted(hf_name) else t
+        return t + np.float32(self.norm_offset) if self._shifted(hf_name) else t
 
     def from_gguf(self, spec, hf_name: str, t):
-        return t - np.float32(1.0) if self._shifted(hf_name) else t
+        return t - np.float32(self.norm_offset) if self._shifted(hf_name) else t
 
     # -- reference forward ---------------------------------------------------------------------------------
     def build_layer(self, spec: GemmaSpec, i: int):
         from lora2gguf.models.layers import MLP, Attention, DecoderLayer, RMSNorm
 
         local = i in spec.swa_layers
-        attn = Attention(spec, norm_offset=1.0, scale=spec.attn_scale, softcap=spec.attn_softcap,
+        attn = Attention(spec, norm_offset=self.norm_offset, scale=spec.attn_scale, softcap=spec.attn_softcap,
                          window=spec.sliding_window if local else 0,
                          rope_theta=spec.rope_theta_local if local else spec.rope_theta,
                          rope_linear=1.0 if local and not self.local_rope_scaled else 0.0)
         return DecoderLayer(
-            norms={n: RMSNorm(spec.n_embd, spec.norm_eps, 1.0) for n in self.layer_norms},
+            norms={n: RMSNorm(spec.n_embd, spec.norm_eps, self.norm_offset) for n in self.layer_norms},
             attn_in="input_layernorm", attn_out="post_attention_layernorm",
             mlp_in="pre_feedforward_layernorm", mlp_out="post_feedforward_layernorm",
             self_attn=attn, mlp=MLP(spec.n_embd, spec.n_ff, "gelu_tanh"))

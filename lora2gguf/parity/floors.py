@@ -1,0 +1,91 @@
+"""The floors verify judges against: what llama.cpp costs the base alone at a file's type (its arithmetic
+at F32/F16/BF16, that plus the rounding for quantized types), and, for a merge into the base's own quantized
+type, what a correct merge of that type computes. Each quantized file is made by llama.cpp's quantizer in
+this process (llamacpp.ggml), measured and removed: no file here is larger than the quantized one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from gguf import LlamaFileType
+
+from lora2gguf.fileio.gguf_read import GGUFFile
+from lora2gguf.llamacpp.ggml import quantize_f32_copy, quantize_file
+from lora2gguf.llamacpp.runtime import LlamaRuntime
+
+FULL_PRECISION = {"ALL_F32", "MOSTLY_F16", "MOSTLY_BF16"}
+
+
+def file_type(path: Path) -> str:
+
+
+    with GGUFFile(path) as f:
+        ft = f.get("general.file_type")
+    try:
+        return LlamaFileType(int(ft)).name if ft is not None else "ALL_F32"
+    except ValueError:
+        return str(ft)
+
+
+BASE_ALONE: dict[tuple, np.ndarray] = {}  # one process verifying several adapters on one base quantizes it once
+
+
+def base_alone(base_path: Path, ftype_name: str, tokens, tmp: Path, n_ctx: int) -> np.ndarray:
+    """llama.cpp's logits for the base alone, no adapter, quantized to ftype_name by llama.cpp: what a
+    merged file of that type would look like if it carried nothing."""
+    st = base_path.stat()
+    key = (str(base_path.resolve()), st.st_size, st.st_mtime_ns, ftype_name, tuple(tokens), n_ctx)
+    if key not in BASE_ALONE:
+        BASE_ALONE[key] = measure_base_alone(base_path, ftype_name, tokens, tmp, n_ctx)
+    return BASE_ALONE[key]
+
+
+def measure_base_alone(base_path: Path, ftype_name: str, tokens, tmp: Path, n_ctx: int) -> np.ndarray:
+    """The base quantized by llama.cpp's quantizer, in this process (llamacpp.ggml): from the base itself when
+    it is F32/F16/BF16, else from its tensors dequantized by gguf-py (what llama_model_quantize of
+    dequantize_file's F32 copy gives, without that copy: no file here is larger than the quantized one)."""
+    dst = tmp / f"base-{ftype_name}.gguf"
+    if file_type(base_path) in FULL_PRECISION:
+        quantize_file(base_path, dst, LlamaFileType[ftype_name])
+    else:
+        quantize_f32_copy(base_path, dst, LlamaFileType[ftype_name])
+    try:
+        with LlamaRuntime(dst, n_ctx=n_ctx, repack=False) as rt:
+            return rt.logits(tokens)
+    finally:
+        dst.unlink(missing_ok=True)
+
+
+def exact_merge_quantized(gb, ref, mtype: str, tokens, tmp: Path, n_ctx: int) -> np.ndarray | None:
+    """llama.cpp's logits for the reference's merged weights (PEFT's math, float64) in place of the base's
+    tensors (the others dequantized by gguf-py), quantized by llama.cpp's quantizer to the merged type in this
+    process (llamacpp.ggml, no F32 copy of the base): what a correct merge of that type computes
+    (`ref`: parity.reference.ReferenceWeights, which makes each merged tensor when asked). The
+    floor for a merge into the base's own quantized type, where the base alone re-rounds nothing (its values
+    are on the grid already) while the merge re-rounds every tensor it changes. None when the merge adds
+    tensors the base lacks (a new bias, an untied head): the base-alone floor is used then."""
+    spec, arch = gb.spec, gb.spec.arch_module
+    changed = ref.touched  # modules an adapter changes or replaces
+    if spec.tied_embeddings and changed & {"model.embed_tokens", "lm_head"}:
+        return None  # the merge unties the head: a tensor the base lacks
+    replace = {}
+    names = set(gb.hf_names())
+    for mod in sorted(changed):
+        n_out = gb.file.tensors[gb.gguf_name(f"{mod}.weight")].shape[0] if f"{mod}.weight" in names else None
+        for attr in ("weight", "bias"):
+            name = f"{mod}.{attr}"
+            if name not in names:
+                if ref.get(name, n_out) is not None:
+                    return None  # a tensor the base lacks (a LoRA bias on a bias-free projection)
+                continue
+            # made when the quantizer reaches it: one merged tensor in memory at a time
+            replace[gb.gguf_name(name)] = lambda name=name, n_out=n_out: np.ascontiguousarray(
+                arch.to_gguf(spec, name, ref.get(name, n_out).numpy()), np.float32)
+    dst = tmp / f"exact-merge-{mtype}.gguf"
+    quantize_f32_copy(gb.path, dst, LlamaFileType[mtype], replace)
+    try:
+        with LlamaRuntime(dst, n_ctx=n_ctx, repack=False) as rt:
+            return rt.logits(tokens)
+    finally:
+        dst.unlink(missing_ok=True)
