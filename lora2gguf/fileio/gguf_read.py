@@ -5,7 +5,7 @@ file is opened. For a real model's 49k-token vocabulary and merges that is about
 on data that convert/merge/inspect never look at. This reader walks the same format (constants and
 types from gguf-py) but keeps string arrays undecoded until a caller asks for them, and checks every
 offset against the file size so that a truncated or corrupt file becomes one clear error.
-`tests/test_gguf_file.py` checks it against GGUFReader. Writing stays with `gguf.GGUFWriter`.
+`tests/fileio/test_gguf_read.py` checks it against GGUFReader. Writing stays with `gguf.GGUFWriter`.
 """
 
 from __future__ import annotations

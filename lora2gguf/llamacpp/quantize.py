@@ -7,7 +7,7 @@ llama.cpp's, not an imitation. Two ways to run it:
 
 - in this process, tensor by tensor from float rows (quantize_ggml.write_quantized): what merge and
   verify use, with no intermediate model file; types from llama.cpp's dry run, data from
-  ggml_quantize_chunk; byte-identical to the next one (tests/test_quantize_ggml.py);
+  ggml_quantize_chunk; byte-identical to the next one (tests/llamacpp/test_ggml.py);
 - `llama_quantize` here: `llama_model_quantize` on a GGUF file, in a child process (file in, file out), kept
   for merge's intermediate=True path (the reference the in-process writer is tested against), scripts, and
   whatever the in-process writer refuses (types that need an importance matrix, which merge refuses too).

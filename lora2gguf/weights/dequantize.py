@@ -7,7 +7,7 @@ So the code is plain torch (the same ops run on either device) and vectorized ov
 Each type mirrors `dequantize_blocks` in gguf/quants.py (gguf-py 0.19.0) operation by operation: f16 scales
 widened to f32, then the same products and sums in the same order, each a separate torch op (mul_ then
 sub_, as gguf-py rounds each). The float32 result equals `gguf.quants.dequantize` bit for bit, and equals
-llama.cpp's own dequantizer too (tests/test_dequantize.py); the one exception is an F16 tensor's signaling
+llama.cpp's own dequantizer too (tests/weights/test_dequantize.py); the one exception is an F16 tensor's signaling
 NaNs, which torch's conversion (like x86's F16C) returns quieted, where numpy keeps them signaling. A fused multiply-add could not change it: every
 product here is exact in float32 (11-bit f16 scale × at most 6-bit sub-scale × at most 6-bit value, under
 24 bits), so only the final add rounds, once either way; the bits are the same on CPU and CUDA.

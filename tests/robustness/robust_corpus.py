@@ -5,7 +5,7 @@ Valid PEFT adapters are written directly in PEFT's on-disk format (adapter_confi
 it, `base_model.model.<module>.lora_A.weight` / `lora_B.weight` in safetensors) rather than through the
 `peft` library: importing transformers + peft costs ~8 s of this suite's time budget on a 2-core machine,
 and these files only need to be a valid starting point that our loaders accept (checked by
-test_valid_inputs_are_accepted; tests/test_convert.py checks the real PEFT format).
+test_valid_inputs_are_accepted; tests/commands/test_convert.py checks the real PEFT format).
 """
 
 from __future__ import annotations

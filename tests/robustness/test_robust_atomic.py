@@ -148,7 +148,7 @@ def test_completed_runs_replace_the_old_file(big, tmp_path):
 
 def test_ctrl_c_in_train_leaves_a_resumable_checkpoint(tmp_path, capfd):
     """A real SIGINT (what Ctrl-C sends) to this process while `lora2gguf train` runs in it through the CLI
-    entry point (in process: torch is imported once; tests/test_train.py does the same from outside),
+    entry point (in process: torch is imported once; tests/commands/test_train.py does the same from outside),
     then `--resume` continues the same run from the checkpoint it left."""
     from lora2gguf.adapters.peft import load_peft
     from lora2gguf.cli import main

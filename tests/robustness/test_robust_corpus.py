@@ -170,7 +170,7 @@ def test_corpus_size():
 def test_valid_inputs_are_accepted(role, valid, tmp_path, capfd):
     """The control: every verb of the corpus succeeds on the valid input each case starts from, so each
     refusal above is caused by the malformation and nothing else. (verify, which runs llama.cpp for up to
-    a minute on a loaded 2-core machine, is left to tests/test_verify.py, which passes these same kinds of
+    a minute on a loaded 2-core machine, is left to tests/commands/test_verify.py, which passes these same kinds of
     inputs; here it reaches its checks on made-for-another-base, exit 1.)"""
     good = {"gguf-adapter": valid.gguf, "gguf-base": valid.base, "peft": valid.peft, "hf-base": valid.hf,
             "jsonl": valid.data}[role]

@@ -12,7 +12,7 @@ import pytest
 from conftest import fixture
 from lora2gguf.weights import fingerprint
 from lora2gguf.weights.base_model import open_base
-from test_adapter_gguf import rewrite_gguf
+from test_gguf_lora import rewrite_gguf
 
 TYPES = {"f16": "MOSTLY_F16", "q8_0": "MOSTLY_Q8_0", "q4_k_m": "MOSTLY_Q4_K_M", "q2_k": "MOSTLY_Q2_K"}
 

@@ -25,7 +25,7 @@ def test_modelfile_command(tmp_path):
 
 
 def test_modelfile_refuses_a_base_as_lora_and_a_lora_for_another_base(tmp_path):
-    from test_adapter_gguf import shuffled_base
+    from test_gguf_lora import shuffled_base
 
     out = tmp_path / "Modelfile"
     r = subprocess.run(CLI + ["--base", str(fixture("llama")), "--lora", str(fixture("llama")), "-o", str(out)],

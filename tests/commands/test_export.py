@@ -14,7 +14,7 @@ from lora2gguf.commands.export import export
 from lora2gguf.parity.metrics import compare
 from lora2gguf.llamacpp.runtime import LlamaRuntime
 from peft_helpers import make_peft_adapter, peft_logits
-from test_adapter_gguf import assert_same_deltas, rewrite_gguf, shuffled_base
+from test_gguf_lora import assert_same_deltas, rewrite_gguf, shuffled_base
 from test_convert import CASES
 
 

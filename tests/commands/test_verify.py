@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from conftest import ARCHS, fixture
 from peft_helpers import make_peft_adapter
-from test_adapter_gguf import rewrite_gguf, shuffled_base
+from test_gguf_lora import rewrite_gguf, shuffled_base
 
 from lora2gguf.commands.convert import convert
 from lora2gguf.commands.verify import verify
@@ -164,7 +164,7 @@ def test_smollm2_end_to_end(smollm2_f32, smollm2_hf, tmp_path):
 @pytest.mark.parametrize("base", BASES)
 def test_llama_cpp_converter_rslora_fails(base, base_pair, tmp_path):
     """llama.cpp's own convert_lora_to_gguf.py writes rsLoRA's alpha as is: verify catches it."""
-    from test_adapter_gguf import llama_cpp_convert
+    from test_gguf_lora import llama_cpp_convert
 
     gguf_base, hf = base_pair(base)
     peft_dir = make_peft_adapter(hf, tmp_path / "a", seed=10, use_rslora=True, **PLAIN)

@@ -133,14 +133,14 @@ class _Evil:
 
 
 def _mlx(tmp_path):
-    from test_adapter_mlx import write_mlx
+    from test_mlx import write_mlx
 
     peft = make_peft_adapter(fixture("llama", "hf"), tmp_path / "p", seed=64, r=2, lora_alpha=4, target_modules=["v_proj"])
     return write_mlx(peft, tmp_path / "mlx")
 
 
 def _tune(tmp_path):
-    from test_adapter_torchtune import write_torchtune
+    from test_torchtune import write_torchtune
 
     peft = make_peft_adapter(fixture("llama", "hf"), tmp_path / "p", seed=65, r=2, lora_alpha=4, target_modules=["q_proj"])
     return write_torchtune(peft, tmp_path / "tune", "llama")

@@ -117,7 +117,7 @@ def test_force_removes_the_previous_final_adapter(tmp_path):
 
 def test_resume_refuses_another_base_of_the_same_shapes_and_other_eval_data(tmp_path):
     from conftest import FIXTURES, fixture
-    from test_adapter_gguf import shuffled_base
+    from test_gguf_lora import shuffled_base
 
     run = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
