@@ -1,5 +1,5 @@
 """Read a GGUF LoRA adapter (ours or llama.cpp's convert_lora_to_gguf.py) back into the HF-layout
-structure of adapter.PeftAdapter, with exactly llama.cpp's run-time semantics: per tensor,
+structure of adapters.lora.PeftAdapter, with exactly llama.cpp's run-time semantics: per tensor,
 scale = alpha / r with r the rank of that tensor, and alpha == 0 meaning scale 1.
 
 Merge, verify and export use this to get "what does this GGUF adapter add to which HF weight"."""

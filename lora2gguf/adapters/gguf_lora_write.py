@@ -7,7 +7,7 @@ lora_alpha and fold scale_m / (alpha / r_m) into that module's lora_b wherever i
 LoRA stays bit-identical to llama.cpp's converter and everything else matches PEFT.
 
 Light on purpose: no torch (unless the adapter is a .bin), no transformers, and the base is only read
-for its header and a small fingerprint sample. The reader is adapter_gguf.
+for its header and a small fingerprint sample. The reader is adapters.gguf_lora.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from gguf import GGMLQuantizationType as T
 from gguf import GGUFValueType as V
 
 from lora2gguf import __version__
-from lora2gguf.adapters import load as adapter_any
+from lora2gguf.adapters.load import adapter_format, load_adapter, say_notes
 from lora2gguf.adapters.lora import ModuleLoRA, PeftAdapter
 from lora2gguf.adapters.rules import MERGE_HINT, check_arch, check_tied_embedding, llama_scale, to_gguf_pair
 from lora2gguf.errors import Lora2GGUFError
@@ -117,25 +117,24 @@ def check_outtype(outtype: str, option: str = "--outtype") -> None:
 
 
 def gguf_from_peft(adapter_dir: str | os.PathLike, base: str | os.PathLike, out: Path, outtype: str = "f32",
-                   say_notes: bool = False) -> Path:
-    """The adapter directory at `adapter_dir` (PEFT, torchtune or mlx-lm: adapter_any tells), for `base`
+                   print_notes: bool = False) -> Path:
+    """The adapter directory at `adapter_dir` (PEFT, torchtune or mlx-lm: adapters.load tells), for `base`
     (GGUF file, HF directory or config.json), written as a GGUF LoRA at `out` (atomically; the caller has
-    checked the output path). say_notes: print the adapter's notes (a 4-bit training base...) on stderr."""
-
+    checked the output path). print_notes: print the adapter's notes (a 4-bit training base...) on stderr."""
     check_outtype(outtype)
-    if adapter_any.adapter_format(Path(adapter_dir)) == "gguf":  # a bad path is refused before the base is read
+    if adapter_format(Path(adapter_dir)) == "gguf":  # a bad path is refused before the base is read
         raise Lora2GGUFError(f"{adapter_dir}: not a directory; expected an adapter directory (PEFT, torchtune or "
                              "mlx-lm); a GGUF LoRA needs no conversion")
     with open_base(base) as b:
         spec = b.spec
-        adapter = adapter_any.load_adapter(adapter_dir, spec)  # the spec un-permutes a torchtune file's q/k rows
+        adapter = load_adapter(adapter_dir, spec)  # the spec un-permutes a torchtune file's q/k rows
         refuse_unsupported(adapter)
         check_arch(adapter, spec, b.path)
         adapter.check_base(spec, f"base {b.path}")
         check_tied_embedding(adapter.modules, spec, adapter.path, f"base {b.path}")
         fp = fingerprint(b)
-    if say_notes:
-        adapter_any.say_notes(adapter)
+    if print_notes:
+        say_notes(adapter)
     write_gguf_lora(out, adapter, spec, float(adapter.config["lora_alpha"]), outtype, fp)
     return out
 

@@ -1,11 +1,11 @@
-"""Any adapter input a verb accepts → one in-memory adapter.PeftAdapter (HF module names and layout, each
+"""Any adapter input a verb accepts → one in-memory adapters.lora.PeftAdapter (HF module names and layout, each
 module with the scale its own runtime applies): the one entry point every verb shares, so that a new input
 format is added here once. The format is told by the files, never by a flag:
 
     adapter_model.safetensors / .bin  PEFT (also Unsloth, axolotl, torchtune's PEFT export, multimodal text towers)
-    adapter_model.pt                  torchtune (adapter_torchtune)
-    adapters.safetensors              mlx-lm (adapter_mlx)
-    a file                            GGUF LoRA (adapter_gguf)
+    adapter_model.pt                  torchtune (adapters.torchtune)
+    adapters.safetensors              mlx-lm (adapters.mlx)
+    a file                            GGUF LoRA (adapters.gguf_lora)
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""An mlx-lm adapter directory (adapters.safetensors + adapter_config.json) → adapter.PeftAdapter.
+"""An mlx-lm adapter directory (adapters.safetensors + adapter_config.json) → adapters.lora.PeftAdapter.
 
 The format, from mlx-lm's source (mlx_lm/tuner/lora.py, dora.py, utils.py; mlx_lm/lora.py saves
 `tree_flatten(model.trainable_parameters())` and `vars(args)` as the config):

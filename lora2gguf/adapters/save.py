@@ -3,7 +3,7 @@ against an optional base, and writing a PEFT directory or a GGUF LoRA, chosen by
 
 PEFT out: adapter_config.json with the most common rank as r and rank_pattern / alpha_pattern for the
 modules that differ, so that PEFT's scale alpha_m / r_m is each module's; written atomically (a temp
-directory renamed into place). GGUF out: adapter_gguf_write, which folds each module's scale into
+directory renamed into place). GGUF out: adapters.gguf_lora_write, which folds each module's scale into
 lora_b where llama.cpp's single alpha / r_m differs.
 """
 

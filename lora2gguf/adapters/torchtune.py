@@ -1,4 +1,4 @@
-"""A torchtune adapter (adapter_model.pt + adapter_config.json) → adapter.PeftAdapter in HF layout.
+"""A torchtune adapter (adapter_model.pt + adapter_config.json) → adapters.lora.PeftAdapter in HF layout.
 
 The format, from torchtune's source (torchtune/modules/peft/lora.py, dora.py, models/convert_weights.py,
 training/checkpointing/_checkpointer.py): the checkpointer `torch.save`s the adapter's state dict as is,
@@ -12,7 +12,7 @@ training/checkpointing/_checkpointer.py): the checkpointer `torch.save`s the ada
   downstream, which expects HF layout, permutes exactly once, where llama.cpp's arch wants it (llama: yes,
   gemma2: no). The rule follows torchtune's model family, not llama.cpp's: the two differ for gemma2.
 The HF checkpointer also writes the PEFT export (adapter_model.safetensors, already in HF order) beside the
-.pt: adapter_any prefers that one; this reader is for directories holding only the .pt.
+.pt: adapters.load prefers that one; this reader is for directories holding only the .pt.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 loads with --lora.
 
 The conversion itself (PEFT's per-module scales folded in where llama.cpp's single alpha differs) is
-adapter_gguf_write's; this verb checks the output path and calls it.
+adapters.gguf_lora_write's; this verb checks the output path and calls it.
 """
 
 from __future__ import annotations
@@ -21,4 +21,4 @@ def convert(adapter_dir: str | os.PathLike, base: str | os.PathLike, out: str | 
 
     check_outtype(outtype)
     out = check_output(out, force, inputs=[adapter_dir, base])
-    return gguf_from_peft(adapter_dir, base, out, outtype, say_notes=True)
+    return gguf_from_peft(adapter_dir, base, out, outtype, print_notes=True)

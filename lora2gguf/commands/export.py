@@ -4,7 +4,7 @@ adapter_model.safetensors) that `peft.PeftModel.from_pretrained` loads on the ma
 The GGUF file's run-time meaning is kept exactly: llama.cpp scales each tensor pair by alpha / r_m
 (1 when alpha is 0); PEFT scales by lora_alpha / r_m with rank_pattern for the modules whose rank
 differs, so writing the file's alpha as lora_alpha gives every module the same scale. q/k rows are
-un-permuted and the token embedding pair is turned back into lora_embedding_A/B (adapter_gguf does both).
+un-permuted and the token embedding pair is turned back into lora_embedding_A/B (adapters.gguf_lora does both).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from lora2gguf.weights.base_model import open_base
 
 def export(adapter_in: str | os.PathLike, base: str | os.PathLike, out: str | os.PathLike,
            force: bool = False) -> Path:
-    """Write the adapter at `adapter_in` (a GGUF LoRA, or a torchtune / mlx-lm / PEFT directory: adapter_any
+    """Write the adapter at `adapter_in` (a GGUF LoRA, or a torchtune / mlx-lm / PEFT directory: adapters.load
     tells), for `base`, as a PEFT adapter directory at `out`."""
     src, out = Path(adapter_in), Path(out)
     check_output_dir(out, force, [src, Path(base)])

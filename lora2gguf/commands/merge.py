@@ -2,7 +2,7 @@
 
 Math: W + Σ u·s·B·A with PEFT's scale s per module (rsLoRA, rank/alpha patterns) and the user's u. Plain
 LoRA is summed in float32 as PEFT's own merge does, straight in GGUF layout (B's q/k rows permuted like
-the base's); DoRA goes through adapter.merged_weight (float64, in HF layout); biases through merged_bias.
+the base's); DoRA goes through adapters.lora.merged_weight (float64, in HF layout); biases through merged_bias.
 modules_to_save and trained biases replace their tensor. On a tied base, LoRA on lm_head or embed_tokens
 unties them: a new output.weight starts from the base embedding, as in PEFT's forward, where the head
 keeps the original shared weight plus only lm_head's own LoRA (PEFT's merge_and_unload, and
@@ -14,7 +14,7 @@ plain LoRA in row blocks (n blocks of ≤ 1 MB at a time), DoRA/biases/replaceme
 a time.
 
 Types: f32/f16/bf16 are written directly. Quantized types are written by llama.cpp's own quantizer run in
-this process on the merge's row blocks (quantize_ggml): the model it quantizes is what used to be an
+this process on the merge's row blocks (llamacpp.ggml): the model it quantizes is what used to be an
 intermediate file (merged tensors F16 for an F16 base as llama-export-lora writes them, F32 otherwise;
 untouched tensors byte-for-byte as in the base) but never exists on disk. llama.cpp chooses every tensor's
 type (its dry run), copies each tensor already of its target type and quantizes the rest with
@@ -117,7 +117,7 @@ def _plan(base: GGUFBase, adapters: list[tuple[PeftAdapter, float]]) -> list[Job
     for a, u in adapters:
         for name, m in a.modules.items():
             by_module.setdefault(name, []).append((m, u))
-        full.update(a.full_weights)  # the last adapter wins, as in reference.reference_model
+        full.update(a.full_weights)  # the last adapter wins, as in parity.reference.reference_model
     hf_of = {base.gguf_name(h): h for h in base.hf_names()}
     if spec.tied_embeddings:
         hf_of["output.weight"] = "lm_head.weight"
@@ -202,7 +202,7 @@ class RowPool:
 
 
 def _merge_dora(w: np.ndarray, mods: list[tuple[ModuleLoRA, float]], pool: RowPool) -> np.ndarray:
-    """adapter.merged_weight itself (HF layout), in row blocks: DoRA's row norms are row-wise for linear
+    """adapters.lora.merged_weight itself (HF layout), in row blocks: DoRA's row norms are row-wise for linear
     layers; an embedding with DoRA is merged whole."""
     if any(m.magnitude is not None and (m.embedding or m.fan_in_fan_out) for m, _ in mods):
         return merged_weight(w, mods).astype(np.float32)
@@ -347,7 +347,7 @@ def _write_quantized(path: Path, base: GGUFBase, jobs: list[Job], qtype: OutputT
                      record: dict, bar, threads: int | None, verbose: bool) -> None:
     """The quantized output straight from the merge: llama.cpp's quantizer run in this process on the
     intermediate model (metadata of our f16/f32 output, tensors as _set_types plans them), which never
-    becomes a file (quantize_ggml)."""
+    becomes a file (llamacpp.ggml)."""
 
     with _merging(base, threads) as (fh, pool):
         tensors = [_source(fh, j, base.spec, pool) for j in jobs]

@@ -65,7 +65,7 @@ DEFAULT_TEXT = (
 class Adapter:
     path: Path
     scale: float
-    lora: object  # adapter.PeftAdapter (HF layout, PEFT's or llama.cpp's scale)
+    lora: object  # adapters.lora.PeftAdapter (HF layout, PEFT's or llama.cpp's scale)
     runtime_path: Path | None = None  # the GGUF file llama.cpp loads for the runtime view
 
 

@@ -1,7 +1,7 @@
 """llama.cpp's quantizer, tensor by tensor in this process: a quantized GGUF written from float32 rows, with
 no intermediate model file, byte-identical to what `llama_model_quantize` writes from that model.
 
-`llama_model_quantize` (quantize.llama_quantize) needs its input as a file: for a merge that is a copy of
+`llama_model_quantize` (llamacpp.quantize.llama_quantize) needs its input as a file: for a merge that is a copy of
 the base with the merged tensors in F32 (~29 GB extra for an all-linear adapter on an 8B model). This module
 does what llama-quant.cpp's main loop does, with the input given as a list of `Tensor`s instead (name,
 shape, the type the tensor would have in that input file, and callbacks that produce its float32 rows or
@@ -28,7 +28,7 @@ These C functions have no Python binding (llama-cpp-python binds llama.h, not gg
 gguf-py writes GGUF but quantizes no K-quants), so they are declared here through ctypes, from the
 libraries llama-cpp-python ships (libllama, libggml-base: one copy of ggml in the process).
 
-What stays with `quantize.llama_quantize` (llama_model_quantize in a child process): quantizing a whole
+What stays with `llamacpp.quantize.llama_quantize` (llama_model_quantize in a child process): quantizing a whole
 file as is (file in, file out), types that need an importance matrix (IQ1/IQ2/IQ3_XXS, Q2_K_S: merge refuses
 them), and merge's `intermediate=True`, the path this module replaces and is tested against. The IQ types
 that only need ggml's lookup tables (iq3_s/iq3_m/iq4_nl/iq4_xs) run here: `ggml_quantize_chunk` initialises
@@ -420,7 +420,7 @@ def _quantize(t: Tensor, new: GGMLQuantizationType, pool, pending: collections.d
 # -- sources --------------------------------------------------------------------------------------
 
 def stored_slabs(fd: int, info, slab: int = SLAB_BYTES) -> Iterator[np.ndarray]:
-    """A stored tensor's bytes (gguf_file.TensorInfo), read in slabs of whole rows."""
+    """A stored tensor's bytes (fileio.gguf_read.TensorInfo), read in slabs of whole rows."""
     row = row_bytes(info.type, info.shape[-1])
     step = max(1, slab // row) * row
     for off in range(0, info.nbytes, step):
@@ -476,7 +476,7 @@ def quantize_file(src: str | os.PathLike, dst: str | os.PathLike, ftype: LlamaFi
 def quantize_f32_copy(src: str | os.PathLike, dst: str | os.PathLike, ftype: LlamaFileType,
                       replace: dict[str, np.ndarray | Callable[[], np.ndarray]] | None = None,
                       threads: int | None = None) -> Path:
-    """What llama_model_quantize writes from gguf_write.dequantize_file(src, replace) (every tensor F32,
+    """What llama_model_quantize writes from fileio.gguf_write.dequantize_file(src, replace) (every tensor F32,
     dequantized by gguf-py; `replace` gives some tensors other values, GGUF layout: an array, or a function
     that makes it when that tensor is written, so that one replaced tensor is in memory at a time), without
     that F32 copy."""

@@ -5,7 +5,7 @@ take the file's type (see `takes_file_type`). Every quantized type, q8_0 include
 quantizer, so its per-tensor mixes (q4_k_m's Q6_K attn_v/ffn_down, fallbacks for odd shapes) and bytes are
 llama.cpp's, not an imitation. Two ways to run it:
 
-- in this process, tensor by tensor from float rows (quantize_ggml.write_quantized): what merge and
+- in this process, tensor by tensor from float rows (llamacpp.ggml.write_quantized): what merge and
   verify use, with no intermediate model file; types from llama.cpp's dry run, data from
   ggml_quantize_chunk; byte-identical to the next one (tests/llamacpp/test_ggml.py);
 - `llama_quantize` here: `llama_model_quantize` on a GGUF file, in a child process (file in, file out), kept

@@ -8,7 +8,7 @@ An architecture (models/<arch>.py) is one `Arch` subclass instance. It owns:
   llama's q/k row permutation, Gemma's 1+w norms; `rows_to_gguf` is the part that applies to LoRA B);
 - its LoRA targets (`layer_linears`) and where llama.cpp can take a bias (`bias_slots`);
 - its reference forward (`build_layer`, `embed_scale`, `final_softcap`: composed from models/layers.py)
-  and its training form (`fused_training`: whether training may use the fused layer of training_model).
+  and its training form (`fused_training`: whether training may use the fused layer of training.fused).
 Everything here is numpy-free and torch-free except the forward, which imports torch when called: reading
 a GGUF header, convert and merge never import torch.
 """
@@ -56,7 +56,7 @@ class Arch:
     qkv_bias: bool = False  # HF's default for attention_bias
     qk_norm: bool = False
     norm_offset: float = 0.0  # RMSNorm multiplies by offset + w (Gemma: 1)
-    fused_training: bool = False  # training_model.TrainingLayer may compute this arch's layer
+    fused_training: bool = False  # training.fused.TrainingLayer may compute this arch's layer
     can_untie: bool = True  # llama.cpp loads an output.weight beside tied embeddings (merge may untie)
 
     # -- LoRA targets ------------------------------------------------------------------------------------
@@ -72,7 +72,7 @@ class Arch:
 
     # -- hyperparameters ---------------------------------------------------------------------------------
     def spec_from_gguf(self, f, where) -> ModelSpec:
-        """The spec from a GGUF file's metadata (f: gguf_file.GGUFFile); extra fields: `gguf_extra`."""
+        """The spec from a GGUF file's metadata (f: fileio.gguf_read.GGUFFile); extra fields: `gguf_extra`."""
         arch = self.name
 
         def need(key, kind=int):

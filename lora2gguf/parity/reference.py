@@ -1,5 +1,5 @@
 """The reference: the PyTorch model on the base's (dequantized) weights with adapters applied by PEFT's
-exact math (adapter.merged_weight / merged_bias, float64), the yardstick for convert/merge/verify.
+exact math (adapters.lora.merged_weight / merged_bias, float64), the yardstick for convert/merge/verify.
 
 reference_model builds it whole (an fp32 copy of the model); reference_logits computes the same logits
 layer by layer, for bases whose fp32 copy would not fit (verify on an 8B)."""
@@ -74,7 +74,7 @@ class ReferenceWeights:
         return None if name.rsplit(".", 1)[0] in self.touched or name in self.full else self._quant(name)
 
     def base_tensor(self, name: str) -> np.ndarray:
-        """The base's tensor (float32, HF layout), dequantized by dequantize.py where it can (gguf-py's values)."""
+        """The base's tensor (float32, HF layout), dequantized by weights.dequantize where it can (gguf-py's values)."""
         q = self._quant(name)
         return q.rows().numpy() if q is not None else self.base.tensor(self._source_name(name))
 

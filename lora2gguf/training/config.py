@@ -18,7 +18,7 @@ class TrainConfig:
     out: str
     eval_data: str | None = None
     tokenizer: str | None = None  # a GGUF whose tokenizer to use (required for an HF-directory base)
-    chat_template: str | None = None  # for messages records: a data.CHAT_TEMPLATES name or a Jinja file
+    chat_template: str | None = None  # for messages records: a llamacpp.tokenizer.CHAT_TEMPLATES name or a Jinja file
     rank: int = 16
     alpha: float = 32.0
     rslora: bool = False

@@ -73,7 +73,7 @@ def choose_base_weights(base, want: str, dtype: torch.dtype, device: torch.devic
 
 
 def load_base_model(base, dtype: torch.dtype, device: torch.device, weights: str = "resident") -> nn.Module:
-    """The frozen base for training, `weights` = "quantized": quant_weights.load_quantized_model; else
+    """The frozen base for training, `weights` = "quantized": weights.quantized.load_quantized_model; else
     Transformer.from_base, except that on CPU in fp32 the F32 tensors of a GGUF are used in place,
     straight from the file's memory map: the frozen base is never written, so it costs the file's
     pages and no copy (quantized tensors and those the arch transforms, e.g. permuted q/k rows, are still

@@ -2,7 +2,7 @@
 
 A QuantWeight is a 2-D weight held as the file's own quant blocks (rows of bytes, a view of the memory map
 on CPU, a copy of those bytes on CUDA). Nothing dequantized is kept: x·Wᵀ and g·W (the input gradient)
-dequantize W a block of rows at a time (dequantize.py, bit-identical to gguf-py), use it and drop it, so a
+dequantize W a block of rows at a time (weights.dequantize, bit-identical to gguf-py), use it and drop it, so a
 step costs the file's pages plus one block, not an fp32 copy of the model (32 GB for an 8B). The weight
 gets no gradient. QuantLinear and QuantEmbedding put such weights where the reference model has
 nn.Linear / nn.Embedding, under the same names, so LoRA injection, the fused training layer, the loss and
@@ -159,7 +159,7 @@ class QuantEmbedding(nn.Module):
 
 def quant_weight(base, hf_name: str, dtype: torch.dtype, device: torch.device | str = "cpu") -> QuantWeight | None:
     """The base's 2-D tensor `hf_name` as a QuantWeight over the mapped file, or None where it cannot be one:
-    a type dequantize.py does not read, or a value transform other than a row permutation."""
+    a type weights.dequantize does not read, or a value transform other than a row permutation."""
     spec, arch = base.spec, base.spec.arch_module
     info = base.file.tensors[base.gguf_name(hf_name)]
     if len(info.shape) != 2 or info.type not in SUPPORTED:
@@ -180,7 +180,7 @@ def quant_weight(base, hf_name: str, dtype: torch.dtype, device: torch.device | 
 
 def load_quantized_model(base, dtype: torch.dtype, device: torch.device):
     """The reference Transformer on a GGUF base with every 2-D weight (projections, embedding, head) a
-    QuantWeight; norms and anything dequantize.py cannot read are resident, in `dtype`."""
+    QuantWeight; norms and anything weights.dequantize cannot read are resident, in `dtype`."""
     with torch.device("meta"):
         model = Transformer(base.spec, None)
     state = {}
