@@ -54,15 +54,15 @@ class KLCost:
     adapter and one llama.cpp model for all files: verify's greedy checks take minutes on a loaded machine."""
 
     def __init__(self, f32: Path):
-        from lora2gguf.weights.base_model import open_base
-        from lora2gguf.parity.reference import reference_model
+        from lora2gguf.commands.verify import DEFAULT_TEXT
         from lora2gguf.llamacpp.runtime import LlamaRuntime
-        from lora2gguf.commands.verify import DEFAULT_TEXT, _ref_logits
+        from lora2gguf.parity.reference import reference_logits
+        from lora2gguf.weights.base_model import open_base
 
         self.rt = LlamaRuntime(f32, n_ctx=512)
         self.tokens = self.rt.tokenize(DEFAULT_TEXT)[:256]
         self.base = open_base(f32)
-        self.ref, self.cache = (lambda adapters: _ref_logits(reference_model(self.base, adapters), self.tokens)), {}
+        self.ref, self.cache = (lambda adapters: reference_logits(self.base, adapters, [self.tokens])[0]), {}
         self.base_logits = self.ref([])
 
     def __call__(self, original: Path, resized: Path) -> dict:
