@@ -89,9 +89,45 @@ def chat_template_for(base) -> str | None:
     return "gemma" if base.spec.arch.startswith("gemma") else "chatml"
 
 
+def _score(base: Path, template, prompts: list, ggufs: dict[str, Path], merged: dict[str, Path]
+           ) -> tuple[dict[str, dict[str, list[str]]], float, float]:
+    """Greedy answers to the held-out prompts from the base, each adapter hot-swapped on one loaded model (no
+    reload), and each merged file → (answers by behaviour and view, model load s, longest swap s)."""
+    t = time.perf_counter()
+    rt = LlamaRuntime(base, n_ctx=256)
+    load_s = time.perf_counter() - t
+    tok = Tokenizer(base, template)
+    prompt_ids = [tok.encode(tok.render(m, add_generation_prompt=True)) for m in prompts]
+    tok.close()
+    n_gen = max(len(rt.tokenize(b.marker, add_bos=False)) for b in BEHAVIOURS) + 2
+    answers: dict[str, dict[str, list[str]]] = {b.name: {} for b in BEHAVIOURS}
+    base_answers = _answers(rt, prompt_ids, n_gen)
+    swap_s = []
+    for b in BEHAVIOURS:
+        answers[b.name]["base"] = base_answers
+        ts = time.perf_counter()
+        rt.set_adapters([(ggufs[b.name], 1.0)])
+        swap_s.append(time.perf_counter() - ts)
+        answers[b.name]["runtime"] = _answers(rt, prompt_ids, n_gen)
+    rt.close()
+    for b in BEHAVIOURS:
+        with LlamaRuntime(merged[b.name], n_ctx=256) as mrt:
+            answers[b.name]["merged_q4_k_m"] = _answers(mrt, prompt_ids, n_gen)
+    return answers, load_s, max(swap_s)
+
+
+def _verify(base: Path, gguf: Path, merged: Path) -> dict:
+    """`lora2gguf verify` of one adapter: runtime LoRA and the merged file against the reference."""
+    rep = verify(base, [(str(gguf), 1.0)], merged=merged, n_tokens=128)
+    return {"kl_base_to_reference": rep["adapter_effect"]["kl_base_to_reference"],
+            "runtime_vs_reference": rep["pairs"]["runtime"]["mean_kl"],
+            "merged_vs_reference": rep["pairs"]["merged"]["mean_kl"],
+            "merged_floor": rep.get("merged_quantization_floor"), "pass": rep["pass"]}
+
+
 def run_demo(workdir: str | os.PathLike, base: str | os.PathLike | None = None, recipe: Recipe = Recipe(),
              max_prompts: int | None = None, log=print) -> dict:
-
+    """Train, convert, merge, score, verify and write Modelfiles for the two behaviours → the summary."""
     work = Path(workdir)
     work.mkdir(parents=True, exist_ok=True)
     stages: dict[str, float] = {}
@@ -128,26 +164,7 @@ def run_demo(workdir: str | os.PathLike, base: str | os.PathLike | None = None, 
         stages[f"merge {b.name} → q4_k_m"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    rt = LlamaRuntime(base, n_ctx=256)
-    load_s = time.perf_counter() - t
-    tok = Tokenizer(base, template)
-    prompt_ids = [tok.encode(tok.render(m, add_generation_prompt=True)) for m in prompts]
-    tok.close()
-    n_gen = max(len(rt.tokenize(b.marker, add_bos=False)) for b in BEHAVIOURS) + 2
-    t = time.perf_counter()
-    answers: dict[str, dict[str, list[str]]] = {b.name: {} for b in BEHAVIOURS}
-    base_answers = _answers(rt, prompt_ids, n_gen)
-    swap_s = []
-    for b in BEHAVIOURS:  # hot-swap on the loaded model: no reload
-        answers[b.name]["base"] = base_answers
-        ts = time.perf_counter()
-        rt.set_adapters([(ggufs[b.name], 1.0)])
-        swap_s.append(time.perf_counter() - ts)
-        answers[b.name]["runtime"] = _answers(rt, prompt_ids, n_gen)
-    rt.close()
-    for b in BEHAVIOURS:
-        with LlamaRuntime(merged[b.name], n_ctx=256) as mrt:
-            answers[b.name]["merged_q4_k_m"] = _answers(mrt, prompt_ids, n_gen)
+    answers, load_s, swap_s = _score(base, template, prompts, ggufs, merged)
     adherence = {b.name: {view: _adherence(b, a) for view, a in answers[b.name].items()} for b in BEHAVIOURS}
     samples = {b.name: {view: a[0] for view, a in answers[b.name].items()} for b in BEHAVIOURS}
     stages["score (greedy, held-out prompts)"] = time.perf_counter() - t
@@ -155,11 +172,7 @@ def run_demo(workdir: str | os.PathLike, base: str | os.PathLike | None = None, 
     kls = {}
     for b in BEHAVIOURS:
         t = time.perf_counter()
-        rep = verify(base, [(str(ggufs[b.name]), 1.0)], merged=merged[b.name], n_tokens=128)
-        kls[b.name] = {"kl_base_to_reference": rep["adapter_effect"]["kl_base_to_reference"],
-                       "runtime_vs_reference": rep["pairs"]["runtime"]["mean_kl"],
-                       "merged_vs_reference": rep["pairs"]["merged"]["mean_kl"],
-                       "merged_floor": rep.get("merged_quantization_floor"), "pass": rep["pass"]}
+        kls[b.name] = _verify(base, ggufs[b.name], merged[b.name])
         stages[f"verify {b.name}"] = time.perf_counter() - t
 
     for b in BEHAVIOURS:
@@ -170,7 +183,7 @@ def run_demo(workdir: str | os.PathLike, base: str | os.PathLike | None = None, 
                               "gguf_kb": ggufs[b.name].stat().st_size / 1e3,
                               "gguf_percent_of_base": 100 * ggufs[b.name].stat().st_size / base.stat().st_size,
                               "sample": samples[b.name]} for b in BEHAVIOURS},
-        "model_load_s": load_s, "adapter_swap_s": max(swap_s), "stages_s": stages,
+        "model_load_s": load_s, "adapter_swap_s": swap_s, "stages_s": stages,
         "total_s": time.perf_counter() - t0, "workdir": str(work),
         "modelfiles": [str(work / f"Modelfile.{b.name}") for b in BEHAVIOURS],
         "commands": serve_commands(base, ggufs),
