@@ -1,5 +1,5 @@
 """The architectures: the spec every one fills (spec), the base class that holds an architecture's every
-rule (arch), the PyTorch layers the reference forward composes (layers), one module per architecture, and
+rule (arch), the PyTorch layers each forward composes (layers), one module per architecture, and
 the registry that finds them (registry: adding an architecture is models/<name>.py and its name there)."""
 
 from __future__ import annotations

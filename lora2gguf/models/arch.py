@@ -7,7 +7,7 @@ An architecture (models/<arch>.py) is one `Arch` subclass instance. It owns:
   llama.cpp's own converter uses) and the value transforms between the two layouts (`to_gguf`/`from_gguf`:
   llama's q/k row permutation, Gemma's 1+w norms; `rows_to_gguf` is the part that applies to LoRA B);
 - its LoRA targets (`layer_linears`) and where llama.cpp can take a bias (`bias_slots`);
-- its reference forward (`build_layer`, `embed_scale`, `final_softcap`: composed from models/layers.py)
+- its PyTorch forward (`build_layer`, `embed_scale`, `final_softcap`: composed from models/layers.py)
   and its training form (`fused_training`: whether training may use the fused layer of training.fused).
 Everything here is numpy-free and torch-free except the forward, which imports torch when called: reading
 a GGUF header, convert and merge never import torch.
@@ -220,7 +220,7 @@ class Arch:
         """A whole GGUF tensor (float32 numpy) in HF layout and values."""
         return self.rows_from_gguf(spec, hf_name, t)
 
-    # -- reference forward (torch, imported when called) ---------------------------------------------------
+    # -- PyTorch forward (torch, imported when called) ---------------------------------------------------
     def build_layer(self, spec: ModelSpec, i: int):
         """Decoder layer i as a torch module whose submodule names are the HF ones."""
         from lora2gguf.models.layers import MLP, Attention, DecoderLayer, RMSNorm

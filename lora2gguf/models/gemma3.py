@@ -128,7 +128,7 @@ class Gemma3(Arch):
     def from_gguf(self, spec, hf_name: str, t):
         return t - np.float32(self.norm_offset) if self._shifted(hf_name) else t
 
-    # -- reference forward ---------------------------------------------------------------------------------
+    # -- PyTorch forward -----------------------------------------------------------------------------------
     def build_layer(self, spec: GemmaSpec, i: int):
         from lora2gguf.models.layers import MLP, Attention, DecoderLayer, RMSNorm
 

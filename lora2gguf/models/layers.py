@@ -1,4 +1,4 @@
-"""The reference forward's building blocks, in PyTorch, with Hugging Face's module names
+"""The PyTorch forward's building blocks, with Hugging Face's module names
 (model.layers.N.self_attn.q_proj, ...) so that PEFT target names and adapter keys apply as is. Each
 architecture composes its decoder layer from these in its `build_layer` (models/<arch>.py).
 

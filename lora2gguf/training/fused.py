@@ -1,8 +1,8 @@
 """The fused training form of a pre-norm SwiGLU decoder layer (llama, qwen2, qwen3): the same parameters and
-math as the reference layer (models/layers.py), in fewer and larger steps, with autograd functions that make
+math as the plain layer (models/layers.py), in fewer and larger steps, with autograd functions that make
 fewer passes over memory and keep less for backward than autograd through the modules would. Only training
 uses it; an architecture opts in with `fused_training` (models/arch.py), every other one trains on its
-reference layer, whose LoRALinear modules still compute each projection as one LoRAProjection.
+plain layer, whose LoRALinear modules still compute each projection as one LoRAProjection.
 """
 
 from __future__ import annotations
@@ -185,7 +185,7 @@ class TrainingLayer(DecoderLayer):
 def fuse_for_training(model: nn.Module) -> bool:
     """Turn each layer of `model` (after inject_lora, on its device) into a TrainingLayer, where its
     architecture computes a pre-norm SwiGLU layer with full-width rope (`fused_training`); else leave the
-    reference layers, whose LoRALinear modules compute each projection as one LoRAProjection. Whether it
+    plain layers, whose LoRALinear modules compute each projection as one LoRAProjection. Whether it
     fused."""
     spec = model.spec
     if not (spec.arch_module.fused_training and spec.n_rot == spec.head_dim):

@@ -1,4 +1,4 @@
-"""Trainable LoRA on the reference model, with PEFT's math.
+"""Trainable LoRA on the PyTorch model (models.layers.Transformer), with PEFT's math.
 
 A LoRALinear wraps a frozen nn.Linear: y = base(x) + B(A(dropout(x))) · scale (adapters.peft.lora_scale),
 A initialised kaiming-uniform(a=√5) and B zeros, as PEFT does. Each LoRA'd projection is computed as one

@@ -4,11 +4,11 @@ A QuantWeight is a 2-D weight held as the file's own quant blocks (rows of bytes
 on CPU, a copy of those bytes on CUDA). Nothing dequantized is kept: x·Wᵀ and g·W (the input gradient)
 dequantize W a block of rows at a time (weights.dequantize, bit-identical to gguf-py), use it and drop it, so a
 step costs the file's pages plus one block, not an fp32 copy of the model (32 GB for an 8B). The weight
-gets no gradient. QuantLinear and QuantEmbedding put such weights where the reference model has
+gets no gradient. QuantLinear and QuantEmbedding put such weights where the PyTorch model has
 nn.Linear / nn.Embedding, under the same names, so LoRA injection, the fused training layer, the loss and
-the reference all work on either form.
+verify's reference (parity.reference) all work on either form.
 
-`load_quantized_model` builds the reference Transformer that way; `frozen_linear` / `frozen_grad_input`
+`load_quantized_model` builds the PyTorch Transformer that way; `frozen_linear` / `frozen_grad_input`
 are the two products every caller uses, for a resident tensor or a QuantWeight alike.
 """
 
@@ -179,7 +179,7 @@ def quant_weight(base, hf_name: str, dtype: torch.dtype, device: torch.device | 
 
 
 def load_quantized_model(base, dtype: torch.dtype, device: torch.device):
-    """The reference Transformer on a GGUF base with every 2-D weight (projections, embedding, head) a
+    """The PyTorch Transformer on a GGUF base with every 2-D weight (projections, embedding, head) a
     QuantWeight; norms and anything weights.dequantize cannot read are resident, in `dtype`."""
     with torch.device("meta"):
         model = Transformer(base.spec, None)
