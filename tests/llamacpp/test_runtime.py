@@ -38,7 +38,7 @@ def test_batched_eval_of_quantized_models_runs():
     """A whole prompt through each quantized fixture, in a child process so that a crash in llama.cpp's
     CPU kernels (SIGILL in its AMX path, before runtime._without_extra_bufts) fails this test and not the run."""
     code = ("import sys, numpy as np; sys.path.insert(0, 'tests'); from conftest import fixture, token_ids; "
-            "from lora2gguf.runtime import LlamaRuntime\n"
+            "from lora2gguf.llamacpp.runtime import LlamaRuntime\n"
             "for arch in ('llama', 'qwen3'):\n"
             "    for kind in ('q4_k_m', 'q8_0', 'f32'):\n"
             "        with LlamaRuntime(fixture(arch, kind), n_ctx=128) as rt:\n"
