@@ -6,6 +6,9 @@ format is added here once. The format is told by the files, never by a flag:
     adapter_model.pt                  torchtune (adapters.torchtune)
     adapters.safetensors              mlx-lm (adapters.mlx)
     a file                            GGUF LoRA (adapters.gguf_lora)
+
+load_for_base is the one loader that checks an adapter against a base (the arch PEFT recorded, the shapes,
+and the base fingerprint a GGUF LoRA we converted carries): every verb that takes an adapter and a base.
 """
 
 from __future__ import annotations
