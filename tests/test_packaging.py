@@ -32,8 +32,13 @@ def build_wheel(into: Path) -> Path:
     return wheel
 
 
-def test_wheel_carries_the_demo_data(tmp_path):
-    with zipfile.ZipFile(build_wheel(tmp_path)) as z:
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    return build_wheel(tmp_path_factory.mktemp("wheel"))
+
+
+def test_wheel_carries_the_demo_data(wheel):
+    with zipfile.ZipFile(wheel) as z:
         names = set(z.namelist())
     assert {f"lora2gguf/demo_data/{d}" for d in DATASETS} <= names
     assert "lora2gguf/commands/convert.py" in names and "lora2gguf/models/llama.py" in names
@@ -41,20 +46,21 @@ def test_wheel_carries_the_demo_data(tmp_path):
 
 
 @pytest.mark.slow
-def test_demo_from_an_installed_wheel_finds_its_data_and_model(tmp_path):
+def test_demo_from_an_installed_wheel_finds_its_data_and_model(tmp_path, wheel):
     """A fresh venv with the wheel installed (pip, not editable); its dependencies are this venv's packages,
     reached by a path file, so nothing is downloaded. The demo runs from an empty directory until it has
     trained its first adapter on SmolLM2 (data and model found), then it is stopped."""
     smollm2_gguf()  # in the cache already, as for every slow test: the demo must find it there
-    wheel = build_wheel(tmp_path)
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     py = venv / "bin" / "python"
     site = Path(subprocess.run([py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                                capture_output=True, text=True, check=True).stdout.strip())
     # a path entry, not a site dir: this venv's own .pth files (its editable lora2gguf) are not read there
     (site / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    r = subprocess.run([py, "-m", "pip", "install", "--no-deps", "--no-index", "--quiet", str(wheel)],
+    # this venv's pip installs into the new one (--python): the new venv needs no pip of its own
+    r = subprocess.run([sys.executable, "-m", "pip", "--python", str(py), "install", "--no-deps", "--no-index",
+                        "--quiet", str(wheel)],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     run = tmp_path / "elsewhere"
