@@ -142,8 +142,6 @@ def gguf_from_peft(adapter_dir: str | os.PathLike, base: str | os.PathLike, out:
 def write_gguf_lora(out: Path, adapter: PeftAdapter, spec, alpha_file: float, outtype: str, fp) -> None:
     """Write `adapter`'s modules for a base of `spec` with one file alpha, PEFT's per-module scales folded
     in, and our provenance (ranks, targets, the base fingerprint `fp`) as metadata."""
-
-
     tensors = [module_tensors(m, spec, alpha_file) for m in adapter.modules.values()]
     w = GGUFWriter(None, spec.arch)
     w.add_type("adapter")

@@ -128,7 +128,6 @@ def load_for_base(path: str | os.PathLike, base=None, any_qk_order: bool = False
     return a
 
 
-
 def _magic(p: Path) -> bytes:
     with open(p, "rb") as fh:
         return fh.read(4)

@@ -61,7 +61,6 @@ class ModuleLoRA:
         return (b.shape[0], a.shape[1])
 
 
-
 @dataclass
 class PeftAdapter:
     path: Path
@@ -110,7 +109,6 @@ class PeftAdapter:
                     "the adapter was made for another model")
 
 
-
 def merged_weight(w: np.ndarray, mods: list[tuple[ModuleLoRA, float]]) -> np.ndarray:
     """The base weight (HF layout) with these adapters applied as PEFT computes them, in float64:
     W + Σ u·s·B·A, where u is the user's scale and s PEFT's; a DoRA module contributes
@@ -127,7 +125,6 @@ def merged_weight(w: np.ndarray, mods: list[tuple[ModuleLoRA, float]]) -> np.nda
             g = m.magnitude.astype(np.float64).reshape(-1, 1) / norm
             out += (g - 1.0) * base + g * d
     return out
-
 
 
 def merged_bias(b: np.ndarray | None, n_out: int, mods: list[tuple[ModuleLoRA, float]]) -> np.ndarray | None:

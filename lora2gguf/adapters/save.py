@@ -1,5 +1,5 @@
-"""Adapters in and out for the verbs that reshape them (export, resize, combine, extract): reading one
-against an optional base, and writing a PEFT directory or a GGUF LoRA, chosen by the output path.
+"""Adapters out, for the verbs that reshape them (resize, combine, extract): a PEFT directory or a GGUF LoRA,
+chosen by the output path (adapters.load reads them in, against an optional base).
 
 PEFT out: adapter_config.json with the most common rank as r and rank_pattern / alpha_pattern for the
 modules that differ, so that PEFT's scale alpha_m / r_m is each module's; written atomically (a temp

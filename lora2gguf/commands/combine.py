@@ -60,7 +60,6 @@ def combine_adapters(adapters: list[tuple[PeftAdapter, float]], rank: int | None
 def combine(loras: list[tuple[str | os.PathLike, float]], base: str | os.PathLike, out: str | os.PathLike,
             rank: int | None = None, outtype: str = "f32", force: bool = False) -> dict:
     """Combine adapters (any format, for `base`) into the GGUF LoRA `out`."""
-
     check_outtype(outtype)
     if not is_gguf_out(out):
         raise Lora2GGUFError(f"{out}: combine writes a GGUF LoRA; give an output path ending in .gguf")

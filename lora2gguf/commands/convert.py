@@ -18,7 +18,6 @@ def convert(adapter_dir: str | os.PathLike, base: str | os.PathLike, out: str | 
             outtype: str = "f32", force: bool = False) -> Path:
     """Convert an adapter directory (PEFT, torchtune or mlx-lm) for `base` (GGUF file, HF directory or
     config.json) into a GGUF LoRA at `out`."""
-
     check_outtype(outtype)
     out = check_output(out, force, inputs=[adapter_dir, base])
     return gguf_from_peft(adapter_dir, base, out, outtype, print_notes=True)

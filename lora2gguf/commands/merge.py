@@ -45,7 +45,7 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import Iterator
 
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFWriter, LlamaFileType
@@ -62,9 +62,6 @@ from lora2gguf.fileio.gguf_write import PlannedTensor, copy_fields, encode, nbyt
 from lora2gguf.llamacpp.ggml import Tensor, ggml_rows, stored_slabs, write_quantized
 from lora2gguf.llamacpp.quantize import OutputType, llama_quantize, output_type, takes_file_type
 from lora2gguf.weights.base_model import GGUFBase
-
-if TYPE_CHECKING:
-    from lora2gguf.llamacpp.ggml import Tensor
 
 F32 = GGMLQuantizationType.F32
 KEY_ADAPTERS, KEY_SCALES, KEY_SHA256 = "lora2gguf.merge.adapters", "lora2gguf.merge.scales", "lora2gguf.merge.sha256"
@@ -348,7 +345,6 @@ def _write_quantized(path: Path, base: GGUFBase, jobs: list[Job], qtype: OutputT
     """The quantized output straight from the merge: llama.cpp's quantizer run in this process on the
     intermediate model (metadata of our f16/f32 output, tensors as _set_types plans them), which never
     becomes a file (llamacpp.ggml)."""
-
     with _merging(base, threads) as (fh, pool):
         tensors = [_source(fh, j, base.spec, pool) for j in jobs]
         write_quantized(path, qtype.ftype, _writer(base, mid_type, record), tensors, threads,

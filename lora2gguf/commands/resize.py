@@ -52,7 +52,6 @@ def resize_adapter(adapter: PeftAdapter, rank: int | None = None, energy: float 
 def resize(adapter: str | os.PathLike, out: str | os.PathLike, rank: int | None = None, energy: float | None = None,
            base: str | os.PathLike | None = None, outtype: str = "f32", force: bool = False) -> dict:
     """Resize `adapter` (any format) and write it to `out` (.gguf: GGUF LoRA for `base`; else PEFT directory)."""
-
     check_outtype(outtype)
     lowrank.check_target(rank, energy)
     out = check_out(out, force, [adapter, base], base)

@@ -32,7 +32,6 @@ def check_output(out: str | os.PathLike, force: bool, inputs: Iterable[str | os.
     return out
 
 
-
 def umask_mode(directory: bool = False) -> int:
     """The mode an ordinary new file (directory) gets under this process's umask: 0644 (0755) under 022.
     mkstemp/mkdtemp make theirs 0600/0700, which a server running as another user (llama-server, Ollama)
@@ -40,7 +39,6 @@ def umask_mode(directory: bool = False) -> int:
     umask = os.umask(0)
     os.umask(umask)
     return (0o777 if directory else 0o666) & ~umask
-
 
 
 def fsync_path(path: Path) -> None:
@@ -53,12 +51,10 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-
 def part_prefix(out: Path) -> str:
     """Temp names beside `out` carry the writer's pid: `.NAME.<pid>.XXXX.part`, so a later run can tell
     a dead writer's leftovers (SIGKILL runs no clean-up) from a live one's."""
     return f".{out.name}.{os.getpid()}."
-
 
 
 def remove_stale_parts(out: Path) -> list[Path]:
@@ -77,7 +73,6 @@ def remove_stale_parts(out: Path) -> list[Path]:
     return removed
 
 
-
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -86,7 +81,6 @@ def _alive(pid: int) -> bool:
     except PermissionError:  # another user's process
         return True
     return True
-
 
 
 @contextlib.contextmanager

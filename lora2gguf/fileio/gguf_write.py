@@ -1,5 +1,5 @@
-"""Write GGUF files safely: atomically (temp file in the target directory, renamed at the end), never
-over an existing file without --force, never over an input, streaming tensor by tensor."""
+"""Write GGUF files tensor by tensor (only one tensor's data in memory), into the temp file that
+fileio.atomic gives, and the F32 copy of a model (dequantize_file)."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter, LlamaFileType
+from gguf import GGMLQuantizationType, GGUFWriter, LlamaFileType
 from gguf.quants import quant_shape_to_byte_shape, quantize
 
 from lora2gguf.fileio.atomic import atomic_output
-from lora2gguf.fileio.gguf_read import GGUFFile, StringArray
+from lora2gguf.fileio.gguf_read import GGUFFile, StringArray, row_bytes
 
 
 def copy_fields(src: GGUFFile, writer: GGUFWriter, skip: Callable[[str], bool] = lambda k: False) -> None:
@@ -38,8 +38,7 @@ class PlannedTensor:
 
 
 def nbytes_of(shape: tuple[int, ...], qtype: GGMLQuantizationType) -> int:
-    block, size = GGML_QUANT_SIZES[qtype]
-    return int(np.prod(shape[:-1], dtype=np.int64)) * (shape[-1] // block) * size
+    return int(np.prod(shape[:-1], dtype=np.int64)) * row_bytes(qtype, shape[-1])
 
 
 def write_streaming(path: Path, writer: GGUFWriter, plan: list[PlannedTensor],

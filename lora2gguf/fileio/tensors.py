@@ -28,9 +28,7 @@ def read_json_object(cfg_path: Path, missing: str) -> dict:
     return cfg
 
 
-
 _ST_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2"}
-
 
 
 def safetensors_header(path: Path, float_only: bool = True) -> dict:
@@ -56,7 +54,6 @@ def safetensors_header(path: Path, float_only: bool = True) -> dict:
     return header
 
 
-
 def read_safetensors_f32(path: Path) -> dict[str, np.ndarray]:
     """Every tensor of a safetensors file as float32 numpy, without torch (importing torch costs ~3 s,
     more than the whole convert). The safetensors library validates the file (safetensors_header); the
@@ -77,7 +74,6 @@ def read_safetensors_f32(path: Path) -> dict[str, np.ndarray]:
         # bf16 is the top half of a float32
         out[key] = (arr.astype(np.uint32) << 16).view(np.float32) if info["dtype"] == "BF16" else arr.astype(np.float32)
     return out
-
 
 
 def read_torch_pickle(binf: Path, writer: str) -> dict[str, np.ndarray]:

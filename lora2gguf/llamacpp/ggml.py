@@ -205,7 +205,6 @@ def llama_target_types(model: str | os.PathLike, ftype: LlamaFileType, verbose: 
                        ) -> list[tuple[str, GGMLQuantizationType | None]]:
     """(name, target type) for every tensor of a GGUF model, in the order llama_model_quantize writes them,
     from its own dry run (no output file). The type is None where llama.cpp keeps the input's type."""
-
     p = llama_cpp.llama_model_quantize_default_params()
     p.ftype, p.dry_run, p.allow_requantize, p.nthread = int(ftype), True, True, 1
     text: list[str] = []
@@ -480,7 +479,6 @@ def quantize_f32_copy(src: str | os.PathLike, dst: str | os.PathLike, ftype: Lla
     dequantized by gguf-py; `replace` gives some tensors other values, GGUF layout: an array, or a function
     that makes it when that tensor is written, so that one replaced tensor is in memory at a time), without
     that F32 copy."""
-
     dst, replace = Path(dst), replace or {}
     with GGUFFile(src) as f, open(f.path, "rb") as fh, atomic_output(dst) as tmp:
         fd = fh.fileno()

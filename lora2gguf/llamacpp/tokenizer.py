@@ -24,7 +24,6 @@ ROLES = ("system", "user", "assistant", "tool")
 # Gemma 3 270M, the test fixtures): a conversation is never rendered in a format nobody chose.
 
 
-
 # Templates a user can name with --chat-template for a base whose GGUF carries none (pretrained bases such as
 # Gemma 3 270M, the test fixtures): a conversation is never rendered in a format nobody chose.
 CHAT_TEMPLATES = {
@@ -43,9 +42,7 @@ CHAT_TEMPLATES = {
 }
 
 
-
 DEFAULT_CHAT_TEMPLATE = CHAT_TEMPLATES["chatml"]
-
 
 
 def chat_template(name_or_path: str) -> str:
@@ -58,7 +55,6 @@ def chat_template(name_or_path: str) -> str:
     except (OSError, UnicodeDecodeError) as e:
         raise Lora2GGUFError(f"--chat-template {name_or_path}: neither {' nor '.join(CHAT_TEMPLATES)} nor a readable "
                              f"Jinja file ({type(e).__name__})") from None
-
 
 
 class Tokenizer:
@@ -111,7 +107,6 @@ class Tokenizer:
         self.rt.close()
 
 
-
 def open_tokenizer(base: str, tokenizer: str | None = None, template: str | None = None) -> Tokenizer:
     """The tokenizer of --tokenizer, else of the base GGUF (an HF-directory base has no GGUF tokenizer)."""
     path = tokenizer or base
@@ -123,13 +118,10 @@ def open_tokenizer(base: str, tokenizer: str | None = None, template: str | None
     return Tokenizer(path, template)
 
 
-
 _ENV = None
 
 
-
 _COMPILED: dict = {}
-
 
 
 def _environment():
@@ -155,7 +147,6 @@ def _environment():
         _ENV.globals["raise_exception"] = raise_exception
         _ENV.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     return _ENV
-
 
 
 def render_chat(template: str, messages: list[dict], add_generation_prompt: bool, bos_token: str = "",

@@ -19,7 +19,6 @@ FULL_PRECISION = {"ALL_F32", "MOSTLY_F16", "MOSTLY_BF16"}
 
 def file_type(path: Path) -> str:
 
-
     with GGUFFile(path) as f:
         ft = f.get("general.file_type")
     try:

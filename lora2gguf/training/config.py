@@ -48,7 +48,6 @@ class TrainConfig:
     progress: bool = True
 
 
-
 @dataclass
 class TrainResult:
     out: Path
@@ -60,7 +59,6 @@ class TrainResult:
     layers: dict | None = None
     optimizer: torch.optim.Optimizer | None = None
     rank: int = 0
-
 
 
 def pick_device(name: str, local_rank: int = 0) -> torch.device:
@@ -76,7 +74,6 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
     if name not in ("cpu", "mps"):
         raise Lora2GGUFError(f"--device {name}: expected auto, cpu, cuda or mps")
     return torch.device(name)
-
 
 
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:

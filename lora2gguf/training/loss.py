@@ -56,7 +56,6 @@ class HeadLoss(torch.autograd.Function):
         return grad * g, None, None, None, None
 
 
-
 class LossModel(nn.Module):
     """Summed next-token loss in one forward, so that DistributedDataParallel sees the whole step."""
 

@@ -10,11 +10,9 @@ from pathlib import Path
 LOG_NAME, PLOT_NAME = "train_log.jsonl", "loss.png"
 
 
-
 # What a run leaves in OUT besides its checkpoints: a new run (--force) removes them all, so that an
 # interrupted new run cannot look finished with the previous run's final adapter.
 RUN_FILES = (LOG_NAME, PLOT_NAME, "adapter_model.safetensors", "adapter_config.json")
-
 
 
 def clear_previous_run(out: Path) -> None:
@@ -22,7 +20,6 @@ def clear_previous_run(out: Path) -> None:
         shutil.rmtree(p, ignore_errors=True)
     for name in RUN_FILES:
         (out / name).unlink(missing_ok=True)
-
 
 
 def read_log(log_path: Path) -> list[dict]:
@@ -39,7 +36,6 @@ def read_log(log_path: Path) -> list[dict]:
         if isinstance(r, dict) and isinstance(r.get("step"), int):
             rows.append(r)
     return rows
-
 
 
 def plot_losses(log_path: Path, png_path: Path, warn) -> None:

@@ -63,11 +63,8 @@ def lr_lambda(warmup: int, total: int):
     return f
 
 
-
 def tokens_digest(examples) -> str:
     """sha256 of the tokenized examples: changes with the data, the tokenizer or the sequence length."""
-
-
     h = hashlib.sha256()
     for e in examples:
         for seq in (e.ids, e.labels):
@@ -76,10 +73,8 @@ def tokens_digest(examples) -> str:
     return h.hexdigest()
 
 
-
 def file_sha256(path: str) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
 
 
 @dataclass
@@ -178,7 +173,6 @@ class Run:
         return self.all_sum(total).item() / sum(e.n_trained for e in examples)
 
 
-
 def setup(cfg, out, device, cdtype, rank, world, warn) -> tuple[Run, list, list]:
     """Tokenize the data, load the frozen base, add LoRA, build the optimizer → (run, train, eval examples)."""
     tok = open_tokenizer(cfg.base, cfg.tokenizer, cfg.chat_template)
@@ -234,11 +228,8 @@ def setup(cfg, out, device, cdtype, rank, world, warn) -> tuple[Run, list, list]
     return run, train_ex, eval_ex
 
 
-
 def run_training(cfg, on_step, out, device, cdtype, rank, world, warn) -> TrainResult:
     """Set the run up, resume it if asked, step it to the end (or to an interrupt), save the adapter."""
-
-
     run, train_ex, eval_ex = setup(cfg, out, device, cdtype, rank, world, warn)
     total, G = run.args["total_steps"], cfg.batch_size * cfg.grad_accum
     eval_every = cfg.eval_every or max(1, total // 10)

@@ -19,9 +19,7 @@ from lora2gguf.weights.quantized import load_quantized_model
 BASE_WEIGHTS = ("auto", "resident", "quantized")
 
 
-
 RESIDENT_SHARE = 0.5  # auto keeps the base resident when that takes at most this share of free memory
-
 
 
 def available_memory(device: torch.device) -> int:
@@ -33,7 +31,6 @@ def available_memory(device: torch.device) -> int:
             return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
     except (OSError, StopIteration, ValueError):
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
-
 
 
 def resident_cost(base, dtype: torch.dtype, device: torch.device) -> int:
@@ -48,14 +45,12 @@ def resident_cost(base, dtype: torch.dtype, device: torch.device) -> int:
     return total
 
 
-
 def choose_base_weights(base, want: str, dtype: torch.dtype, device: torch.device, ranks_here: int = 1
                         ) -> tuple[str, str]:
     """(resident | quantized, why): where the frozen base lives. resident: dequantized once to `dtype`
     (fastest per step); quantized: the GGUF's own blocks, dequantized a block at a time in forward and
     backward (memory ≈ the file). auto picks resident when it needs at most RESIDENT_SHARE of the free
     memory (shared by the processes training on this machine or GPU), quantized otherwise."""
-
     if want not in BASE_WEIGHTS:
         raise Lora2GGUFError(f"--base-weights {want}: expected one of {', '.join(BASE_WEIGHTS)}")
     if not isinstance(base, GGUFBase):
@@ -71,7 +66,6 @@ def choose_base_weights(base, want: str, dtype: torch.dtype, device: torch.devic
     return ("resident", why) if cost <= RESIDENT_SHARE * free else ("quantized", why)
 
 
-
 def load_base_model(base, dtype: torch.dtype, device: torch.device, weights: str = "resident") -> nn.Module:
     """The frozen base for training, `weights` = "quantized": weights.quantized.load_quantized_model; else
     Transformer.from_base, except that on CPU in fp32 the F32 tensors of a GGUF are used in place,
@@ -84,7 +78,6 @@ def load_base_model(base, dtype: torch.dtype, device: torch.device, weights: str
         return load_quantized_model(base, dtype, device)
     if not (isinstance(base, GGUFBase) and dtype == torch.float32 and device.type == "cpu"):
         return Transformer.from_base(base, dtype=dtype, device=device)
-
 
     spec = base.spec
     arch = spec.arch_module
