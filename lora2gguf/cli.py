@@ -87,16 +87,23 @@ def verify_cmd(ctx, base, loras, merged, runtime_lora, text_file, prompts_file, 
 @click.option("--quant", default="f16", show_default=True, metavar="TYPE",
               help="Output type: f32, f16, bf16, q8_0, q6_k, q5_k_m, q4_k_m, q4_0, ... (llama.cpp's file types).")
 @click.option("-o", "--out", required=True, type=click.Path(), help="Merged GGUF file to write.")
+@click.option("--imatrix", type=click.Path(), default=None,
+              help="Importance matrix from llama-imatrix (GGUF or legacy .dat), used as llama-quantize --imatrix.")
+@click.option("--imatrix-data", is_flag=False, flag_value="adapter", default=None, metavar="[DATA]",
+              help="Measure the importance matrix on the merged model over DATA (JSONL in the train formats, or "
+                   "text); alone: each adapter's own training data. Needed for iq2_xs, iq1_s, q2_k_s...")
+@click.option("--imatrix-out", type=click.Path(), default=None,
+              help="Where --imatrix-data writes the matrix (llama.cpp's GGUF form) [default: OUT.imatrix.gguf].")
 @click.option("--threads", type=int, default=None, help="Threads for llama.cpp's quantizer (default: all).")
 @click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
 @click.pass_context
-def merge_cmd(ctx: click.Context, base: str, loras: tuple[str, ...], quant: str, out: str, threads: int | None,
-              force: bool) -> None:
+def merge_cmd(ctx: click.Context, base: str, loras: tuple[str, ...], quant: str, out: str, imatrix: str | None,
+              imatrix_data: str | None, imatrix_out: str | None, threads: int | None, force: bool) -> None:
     """Bake LoRA adapters into a GGUF base and write it at any llama.cpp quantization."""
     from lora2gguf.commands.merge import merge
 
     pairs = [parse_lora_arg(a) for a in loras]
-    click.echo(f"wrote {merge(base, pairs, out, quant=quant, threads=threads, force=force, verbose=ctx.obj['verbose'])}")
+    click.echo(f"wrote {merge(base, pairs, out, quant=quant, threads=threads, force=force, verbose=ctx.obj['verbose'], imatrix=imatrix, imatrix_data=imatrix_data, imatrix_out=imatrix_out)}")
 
 
 @cli.command("train")

@@ -39,3 +39,46 @@ def llama_cpp_source_or_exit() -> Path:
     """For the benchmarks: the tree, or exit with one line."""
     return llama_cpp_source() or sys.exit("llama.cpp's source could not be had: the pip download of the "
                                           "llama-cpp-python sdist failed; set LLAMA_CPP_DIR to a llama.cpp tree")
+
+
+def llama_quantize_tool() -> Path | None:
+    """llama.cpp's `llama-quantize` program, built from that tree's tools/quantize (with the few common/
+    sources it uses) and linked against the libllama that llama-cpp-python ships: the same quantizer code
+    the package runs, behind llama.cpp's own command line and importance-matrix loader. About 15 s of g++,
+    once, into the cache; None without the source or a C++ compiler."""
+    import shutil
+    import subprocess
+    from importlib.metadata import version
+
+    import llama_cpp
+
+    from lora2gguf.weights.real_models import cache_dir
+
+    src = llama_cpp_source()
+    cxx = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
+    if src is None or cxx is None:
+        return None
+    tool = cache_dir() / f"llama-tools-{version('llama-cpp-python')}" / "llama-quantize"
+    if tool.is_file():
+        return tool
+    tool.parent.mkdir(parents=True, exist_ok=True)
+    lib = Path(llama_cpp.__file__).parent / "lib"
+    info = (src / "common" / "build-info.cpp.in").read_text().replace("@LLAMA_BUILD_NUMBER@", "0")
+    for key in ("@LLAMA_BUILD_COMMIT@", "@BUILD_COMPILER@", "@BUILD_TARGET@"):
+        info = info.replace(key, "llama-cpp-python")
+    with tempfile.TemporaryDirectory(dir=tool.parent) as tmp:
+        (Path(tmp) / "build-info.cpp").write_text(info)
+        sources = [*(src / "tools" / "quantize").glob("*.cpp"),
+                   *(src / "common" / n for n in ("imatrix-loader.cpp", "log.cpp", "common.cpp", "json.cpp")),
+                   Path(tmp) / "build-info.cpp"]
+        # --gc-sections drops the parts of common.cpp that llama-quantize never reaches (and that would need
+        # the rest of common/)
+        cmd = [cxx, "-O1", "-std=c++17", "-ffunction-sections", "-fdata-sections", "-Wl,--gc-sections",
+               *(f"-I{src / d}" for d in ("include", "ggml/include", "common", "vendor")), *map(str, sources),
+               f"-L{lib}", "-lllama", "-lggml", "-lggml-base", f"-Wl,-rpath,{lib}", "-lpthread",
+               "-o", str(Path(tmp) / "llama-quantize")]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"building llama-quantize failed:\n{r.stderr[-3000:]}")
+        os.replace(Path(tmp) / "llama-quantize", tool)
+    return tool

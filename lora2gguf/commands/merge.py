@@ -59,13 +59,17 @@ from lora2gguf.errors import Lora2GGUFError
 from lora2gguf.fileio.atomic import atomic_output, check_output, part_prefix
 from lora2gguf.fileio.gguf_read import TensorInfo, decode, pread
 from lora2gguf.fileio.gguf_write import PlannedTensor, copy_fields, encode, nbytes_of, write_streaming
-from lora2gguf.llamacpp.ggml import Tensor, ggml_rows, stored_slabs, write_quantized
+from lora2gguf.fileio.imatrix import write_imatrix
+from lora2gguf.llamacpp.ggml import Importance, Tensor, ggml_rows, stored_slabs, write_quantized
 from lora2gguf.llamacpp.quantize import OutputType, llama_quantize, output_type, takes_file_type
+from lora2gguf.llamacpp.tokenizer import Tokenizer
+from lora2gguf.training.runlog import read_train_data
 from lora2gguf.weights.base_model import GGUFBase
 
 F32 = GGMLQuantizationType.F32
 KEY_ADAPTERS, KEY_SCALES, KEY_SHA256 = "lora2gguf.merge.adapters", "lora2gguf.merge.scales", "lora2gguf.merge.sha256"
 ROW_BLOCK = 1 << 18  # elements per block of the merge math (1 MB of float32)
+ADAPTER_DATA = "adapter"  # --imatrix-data with no file: the data each adapter was trained on
 
 # Bias tensors llama.cpp loads when present (optional slots), by HF module suffix: q/k/v for every arch
 # (create_tensor_qkv in llama-model.cpp), o/gate/up/down only for llama (src/models/llama.cpp).
@@ -341,14 +345,14 @@ def _source(fh, job: Job, spec, pool: RowPool) -> Tensor:
 
 
 def _write_quantized(path: Path, base: GGUFBase, jobs: list[Job], qtype: OutputType, mid_type: LlamaFileType,
-                     record: dict, bar, threads: int | None, verbose: bool) -> None:
+                     record: dict, bar, threads: int | None, verbose: bool, importance: Importance | None) -> None:
     """The quantized output straight from the merge: llama.cpp's quantizer run in this process on the
     intermediate model (metadata of our f16/f32 output, tensors as _set_types plans them), which never
     becomes a file (llamacpp.ggml)."""
     with _merging(base, threads) as (fh, pool):
         tensors = [_source(fh, j, base.spec, pool) for j in jobs]
         write_quantized(path, qtype.ftype, _writer(base, mid_type, record), tensors, threads,
-                        progress=lambda t: bar.update(1), verbose=verbose)
+                        progress=lambda t: bar.update(1), verbose=verbose, imatrix=importance)
 
 
 def _ahead(fn, items):
@@ -374,14 +378,87 @@ def _release_free_memory() -> None:
         pass
 
 
+def _check_imatrix_request(qtype: OutputType, imatrix, imatrix_data, imatrix_out) -> None:
+    if imatrix is not None and imatrix_data is not None:
+        raise Lora2GGUFError("--imatrix and --imatrix-data: give one (a file from llama-imatrix, or data to measure "
+                             "the matrix on)")
+    if imatrix_out is not None and imatrix_data is None:
+        raise Lora2GGUFError("--imatrix-out writes the matrix --imatrix-data measures; give --imatrix-data too")
+    given = imatrix is not None or imatrix_data is not None
+    if given and qtype.direct is not None:
+        raise Lora2GGUFError(f"--quant {qtype.name} is written without quantization; an importance matrix applies "
+                             "to quantized types (q4_k_m, iq2_xs, ...)")
+    if qtype.needs_imatrix and not given:
+        raise Lora2GGUFError(f"--quant {qtype.name}: llama.cpp needs an importance matrix for this type; give "
+                             "--imatrix FILE (from llama-imatrix) or --imatrix-data DATA (measured on the merged "
+                             "model; --imatrix-data alone: the adapters' own training data)")
+
+
+def _calibration_files(loras: list[tuple[str | os.PathLike, float]], imatrix_data: str) -> list[Path]:
+    """The data files to measure on: the one given, or each adapter's training data (train_data.json of its
+    training run), checked unchanged since training."""
+    if imatrix_data != ADAPTER_DATA:
+        return [Path(imatrix_data)]
+    files = []
+    for p, _ in loras:
+        rec = read_train_data(Path(p)) if Path(p).is_dir() else None
+        if rec is None:
+            raise Lora2GGUFError(f"--lora {p}: no record of its training data (train_data.json, written by "
+                                 "lora2gguf train); give --imatrix-data FILE")
+        data = Path(rec["data"])
+        if not data.is_file():
+            raise Lora2GGUFError(f"--lora {p}: its training data {data} is gone; give --imatrix-data FILE")
+        if rec.get("data_sha256") and _sha256([data]) != rec["data_sha256"]:
+            raise Lora2GGUFError(f"--lora {p}: its training data {data} changed since training; give "
+                                 "--imatrix-data FILE to measure on it anyway")
+        if data not in files:
+            files.append(data)
+    return files
+
+
+def _measured_importance(b: GGUFBase, adapters: list[tuple[PeftAdapter, float]], files: list[Path],
+                         imatrix_out: Path, verbose: bool) -> Importance:
+    """The matrix measured on the merged model over the data (parity.importance), written to imatrix_out
+    (llama-imatrix's GGUF form: llama-quantize --imatrix takes it, verify finds it), and what
+    llama-quantize --imatrix imatrix_out would hand llama.cpp."""
+    # torch modules, imported only on this path: a merge without --imatrix-data starts without torch
+    from lora2gguf.parity.importance import measure_importance
+    from lora2gguf.training.data import calibration_sequences
+
+    tok = Tokenizer(b.path)
+    seqs = [s for f in files for s in calibration_sequences(f, tok)]
+    if verbose:
+        print(f"importance matrix: {len(seqs)} sequences, {sum(map(len, seqs))} tokens from "
+              f"{', '.join(map(str, files))}", file=sys.stderr)
+    im = measure_importance(b, adapters, seqs, ", ".join(map(str, files)))
+    with atomic_output(imatrix_out) as tmp:
+        write_imatrix(tmp, im, b.spec.arch)
+    return Importance.of(imatrix_out)
+
+
+def _check_names(imp: Importance, b: GGUFBase, path) -> None:
+    if not set(imp.values) & set(b.file.tensors):
+        raise Lora2GGUFError(f"--imatrix {path}: none of its {len(imp.values)} entries names a tensor of {b.path} "
+                             f"(e.g. {next(iter(imp.values))}); it was computed for another model")
+
+
 def merge(base: str | os.PathLike, loras: list[tuple[str | os.PathLike, float]], out: str | os.PathLike,
           quant: str = "f16", threads: int | None = None, force: bool = False, progress: bool | None = None,
-          verbose: bool = False, intermediate: bool = False) -> Path:
+          verbose: bool = False, intermediate: bool = False, imatrix: str | os.PathLike | None = None,
+          imatrix_data: str | os.PathLike | None = None, imatrix_out: str | os.PathLike | None = None) -> Path:
     """Merge (adapter, scale) pairs into the GGUF base and write `out` as `quant`. Everything that can be
     wrong with the request is checked before any tensor is read. progress=None: a bar when stderr is a tty.
     intermediate=True (quantized types): the previous path, an intermediate file beside `out` quantized by
-    llama.cpp in a child process; same bytes, more disk (see the module docstring)."""
+    llama.cpp in a child process; same bytes, more disk (see the module docstring).
+
+    Importance matrix (quantized types): `imatrix`, a llama-imatrix file, used as llama-quantize --imatrix
+    uses it (byte-identical output from the same F32/F16 model); or `imatrix_data`, a JSONL/text file (or
+    ADAPTER_DATA: each adapter's training data) on which the matrix is measured on the merged model
+    (parity.importance) and written to `imatrix_out` (default OUT's name + .imatrix.gguf) first."""
     qtype = output_type(quant)
+    _check_imatrix_request(qtype, imatrix, imatrix_data, imatrix_out)
+    if intermediate and (imatrix is not None or imatrix_data is not None):
+        raise Lora2GGUFError("an importance matrix is applied by the in-process quantizer only (not intermediate=True)")
     if threads is not None and threads < 1:
         raise Lora2GGUFError(f"--threads {threads}: give a positive number of threads")
     if not loras:
@@ -390,6 +467,11 @@ def merge(base: str | os.PathLike, loras: list[tuple[str | os.PathLike, float]],
         if not math.isfinite(float(s)):
             raise Lora2GGUFError(f"--lora {p}: scale must be a finite number")
     out = check_output(out, force, [base, *[p for p, _ in loras]])
+    if imatrix_data is not None:
+        imatrix_out = Path(imatrix_out) if imatrix_out is not None else out.with_name(out.stem + ".imatrix.gguf")
+        imatrix_out = check_output(imatrix_out, force, [base, *[p for p, _ in loras], out])
+        data_files = _calibration_files(loras, str(imatrix_data))
+    importance = Importance.of(imatrix) if imatrix is not None else None
     if Path(base).is_dir():
         raise Lora2GGUFError(f"{base}: merge needs a GGUF base file (BASE.gguf), not a directory")
     with GGUFBase(base) as b:
@@ -404,6 +486,10 @@ def merge(base: str | os.PathLike, loras: list[tuple[str | os.PathLike, float]],
             record[KEY_SCALES].append(float(s))
             record[KEY_SHA256].append(digest)
         jobs = _plan(b, adapters)
+        if importance is not None:
+            _check_names(importance, b, imatrix)
+        if imatrix_data is not None:
+            importance = _measured_importance(b, adapters, data_files, imatrix_out, verbose)
         f16_base = b.file.get("general.file_type") == LlamaFileType.MOSTLY_F16
         _set_types(jobs, qtype, f16_base)
         n = len(jobs)
@@ -416,7 +502,7 @@ def merge(base: str | os.PathLike, loras: list[tuple[str | os.PathLike, float]],
                 _write(tmp, b, jobs, qtype.ftype, record, bar, threads)
                 return out
             if not intermediate:
-                _write_quantized(tmp, b, jobs, qtype, mid_type, record, bar, threads, verbose)
+                _write_quantized(tmp, b, jobs, qtype, mid_type, record, bar, threads, verbose, importance)
                 return out
             fd, mid = tempfile.mkstemp(prefix=part_prefix(out), suffix=".merged.part", dir=out.parent)
             os.close(fd)

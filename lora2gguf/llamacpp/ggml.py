@@ -63,6 +63,7 @@ from lora2gguf.errors import Lora2GGUFError
 from lora2gguf.fileio.atomic import atomic_output
 from lora2gguf.fileio.gguf_read import GGUFFile, decode, pread, row_bytes
 from lora2gguf.fileio.gguf_write import PlannedTensor, f32_copy_writer, nbytes_of, write_streaming
+from lora2gguf.fileio.imatrix import Imatrix, read_imatrix
 
 F32, F16 = GGMLQuantizationType.F32, GGMLQuantizationType.F16
 ALIGN = 32  # GGUF_DEFAULT_ALIGNMENT: llama-quant.cpp pads every tensor's data to it
@@ -95,6 +96,69 @@ class Tensor:
             raise AssertionError(f"{self.name}: a {self.type.name} tensor needs raw()")
         dt = np.float32 if self.type == F32 else np.float16
         return (np.ascontiguousarray(r).astype(dt, copy=False) for r in self.rows())
+
+
+@dataclass
+class Importance:
+    """An importance matrix as llama-quantize hands it to llama_model_quantize: per weight the float32 array
+    that ggml_quantize_chunk weighs each column's error by (n_expert·ne0 values, expert-major; from
+    fileio.imatrix.Imatrix.importance()), and what it records in the output: the file as named on its
+    command line, the first dataset, the number of entries and of chunks."""
+
+    values: dict[str, np.ndarray]
+    file: str
+    dataset: str | None = None
+    chunks: int = 0
+
+    @classmethod
+    def of(cls, file: str | os.PathLike, im: Imatrix | None = None) -> Importance:
+        """What `llama-quantize --imatrix FILE` hands llama.cpp (FILE as typed; `im`: its contents, if read)."""
+        im = im if im is not None else read_imatrix(file)
+        return cls(im.importance(), str(file), im.datasets[0] if im.datasets else None, im.chunk_count)
+
+    def key_values(self) -> list[tuple[str, str | int]]:
+        """The quantize.imatrix.* keys, in llama-quantize's order (strings cut to its 127-byte buffer)."""
+        cut = lambda v: v.encode()[:127].decode(errors="ignore")  # noqa: E731
+        kv = [("quantize.imatrix.file", cut(self.file))]
+        if self.dataset is not None:
+            kv.append(("quantize.imatrix.dataset", cut(self.dataset)))
+        kv.append(("quantize.imatrix.entries_count", len(self.values)))
+        if self.chunks > 0:
+            kv.append(("quantize.imatrix.chunks_count", self.chunks))
+        return kv
+
+    def c_array(self):
+        """llama_model_quantize_params.imatrix: a {name, data, size} array ending in a NULL name (it points
+        into `values`, which must outlive it)."""
+        items = [llama_cpp.llama_model_imatrix_data(n.encode(), v.ctypes.data_as(ctypes.POINTER(ctypes.c_float)),
+                                                    v.size) for n, v in self.values.items()]
+        items.append(llama_cpp.llama_model_imatrix_data(None, None, 0))
+        return (llama_cpp.llama_model_imatrix_data * len(items))(*items)
+
+    def for_tensor(self, t: Tensor) -> np.ndarray | None:
+        """This tensor's array, checked as llama-quant.cpp checks it: n_expert·ne0 values (a size mismatch is
+        an error, except on token_embd, quantized without), none for a weight the matrix lacks."""
+        v = self.values.get(t.name)
+        n_expert = t.shape[-3] if len(t.shape) >= 3 else 1
+        if v is not None and v.size != t.shape[-1] * n_expert:
+            if t.name in TOKEN_EMBD:
+                return None
+            raise Lora2GGUFError(f"tensor {t.name}: the importance matrix has {v.size} values for it, the tensor "
+                                 f"needs {t.shape[-1] * n_expert}; it was computed on another model")
+        return v
+
+
+# tensor_name_match_token_embd / _output_weight and tensor_requires_imatrix in llama-quant.cpp: the types whose
+# quantization without an importance matrix llama.cpp refuses ("the result will be garbage")
+TOKEN_EMBD = ("token_embd.weight", "per_layer_token_embd.weight")
+_NEEDS_IMATRIX = {GGMLQuantizationType.IQ3_XXS, GGMLQuantizationType.IQ2_XXS, GGMLQuantizationType.IQ2_XS,
+                  GGMLQuantizationType.IQ2_S, GGMLQuantizationType.IQ1_M, GGMLQuantizationType.IQ1_S}
+
+
+def requires_imatrix(name: str, new: GGMLQuantizationType, ftype: LlamaFileType) -> bool:
+    if name in TOKEN_EMBD or name == "output.weight":
+        return False
+    return new in _NEEDS_IMATRIX or (new == GGMLQuantizationType.Q2_K and ftype == LlamaFileType.MOSTLY_Q2_K_S)
 
 
 # -- the C functions ------------------------------------------------------------------------------
@@ -132,6 +196,7 @@ def _libs():
         "ggml_validate_row_data": (ctypes.c_bool, [ctypes.c_int, vp, sz]),
         "gguf_init_empty": (vp, []), "gguf_init_from_file": (vp, [cp, _GGUFInitParams]), "gguf_free": (None, [vp]),
         "gguf_set_kv": (None, [vp, vp]), "gguf_set_val_u32": (None, [vp, cp, ctypes.c_uint32]),
+        "gguf_set_val_str": (None, [vp, cp, cp]),
         "gguf_remove_key": (i64, [vp, cp]), "gguf_add_tensor": (None, [vp, vp]),
         "gguf_get_meta_size": (sz, [vp]), "gguf_get_meta_data": (None, [vp, vp]),
         "gguf_get_n_tensors": (i64, [vp]), "gguf_get_tensor_offset": (sz, [vp, i64]),
@@ -201,12 +266,16 @@ def _llama_log(sink: Callable[[str], None]):
 _DRY_RUN_LOCK = threading.Lock()
 
 
-def llama_target_types(model: str | os.PathLike, ftype: LlamaFileType, verbose: bool = False
-                       ) -> list[tuple[str, GGMLQuantizationType | None]]:
+def llama_target_types(model: str | os.PathLike, ftype: LlamaFileType, verbose: bool = False,
+                       imatrix: Importance | None = None) -> list[tuple[str, GGMLQuantizationType | None]]:
     """(name, target type) for every tensor of a GGUF model, in the order llama_model_quantize writes them,
-    from its own dry run (no output file). The type is None where llama.cpp keeps the input's type."""
+    from its own dry run (no output file). The type is None where llama.cpp keeps the input's type. With an
+    importance matrix the choice changes for some types (llama-quant.cpp's has_imatrix): it is passed too."""
     p = llama_cpp.llama_model_quantize_default_params()
     p.ftype, p.dry_run, p.allow_requantize, p.nthread = int(ftype), True, True, 1
+    keep = imatrix.c_array() if imatrix is not None else None
+    if keep is not None:
+        p.imatrix = keep
     text: list[str] = []
     with _DRY_RUN_LOCK, _llama_log(text.append):
         rc = llama_cpp.llama_model_quantize(os.fsencode(model), os.fsencode(os.devnull), ctypes.byref(p))
@@ -219,7 +288,8 @@ def llama_target_types(model: str | os.PathLike, ftype: LlamaFileType, verbose: 
                    f"status {rc}")
         raise Lora2GGUFError(f"llama.cpp cannot quantize this model to {LlamaFileType(ftype).name} ({why})")
     if any("will require an imatrix" in ln for ln in lines):
-        raise Lora2GGUFError(f"{LlamaFileType(ftype).name}: llama.cpp needs an importance matrix for this type")
+        raise Lora2GGUFError(f"{LlamaFileType(ftype).name}: llama.cpp needs an importance matrix for this type "
+                             "(--imatrix FILE or --imatrix-data DATA)")
     names = _type_by_ggml_name()
     out, total = [], None
     for ln in lines:
@@ -271,9 +341,11 @@ class _GGUF:
         self.g.gguf_free(self.ctx)
 
 
-def _header(kv_file: Path, ftype: LlamaFileType, order: list[tuple[Tensor, GGMLQuantizationType]]) -> bytes:
+def _header(kv_file: Path, ftype: LlamaFileType, order: list[tuple[Tensor, GGMLQuantizationType]],
+            overrides: list[tuple[str, str | int]] = ()) -> bytes:
     """llama-quant.cpp's output header: the input's key-values, then general.quantization_version and
-    general.file_type (set: moved to the end), split keys removed; tensors in order with their new types."""
+    general.file_type (set: moved to the end), split keys removed, then the overrides (llama-quantize's
+    quantize.imatrix.* keys: strings, integers as u32); tensors in order with their new types."""
     with _GGUF() as out:
         g = out.g
         src = g.gguf_init_from_file(os.fsencode(kv_file), _GGUFInitParams(True, None))
@@ -287,6 +359,11 @@ def _header(kv_file: Path, ftype: LlamaFileType, order: list[tuple[Tensor, GGMLQ
         g.gguf_set_val_u32(out.ctx, b"general.file_type", int(ftype))
         for key in (b"split.no", b"split.count", b"split.tensors.count"):
             g.gguf_remove_key(out.ctx, key)
+        for key, value in overrides:
+            if isinstance(value, str):
+                g.gguf_set_val_str(out.ctx, key.encode(), value.encode())
+            else:
+                g.gguf_set_val_u32(out.ctx, key.encode(), abs(int(value)))
         out.ggml = g.ggml_init(_GGMLInitParams(len(order) * g.ggml_tensor_overhead() + 1024, None, True))
         if not out.ggml:
             raise MemoryError("ggml_init")
@@ -312,14 +389,17 @@ def _header(kv_file: Path, ftype: LlamaFileType, order: list[tuple[Tensor, GGMLQ
     return meta.raw
 
 
-def _quantize_task(qtype: GGMLQuantizationType, rows: np.ndarray, name: str) -> np.ndarray:
-    """ggml_quantize_chunk over these rows, input and output validated like llama.cpp does."""
+def _quantize_task(qtype: GGMLQuantizationType, rows: np.ndarray, name: str,
+                   importance: np.ndarray | None = None) -> np.ndarray:
+    """ggml_quantize_chunk over these rows (of one expert: `importance` is that expert's ne0 values), input
+    and output validated like llama.cpp does."""
     _, g = _libs()
     n, ne0 = rows.shape
     if not g.ggml_validate_row_data(int(F32), _ptr(rows), rows.nbytes):
         raise Lora2GGUFError(f"tensor {name}: the values to quantize are not finite (NaN or infinity)")
     out = np.empty(n * g.ggml_row_size(int(qtype), ne0), np.uint8)
-    size = g.ggml_quantize_chunk(int(qtype), _ptr(rows), _ptr(out), 0, n, ne0, None)
+    size = g.ggml_quantize_chunk(int(qtype), _ptr(rows), _ptr(out), 0, n, ne0,
+                                 None if importance is None else _ptr(importance))
     if size != out.size or not g.ggml_validate_row_data(int(qtype), _ptr(out), size):
         raise Lora2GGUFError(f"tensor {name}: quantized {qtype.name} data failed ggml's validation")
     return out
@@ -327,28 +407,32 @@ def _quantize_task(qtype: GGMLQuantizationType, rows: np.ndarray, name: str) -> 
 
 def write_quantized(out: str | os.PathLike, ftype: LlamaFileType, kv: GGUFWriter | str | os.PathLike,
                     tensors: list[Tensor], threads: int | None = None,
-                    progress: Callable[[Tensor], None] | None = None, verbose: bool = False) -> None:
+                    progress: Callable[[Tensor], None] | None = None, verbose: bool = False,
+                    imatrix: Importance | None = None) -> None:
     """Write `out` as llama_model_quantize(input, out, ftype) would, where the input is the model with the
     key-values of `kv` and these tensors, and never exists as a file: `kv` is a GGUFWriter carrying them (it
     is used, then closed) or the path of a GGUF file whose key-values they are (the input file itself, when
     it exists). `out` is written in place (give it a temp path: atomic_output). A few KB of probe file
     (`out` + '.types.part') exist while llama.cpp's dry run reads them. Memory: the tasks in flight (about
-    2 x threads chunks of TASK_ELEMENTS floats) plus what the tensors' callbacks hold."""
+    2 x threads chunks of TASK_ELEMENTS floats) plus what the tensors' callbacks hold. `imatrix`: what
+    llama-quantize --imatrix does with it (types chosen with it, each expert's rows weighed by its slice, its
+    keys recorded)."""
     out = Path(out)
     by_name = {t.name: t for t in tensors}
     if len(by_name) != len(tensors):
         raise Lora2GGUFError("duplicate tensor names")
+    overrides = imatrix.key_values() if imatrix is not None else []
     if isinstance(kv, GGUFWriter):
         probe = Path(str(out) + ".types.part")
         try:
             _write_probe(probe, kv, tensors)
-            order = _order(_types_off_main_thread(probe, ftype, verbose), by_name)
-            header = _header(probe, ftype, order)
+            order = _order(_types_off_main_thread(probe, ftype, verbose, imatrix), by_name)
+            header = _header(probe, ftype, order, overrides)
         finally:
             probe.unlink(missing_ok=True)
     else:
-        order = _order(_types_off_main_thread(kv, ftype, verbose), by_name)
-        header = _header(Path(kv), ftype, order)
+        order = _order(_types_off_main_thread(kv, ftype, verbose, imatrix), by_name)
+        header = _header(Path(kv), ftype, order, overrides)
     n_threads = threads or os.cpu_count() or 1
     _, g = _libs()
     with open(out, "wb") as fh, ThreadPoolExecutor(n_threads, thread_name_prefix="quantize") as pool:
@@ -360,7 +444,11 @@ def write_quantized(out: str | os.PathLike, ftype: LlamaFileType, kv: GGUFWriter
                     _drain(pending, fh, 0)
                     _copy(t, fh, g)
                 else:
-                    _quantize(t, new, pool, pending, fh, 2 * n_threads + 1)
+                    importance = imatrix.for_tensor(t) if imatrix is not None else None
+                    if importance is None and requires_imatrix(t.name, new, ftype):
+                        raise Lora2GGUFError(f"tensor {t.name}: {new.name} needs an importance matrix for it, and "
+                                             "the one given has no entry for this tensor")
+                    _quantize(t, new, pool, pending, fh, 2 * n_threads + 1, importance)
                     _drain(pending, fh, 0)
                 size = t.n_rows * row_bytes(new, t.shape[-1])
                 fh.write(b"\0" * (-size % ALIGN))
@@ -371,12 +459,12 @@ def write_quantized(out: str | os.PathLike, ftype: LlamaFileType, kv: GGUFWriter
                 f.cancel()
 
 
-def _types_off_main_thread(model, ftype, verbose):
+def _types_off_main_thread(model, ftype, verbose, imatrix=None):
     """llama_target_types on a worker thread. Its log callback is Python code called from C: on the main
     thread a signal handler would run inside it, where ctypes prints and drops the exception (a Ctrl-C
     lost); here the main thread waits on the result, where Ctrl-C / SIGTERM raise at once."""
     with ThreadPoolExecutor(1, thread_name_prefix="dry-run") as ex:
-        return ex.submit(llama_target_types, model, ftype, verbose).result()
+        return ex.submit(llama_target_types, model, ftype, verbose, imatrix).result()
 
 
 def _order(types: list[tuple[str, GGMLQuantizationType | None]], by_name: dict[str, Tensor]
@@ -403,14 +491,23 @@ def _copy(t: Tensor, fh, g) -> None:
         raise AssertionError(f"{t.name}: {got} bytes, expected {want}")
 
 
-def _quantize(t: Tensor, new: GGMLQuantizationType, pool, pending: collections.deque, fh, depth: int) -> None:
+def _quantize(t: Tensor, new: GGMLQuantizationType, pool, pending: collections.deque, fh, depth: int,
+              importance: np.ndarray | None = None) -> None:
+    """Tasks of whole rows in order; with an importance matrix a task never crosses an expert boundary (each
+    expert's ne1 rows take its own slice, as llama-quant.cpp quantizes them)."""
     ne0, got = t.shape[-1], 0
     step = max(1, TASK_ELEMENTS // ne0)
+    per_expert = t.shape[-2] if len(t.shape) >= 2 else 1
     for chunk in t.rows():
         rows = np.ascontiguousarray(chunk, np.float32).reshape(-1, ne0)
-        for i in range(0, len(rows), step):
-            pending.append(pool.submit(_quantize_task, new, rows[i:i + step], t.name))
+        i = 0
+        while i < len(rows):
+            e = (got + i) // per_expert
+            j = min(i + step, len(rows), (e + 1) * per_expert - got) if importance is not None else i + step
+            part = None if importance is None else importance[e * ne0:(e + 1) * ne0]
+            pending.append(pool.submit(_quantize_task, new, rows[i:j], t.name, part))
             _drain(pending, fh, depth)
+            i = j
         got += len(rows)
     if got != t.n_rows:
         raise AssertionError(f"{t.name}: {got} rows, expected {t.n_rows}")
@@ -461,20 +558,21 @@ def _replaced_rows(value) -> Callable[[], Iterator[np.ndarray]]:
 
 
 def quantize_file(src: str | os.PathLike, dst: str | os.PathLike, ftype: LlamaFileType, threads: int | None = None,
-                  verbose: bool = False) -> Path:
-    """llama_model_quantize(src, dst, ftype) in this process (allow_requantize): same bytes."""
+                  verbose: bool = False, imatrix: Importance | None = None) -> Path:
+    """llama_model_quantize(src, dst, ftype) in this process (allow_requantize): same bytes (with `imatrix`,
+    what llama-quantize --imatrix writes)."""
     dst = Path(dst)
     with GGUFFile(src) as f, open(f.path, "rb") as fh, atomic_output(dst) as tmp:
         fd = fh.fileno()
         tensors = [Tensor(i.name, i.shape, i.type, functools.partial(ggml_rows, fd, i),
                           functools.partial(stored_slabs, fd, i)) for i in f.tensors.values()]
-        write_quantized(tmp, ftype, f.path, tensors, threads, verbose=verbose)
+        write_quantized(tmp, ftype, f.path, tensors, threads, verbose=verbose, imatrix=imatrix)
     return dst
 
 
 def quantize_f32_copy(src: str | os.PathLike, dst: str | os.PathLike, ftype: LlamaFileType,
                       replace: dict[str, np.ndarray | Callable[[], np.ndarray]] | None = None,
-                      threads: int | None = None) -> Path:
+                      threads: int | None = None, imatrix: Importance | None = None) -> Path:
     """What llama_model_quantize writes from fileio.gguf_write.dequantize_file(src, replace) (every tensor F32,
     dequantized by gguf-py; `replace` gives some tensors other values, GGUF layout: an array, or a function
     that makes it when that tensor is written, so that one replaced tensor is in memory at a time), without
@@ -486,5 +584,5 @@ def quantize_f32_copy(src: str | os.PathLike, dst: str | os.PathLike, ftype: Lla
         for i in f.tensors.values():
             rows = _replaced_rows(replace[i.name]) if i.name in replace else functools.partial(gguf_py_rows, fd, i)
             tensors.append(Tensor(i.name, i.shape, F32, rows))
-        write_quantized(tmp, ftype, f32_copy_writer(f), tensors, threads)
+        write_quantized(tmp, ftype, f32_copy_writer(f), tensors, threads, imatrix=imatrix)
     return dst

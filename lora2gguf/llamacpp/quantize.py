@@ -37,6 +37,7 @@ class OutputType:
     name: str  # what the user types: q4_k_m
     ftype: LlamaFileType  # general.file_type / llama_ftype
     direct: GGMLQuantizationType | None  # set for the float types merge writes itself
+    needs_imatrix: bool = False  # llama.cpp refuses it without an importance matrix
 
     @property
     def label(self) -> str:
@@ -67,17 +68,17 @@ OUTPUT_TYPES: dict[str, OutputType] = {t.name: t for t in [
     OutputType("iq3_s", _F.MOSTLY_IQ3_S, None),
     OutputType("iq3_m", _F.MOSTLY_IQ3_M, None),
 ]}
-# llama.cpp refuses these without an importance matrix (tensor_requires_imatrix in llama-quant.cpp).
-NEEDS_IMATRIX = ("iq1_s", "iq1_m", "iq2_xxs", "iq2_xs", "iq2_s", "iq2_m", "iq3_xxs", "iq3_xs", "q2_k_s")
+# llama.cpp refuses these without an importance matrix (tensor_requires_imatrix in llama-quant.cpp): IQ1/IQ2,
+# IQ3_XXS tensors and Q2_K_S's Q2_K ones. IQ2_M and IQ3_XS mix in such types.
+OUTPUT_TYPES.update({t.name: t for t in [
+    OutputType(name, _F[f"MOSTLY_{name.upper()}"], None, needs_imatrix=True)
+    for name in ("iq3_xxs", "iq3_xs", "iq2_m", "iq2_s", "iq2_xs", "iq2_xxs", "iq1_m", "iq1_s", "q2_k_s")]})
 
 
 def output_type(name: str) -> OutputType:
     key = name.strip().lower()
     if key in OUTPUT_TYPES:
         return OUTPUT_TYPES[key]
-    if key in NEEDS_IMATRIX:
-        raise Lora2GGUFError(f"--quant {name}: llama.cpp needs an importance matrix for this type, which merge "
-                             "does not take; merge to f16, then run llama-quantize --imatrix on that file")
     raise Lora2GGUFError(f"--quant {name}: unknown type; valid: {', '.join(OUTPUT_TYPES)}")
 
 

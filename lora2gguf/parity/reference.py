@@ -7,6 +7,7 @@ layer by layer, for bases whose fp32 copy would not fit (verify on an 8B)."""
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
 import numpy as np
 import torch
@@ -112,14 +113,14 @@ class ReferenceWeights:
                     sub.bias = nn.Parameter(b, requires_grad=False)
 
 
-def reference_logits(base, adapters: list[tuple[PeftAdapter, float]], sequences: list[list[int]]) -> list[np.ndarray]:
-    """The reference model's float32 logits for each token sequence, computed layer by layer over all of
-    them: one layer's tensors are dequantized (and the adapters folded in) at a time, used for every
-    sequence and dropped, and an untouched embedding and head stay quantized (rows looked up, logits by
-    blocks of rows). Peak memory is the file's pages plus one layer, not an fp32 copy of the model; the
-    result is reference_model's."""
+def run_layers(base, src: ReferenceWeights, sequences: list[list[int]],
+               on_layer: Callable[[nn.Module, int], None] | None = None) -> tuple[Transformer, list[torch.Tensor]]:
+    """The reference model's hidden states after its last layer, for each token sequence, computed layer by
+    layer over all of them: one layer's tensors are dequantized (and the adapters folded in) at a time,
+    used for every sequence and dropped, and an untouched embedding stays quantized (rows looked up).
+    on_layer(layer, i) sees each layer before it runs (to hook its projections). Returns the model shell
+    (on the meta device but for its rope, masks and final norm's weights are not loaded) and the states."""
     spec = base.spec
-    src = ReferenceWeights(base, list(adapters))
     with torch.device("meta"):
         model = Transformer(spec, None)
     ff = base.rope_freqs()
@@ -142,10 +143,23 @@ def reference_logits(base, adapters: list[tuple[PeftAdapter, float]], sequences:
             with torch.device("meta"):
                 layer = spec.arch_module.build_layer(spec, i)
             src.load(layer, f"model.layers.{i}.")
+            if on_layer is not None:
+                on_layer(layer, i)
             for j, seq in enumerate(sequences):
                 cos, sin = ropes[len(seq)][layer.self_attn.rope_key]
                 xs[j] = layer(xs[j], cos, sin, masks[len(seq)][layer.self_attn.window])
             del layer
+    return model, xs
+
+
+def reference_logits(base, adapters: list[tuple[PeftAdapter, float]], sequences: list[list[int]]) -> list[np.ndarray]:
+    """The reference model's float32 logits for each token sequence (run_layers, then the head): an
+    untouched head stays quantized (logits by blocks of rows). Peak memory is the file's pages plus one
+    layer, not an fp32 copy of the model; the result is reference_model's."""
+    spec = base.spec
+    src = ReferenceWeights(base, list(adapters))
+    model, xs = run_layers(base, src, sequences)
+    with torch.no_grad():
         src.load(model.model.norm, "model.norm.")
         head_name = "lm_head.weight" if (not spec.tied_embeddings or src.untied) else "model.embed_tokens.weight"
         head = src.quantized(head_name)

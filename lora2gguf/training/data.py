@@ -185,3 +185,28 @@ class Order:
             self._perms = {epoch: torch.randperm(self.n, generator=torch.Generator().manual_seed(
                 self.seed * 1_000_003 + epoch)).tolist()}
         return self._perms[epoch][pos % self.n]
+
+
+def calibration_sequences(path: str | os.PathLike, tok: Tokenizer, n_ctx: int = 512) -> list[list[int]]:
+    """Token sequences to measure an importance matrix on. A .jsonl file: each record in the train formats,
+    rendered and tokenized as training sees it (every token, not only the trained ones), cut to n_ctx. Any
+    other file: plain text, tokenized whole and cut into chunks of n_ctx tokens, each starting with BOS,
+    as llama-imatrix reads its text file."""
+    path = Path(path)
+    if path.suffix.lower() in (".jsonl", ".json"):
+        seqs = [encode_record(rec, tok, where).ids[:n_ctx] for where, rec in read_jsonl(path)]
+    else:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise Lora2GGUFError(f"{path}: no such file") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise Lora2GGUFError(f"{path}: cannot read it as UTF-8 text ({e}); expected text or JSONL") from None
+        ids = tok.rt.tokenize(text, add_bos=False, special=False)
+        bos = [tok.bos_id] if tok.bos_id is not None else []
+        step = n_ctx - len(bos)
+        seqs = [bos + ids[i:i + step] for i in range(0, len(ids), step)]
+    seqs = [s for s in seqs if len(s) > 1]
+    if not seqs:
+        raise Lora2GGUFError(f"{path}: no text to measure an importance matrix on")
+    return seqs

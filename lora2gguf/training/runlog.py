@@ -1,5 +1,6 @@
-"""What a run leaves in its output directory besides checkpoints: train_log.jsonl (one record per step) and
-the loss curve; a new run (--force) clears them."""
+"""What a run leaves in its output directory besides checkpoints: train_log.jsonl (one record per step), the
+loss curve and train_data.json (which data it trained on: merge --imatrix-data measures on it by default);
+a new run (--force) clears them."""
 
 from __future__ import annotations
 
@@ -7,12 +8,12 @@ import json
 import shutil
 from pathlib import Path
 
-LOG_NAME, PLOT_NAME = "train_log.jsonl", "loss.png"
+LOG_NAME, PLOT_NAME, DATA_NAME = "train_log.jsonl", "loss.png", "train_data.json"
 
 
 # What a run leaves in OUT besides its checkpoints: a new run (--force) removes them all, so that an
 # interrupted new run cannot look finished with the previous run's final adapter.
-RUN_FILES = (LOG_NAME, PLOT_NAME, "adapter_model.safetensors", "adapter_config.json")
+RUN_FILES = (LOG_NAME, PLOT_NAME, DATA_NAME, "adapter_model.safetensors", "adapter_config.json")
 
 
 def clear_previous_run(out: Path) -> None:
@@ -56,3 +57,21 @@ def plot_losses(log_path: Path, png_path: Path, warn) -> None:
     ax.set_xlabel("step"), ax.set_ylabel("loss"), ax.legend(), ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(png_path)
+
+
+def write_train_data(out: Path, data: str, sha256: str, seq_len: int) -> None:
+    (out / DATA_NAME).write_text(json.dumps({"data": str(Path(data).resolve()), "data_sha256": sha256,
+                                             "seq_len": seq_len}) + "\n")
+
+
+def read_train_data(adapter_dir: Path) -> dict | None:
+    """train_data.json of a training run's output directory, or None where there is none (an adapter made
+    elsewhere, or a file)."""
+    p = Path(adapter_dir) / DATA_NAME
+    if not p.is_file():
+        return None
+    try:
+        r = json.loads(p.read_text())
+    except (OSError, ValueError):
+        return None
+    return r if isinstance(r, dict) and isinstance(r.get("data"), str) else None

@@ -49,7 +49,7 @@ from lora2gguf.training.lora import (
     to_adapter,
 )
 from lora2gguf.training.loss import LossModel
-from lora2gguf.training.runlog import LOG_NAME, PLOT_NAME, clear_previous_run, plot_losses, read_log
+from lora2gguf.training.runlog import LOG_NAME, PLOT_NAME, clear_previous_run, plot_losses, read_log, write_train_data
 from lora2gguf.weights.base_model import open_base
 from lora2gguf.weights.fingerprint import fingerprint
 from lora2gguf.weights.frozen import choose_base_weights, load_base_model
@@ -242,6 +242,7 @@ def run_training(cfg, on_step, out, device, cdtype, rank, world, warn) -> TrainR
     if rank == 0:  # drop log lines past the checkpoint we resume from
         old = read_log(log_path) if cfg.resume else []
         log_path.write_text("".join(json.dumps(r) + "\n" for r in old if r["step"] <= start))
+        write_train_data(out, cfg.data, run.args["data_sha256"], cfg.seq_len)
     order = Order(len(train_ex), cfg.seed)
     result = TrainResult(out, start, model=run.model, layers=run.layers, optimizer=run.opt, rank=rank)
     bar = tqdm(total=total, initial=start, disable=not cfg.progress or rank != 0, dynamic_ncols=True,

@@ -1,0 +1,48 @@
+"""An importance matrix measured on the merged model: what `llama-imatrix` computes, taken on the reference
+(the base's weights with the adapters folded in by PEFT's math, parity.reference) over the adapter's own
+data instead of over llama.cpp's run of a merged F16 copy.
+
+llama-imatrix (tools/imatrix/imatrix.cpp, collect_imatrix) adds, for every matrix multiplication by a
+`blk.*` weight, each token's input activation squared into that weight's sums, per input column, and counts
+the tokens; llama-quantize weighs each column's rounding error by sums / count. Here every projection of a
+layer is hooked the same way (its input x, the activation the GGUF weight multiplies), layer by layer over
+all sequences (parity.reference.run_layers: one layer's float tensors at a time). The output head is left
+out, as llama-imatrix leaves it out without --process-output.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from lora2gguf.adapters.lora import PeftAdapter
+from lora2gguf.fileio.imatrix import Imatrix
+from lora2gguf.parity.reference import ReferenceWeights, run_layers
+
+
+def measure_importance(base, adapters: list[tuple[PeftAdapter, float]], sequences: list[list[int]],
+                       dataset: str) -> Imatrix:
+    """Sums of x² per input column and token counts for every projection weight of every layer (GGUF
+    names), over these token sequences run through the merged model."""
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+
+    def hook(name: str):
+        def pre(module: nn.Module, args) -> None:
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float64)
+            sums[name] = sums.get(name, 0) + (x * x).sum(0)
+            counts[name] = counts.get(name, 0) + x.shape[0]
+        return pre
+
+    def on_layer(layer: nn.Module, i: int) -> None:
+        for sub_name, sub in layer.named_modules():
+            if isinstance(sub, nn.Linear):
+                sub.register_forward_pre_hook(hook(base.gguf_name(f"model.layers.{i}.{sub_name}.weight")))
+
+    run_layers(base, ReferenceWeights(base, list(adapters)), sequences, on_layer)
+    im = Imatrix(datasets=[dataset], chunk_count=len(sequences), chunk_size=max(map(len, sequences), default=0))
+    for name, s in sums.items():
+        im.sums[name] = s.to(torch.float32).numpy().reshape(1, -1)
+        im.counts[name] = np.array([counts[name]], np.float32)
+    return im
