@@ -64,10 +64,12 @@ def inspect_cmd(path: str, base: str | None, as_json: bool) -> None:
 @click.option("--chat-template", help="For --prompts when the GGUF has no chat template: chatml, gemma or a Jinja file.")
 @click.option("--tokens", "n_tokens", default=256, show_default=True, help="Tokens of text to evaluate.")
 @click.option("--max-kl", type=float, help="Override every mean-KL threshold.")
+@click.option("--imatrix", type=click.Path(), help="The importance matrix MERGED was quantized with, where the "
+              "path it records is gone (its floors are measured with the same matrix).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object to stdout.")
 @click.pass_context
 def verify_cmd(ctx, base, loras, merged, runtime_lora, text_file, prompts_file, chat_template, n_tokens, max_kl,
-               as_json):
+               imatrix, as_json):
     """Prove parity: reference (PyTorch, PEFT math) vs llama.cpp runtime LoRA vs merged file.
     Exit 0 when every pair is within its threshold, 1 when not, 2 on bad input."""
     from lora2gguf.commands.verify import format_report, read_prompts, read_text, verify
@@ -75,7 +77,7 @@ def verify_cmd(ctx, base, loras, merged, runtime_lora, text_file, prompts_file, 
     report = verify(base, [parse_lora_arg(a) for a in loras], merged=merged, runtime_lora=runtime_lora,
                     text=read_text(text_file) if text_file else None,
                     prompts=read_prompts(prompts_file) if prompts_file else None, chat_template=chat_template,
-                    n_tokens=n_tokens, max_kl=max_kl, verbose=ctx.obj["verbose"])
+                    n_tokens=n_tokens, max_kl=max_kl, verbose=ctx.obj["verbose"], imatrix=imatrix)
     click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
     ctx.exit(0 if report["pass"] else 1)
 

@@ -27,6 +27,8 @@ from lora2gguf.adapters.gguf_lora_write import gguf_from_peft, refuse_unsupporte
 from lora2gguf.adapters.load import load_adapter
 from lora2gguf.adapters.peft import four_bit_base
 from lora2gguf.errors import Lora2GGUFError
+from lora2gguf.fileio.gguf_read import GGUFFile
+from lora2gguf.llamacpp.ggml import Importance
 from lora2gguf.llamacpp.runtime import LlamaRuntime
 from lora2gguf.llamacpp.tokenizer import ROLES, Tokenizer
 from lora2gguf.parity.floors import FULL_PRECISION, base_alone, exact_merge_quantized, file_type
@@ -94,20 +96,47 @@ def _runtime_refusal(lora) -> str | None:
 def verify(base: str | os.PathLike, loras: list[tuple[str, float]], merged: str | os.PathLike | None = None,
            runtime_lora: str | os.PathLike | None = None, text: str | None = None,
            prompts: list[list[dict]] | None = None, n_tokens: int = 256, max_kl: float | None = None,
-           n_greedy: int = 16, verbose: bool = False, chat_template: str | None = None) -> dict:
+           n_greedy: int = 16, verbose: bool = False, chat_template: str | None = None,
+           imatrix: str | os.PathLike | None = None) -> dict:
     """Compare reference / runtime / merged on the same tokens; returns the report (see format_report).
-    chat_template renders `prompts` where the base has none (llamacpp.tokenizer: chatml, gemma, a file)."""
+    chat_template renders `prompts` where the base has none (llamacpp.tokenizer: chatml, gemma, a file).
+    imatrix: the importance matrix the merged file was quantized with, where the one it records
+    (quantize.imatrix.file) is not at that path: its floors are measured with the same matrix."""
     base_path = Path(base)
     check_request(base_path, loras, runtime_lora)
     report: dict = {"base": str(base_path), "adapters": [], "warnings": [], "views": {}, "pairs": {},
                     "skipped": {}}
+    importance = merged_importance(Path(merged), imatrix) if merged else None
+    if importance is not None:
+        report["merged_imatrix"] = importance.file
     with GGUFBase(base_path) as gb, tempfile.TemporaryDirectory(prefix="lora2gguf-verify-") as tmpd:
         tmp = Path(tmpd)
         adapters = prepare(gb, loras, runtime_lora, merged, tmp, report)
         views = evaluate(gb, adapters, Path(merged) if merged else None, "runtime" not in report["skipped"],
-                         text, prompts, chat_template, n_tokens, n_greedy, verbose, tmp, report)
+                         text, prompts, chat_template, n_tokens, n_greedy, verbose, tmp, report, importance)
         judge(views, report, max_kl)
     return report
+
+
+def merged_importance(merged: Path, given: str | os.PathLike | None) -> Importance | None:
+    """The importance matrix a merged file was quantized with (`quantize.imatrix.file`, as llama-quantize and
+    merge record it; found at that path or beside the merged file), or `given` in its place; None for a
+    file quantized without one."""
+    if not merged.is_file():
+        return None  # prepare() says what is wrong with it
+    with GGUFFile(merged) as f:
+        recorded = f.get("quantize.imatrix.file")
+    if given is not None:
+        if recorded is None:
+            raise Lora2GGUFError(f"--imatrix {given}: {merged} was quantized without an importance matrix")
+        return Importance.of(given)
+    if recorded is None:
+        return None
+    for p in (Path(str(recorded)), merged.parent / Path(str(recorded)).name):
+        if p.is_file():
+            return Importance.of(p)
+    raise Lora2GGUFError(f"{merged}: quantized with the importance matrix {recorded}, which is not there; pass "
+                         "--imatrix FILE (the same matrix) so that its floor is measured the same way")
 
 
 def check_request(base_path: Path, loras: list, runtime_lora) -> None:
@@ -175,7 +204,8 @@ class Views:
 
 
 def evaluate(gb, adapters: list[Adapter], merged: Path | None, run_runtime: bool, text, prompts, chat_template,
-             n_tokens: int, n_greedy: int, verbose: bool, tmp: Path, report: dict) -> Views:
+             n_tokens: int, n_greedy: int, verbose: bool, tmp: Path, report: dict,
+             imatrix: Importance | None = None) -> Views:
     """Every view once over the whole text (logits for every position), and greedy continuations of the
     prompts: llama.cpp with the runtime LoRA (or the merged file), the other views teacher-forced on them."""
     base_path = gb.path
@@ -207,7 +237,7 @@ def evaluate(gb, adapters: list[Adapter], merged: Path | None, run_runtime: bool
                 greedy["merged"] = teacher_forced(mrt.logits, prompt_tokens, conts)
             # the base itself when it is of the merged type already (merge keeps untouched tensors' bytes)
             logits["base_alone_as_merged"] = (logits["base_runtime"] if mtype == file_type(base_path) else
-                                              base_alone(base_path, mtype, tokens, tmp, n_ctx))
+                                              base_alone(base_path, mtype, tokens, tmp, n_ctx, imatrix))
     # the reference layer by layer over every sequence: one layer's weights in memory at a time
     pairs = [(a.lora, a.scale) for a in adapters]
     logits["base_reference"] = reference_logits(gb, [], [tokens])[0]
@@ -216,7 +246,7 @@ def evaluate(gb, adapters: list[Adapter], merged: Path | None, run_runtime: bool
     greedy["reference"] = teacher_forced(None, prompt_tokens, conts, ref_logits[1:])
     del ref_logits
     if merged and mtype == file_type(base_path) and mtype not in FULL_PRECISION:
-        exact = exact_merge_quantized(gb, ReferenceWeights(gb, pairs), mtype, tokens, tmp, n_ctx)
+        exact = exact_merge_quantized(gb, ReferenceWeights(gb, pairs), mtype, tokens, tmp, n_ctx, imatrix)
         if exact is not None:
             logits["exact_merge_quantized"] = exact
     if any(four_bit_base(a.lora.config) for a in adapters):
@@ -322,6 +352,8 @@ def format_report(r: dict) -> str:
                      f"{g['kl_nf4_to_reference']:.3g} (the base alone: {g['kl_nf4_base_to_base']:.3g})")
     if "merged_quantization_floor" in r:
         source = r.get("merged_floor_source", "base alone at the merged type vs reference base")
+        if "merged_imatrix" in r:
+            source += f", with the merged file's importance matrix {r['merged_imatrix']}"
         lines.append(f"merged-type quantization floor ({source}): {r['merged_quantization_floor']:.3g}")
     for view, why in r.get("skipped", {}).items():
         lines.append(f"{view} view skipped: {why}")

@@ -11,7 +11,7 @@ import numpy as np
 from gguf import LlamaFileType
 
 from lora2gguf.fileio.gguf_read import GGUFFile
-from lora2gguf.llamacpp.ggml import quantize_f32_copy, quantize_file
+from lora2gguf.llamacpp.ggml import Importance, quantize_f32_copy, quantize_file
 from lora2gguf.llamacpp.runtime import LlamaRuntime
 
 FULL_PRECISION = {"ALL_F32", "MOSTLY_F16", "MOSTLY_BF16"}
@@ -30,25 +30,29 @@ def file_type(path: Path) -> str:
 BASE_ALONE: dict[tuple, np.ndarray] = {}  # one process verifying several adapters on one base quantizes it once
 
 
-def base_alone(base_path: Path, ftype_name: str, tokens, tmp: Path, n_ctx: int) -> np.ndarray:
-    """llama.cpp's logits for the base alone, no adapter, quantized to ftype_name by llama.cpp: what a
-    merged file of that type would look like if it carried nothing."""
+def base_alone(base_path: Path, ftype_name: str, tokens, tmp: Path, n_ctx: int,
+               imatrix: Importance | None = None) -> np.ndarray:
+    """llama.cpp's logits for the base alone, no adapter, quantized to ftype_name by llama.cpp (with the
+    merged file's importance matrix, if it had one): what a merged file of that type would look like if it
+    carried nothing."""
     st = base_path.stat()
-    key = (str(base_path.resolve()), st.st_size, st.st_mtime_ns, ftype_name, tuple(tokens), n_ctx)
+    key = (str(base_path.resolve()), st.st_size, st.st_mtime_ns, ftype_name, tuple(tokens), n_ctx,
+           None if imatrix is None else (imatrix.file, tuple((k, v.tobytes()) for k, v in sorted(imatrix.values.items()))))
     if key not in BASE_ALONE:
-        BASE_ALONE[key] = measure_base_alone(base_path, ftype_name, tokens, tmp, n_ctx)
+        BASE_ALONE[key] = measure_base_alone(base_path, ftype_name, tokens, tmp, n_ctx, imatrix)
     return BASE_ALONE[key]
 
 
-def measure_base_alone(base_path: Path, ftype_name: str, tokens, tmp: Path, n_ctx: int) -> np.ndarray:
+def measure_base_alone(base_path: Path, ftype_name: str, tokens, tmp: Path, n_ctx: int,
+                       imatrix: Importance | None = None) -> np.ndarray:
     """The base quantized by llama.cpp's quantizer, in this process (llamacpp.ggml): from the base itself when
     it is F32/F16/BF16, else from its tensors dequantized by gguf-py (what llama_model_quantize of
     dequantize_file's F32 copy gives, without that copy: no file here is larger than the quantized one)."""
     dst = tmp / f"base-{ftype_name}.gguf"
     if file_type(base_path) in FULL_PRECISION:
-        quantize_file(base_path, dst, LlamaFileType[ftype_name])
+        quantize_file(base_path, dst, LlamaFileType[ftype_name], imatrix=imatrix)
     else:
-        quantize_f32_copy(base_path, dst, LlamaFileType[ftype_name])
+        quantize_f32_copy(base_path, dst, LlamaFileType[ftype_name], imatrix=imatrix)
     try:
         with LlamaRuntime(dst, n_ctx=n_ctx, repack=False) as rt:
             return rt.logits(tokens)
@@ -56,7 +60,8 @@ def measure_base_alone(base_path: Path, ftype_name: str, tokens, tmp: Path, n_ct
         dst.unlink(missing_ok=True)
 
 
-def exact_merge_quantized(gb, ref, mtype: str, tokens, tmp: Path, n_ctx: int) -> np.ndarray | None:
+def exact_merge_quantized(gb, ref, mtype: str, tokens, tmp: Path, n_ctx: int,
+                          imatrix: Importance | None = None) -> np.ndarray | None:
     """llama.cpp's logits for the reference's merged weights (PEFT's math, float64) in place of the base's
     tensors (the others dequantized by gguf-py), quantized by llama.cpp's quantizer to the merged type in this
     process (llamacpp.ggml, no F32 copy of the base): what a correct merge of that type computes
@@ -82,7 +87,7 @@ def exact_merge_quantized(gb, ref, mtype: str, tokens, tmp: Path, n_ctx: int) ->
             replace[gb.gguf_name(name)] = lambda name=name, n_out=n_out: np.ascontiguousarray(
                 arch.to_gguf(spec, name, ref.get(name, n_out).numpy()), np.float32)
     dst = tmp / f"exact-merge-{mtype}.gguf"
-    quantize_f32_copy(gb.path, dst, LlamaFileType[mtype], replace)
+    quantize_f32_copy(gb.path, dst, LlamaFileType[mtype], replace, imatrix=imatrix)
     try:
         with LlamaRuntime(dst, n_ctx=n_ctx, repack=False) as rt:
             return rt.logits(tokens)

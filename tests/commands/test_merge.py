@@ -187,7 +187,7 @@ def dora_llama(tmp_path_factory):
 
 from lora2gguf.llamacpp.quantize import OUTPUT_TYPES  # noqa: E402
 
-QUANTS = [n for n, t in OUTPUT_TYPES.items() if t.direct is None]  # every quantized type merge writes
+QUANTS = [n for n, t in OUTPUT_TYPES.items() if t.direct is None and not t.needs_imatrix]  # without an imatrix
 # each arch × (F32, F16 base) gets 3 of them, in turn: every type twice over the 12 slots
 FLOAT_CASES = [("llama", k, q) for k in ("f32", "f16") for q in ("q4_k_m", "q8_0", "q5_k_s")] + [
     (a, k, QUANTS[(3 * (2 * i + j) + n) % len(QUANTS)]) for i, a in enumerate(ARCHS[1:]) for j, k in

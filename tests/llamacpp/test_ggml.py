@@ -131,8 +131,8 @@ def test_types_come_from_llama_cpp(monkeypatch, tmp_path):
     could not hide here)."""
     real = qg.llama_target_types
 
-    def all_q8(model, ft, verbose=False):
-        return [(n, None if t is None else T.Q8_0) for n, t in real(model, ft, verbose)]
+    def all_q8(model, ft, verbose=False, imatrix=None):
+        return [(n, None if t is None else T.Q8_0) for n, t in real(model, ft, verbose, imatrix)]
 
     monkeypatch.setattr(qg, "llama_target_types", all_q8)
     out = qg.quantize_file(fixture("llama"), tmp_path / "o.gguf", LlamaFileType.MOSTLY_Q4_K_M)
