@@ -96,16 +96,21 @@ def verify_cmd(ctx, base, loras, merged, runtime_lora, text_file, prompts_file, 
                    "text); alone: each adapter's own training data. Needed for iq2_xs, iq1_s, q2_k_s...")
 @click.option("--imatrix-out", type=click.Path(), default=None,
               help="Where --imatrix-data writes the matrix (llama.cpp's GGUF form) [default: OUT.imatrix.gguf].")
+@click.option("--chat-template", help="For --imatrix-data conversations when the GGUF has no chat template: chatml, "
+              "gemma or a Jinja file (default for an adapter's own data: the template it was trained with).")
 @click.option("--threads", type=int, default=None, help="Threads for llama.cpp's quantizer (default: all).")
 @click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
 @click.pass_context
 def merge_cmd(ctx: click.Context, base: str, loras: tuple[str, ...], quant: str, out: str, imatrix: str | None,
-              imatrix_data: str | None, imatrix_out: str | None, threads: int | None, force: bool) -> None:
+              imatrix_data: str | None, imatrix_out: str | None, chat_template: str | None, threads: int | None,
+              force: bool) -> None:
     """Bake LoRA adapters into a GGUF base and write it at any llama.cpp quantization."""
     from lora2gguf.commands.merge import merge
 
     pairs = [parse_lora_arg(a) for a in loras]
-    click.echo(f"wrote {merge(base, pairs, out, quant=quant, threads=threads, force=force, verbose=ctx.obj['verbose'], imatrix=imatrix, imatrix_data=imatrix_data, imatrix_out=imatrix_out)}")
+    out_path = merge(base, pairs, out, quant=quant, threads=threads, force=force, verbose=ctx.obj["verbose"],
+                     imatrix=imatrix, imatrix_data=imatrix_data, imatrix_out=imatrix_out, chat_template=chat_template)
+    click.echo(f"wrote {out_path}")
 
 
 @cli.command("train")
@@ -202,15 +207,21 @@ def demo_cmd(workdir: str, base: str | None, steps: int, as_json: bool) -> None:
 
 
 @cli.command("modelfile")
-@click.option("--base", required=True, type=click.Path(), help="The GGUF base.")
-@click.option("--lora", required=True, type=click.Path(), help="The GGUF LoRA adapter.")
+@click.option("--merged", type=click.Path(), help="A merged GGUF (lora2gguf merge): FROM it. Any Ollama.")
+@click.option("--base", type=click.Path(), help="With --adapter: the GGUF base.")
+@click.option("--lora", type=click.Path(), help="With --adapter: the GGUF LoRA adapter.")
+@click.option("--adapter", is_flag=True, help="FROM base + ADAPTER lora, for Ollama before 0.34.1 (later ones "
+              "refuse ADAPTER at `ollama create`).")
 @click.option("-o", "--out", required=True, type=click.Path(), help="Modelfile to write.")
 @click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
-def modelfile_cmd(base: str, lora: str, out: str, force: bool) -> None:
-    """Write an Ollama Modelfile: FROM base, ADAPTER lora (then `ollama create NAME -f OUT`)."""
-    from lora2gguf.commands.modelfile import write_modelfile
+def modelfile_cmd(merged: str | None, base: str | None, lora: str | None, adapter: bool, out: str, force: bool) -> None:
+    """Write an Ollama Modelfile (then `ollama create NAME -f OUT`): FROM a merged GGUF, or with --adapter
+    FROM base + ADAPTER lora."""
+    from lora2gguf.commands.modelfile import ADAPTER_NOTE, write_modelfile
 
-    click.echo(f"wrote {write_modelfile(base, lora, out, force=force)}")
+    click.echo(f"wrote {write_modelfile(out, merged, base, lora, adapter, force=force)}")
+    if adapter:
+        click.echo(f"note: {ADAPTER_NOTE}", err=True)
 
 
 @cli.command("analyze")

@@ -3,7 +3,8 @@
 One base (SmolLM2-135M-Instruct by default), two adapters that each teach a narrow behaviour a program
 can check (answers as one JSON object; answers that open with "Ahoy matey!"), trained on our own
 datasets shipped in the package (lora2gguf/demo_data/), then: converted to GGUF LoRA, hot-swapped on one loaded llama.cpp model,
-merged into q4_k_m, scored on held-out prompts, verified, and written out as Ollama Modelfiles.
+merged into q4_k_m (with an importance matrix measured on the adapter's own data), scored on held-out
+prompts, verified, and written out as Ollama Modelfiles (FROM the merged files).
 """
 
 from __future__ import annotations
@@ -159,9 +160,12 @@ def run_demo(workdir: str | os.PathLike, base: str | os.PathLike | None = None, 
     merged: dict[str, Path] = {}
     for b in BEHAVIOURS:
         t = time.perf_counter()
+        # the importance matrix measured on the merged model over the adapter's own training data: q4_k_m
+        # then keeps more of what the adapter bought (BENCHMARKS.md, "Merges that keep the adapter")
         merged[b.name] = merge(base, [(ggufs[b.name], 1.0)], work / f"merged-{b.name}-q4_k_m.gguf",
-                               quant="q4_k_m", force=True, progress=False)
-        stages[f"merge {b.name} → q4_k_m"] = time.perf_counter() - t
+                               quant="q4_k_m", force=True, progress=False, imatrix_data=DEMO_DATA / b.data,
+                               chat_template=template)
+        stages[f"merge {b.name} → q4_k_m (imatrix)"] = time.perf_counter() - t
 
     t = time.perf_counter()
     answers, load_s, swap_s = _score(base, template, prompts, ggufs, merged)
@@ -176,7 +180,7 @@ def run_demo(workdir: str | os.PathLike, base: str | os.PathLike | None = None, 
         stages[f"verify {b.name}"] = time.perf_counter() - t
 
     for b in BEHAVIOURS:
-        write_modelfile(base, ggufs[b.name], work / f"Modelfile.{b.name}", force=True)
+        write_modelfile(work / f"Modelfile.{b.name}", merged[b.name], force=True)
     summary = {
         "base": str(base), "base_mb": base.stat().st_size / 1e6, "held_out_prompts": len(prompts),
         "adapters": {b.name: {"adherence": adherence[b.name], "kl": kls[b.name],

@@ -42,10 +42,21 @@ def llama_cpp_source_or_exit() -> Path:
 
 
 def llama_quantize_tool() -> Path | None:
-    """llama.cpp's `llama-quantize` program, built from that tree's tools/quantize (with the few common/
-    sources it uses) and linked against the libllama that llama-cpp-python ships: the same quantizer code
-    the package runs, behind llama.cpp's own command line and importance-matrix loader. About 15 s of g++,
-    once, into the cache; None without the source or a C++ compiler."""
+    """llama.cpp's `llama-quantize` program (llama_tool), for the tests: the same quantizer code the package runs,
+    behind llama.cpp's own command line and importance-matrix loader. None without the source or a compiler."""
+    return llama_tool("quantize")
+
+
+# what each tool needs of common/ besides its own sources (--gc-sections drops the rest of common.cpp); None:
+# all of common/ (argument parsing pulls in the chat, sampling and download code)
+_COMMON = {"quantize": ("imatrix-loader.cpp", "log.cpp", "common.cpp", "json.cpp")}
+
+
+def llama_tool(name: str) -> Path | None:
+    """llama.cpp's `llama-<name>` program (quantize, imatrix, export-lora...), built from that tree's tools/<name>
+    and linked against the libllama that llama-cpp-python ships, so both sides of a comparison run the same
+    ggml. Built once into the cache with g++ (about 15 s for quantize, 2-3 minutes for a tool that needs all
+    of common/); None without the source or a C++ compiler."""
     import shutil
     import subprocess
     from importlib.metadata import version
@@ -58,7 +69,7 @@ def llama_quantize_tool() -> Path | None:
     cxx = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
     if src is None or cxx is None:
         return None
-    tool = cache_dir() / f"llama-tools-{version('llama-cpp-python')}" / "llama-quantize"
+    tool = cache_dir() / f"llama-tools-{version('llama-cpp-python')}" / f"llama-{name}"
     if tool.is_file():
         return tool
     tool.parent.mkdir(parents=True, exist_ok=True)
@@ -66,19 +77,21 @@ def llama_quantize_tool() -> Path | None:
     info = (src / "common" / "build-info.cpp.in").read_text().replace("@LLAMA_BUILD_NUMBER@", "0")
     for key in ("@LLAMA_BUILD_COMMIT@", "@BUILD_COMPILER@", "@BUILD_TARGET@"):
         info = info.replace(key, "llama-cpp-python")
+    common = src / "common"
+    if name in _COMMON:
+        extra = [common / n for n in _COMMON[name]]
+    else:
+        extra = [p for p in (*common.glob("*.cpp"), *common.glob("jinja/*.cpp"), *common.glob("parsers/*.cpp"),
+                             *(src / "vendor" / "cpp-httplib").glob("*.cpp")) if p.name != "llguidance.cpp"]
     with tempfile.TemporaryDirectory(dir=tool.parent) as tmp:
         (Path(tmp) / "build-info.cpp").write_text(info)
-        sources = [*(src / "tools" / "quantize").glob("*.cpp"),
-                   *(src / "common" / n for n in ("imatrix-loader.cpp", "log.cpp", "common.cpp", "json.cpp")),
-                   Path(tmp) / "build-info.cpp"]
-        # --gc-sections drops the parts of common.cpp that llama-quantize never reaches (and that would need
-        # the rest of common/)
-        cmd = [cxx, "-O1", "-std=c++17", "-ffunction-sections", "-fdata-sections", "-Wl,--gc-sections",
-               *(f"-I{src / d}" for d in ("include", "ggml/include", "common", "vendor")), *map(str, sources),
-               f"-L{lib}", "-lllama", "-lggml", "-lggml-base", f"-Wl,-rpath,{lib}", "-lpthread",
-               "-o", str(Path(tmp) / "llama-quantize")]
+        sources = [*(src / "tools" / name).glob("*.cpp"), *extra, Path(tmp) / "build-info.cpp"]
+        cmd = [cxx, "-O2", "-std=c++17", "-ffunction-sections", "-fdata-sections", "-Wl,--gc-sections",
+               *(f"-I{src / d}" for d in ("include", "ggml/include", "common", "vendor", "vendor/cpp-httplib")),
+               *map(str, sources), f"-L{lib}", "-lllama", "-lggml", "-lggml-base", f"-Wl,-rpath,{lib}", "-lpthread",
+               "-o", str(Path(tmp) / tool.name)]
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode != 0:
-            raise RuntimeError(f"building llama-quantize failed:\n{r.stderr[-3000:]}")
-        os.replace(Path(tmp) / "llama-quantize", tool)
+            raise RuntimeError(f"building {tool.name} failed:\n{r.stderr[-3000:]}")
+        os.replace(Path(tmp) / tool.name, tool)
     return tool

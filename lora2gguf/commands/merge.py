@@ -394,11 +394,13 @@ def _check_imatrix_request(qtype: OutputType, imatrix, imatrix_data, imatrix_out
                              "model; --imatrix-data alone: the adapters' own training data)")
 
 
-def _calibration_files(loras: list[tuple[str | os.PathLike, float]], imatrix_data: str) -> list[Path]:
-    """The data files to measure on: the one given, or each adapter's training data (train_data.json of its
-    training run), checked unchanged since training."""
+def _calibration_files(loras: list[tuple[str | os.PathLike, float]], imatrix_data: str,
+                       chat_template: str | None) -> list[tuple[Path, str | None]]:
+    """The data files to measure on, each with the chat template its conversations are rendered with: the one
+    given, or each adapter's training data and template (train_data.json of its training run), checked
+    unchanged since training."""
     if imatrix_data != ADAPTER_DATA:
-        return [Path(imatrix_data)]
+        return [(Path(imatrix_data), chat_template)]
     files = []
     for p, _ in loras:
         rec = read_train_data(Path(p)) if Path(p).is_dir() else None
@@ -411,13 +413,14 @@ def _calibration_files(loras: list[tuple[str | os.PathLike, float]], imatrix_dat
         if rec.get("data_sha256") and _sha256([data]) != rec["data_sha256"]:
             raise Lora2GGUFError(f"--lora {p}: its training data {data} changed since training; give "
                                  "--imatrix-data FILE to measure on it anyway")
-        if data not in files:
-            files.append(data)
+        entry = (data, chat_template or rec.get("chat_template"))
+        if entry not in files:
+            files.append(entry)
     return files
 
 
-def _measured_importance(b: GGUFBase, adapters: list[tuple[PeftAdapter, float]], files: list[Path],
-                         imatrix_out: Path, verbose: bool) -> Importance:
+def _measured_importance(b: GGUFBase, adapters: list[tuple[PeftAdapter, float]],
+                         files: list[tuple[Path, str | None]], imatrix_out: Path, verbose: bool) -> Importance:
     """The matrix measured on the merged model over the data (parity.importance), written to imatrix_out
     (llama-imatrix's GGUF form: llama-quantize --imatrix takes it, verify finds it), and what
     llama-quantize --imatrix imatrix_out would hand llama.cpp."""
@@ -425,12 +428,17 @@ def _measured_importance(b: GGUFBase, adapters: list[tuple[PeftAdapter, float]],
     from lora2gguf.parity.importance import measure_importance
     from lora2gguf.training.data import calibration_sequences
 
-    tok = Tokenizer(b.path)
-    seqs = [s for f in files for s in calibration_sequences(f, tok)]
+    seqs = []
+    for f, template in files:
+        tok = Tokenizer(b.path, template)
+        try:
+            seqs += calibration_sequences(f, tok)
+        finally:
+            tok.close()
+    names = ", ".join(str(f) for f, _ in files)
     if verbose:
-        print(f"importance matrix: {len(seqs)} sequences, {sum(map(len, seqs))} tokens from "
-              f"{', '.join(map(str, files))}", file=sys.stderr)
-    im = measure_importance(b, adapters, seqs, ", ".join(map(str, files)))
+        print(f"importance matrix: {len(seqs)} sequences, {sum(map(len, seqs))} tokens from {names}", file=sys.stderr)
+    im = measure_importance(b, adapters, seqs, names)
     with atomic_output(imatrix_out) as tmp:
         write_imatrix(tmp, im, b.spec.arch)
     return Importance.of(imatrix_out)
@@ -445,7 +453,8 @@ def _check_names(imp: Importance, b: GGUFBase, path) -> None:
 def merge(base: str | os.PathLike, loras: list[tuple[str | os.PathLike, float]], out: str | os.PathLike,
           quant: str = "f16", threads: int | None = None, force: bool = False, progress: bool | None = None,
           verbose: bool = False, intermediate: bool = False, imatrix: str | os.PathLike | None = None,
-          imatrix_data: str | os.PathLike | None = None, imatrix_out: str | os.PathLike | None = None) -> Path:
+          imatrix_data: str | os.PathLike | None = None, imatrix_out: str | os.PathLike | None = None,
+          chat_template: str | None = None) -> Path:
     """Merge (adapter, scale) pairs into the GGUF base and write `out` as `quant`. Everything that can be
     wrong with the request is checked before any tensor is read. progress=None: a bar when stderr is a tty.
     intermediate=True (quantized types): the previous path, an intermediate file beside `out` quantized by
@@ -454,7 +463,9 @@ def merge(base: str | os.PathLike, loras: list[tuple[str | os.PathLike, float]],
     Importance matrix (quantized types): `imatrix`, a llama-imatrix file, used as llama-quantize --imatrix
     uses it (byte-identical output from the same F32/F16 model); or `imatrix_data`, a JSONL/text file (or
     ADAPTER_DATA: each adapter's training data) on which the matrix is measured on the merged model
-    (parity.importance) and written to `imatrix_out` (default OUT's name + .imatrix.gguf) first."""
+    (parity.importance) and written to `imatrix_out` (default OUT's name + .imatrix.gguf) first;
+    `chat_template` renders its conversations where the base has none (default for ADAPTER_DATA: the one the
+    adapter was trained with)."""
     qtype = output_type(quant)
     _check_imatrix_request(qtype, imatrix, imatrix_data, imatrix_out)
     if intermediate and (imatrix is not None or imatrix_data is not None):
@@ -470,7 +481,7 @@ def merge(base: str | os.PathLike, loras: list[tuple[str | os.PathLike, float]],
     if imatrix_data is not None:
         imatrix_out = Path(imatrix_out) if imatrix_out is not None else out.with_name(out.stem + ".imatrix.gguf")
         imatrix_out = check_output(imatrix_out, force, [base, *[p for p, _ in loras], out])
-        data_files = _calibration_files(loras, str(imatrix_data))
+        data_files = _calibration_files(loras, str(imatrix_data), chat_template)
     importance = Importance.of(imatrix) if imatrix is not None else None
     if Path(base).is_dir():
         raise Lora2GGUFError(f"{base}: merge needs a GGUF base file (BASE.gguf), not a directory")

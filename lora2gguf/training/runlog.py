@@ -59,9 +59,13 @@ def plot_losses(log_path: Path, png_path: Path, warn) -> None:
     fig.savefig(png_path)
 
 
-def write_train_data(out: Path, data: str, sha256: str, seq_len: int) -> None:
+def write_train_data(out: Path, data: str, sha256: str, seq_len: int, chat_template: str | None) -> None:
+    """The data file (absolute), its sha256, and the chat template it was rendered with (a name or a Jinja
+    file, as given; None: the base's own)."""
+    if chat_template is not None and Path(chat_template).is_file():
+        chat_template = str(Path(chat_template).resolve())
     (out / DATA_NAME).write_text(json.dumps({"data": str(Path(data).resolve()), "data_sha256": sha256,
-                                             "seq_len": seq_len}) + "\n")
+                                             "seq_len": seq_len, "chat_template": chat_template}) + "\n")
 
 
 def read_train_data(adapter_dir: Path) -> dict | None:

@@ -242,7 +242,7 @@ def run_training(cfg, on_step, out, device, cdtype, rank, world, warn) -> TrainR
     if rank == 0:  # drop log lines past the checkpoint we resume from
         old = read_log(log_path) if cfg.resume else []
         log_path.write_text("".join(json.dumps(r) + "\n" for r in old if r["step"] <= start))
-        write_train_data(out, cfg.data, run.args["data_sha256"], cfg.seq_len)
+        write_train_data(out, cfg.data, run.args["data_sha256"], cfg.seq_len, cfg.chat_template)
     order = Order(len(train_ex), cfg.seed)
     result = TrainResult(out, start, model=run.model, layers=run.layers, optimizer=run.opt, rank=rank)
     bar = tqdm(total=total, initial=start, disable=not cfg.progress or rank != 0, dynamic_ncols=True,

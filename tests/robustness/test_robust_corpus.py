@@ -220,7 +220,7 @@ UNDER_FILE = lambda i, d: i["base"] / "out.gguf"  # noqa: E731  (a "directory" t
 MERGE = lambda i, o, *x: ["merge", "--base", i["base"], "--lora", i["lora"], "-o", o, *x]  # noqa: E731
 CONVERT = lambda i, o, *x: ["convert", i["peft"], "--base", i["base"], "-o", o, *x]  # noqa: E731
 EXPORT = lambda i, o, *x: ["export", i["lora"], "--base", i["base"], "-o", o, *x]  # noqa: E731
-MODELFILE = lambda i, o, *x: ["modelfile", "--base", i["base"], "--lora", i["lora"], "-o", o, *x]  # noqa: E731
+MODELFILE = lambda i, o, *x: ["modelfile", "--base", i["base"], "--lora", i["lora"], "--adapter", "-o", o, *x]  # noqa: E731
 TRAIN_GGUF = lambda i, o, *x: ["train", "--base", i["base"], "--data", i["data"], "-o", i["base"].parent / "run",  # noqa: E731
                                "--gguf", o, *TRAIN, *x]
 TRAIN_OUT = lambda i, o, *x: ["train", "--base", i["base"], "--data", i["data"], "-o", o, *TRAIN, *x]  # noqa: E731
