@@ -78,20 +78,45 @@ def llama_tool(name: str) -> Path | None:
     for key in ("@LLAMA_BUILD_COMMIT@", "@BUILD_COMPILER@", "@BUILD_TARGET@"):
         info = info.replace(key, "llama-cpp-python")
     common = src / "common"
-    if name in _COMMON:
-        extra = [common / n for n in _COMMON[name]]
-    else:
-        extra = [p for p in (*common.glob("*.cpp"), *common.glob("jinja/*.cpp"), *common.glob("parsers/*.cpp"),
-                             *(src / "vendor" / "cpp-httplib").glob("*.cpp")) if p.name != "llguidance.cpp"]
+    flags = ["-O2", "-std=c++17", "-ffunction-sections", "-fdata-sections",
+             *(f"-I{src / d}" for d in ("include", "ggml/include", "common", "vendor", "vendor/cpp-httplib"))]
+    libs = [f"-L{lib}", "-lllama", "-lggml", "-lggml-base", "-lggml-cpu", f"-Wl,-rpath,{lib}", "-lpthread"]
     with tempfile.TemporaryDirectory(dir=tool.parent) as tmp:
         (Path(tmp) / "build-info.cpp").write_text(info)
-        sources = [*(src / "tools" / name).glob("*.cpp"), *extra, Path(tmp) / "build-info.cpp"]
-        cmd = [cxx, "-O2", "-std=c++17", "-ffunction-sections", "-fdata-sections", "-Wl,--gc-sections",
-               *(f"-I{src / d}" for d in ("include", "ggml/include", "common", "vendor", "vendor/cpp-httplib")),
-               *map(str, sources), f"-L{lib}", "-lllama", "-lggml", "-lggml-base", f"-Wl,-rpath,{lib}", "-lpthread",
-               "-o", str(Path(tmp) / tool.name)]
+        if name in _COMMON:
+            extra = [str(common / n) for n in _COMMON[name]]
+        else:  # all of common/, compiled once into an archive that the next tool links too
+            extra = [str(_common_archive(cxx, flags, src, tool.parent))]
+        sources = [*map(str, (src / "tools" / name).glob("*.cpp")), str(Path(tmp) / "build-info.cpp")]
+        cmd = [cxx, *flags, "-Wl,--gc-sections", *sources, *extra, *libs, "-o", str(Path(tmp) / tool.name)]
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode != 0:
             raise RuntimeError(f"building {tool.name} failed:\n{r.stderr[-3000:]}")
         os.replace(Path(tmp) / tool.name, tool)
     return tool
+
+
+def _common_archive(cxx: str, flags: list[str], src: Path, where: Path) -> Path:
+    """llama.cpp's common/ (and the HTTP client its argument parser links), as one static archive."""
+    import subprocess
+    from concurrent.futures import ThreadPoolExecutor
+
+    archive = where / "libcommon.a"
+    if archive.is_file():
+        return archive
+    common = src / "common"
+    files = [p for p in (*common.glob("*.cpp"), *common.glob("jinja/*.cpp"), *common.glob("parsers/*.cpp"),
+                         *(src / "vendor" / "cpp-httplib").glob("*.cpp")) if p.name != "llguidance.cpp"]
+    with tempfile.TemporaryDirectory(dir=where) as tmp:
+        objs = [Path(tmp) / f"{i}-{p.stem}.o" for i, p in enumerate(files)]
+
+        def compile_one(pair):
+            r = subprocess.run([cxx, *flags, "-c", str(pair[0]), "-o", str(pair[1])], capture_output=True, text=True)
+            if r.returncode != 0:
+                raise RuntimeError(f"compiling {pair[0]} failed:\n{r.stderr[-3000:]}")
+
+        with ThreadPoolExecutor(os.cpu_count() or 2) as ex:
+            list(ex.map(compile_one, zip(files, objs)))
+        subprocess.run(["ar", "rcs", str(Path(tmp) / archive.name), *map(str, objs)], check=True)
+        os.replace(Path(tmp) / archive.name, archive)
+    return archive

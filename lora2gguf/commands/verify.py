@@ -106,6 +106,8 @@ def verify(base: str | os.PathLike, loras: list[tuple[str, float]], merged: str 
     check_request(base_path, loras, runtime_lora)
     report: dict = {"base": str(base_path), "adapters": [], "warnings": [], "views": {}, "pairs": {},
                     "skipped": {}}
+    if imatrix is not None and not merged:
+        raise Lora2GGUFError("--imatrix names the importance matrix of a merged file: give --merged too")
     importance = merged_importance(Path(merged), imatrix) if merged else None
     if importance is not None:
         report["merged_imatrix"] = importance.file

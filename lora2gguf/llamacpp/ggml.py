@@ -28,11 +28,16 @@ These C functions have no Python binding (llama-cpp-python binds llama.h, not gg
 gguf-py writes GGUF but quantizes no K-quants), so they are declared here through ctypes, from the
 libraries llama-cpp-python ships (libllama, libggml-base: one copy of ggml in the process).
 
-What stays with `llamacpp.quantize.llama_quantize` (llama_model_quantize in a child process): quantizing a whole
-file as is (file in, file out), types that need an importance matrix (IQ1/IQ2/IQ3_XXS, Q2_K_S: merge refuses
-them), and merge's `intermediate=True`, the path this module replaces and is tested against. The IQ types
-that only need ggml's lookup tables (iq3_s/iq3_m/iq4_nl/iq4_xs) run here: `ggml_quantize_chunk` initialises
-those tables itself.
+Importance matrix (`Importance`): what `llama-quantize --imatrix FILE` hands llama_model_quantize, passed to
+the dry run too (llama.cpp picks some types differently when it has one) and to ggml_quantize_chunk per
+expert slice; the quantize.imatrix.* keys it records are set in the header. The types that need one
+(IQ1/IQ2, IQ3_XXS, Q2_K_S's Q2_K tensors) are refused without it, as llama.cpp refuses them. The IQ types
+that only need ggml's lookup tables (iq3_s/iq3_m/iq4_nl/iq4_xs) need none: `ggml_quantize_chunk`
+initialises those tables itself.
+
+What stays with `llamacpp.quantize.llama_quantize` (llama_model_quantize in a child process): quantizing a
+whole file as is (file in, file out), and merge's `intermediate=True`, the path this module replaces and is
+tested against.
 
 Interrupts: the C calls are short (a chunk of rows each) and run on worker threads while the main thread
 waits on them in Python, so Ctrl-C / SIGTERM stop a write within one chunk; the caller's atomic_output

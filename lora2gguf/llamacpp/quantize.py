@@ -9,8 +9,9 @@ llama.cpp's, not an imitation. Two ways to run it:
   verify use, with no intermediate model file; types from llama.cpp's dry run, data from
   ggml_quantize_chunk; byte-identical to the next one (tests/llamacpp/test_ggml.py);
 - `llama_quantize` here: `llama_model_quantize` on a GGUF file, in a child process (file in, file out), kept
-  for merge's intermediate=True path (the reference the in-process writer is tested against), scripts, and
-  whatever the in-process writer refuses (types that need an importance matrix, which merge refuses too).
+  for merge's intermediate=True path (the reference the in-process writer is tested against) and scripts.
+
+The types that need an importance matrix (needs_imatrix) are merge's with --imatrix / --imatrix-data only.
 """
 
 from __future__ import annotations

@@ -27,10 +27,11 @@ def measure_importance(base, adapters: list[tuple[PeftAdapter, float]], sequence
     names), over these token sequences run through the merged model."""
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
+    real = {"positions": None}  # the batch's real (not padding) positions, flattened
 
     def hook(name: str):
         def pre(module: nn.Module, args) -> None:
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float64)
+            x = args[0].detach().reshape(-1, args[0].shape[-1])[real["positions"]].to(torch.float64)
             sums[name] = sums.get(name, 0) + (x * x).sum(0)
             counts[name] = counts.get(name, 0) + x.shape[0]
         return pre
@@ -40,7 +41,10 @@ def measure_importance(base, adapters: list[tuple[PeftAdapter, float]], sequence
             if isinstance(sub, nn.Linear):
                 sub.register_forward_pre_hook(hook(base.gguf_name(f"model.layers.{i}.{sub_name}.weight")))
 
-    run_layers(base, ReferenceWeights(base, list(adapters)), sequences, on_layer)
+    def on_batch(valid: torch.Tensor) -> None:
+        real["positions"] = valid.reshape(-1)
+
+    run_layers(base, ReferenceWeights(base, list(adapters)), sequences, on_layer, on_batch)
     im = Imatrix(datasets=[dataset], chunk_count=len(sequences), chunk_size=max(map(len, sequences), default=0))
     for name, s in sums.items():
         im.sums[name] = s.to(torch.float32).numpy().reshape(1, -1)

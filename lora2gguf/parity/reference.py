@@ -113,43 +113,71 @@ class ReferenceWeights:
                     sub.bias = nn.Parameter(b, requires_grad=False)
 
 
+BATCH_TOKENS = 1 << 12  # padded tokens per batch of run_layers: matmuls large enough for BLAS, activations small
+
+
+def _batches(sequences: list[list[int]], budget: int) -> list[list[int]]:
+    """Indices of the sequences, by length, in groups of at most `budget` padded tokens (one at least)."""
+    order = sorted(range(len(sequences)), key=lambda j: len(sequences[j]))
+    groups: list[list[int]] = []
+    for j in order:
+        if groups and (len(groups[-1]) + 1) * len(sequences[j]) <= budget:
+            groups[-1].append(j)
+        else:
+            groups.append([j])
+    return groups
+
+
 def run_layers(base, src: ReferenceWeights, sequences: list[list[int]],
-               on_layer: Callable[[nn.Module, int], None] | None = None) -> tuple[Transformer, list[torch.Tensor]]:
-    """The reference model's hidden states after its last layer, for each token sequence, computed layer by
-    layer over all of them: one layer's tensors are dequantized (and the adapters folded in) at a time,
-    used for every sequence and dropped, and an untouched embedding stays quantized (rows looked up).
-    on_layer(layer, i) sees each layer before it runs (to hook its projections). Returns the model shell
-    (on the meta device but for its rope, masks and final norm's weights are not loaded) and the states."""
+               on_layer: Callable[[nn.Module, int], None] | None = None,
+               on_batch: Callable[[torch.Tensor], None] | None = None) -> tuple[Transformer, list[torch.Tensor]]:
+    """The reference model's hidden states after its last layer, for each token sequence (1, T, n_embd),
+    computed layer by layer over all of them: one layer's tensors are dequantized (and the adapters folded
+    in) at a time, used for every sequence and dropped, and an untouched embedding stays quantized (rows
+    looked up). Sequences run in batches of similar length, padded on the right: causal attention keeps the
+    padding out of every real position. on_layer(layer, i) sees each layer before it runs (to hook its
+    projections), on_batch(valid) each batch's (B, T) mask of real positions before the layer runs on it.
+    Returns the model shell (on the meta device but for its rope, masks and final norm's weights are not
+    loaded) and the states."""
     spec = base.spec
     with torch.device("meta"):
         model = Transformer(spec, None)
     ff = base.rope_freqs()
     model.set_rope_factors(torch.from_numpy(ff) if ff is not None else None)
+    groups = _batches(sequences, BATCH_TOKENS)
     with torch.no_grad():
         emb = src.quantized("model.embed_tokens.weight")
         emb_full = src.get("model.embed_tokens.weight") if emb is None else None
-        xs = []
-        for seq in sequences:
-            ids = torch.tensor([seq])
+        xs, valid = [], []
+        for g in groups:
+            T = max(len(sequences[j]) for j in g)
+            ids = torch.tensor([sequences[j] + [0] * (T - len(sequences[j])) for j in g])
             x = emb.take(ids) if emb is not None else emb_full[ids]
             if model.embed_scale != 1.0:
                 x = x * torch.tensor(model.embed_scale, dtype=x.dtype)
             xs.append(x)
+            valid.append(torch.arange(T)[None, :] < torch.tensor([len(sequences[j]) for j in g])[:, None])
         del emb_full
-        positions = {len(s): torch.arange(len(s)).expand(1, len(s)) for s in sequences}
-        ropes = {T: {k: r(pos) for k, r in model.ropes.items()} for T, pos in positions.items()}
-        masks = {T: model.masks(T, None, "cpu") for T in positions}
+        lengths = {x.shape[1] for x in xs}
+        ropes = {T: {k: r(torch.arange(T).expand(1, T)) for k, r in model.ropes.items()} for T in lengths}
+        masks = {T: model.masks(T, None, "cpu") for T in lengths}
         for i in range(spec.n_layer):
             with torch.device("meta"):
                 layer = spec.arch_module.build_layer(spec, i)
             src.load(layer, f"model.layers.{i}.")
             if on_layer is not None:
                 on_layer(layer, i)
-            for j, seq in enumerate(sequences):
-                cos, sin = ropes[len(seq)][layer.self_attn.rope_key]
-                xs[j] = layer(xs[j], cos, sin, masks[len(seq)][layer.self_attn.window])
+            for k, x in enumerate(xs):
+                if on_batch is not None:
+                    on_batch(valid[k])
+                cos, sin = ropes[x.shape[1]][layer.self_attn.rope_key]
+                xs[k] = layer(x, cos, sin, masks[x.shape[1]][layer.self_attn.window])
             del layer
-    return model, xs
+    out: list[torch.Tensor] = [None] * len(sequences)  # type: ignore[list-item]
+    for g, x in zip(groups, xs):
+        for b, j in enumerate(g):
+            out[j] = x[b:b + 1, :len(sequences[j])]
+    return model, out
 
 
 def reference_logits(base, adapters: list[tuple[PeftAdapter, float]], sequences: list[list[int]]) -> list[np.ndarray]:
