@@ -52,6 +52,7 @@ class Arch:
     spec_class: type[ModelSpec] = ModelSpec
     attn_proj: tuple[str, ...] = ATTN_PROJ
     mlp_proj: tuple[str, ...] = MLP_PROJ
+    expert_proj: tuple[str, ...] = ()  # stacked per-expert weights (E, out, in), by HF module path
     layer_norms: tuple[str, ...] = ("input_layernorm", "post_attention_layernorm")
     qkv_bias: bool = False  # HF's default for attention_bias
     qk_norm: bool = False
@@ -151,6 +152,7 @@ class Arch:
         n_q, n_kv, e, hd = spec.n_head * spec.head_dim, spec.n_head_kv * spec.head_dim, spec.n_embd, spec.head_dim
         out = {n + ".weight": (e,) for n in self.layer_norms}
         out.update(self.linear_shapes(spec))
+        out.update(self.expert_shapes(spec))
         if spec.attn_bias:
             out.update({"self_attn.q_proj.bias": (n_q,), "self_attn.k_proj.bias": (n_kv,),
                         "self_attn.v_proj.bias": (n_kv,)})
@@ -164,6 +166,15 @@ class Arch:
         return {"self_attn.q_proj.weight": (n_q, e), "self_attn.k_proj.weight": (n_kv, e),
                 "self_attn.v_proj.weight": (n_kv, e), "self_attn.o_proj.weight": (e, n_q),
                 "mlp.gate_proj.weight": (f, e), "mlp.up_proj.weight": (f, e), "mlp.down_proj.weight": (e, f)}
+
+    def expert_shapes(self, spec: ModelSpec) -> dict[str, tuple[int, int, int]]:
+        """HF weight name of each expert_proj stack → (n_expert, out, in); none for a dense arch."""
+        return {}
+
+    def hf_file_parts(self, spec: ModelSpec, hf_name: str) -> list[str] | None:
+        """The tensors of an HF checkpoint that, stacked on a new first axis, make this tensor when the
+        checkpoint stores it in parts (per-expert weights); None when it is stored whole."""
+        return None
 
     def expected_shapes(self, spec: ModelSpec, tied: bool | None = None) -> dict[str, tuple[int, ...]]:
         """Every HF tensor name a model of this spec has → its shape (HF layout), in a stable order."""
@@ -187,8 +198,10 @@ class Arch:
         return [n for n in names if known.get_name(n, try_suffixes=(".weight",)) is not None]
 
     def target_shapes(self, spec: ModelSpec) -> dict[str, tuple[int, int]]:
-        """LoRA-targetable module inside a layer (e.g. self_attn.q_proj) → ΔW shape (out, in)."""
-        return {k[:-len(".weight")]: v for k, v in self.linear_shapes(spec).items()}
+        """LoRA-targetable module inside a layer (e.g. self_attn.q_proj) → ΔW shape (out, in), or
+        (n_expert, out, in) for a stack of experts."""
+        shapes = self.linear_shapes(spec) | self.expert_shapes(spec)
+        return {k[:-len(".weight")]: v for k, v in shapes.items()}
 
     def gguf_name(self, n_layer: int, hf_name: str) -> str:
         """GGUF tensor name for an HF tensor name (model.layers.0.self_attn.q_proj.weight → blk.0.attn_q.weight)."""
