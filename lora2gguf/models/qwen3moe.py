@@ -104,7 +104,7 @@ class Qwen3Moe(Arch):
 
     # -- PyTorch forward ---------------------------------------------------------------------------------
     def build_layer(self, spec: MoESpec, i: int):
-        from lora2gguf.models.layers import MoE, Attention, DecoderLayer, RMSNorm
+        from lora2gguf.models.layers import Attention, DecoderLayer, MoE, RMSNorm
 
         return DecoderLayer(
             norms={"input_layernorm": RMSNorm(spec.n_embd, spec.norm_eps),
