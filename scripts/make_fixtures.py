@@ -5,9 +5,10 @@ For each arch (llama, qwen2, qwen3, gemma3, gemma2, phi3, qwen3moe): the same ra
   fixtures/<arch>/hf/            config.json + model.safetensors (loads in transformers)
   fixtures/<arch>/base-f32.gguf  and base-f16.gguf, base-q8_0.gguf (written with gguf-py)
   fixtures/<arch>/base-q4_k_m.gguf (llama.cpp's own quantizer via llama-cpp-python)
-Two layers, width 64, 4 heads / 2 KV heads (GQA), FFN 256 (so ffn_down rows fit K-quant blocks of 256),
+Two layers, width 64, 4 heads / 2 KV heads (GQA), FFN 256 (so ffn_down rows fit K-quant blocks of 256);
 qwen3moe: 8 experts, 2 used per token, expert FFN 256 (ffn_down_exps rows fit K-quant blocks), stored in
-hf/ one tensor per expert as the Hub's checkpoints and transformers' save_pretrained do. A SentencePiece-style vocabulary that llama.cpp tokenizes. Weights are scaled so that logits are
+hf/ one tensor per expert as the Hub's checkpoints and transformers' save_pretrained do. A SentencePiece-style
+vocabulary that llama.cpp tokenizes. Weights are scaled so that logits are
 peaked (a near-uniform output would make KL and top-1 checks weak).
 
     python scripts/make_fixtures.py [--out fixtures]
@@ -130,8 +131,9 @@ def hf_config(arch: str, n_vocab: int) -> dict:
         cfg.update(partial_rotary_factor=d["partial_rotary"], sliding_window=None, pad_token_id=None,
                    original_max_position_embeddings=d["n_ctx"])
     if arch == "qwen3moe":
-        cfg.update(num_experts=d["n_expert"], num_experts_per_tok=d["n_expert_used"], moe_intermediate_size=d["n_ff_exp"],
-                   norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[], use_sliding_window=False)
+        cfg.update(num_experts=d["n_expert"], num_experts_per_tok=d["n_expert_used"],
+                   moe_intermediate_size=d["n_ff_exp"], norm_topk_prob=True, decoder_sparse_step=1,
+                   mlp_only_layers=[], use_sliding_window=False)
     return cfg
 
 
