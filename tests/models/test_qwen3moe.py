@@ -33,7 +33,8 @@ def transformers_run(tokens, hf_dir=None, adapter_dir=None):
     with torch.no_grad():
         out = model.eval()(torch.tensor([tokens]), output_router_logits=True)
     k = model.config.num_experts_per_tok
-    routing = {i: torch.topk(torch.softmax(r.float(), -1), k, -1).indices.numpy() for i, r in enumerate(out.router_logits)}
+    routing = {i: torch.topk(torch.softmax(r.float(), -1), k, -1).indices.numpy()
+               for i, r in enumerate(out.router_logits)}
     return out.logits[0].float().numpy(), routing
 
 
