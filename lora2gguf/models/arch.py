@@ -53,6 +53,9 @@ class Arch:
     attn_proj: tuple[str, ...] = ATTN_PROJ
     mlp_proj: tuple[str, ...] = MLP_PROJ
     expert_proj: tuple[str, ...] = ()  # stacked per-expert weights (E, out, in), by HF module path
+    # transformers' 3-D expert parameters (what PEFT's target_parameters names), in the order the experts module
+    # registers them, → the expert_proj stacks their rows split into, in order (a fused gate_up: gate rows first)
+    expert_params: dict[str, tuple[str, ...]] = {}
     layer_norms: tuple[str, ...] = ("input_layernorm", "post_attention_layernorm")
     qkv_bias: bool = False  # HF's default for attention_bias
     qk_norm: bool = False

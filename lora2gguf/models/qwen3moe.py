@@ -39,6 +39,8 @@ class Qwen3Moe(Arch):
     attn_proj = ATTN_PROJ
     mlp_proj = ("mlp.gate",)  # the router: an ordinary (n_expert, n_embd) linear
     expert_proj = EXPERTS
+    expert_params = {"mlp.experts.gate_up_proj": ("mlp.experts.gate_proj", "mlp.experts.up_proj"),
+                     "mlp.experts.down_proj": ("mlp.experts.down_proj",)}  # Qwen3MoeExperts (transformers 5)
     bias_slots = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")  # llama.cpp adds bq/bk/bv only
 
     # -- hyperparameters ---------------------------------------------------------------------------------
