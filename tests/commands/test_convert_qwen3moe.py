@@ -1,0 +1,159 @@
+"""convert on qwen3moe: adapters made by the real peft on transformers' own Qwen3MoeForCausalLM, converted, loaded by
+llama.cpp (--lora through llama-cpp-python) and compared with transformers + PEFT, routing-aware (median and mean
+per-token KL, share of tokens whose top-k expert set differs). Every adapter is first shown to move the logits.
+Expert LoRA (PEFT target_parameters on the fused 3-D experts): each layout test also runs the wrong readings
+(lora_B read expert-major; gate and up swapped) and shows them far off, so that the test fails on either."""
+
+import json
+
+import numpy as np
+import pytest
+
+import lora2gguf.adapters.peft as peft_reader
+from conftest import fixture, token_ids
+from lora2gguf import models
+from lora2gguf.adapters.load import load_adapter
+from lora2gguf.commands.convert import convert
+from lora2gguf.errors import Lora2GGUFError
+from lora2gguf.parity.metrics import compare
+from lora2gguf.parity.reference import reference_model
+from moe_helpers import ARCH, llama_run, reference_run, routed, transformers_run
+from peft_helpers import make_peft_adapter, peft_deltas
+
+EXPERT_PARAMS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+TOKENS = token_ids(383, 64, seed=4)
+
+
+def exact(m: dict) -> bool:
+    return m["median_kl"] <= 1e-6 and m["mean_kl"] <= 1e-5 and m["expert_set_mismatch"] == 0.0
+
+
+def converted_run(adapter_dir, out):
+    gguf = convert(adapter_dir, fixture(ARCH), out)
+    return llama_run(fixture(ARCH), TOKENS, [(gguf, 1.0)])
+
+
+@pytest.fixture(scope="module")
+def base_run():
+    return llama_run(fixture(ARCH), TOKENS)
+
+
+@pytest.fixture(scope="module")
+def expert_adapter(tmp_path_factory):
+    """LoRA on both expert parameters of every layer (gate_up fused, down), rank 4, alpha 16."""
+    return make_peft_adapter(fixture(ARCH, "hf"), tmp_path_factory.mktemp("experts") / "a", r=4, lora_alpha=16,
+                             b_std=0.2, target_modules=[], target_parameters=EXPERT_PARAMS)
+
+
+def test_attention_lora_converts_exactly(tmp_path, base_run):
+    d = make_peft_adapter(fixture(ARCH, "hf"), tmp_path / "a", r=4, lora_alpha=8,
+                          target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    ours, r_ours = converted_run(d, tmp_path / "a.gguf")
+    moved = compare(base_run[0], ours)
+    theirs, r_theirs = transformers_run(TOKENS, adapter_dir=d)
+    m = routed(theirs, ours, r_theirs, r_ours)
+    print("attention LoRA: moved", moved["mean_kl"], "llama.cpp vs transformers+PEFT", m)
+    assert moved["mean_kl"] > 1e-2, "the adapter must visibly change the output"
+    assert exact(m), m
+
+
+def test_expert_lora_reader_matches_peft_delta(expert_adapter):
+    """The reader's per-expert pairs against PEFT's own ParamWrapper.get_delta_weight (E, out, in): the fused
+    gate_up's delta is gate's rows then up's; wrong readings of the same tensors are not."""
+    truth = peft_deltas(fixture(ARCH, "hf"), expert_adapter)  # the outer wrapper is down_proj's, the inner gate_up's
+    a = load_adapter(expert_adapter)
+    cfg = json.loads((expert_adapter / "adapter_config.json").read_text())
+    assert cfg["peft_version"].startswith("0.21.")
+    for i in range(2):
+        mods = {p: a.modules[f"model.layers.{i}.mlp.experts.{p}"] for p in ("gate_proj", "up_proj", "down_proj")}
+        assert mods["gate_proj"].A.shape == (8, 4, 64) and mods["down_proj"].B.shape == (8, 64, 4)
+        gate_up = np.concatenate([mods["gate_proj"].delta(), mods["up_proj"].delta()], axis=1)
+        want = truth[f"model.layers.{i}.mlp.experts.base_layer"]
+        np.testing.assert_allclose(gate_up, want, atol=1e-6 * np.abs(want).max())
+        np.testing.assert_allclose(mods["down_proj"].delta(), truth[f"model.layers.{i}.mlp.experts"], atol=1e-7)
+        swapped = np.concatenate([mods["up_proj"].delta(), mods["gate_proj"].delta()], axis=1)
+        assert np.abs(swapped - want).max() > 0.3 * np.abs(want).max()
+
+
+def wrong_b_expert_major(A, B, n_expert):
+    """The wrong reading of lora_B: columns e·r + j (expert-major) instead of PEFT's j·E + e."""
+    return A.reshape(n_expert, -1, A.shape[-1]), np.ascontiguousarray(B.reshape(B.shape[0], n_expert, -1)
+                                                                      .transpose(1, 0, 2))
+
+
+def test_expert_lora_converts_exactly_and_wrong_layouts_are_far(tmp_path, monkeypatch, base_run, expert_adapter):
+    """Convert → llama.cpp's ffn_*_exps LoRA (mul_mat_id) == transformers + PEFT; the same adapter read with lora_B
+    expert-major, or with gate and up swapped, is far off (so this test would catch either mistake)."""
+    ours, r_ours = converted_run(expert_adapter, tmp_path / "ok.gguf")
+    theirs, r_theirs = transformers_run(TOKENS, adapter_dir=expert_adapter)
+    moved, m = compare(base_run[0], ours), routed(theirs, ours, r_theirs, r_ours)
+    print("expert LoRA: moved", moved["mean_kl"], "llama.cpp vs transformers+PEFT", m)
+    assert moved["mean_kl"] > 1e-2, "the adapter must visibly change the output"
+    assert exact(m), m
+
+    with monkeypatch.context() as mp:
+        mp.setattr(peft_reader, "param_wrapper_factors", wrong_b_expert_major)
+        wrong_b, _ = converted_run(expert_adapter, tmp_path / "wrong-b.gguf")
+    with monkeypatch.context() as mp:
+        table = dict(models.get(ARCH).expert_params)
+        table["mlp.experts.gate_up_proj"] = ("mlp.experts.up_proj", "mlp.experts.gate_proj")
+        mp.setattr(models.get(ARCH), "expert_params", table)
+        swapped, _ = converted_run(expert_adapter, tmp_path / "swapped.gguf")
+    for name, wrong in (("B expert-major", wrong_b), ("gate/up swapped", swapped)):
+        w = compare(theirs, wrong)
+        print(name, w)
+        assert w["mean_kl"] > 1e4 * max(m["mean_kl"], 1e-9) and w["mean_kl"] > 0.1 * moved["mean_kl"], (name, w)
+
+
+@pytest.mark.parametrize("params", [["mlp.experts.gate_up_proj"], ["mlp.experts.down_proj"]])
+def test_partial_expert_target_converts_as_what_it_is(tmp_path, base_run, params):
+    """One expert parameter targeted: written as what it is (gate+up, or down only), not refused."""
+    d = make_peft_adapter(fixture(ARCH, "hf"), tmp_path / "a", r=2, lora_alpha=4, b_std=0.2, target_modules=[],
+                          target_parameters=params, use_rslora=True)
+    ours, r_ours = converted_run(d, tmp_path / "a.gguf")
+    theirs, r_theirs = transformers_run(TOKENS, adapter_dir=d)
+    moved, m = compare(base_run[0], ours), routed(theirs, ours, r_theirs, r_ours)
+    print(params, "moved", moved["mean_kl"], m)
+    assert moved["mean_kl"] > 1e-2 and exact(m), (moved, m)
+
+
+def test_reference_with_expert_lora_matches_transformers(expert_adapter):
+    """parity.reference folds the expert LoRA into the stacked experts, one expert at a time."""
+    from lora2gguf.weights.base_model import open_base
+
+    with open_base(fixture(ARCH)) as b:
+        ours, r_ours = reference_run(reference_model(b, [(load_adapter(expert_adapter), 1.0)]), TOKENS)
+    theirs, r_theirs = transformers_run(TOKENS, adapter_dir=expert_adapter)
+    m = routed(theirs, ours, r_theirs, r_ours)
+    assert exact(m), m
+
+
+def test_expert_count_checked_against_the_base(tmp_path, expert_adapter):
+    """An expert LoRA for 8 experts on a base with another expert count is refused in one line (llama.cpp checks
+    only ne[0] and ne[1] of an expert LoRA and would compute garbage)."""
+    import shutil
+
+    d = tmp_path / "a"
+    shutil.copytree(expert_adapter, d)
+    from safetensors.numpy import load_file, save_file
+
+    w = load_file(str(d / "adapter_model.safetensors"))
+    w = {k: (v[: v.shape[0] // 2] if k.endswith("lora_A.weight") else v[:, : v.shape[1] // 2]) for k, v in w.items()}
+    save_file(w, str(d / "adapter_model.safetensors"))  # rank 4 on 4 experts
+    with pytest.raises(Lora2GGUFError, match=r"\(4 experts\) weight but base .* \(8 experts\)") as e:
+        convert(d, fixture(ARCH), tmp_path / "x.gguf")
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("version", ["0.17.1", "0.19.0", None])
+def test_expert_lora_of_a_peft_version_we_cannot_place_is_refused(tmp_path, expert_adapter, version):
+    import shutil
+
+    d = tmp_path / "a"
+    shutil.copytree(expert_adapter, d)
+    cfg = json.loads((d / "adapter_config.json").read_text())
+    cfg["peft_version"] = version
+    (d / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(Lora2GGUFError, match="peft PR 3165") as e:
+        convert(d, fixture(ARCH), tmp_path / "x.gguf")
+    assert "\n" not in str(e.value)
