@@ -393,6 +393,7 @@ def merge(base: str | os.PathLike, loras: list[tuple[str | os.PathLike, float]],
     if Path(base).is_dir():
         raise Lora2GGUFError(f"{base}: merge needs a GGUF base file (BASE.gguf), not a directory")
     with GGUFBase(base) as b:
+        b.spec.arch_module.require("merge", b.path)
         if int(b.file.get("split.count", 1)) > 1:
             raise Lora2GGUFError(f"{base}: a split GGUF (shard of {b.file.get('split.count')}); join the shards "
                                  "first with llama-gguf-split --merge")

@@ -22,6 +22,8 @@ from gguf import MODEL_ARCH, get_tensor_name_map
 from lora2gguf.errors import Lora2GGUFError
 from lora2gguf.models.spec import ModelSpec, check_dims
 
+VERBS = ("convert", "merge", "verify", "train", "inspect", "analyze", "export", "extract", "resize", "combine",
+         "modelfile")
 ATTN_PROJ = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
 MLP_PROJ = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
@@ -62,6 +64,13 @@ class Arch:
     norm_offset: float = 0.0  # RMSNorm multiplies by offset + w (Gemma: 1)
     fused_training: bool = False  # training.fused.TrainingLayer may compute this arch's layer
     can_untie: bool = True  # llama.cpp loads an output.weight beside tied embeddings (merge may untie)
+    verbs: tuple[str, ...] = VERBS  # the verbs that handle this architecture
+
+    def require(self, verb: str, where) -> None:
+        """Refuse, in one line, a verb that does not handle this architecture yet."""
+        if verb not in self.verbs:
+            raise Lora2GGUFError(f"{where}: `lora2gguf {verb}` does not handle {self.name} models yet; "
+                                 f"{' and '.join(self.verbs)} do")
 
     # -- LoRA targets ------------------------------------------------------------------------------------
     @property
@@ -196,7 +205,7 @@ class Arch:
         every layer_linears projection (what a GGUF LoRA's tensors are looked up against)."""
         names = ["model.embed_tokens.weight", "lm_head.weight"]
         for i in range(n_layer):
-            names += [f"model.layers.{i}.{m}.weight" for m in self.layer_linears]
+            names += [f"model.layers.{i}.{m}.weight" for m in self.layer_linears + self.expert_proj]
         known = _name_map(self.model_arch, n_layer)  # gemma2 has no separate output tensor in llama.cpp
         return [n for n in names if known.get_name(n, try_suffixes=(".weight",)) is not None]
 

@@ -158,6 +158,7 @@ class HFBase:
                 shapes[name] = (len(parts),) + shapes[parts[0]]
                 self._parts[name] = parts
         check_shapes(self.spec, shapes, self.path, source="config.json")
+        self._shapes = {h: shapes[h] for h in wanted}
         return located
 
     def hf_names(self) -> list[str]:
@@ -165,6 +166,10 @@ class HFBase:
 
     def gguf_name(self, hf_name: str) -> str:
         return self.spec.arch_module.gguf_name(self.spec.n_layer, hf_name)
+
+    def shape(self, hf_name: str) -> tuple[int, ...]:
+        """The tensor's shape in HF layout (a stack of per-expert tensors: (n_expert, ...))."""
+        return self._shapes[hf_name]
 
     def tensor(self, hf_name: str) -> np.ndarray:
         if hf_name in self._parts:
