@@ -260,7 +260,10 @@ def load_peft(path: str | Path) -> PeftAdapter:
         if mod.split(".")[-1] not in known:
             raise Lora2GGUFError(f"{path}: target module {mod} has no GGUF tensor in the supported archs "
                                  f"({', '.join(models.NAMES)}); supported targets: {', '.join(sorted(known))}")
-    untargeted = sorted(m for m in parts if not targeted(cfg, origin[m]))
+    params = cfg.get("target_parameters") or []  # a 2-D parameter targeted this way is an ordinary LoRA pair
+    untargeted = sorted(m for m in parts if not targeted(cfg, origin[m])
+                        and not any(f"{origin[m]}.weight" == t or f"{origin[m]}.weight".endswith("." + t)
+                                    for t in params))
     if untargeted:
         raise Lora2GGUFError(f"{path}: target_modules {cfg.get('target_modules')!r} in adapter_config.json does not "
                              f"cover {untargeted[0]}, which has LoRA tensors; the config and the weights belong to "

@@ -105,9 +105,10 @@ def test_expert_lora_converts_exactly_and_wrong_layouts_are_far(tmp_path, monkey
         assert w["mean_kl"] > 1e4 * max(m["mean_kl"], 1e-9) and w["mean_kl"] > 0.1 * moved["mean_kl"], (name, w)
 
 
-@pytest.mark.parametrize("params", [["mlp.experts.gate_up_proj"], ["mlp.experts.down_proj"]])
+@pytest.mark.parametrize("params", [["mlp.experts.gate_up_proj"], ["mlp.experts.down_proj"], ["mlp.gate.weight"]])
 def test_partial_expert_target_converts_as_what_it_is(tmp_path, base_run, params):
-    """One expert parameter targeted: written as what it is (gate+up, or down only), not refused."""
+    """One expert parameter targeted: written as what it is (gate+up, or down only), not refused; the router
+    (a 2-D parameter, GGUF ffn_gate_inp) is an ordinary LoRA pair, and it moves the routing itself."""
     d = make_peft_adapter(fixture(ARCH, "hf"), tmp_path / "a", r=2, lora_alpha=4, b_std=0.2, target_modules=[],
                           target_parameters=params, use_rslora=True)
     ours, r_ours = converted_run(d, tmp_path / "a.gguf")
