@@ -4,8 +4,8 @@ token was routed to, from transformers (+ PEFT), lora2gguf's PyTorch model and l
 from __future__ import annotations
 
 import torch
-
 from conftest import fixture
+
 from lora2gguf.llamacpp.runtime import LlamaRuntime
 from lora2gguf.models.layers import MoE
 from lora2gguf.parity.metrics import compare, expert_set_mismatch

@@ -8,17 +8,17 @@ import json
 
 import numpy as np
 import pytest
+from conftest import fixture, token_ids
+from moe_helpers import ARCH, llama_run, reference_run, routed, transformers_run
+from peft_helpers import make_peft_adapter, peft_deltas
 
 import lora2gguf.adapters.peft as peft_reader
-from conftest import fixture, token_ids
 from lora2gguf import models
 from lora2gguf.adapters.load import load_adapter
 from lora2gguf.commands.convert import convert
 from lora2gguf.errors import Lora2GGUFError
 from lora2gguf.parity.metrics import compare
 from lora2gguf.parity.reference import reference_model
-from moe_helpers import ARCH, llama_run, reference_run, routed, transformers_run
-from peft_helpers import make_peft_adapter, peft_deltas
 
 EXPERT_PARAMS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 TOKENS = token_ids(383, 64, seed=4)

@@ -5,14 +5,14 @@ byte-identical to llama-quantize of our F32 merge, and to the intermediate-file 
 
 import gguf
 import pytest
-
 from conftest import fixture, token_ids
+from moe_helpers import ARCH, llama_run, routed, transformers_run
+from peft_helpers import make_peft_adapter
+
 from lora2gguf.commands.merge import merge
 from lora2gguf.fileio.gguf_read import GGUFFile
 from lora2gguf.llamacpp.quantize import llama_quantize
 from lora2gguf.parity.metrics import compare
-from moe_helpers import ARCH, llama_run, routed, transformers_run
-from peft_helpers import make_peft_adapter
 
 TOKENS = token_ids(383, 64, seed=11)
 
