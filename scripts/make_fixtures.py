@@ -1,12 +1,14 @@
 #!/usr/bin/env python3
 """Generate the tiny test bases under fixtures/, deterministically.
 
-For each arch (llama, qwen2, qwen3, gemma3, gemma2): the same random weights as
+For each arch (llama, qwen2, qwen3, gemma3, gemma2, phi3, qwen3moe): the same random weights as
   fixtures/<arch>/hf/            config.json + model.safetensors (loads in transformers)
   fixtures/<arch>/base-f32.gguf  and base-f16.gguf, base-q8_0.gguf (written with gguf-py)
   fixtures/<arch>/base-q4_k_m.gguf (llama.cpp's own quantizer via llama-cpp-python)
-Two layers, width 64, 4 heads / 2 KV heads (GQA), FFN 256 (so ffn_down rows fit K-quant blocks of 256),
-a SentencePiece-style vocabulary that llama.cpp tokenizes. Weights are scaled so that logits are
+Two layers, width 64, 4 heads / 2 KV heads (GQA), FFN 256 (so ffn_down rows fit K-quant blocks of 256);
+qwen3moe: 8 experts, 2 used per token, expert FFN 256 (ffn_down_exps rows fit K-quant blocks), stored in
+hf/ one tensor per expert as the Hub's checkpoints and transformers' save_pretrained do. A SentencePiece-style
+vocabulary that llama.cpp tokenizes. Weights are scaled so that logits are
 peaked (a near-uniform output would make KL and top-1 checks weak).
 
     python scripts/make_fixtures.py [--out fixtures]
@@ -34,13 +36,15 @@ DIMS = dict(n_layer=2, n_embd=64, n_ff=256, n_head=4, n_head_kv=2, n_ctx=512, ro
 # first of every two layers, local and global ropes that differ; Gemma 2 with its soft-caps.
 EXTRA = {"gemma3": dict(head_dim=32, window=8, swa_pattern=2, rope_theta=100000.0, rope_local=10000.0, eps=1e-6),
          "gemma2": dict(head_dim=32, window=8, swa_pattern=2, attn_softcap=50.0, final_softcap=30.0, eps=1e-6),
-         "phi3": dict(partial_rotary=0.5)}  # rope on half of each head, as Phi-4-mini on 3/4
-ARCH_NAMES = ("llama", "qwen2", "qwen3", "gemma3", "gemma2", "phi3")
+         "phi3": dict(partial_rotary=0.5),  # rope on half of each head, as Phi-4-mini on 3/4
+         "qwen3moe": dict(n_expert=8, n_expert_used=2, n_ff_exp=256, eps=1e-6)}
+ARCH_NAMES = ("llama", "qwen2", "qwen3", "gemma3", "gemma2", "phi3", "qwen3moe")
 HF_CLASS = {"llama": ("LlamaForCausalLM", "llama"), "qwen2": ("Qwen2ForCausalLM", "qwen2"),
             "qwen3": ("Qwen3ForCausalLM", "qwen3"), "gemma3": ("Gemma3ForCausalLM", "gemma3_text"),
-            "gemma2": ("Gemma2ForCausalLM", "gemma2"), "phi3": ("Phi3ForCausalLM", "phi3")}
-TIED = {"llama": False, "qwen2": True, "qwen3": False, "gemma3": True, "gemma2": True, "phi3": False}
-SEED = {"llama": 1, "qwen2": 2, "qwen3": 3, "gemma3": 4, "gemma2": 5, "phi3": 6}
+            "gemma2": ("Gemma2ForCausalLM", "gemma2"), "phi3": ("Phi3ForCausalLM", "phi3"),
+            "qwen3moe": ("Qwen3MoeForCausalLM", "qwen3_moe")}
+TIED = {"llama": False, "qwen2": True, "qwen3": False, "gemma3": True, "gemma2": True, "phi3": False, "qwen3moe": False}
+SEED = {"llama": 1, "qwen2": 2, "qwen3": 3, "gemma3": 4, "gemma2": 5, "phi3": 6, "qwen3moe": 7}
 WORDS = ("the a of and to in is it that was for on with as at by cat dog sat mat hello world "
          "one two three red green blue big small happy sun moon star tree fish bird").split()
 
@@ -89,8 +93,10 @@ def hf_weights(arch: str, n_vocab: int) -> dict[str, np.ndarray]:
                 w[name] += np.float32(2.5)
         elif name.endswith(".bias"):
             w[name] = normal(shape, 0.1)
+        elif name.endswith(".mlp.gate.weight"):  # the router: clear preferences, few near-ties between experts
+            w[name] = normal(shape, 3.0 / np.sqrt(shape[-1]))
         else:
-            w[name] = normal(shape, 1.0 / np.sqrt(shape[1]))
+            w[name] = normal(shape, 1.0 / np.sqrt(shape[-1]))
     return w
 
 
@@ -124,7 +130,24 @@ def hf_config(arch: str, n_vocab: int) -> dict:
     if arch == "phi3":
         cfg.update(partial_rotary_factor=d["partial_rotary"], sliding_window=None, pad_token_id=None,
                    original_max_position_embeddings=d["n_ctx"])
+    if arch == "qwen3moe":
+        cfg.update(num_experts=d["n_expert"], num_experts_per_tok=d["n_expert_used"],
+                   moe_intermediate_size=d["n_ff_exp"], norm_topk_prob=True, decoder_sparse_step=1,
+                   mlp_only_layers=[], use_sliding_window=False)
     return cfg
+
+
+def hf_checkpoint(arch: str, weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The tensors as an HF checkpoint stores them: a MoE's stacked experts one tensor per expert
+    (model.layers.N.mlp.experts.E.gate_proj.weight), as the Hub's files and transformers' save_pretrained."""
+    out = {}
+    for name, t in weights.items():
+        head, sep, proj = name.partition(".mlp.experts.")
+        if sep:
+            out.update({f"{head}.mlp.experts.{e}.{proj}": np.ascontiguousarray(t[e]) for e in range(t.shape[0])})
+        else:
+            out[name] = t
+    return out
 
 
 def write_gguf(path: Path, arch: str, weights: dict[str, np.ndarray], ftype: str) -> None:
@@ -151,6 +174,10 @@ def write_gguf(path: Path, arch: str, weights: dict[str, np.ndarray], ftype: str
         w.add_sliding_window_pattern(d["swa_pattern"])
     if arch == "gemma3":
         w.add_rope_freq_base_swa(d["rope_local"])
+    if arch == "qwen3moe":
+        w.add_expert_count(d["n_expert"])
+        w.add_expert_used_count(d["n_expert_used"])
+        w.add_expert_feed_forward_length(d["n_ff_exp"])
     if arch == "gemma2":
         w.add_attn_logit_softcapping(d["attn_softcap"])
         w.add_final_logit_softcapping(d["final_softcap"])
@@ -201,7 +228,7 @@ def make(out: Path) -> list[Path]:
         d = out / arch
         (d / "hf").mkdir(parents=True, exist_ok=True)
         weights = hf_weights(arch, n_vocab)
-        save_file(weights, str(d / "hf" / "model.safetensors"), metadata={"format": "pt"})
+        save_file(hf_checkpoint(arch, weights), str(d / "hf" / "model.safetensors"), metadata={"format": "pt"})
         (d / "hf" / "config.json").write_text(json.dumps(hf_config(arch, n_vocab), indent=2) + "\n")
         for ftype in ("f32", "f16", "q8_0"):
             write_gguf(d / f"base-{ftype}.gguf", arch, weights, ftype)

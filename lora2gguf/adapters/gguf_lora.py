@@ -45,8 +45,11 @@ def _alpha(f: GGUFFile) -> float:
 def _rank(f: GGUFFile, base_name: str, ka: str, kb: str) -> int:
     """The rank of a lora_a / lora_b pair from their shapes, or an error if they cannot multiply."""
     a, b = f.tensors[ka].shape, f.tensors[kb].shape
-    if len(a) != 2 or len(b) != 2:
-        raise Lora2GGUFError(f"{f.path}: {ka} {a} and {kb} {b} are not both matrices; the file is corrupt")
+    if len(a) == len(b) == 3 and a[0] == b[0]:  # stacked experts (*_exps): lora_a (E, r, in), lora_b (E, out, r)
+        a, b = a[1:], b[1:]
+    elif len(a) != 2 or len(b) != 2:
+        raise Lora2GGUFError(f"{f.path}: {ka} {a} and {kb} {b} are neither both matrices nor both stacks of one "
+                             "matrix per expert; the file is corrupt")
     r_a = a[1] if base_name == TOKEN_EMBD else a[0]  # token_embd's lora_a is (vocab, r), others (r, in)
     if r_a != b[1] or r_a < 1:
         raise Lora2GGUFError(f"{f.path}: {ka} {a} and {kb} {b} do not multiply (rank mismatch); the file is corrupt")
@@ -109,11 +112,9 @@ def load_gguf_lora(path: str | os.PathLike, spec=None, any_qk_order: bool = Fals
                 raise Lora2GGUFError(f"{path}: LoRA on {gname}, which is not a projection or embedding of a "
                                      f"{n_layer}-layer {arch} model; the adapter was made for another model")
             a, b = _finite(f, ka, f.tensor(ka)), _finite(f, kb, f.tensor(kb))
-            if a.ndim != 2 or b.ndim != 2:
-                raise Lora2GGUFError(f"{path}: {ka}/{kb} are not matrices")
             emb = gname == TOKEN_EMBD
-            A, B = from_gguf_pair(a, b, emb)
-            if A.shape[0] != B.shape[1]:
+            A, B = from_gguf_pair(a, b, emb)  # (checked by _pairs: matrices, or stacks of one per expert)
+            if A.shape[-2] != B.shape[-1]:
                 raise Lora2GGUFError(f"{path}: {ka} {a.shape} and {kb} {b.shape} do not multiply; the file is corrupt")
             mod = hf[: -len(".weight")]
             if not emb and am.permutes_rows(spec, hf):
@@ -122,7 +123,7 @@ def load_gguf_lora(path: str | os.PathLike, spec=None, any_qk_order: bool = Fals
                 elif not any_qk_order:  # any_qk_order: the caller only needs what a row permutation keeps
                     raise Lora2GGUFError(f"{path}: {arch} stores q/k rows permuted; pass the base model so that "
                                          "they can be un-permuted")
-            r = int(A.shape[0])
+            r = int(A.shape[-2])
             modules[mod] = ModuleLoRA(mod, np.ascontiguousarray(A), np.ascontiguousarray(B), r,
                                       llama_alpha(alpha, r), llama_scale(alpha, r), embedding=emb)
         ranks = Counter(m.r for m in modules.values())

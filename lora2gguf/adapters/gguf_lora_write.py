@@ -61,8 +61,8 @@ def refuse_unsupported(adapter: PeftAdapter) -> None:
         what = (f"trained biases (bias={cfg.get('bias')!r}: {biases[0]}, ...)" if biases else
                 f"full weights from modules_to_save / trainable tokens ({names[0]}, ...)")
         raise Lora2GGUFError(f"{p}: the adapter carries {what}, which a GGUF LoRA cannot hold; {MERGE_HINT}")
-    for key, what in (("layer_replication", "layer replication"), ("target_parameters", "LoRA on raw parameters"),
-                      ("use_qalora", "QA-LoRA"), ("arrow_config", "Arrow routing")):
+    for key, what in (("layer_replication", "layer replication"), ("use_qalora", "QA-LoRA"),
+                      ("arrow_config", "Arrow routing")):  # target_parameters: adapters.peft reads expert LoRA
         if cfg.get(key):
             raise Lora2GGUFError(f"{p}: {what} ({key} in adapter_config.json) changes the model beyond a low-rank "
                                  "update of existing weights; a GGUF LoRA cannot express it")

@@ -128,6 +128,14 @@ def load_for_base(path: str | os.PathLike, base=None, any_qk_order: bool = False
     return a
 
 
+def refuse_expert_lora(adapter: PeftAdapter, verb: str) -> None:
+    """A verb that does not handle LoRA on stacked experts yet refuses an adapter that has some, in one line."""
+    m = next((m for m in adapter.modules.values() if m.experts), None)
+    if m is not None:
+        raise Lora2GGUFError(f"{adapter.path}: LoRA on stacked experts ({m.module}) is not handled by `lora2gguf "
+                             f"{verb}` yet; `lora2gguf convert` writes it as a GGUF LoRA")
+
+
 def _magic(p: Path) -> bytes:
     with open(p, "rb") as fh:
         return fh.read(4)

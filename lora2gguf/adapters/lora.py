@@ -17,11 +17,13 @@ from lora2gguf.errors import Lora2GGUFError
 
 @dataclass
 class ModuleLoRA:
-    """One adapted module. A and B exactly as PEFT stores them."""
+    """One adapted module. A and B exactly as PEFT stores them; for a stack of experts (a 3-D weight
+    (n_expert, out, in), model.layers.0.mlp.experts.gate_proj) one pair per expert: A (n_expert, r, in) and
+    B (n_expert, out, r), as llama.cpp's *_exps LoRA tensors hold them."""
 
     module: str  # HF module path: model.layers.0.self_attn.q_proj, model.embed_tokens, lm_head
-    A: np.ndarray  # lora_A.weight (r, in) — or lora_embedding_A (r, vocab)
-    B: np.ndarray  # lora_B.weight (out, r) — or lora_embedding_B (dim, r)
+    A: np.ndarray  # lora_A.weight (r, in) — or lora_embedding_A (r, vocab); experts (n_expert, r, in)
+    B: np.ndarray  # lora_B.weight (out, r) — or lora_embedding_B (dim, r); experts (n_expert, out, r)
     r: int
     alpha: float
     scale: float  # PEFT's: alpha / r, or alpha / sqrt(r) with rsLoRA
@@ -35,7 +37,8 @@ class ModuleLoRA:
         return self.module + ".weight"
 
     def delta(self) -> np.ndarray:
-        """scale · B @ A in the layout of the base weight (out, in); embeddings: (vocab, dim).
+        """scale · B @ A in the layout of the base weight (out, in); embeddings: (vocab, dim); experts
+        (n_expert, out, in), one product per expert.
         Not the DoRA update (that needs the base weight: see merge)."""
         d = (self.B.astype(np.float64) @ self.A.astype(np.float64)) * self.scale
         if self.embedding or self.fan_in_fan_out:
@@ -50,15 +53,23 @@ class ModuleLoRA:
 
     def row_block(self, rows: slice) -> "ModuleLoRA":
         """The part of this LoRA that produces these output rows (ΔW rows are rows of B, or columns of A
-        for embeddings); DoRA's per-row magnitude goes with them."""
+        for embeddings); DoRA's per-row magnitude goes with them. For a stack of experts the first axis is the
+        expert: `rows` selects experts."""
+        if self.experts:
+            return dataclasses.replace(self, A=self.A[rows], B=self.B[rows])
         if self.embedding or self.fan_in_fan_out:
             return dataclasses.replace(self, A=self.A[:, rows], bias=None)
         mag = None if self.magnitude is None else self.magnitude[rows]
         return dataclasses.replace(self, B=self.B[rows], magnitude=mag, bias=None)
 
-    def delta_shape(self) -> tuple[int, int]:
+    @property
+    def experts(self) -> bool:
+        """Whether this is a stack of per-expert pairs (3-D A and B)."""
+        return self.A.ndim == 3
+
+    def delta_shape(self) -> tuple[int, ...]:
         a, b = self.factors()
-        return (b.shape[0], a.shape[1])
+        return (*b.shape[:-1], a.shape[-1])
 
 
 @dataclass
@@ -104,8 +115,9 @@ class PeftAdapter:
                 want = shapes[mt.group(2)]
             got = m.delta_shape()
             if got != want:
+                what = lambda s: "x".join(map(str, s)) + (f" ({s[0]} experts)" if len(s) == 3 else "")  # noqa: E731
                 raise Lora2GGUFError(
-                    f"{self.path}: {name} changes a {got[0]}x{got[1]} weight but {base_label} has {want[0]}x{want[1]}; "
+                    f"{self.path}: {name} changes a {what(got)} weight but {base_label} has {what(want)}; "
                     "the adapter was made for another model")
 
 

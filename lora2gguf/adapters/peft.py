@@ -155,6 +155,69 @@ def alora_note(cfg: dict) -> str | None:
             "in the prompt; llama-cli, llama-cpp-python and `lora2gguf verify` apply it to every token")
 
 
+PARAM_WRAPPER_PEFT = re.compile(r"0\.21(\.|$)")  # the peft releases whose 3-D parameter LoRA layout is known here
+
+
+def param_wrapper_factors(A: np.ndarray, B: np.ndarray, n_expert: int) -> tuple[np.ndarray, np.ndarray]:
+    """PEFT's LoRA on a 3-D expert parameter (lora.ParamWrapper, peft 0.21: get_delta_weight) → one pair per
+    expert: lora_A.weight [r·E, in] reshapes to (E, r, in), expert-major (rows e·r … e·r + r − 1); lora_B.weight
+    [out, r·E] reshapes to (out, r, E), expert-minor (column j·E + e), here moved to (E, out, r)."""
+    return (A.reshape(n_expert, -1, A.shape[-1]),
+            np.ascontiguousarray(B.reshape(B.shape[0], -1, n_expert).transpose(2, 0, 1)))
+
+
+def read_param_wrappers(path: Path, cfg: dict, parts: dict[str, dict[str, np.ndarray]]) -> dict[str, ModuleLoRA]:
+    """The modules of PEFT's `target_parameters` LoRA on transformers' 3-D expert parameters, taken out of
+    `parts`, as stacks of per-expert pairs on the arch's expert_proj tensors (a fused gate_up split into its
+    gate and up rows). PEFT nests one wrapper per parameter of a module, the first one the module registers
+    innermost, so `experts.base_layer.lora_A` is gate_up_proj's and `experts.lora_A` down_proj's when both
+    are targeted. In peft 0.21 a 3-D parameter (E, out, in) (transformers' layout; not `is_transposed`) takes
+    its last axis as the input: A is [r·E, in], B [out, r·E]."""
+    targets = cfg.get("target_parameters") or []
+    if not targets:
+        return {}
+    version = str(cfg.get("peft_version") or "")
+    if not PARAM_WRAPPER_PEFT.match(version):
+        saved_by = version or "(no peft_version in adapter_config.json)"
+        raise Lora2GGUFError(f"{path}: LoRA on 3-D parameters (target_parameters) saved by peft {saved_by}: "
+                             "which axis of an expert parameter peft takes as "
+                             "the input changed between releases (peft PR 3165), and lora2gguf knows peft 0.21's "
+                             "layout only; make the adapter with peft 0.21")
+    table = {k: v for a in models.all_archs() for k, v in a.expert_params.items()}
+    out: dict[str, ModuleLoRA] = {}
+    for mod in list(parts):
+        mt = re.fullmatch(r"(model\.layers\.\d+\.)(.+?)((?:\.base_layer)*)", mod)
+        if not mt:
+            continue
+        layer, owner, wraps = mt.groups()
+        params = [p for p in table if p.rsplit(".", 1)[0] == owner
+                  and any(layer + p == t or (layer + p).endswith("." + t) for t in targets)]
+        if not params:
+            continue
+        depth = wraps.count(".base_layer")
+        if depth >= len(params):
+            raise Lora2GGUFError(f"{path}: {mod} wraps {depth} parameter LoRAs but target_parameters names "
+                                 f"{len(params)} on {layer + owner}; the config and the weights do not match")
+        param = params[len(params) - 1 - depth]
+        p = parts.pop(mod)
+        A, B = lora_pair(path, mod, p, "lora_A", "lora_B")
+        r, alpha, scale = peft_scale(cfg, layer + param)
+        if A.ndim != 2 or B.ndim != 2 or A.shape[0] != B.shape[1] or A.shape[0] % r:
+            raise Lora2GGUFError(f"{path}: {mod} ({layer + param}): lora_A {tuple(A.shape)} and lora_B "
+                                 f"{tuple(B.shape)} are not a rank-{r} LoRA on stacked experts ([r·E, in], [out, r·E])"
+                                 "; the adapter file is corrupt or r / rank_pattern is wrong")
+        A3, B3 = param_wrapper_factors(A, B, A.shape[0] // r)
+        split = table[param]
+        if B3.shape[1] % len(split):
+            raise Lora2GGUFError(f"{path}: {layer + param} has {B3.shape[1]} output rows, which do not split into "
+                                 f"{', '.join(split)}; the adapter was made for another model")
+        n = B3.shape[1] // len(split)
+        for i, target in enumerate(split):
+            out[layer + target] = ModuleLoRA(layer + target, A3, np.ascontiguousarray(B3[:, i * n:(i + 1) * n]),
+                                             r, alpha, scale)
+    return out
+
+
 _LORA_KEY = re.compile(r"(.+?)\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)"
                        r"(?:\.default)?(?:\.(weight|bias))?$")
 
@@ -189,14 +252,18 @@ def load_peft(path: str | Path) -> PeftAdapter:
             full[name.replace(".base_layer.", ".")] = t  # bias="all"/"lora_only": a trained bias
         else:
             full[name.replace(".modules_to_save.default.", ".").replace(".original_module.", ".")] = t
-    if not parts and not full:
+    experts = read_param_wrappers(path, cfg, parts)
+    if not parts and not full and not experts:
         raise Lora2GGUFError(f"{path}: the adapter holds no LoRA tensors")
     known = {p.split(".")[-1] for a in models.all_archs() for p in a.layer_linears} | {"embed_tokens", "lm_head"}
     for mod in sorted(parts):
         if mod.split(".")[-1] not in known:
             raise Lora2GGUFError(f"{path}: target module {mod} has no GGUF tensor in the supported archs "
                                  f"({', '.join(models.NAMES)}); supported targets: {', '.join(sorted(known))}")
-    untargeted = sorted(m for m in parts if not targeted(cfg, origin[m]))
+    params = cfg.get("target_parameters") or []  # a 2-D parameter targeted this way is an ordinary LoRA pair
+    untargeted = sorted(m for m in parts if not targeted(cfg, origin[m])
+                        and not any(f"{origin[m]}.weight" == t or f"{origin[m]}.weight".endswith("." + t)
+                                    for t in params))
     if untargeted:
         raise Lora2GGUFError(f"{path}: target_modules {cfg.get('target_modules')!r} in adapter_config.json does not "
                              f"cover {untargeted[0]}, which has LoRA tensors; the config and the weights belong to "
@@ -221,7 +288,7 @@ def load_peft(path: str | Path) -> PeftAdapter:
         modules[mod] = ModuleLoRA(mod, A, B, r, alpha, scale, embedding=emb, fan_in_fan_out=fan and not emb,
                                   magnitude=p.get("lora_magnitude_vector"), bias=p.get("lora_B.bias"))
     notes = [n for n in (bnb_note(path, cfg), vision_note(vision), alora_note(cfg)) if n]
-    return PeftAdapter(path, cfg, modules, full, notes)
+    return PeftAdapter(path, cfg, dict(sorted((modules | experts).items())), full, notes)
 
 
 # -- writing ---------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from lora2gguf.adapters import lowrank
-from lora2gguf.adapters.load import load_for_base
+from lora2gguf.adapters.load import load_for_base, refuse_expert_lora
 from lora2gguf.errors import Lora2GGUFError
 from lora2gguf.fileio.atomic import atomic_output
 from lora2gguf.models.arch import ATTN_PROJ, MLP_PROJ
@@ -71,10 +71,12 @@ def analyze(adapter: str | os.PathLike, base: str | os.PathLike | None = None) -
     """The report for `adapter` (any format the project reads), relative to `base` when given."""
     if base is None:
         a = load_for_base(adapter, None, any_qk_order=True)
+        refuse_expert_lora(a, "analyze")
         with lowrank.small_matrix_threads():
             stats = [module_stats(m) for m in a.modules.values()]
     else:
         with open_base(base) as b, lowrank.small_matrix_threads():
+            b.spec.arch_module.require("analyze", b.path)
             a = load_for_base(adapter, b)
             stats = [module_stats(m, b) for m in a.modules.values()]
     if not stats:

@@ -67,6 +67,7 @@ def combine(loras: list[tuple[str | os.PathLike, float]], base: str | os.PathLik
         raise Lora2GGUFError("combine needs at least one ADAPTER[:SCALE]")
     out = check_out(out, force, [p for p, _ in loras] + [base], base)
     with open_base(base) as b:
+        b.spec.arch_module.require("combine", b.path)
         adapters = [(load_for_base(p, b), u) for p, u in loras]
         combined, report = combine_adapters(adapters, rank)
         combined.path = out

@@ -27,6 +27,7 @@ def export(adapter_in: str | os.PathLike, base: str | os.PathLike, out: str | os
     check_output_dir(out, force, [src, Path(base)])
     fmt = adapter_format(src)
     with open_base(base) as b:
+        b.spec.arch_module.require("export", b.path)
         adapter = load_for_base(src, b)
         if fmt == "gguf":
             name = adapter.config["gguf"].get("peft_base_model") or b.spec.name or str(base)

@@ -86,6 +86,7 @@ def extract(base: str | os.PathLike, tuned: str | os.PathLike, out: str | os.Pat
     out = check_out(out, force, [base, tuned], base)
     t0 = time.perf_counter()
     with open_base(base) as b, open_base(tuned) as t:
+        b.spec.arch_module.require("extract", b.path)
         adapter, report = extract_modules(b, t, rank, energy, log)
         adapter.path = out
         report["bytes"] = save_adapter(out, adapter, b, outtype)

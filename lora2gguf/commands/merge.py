@@ -230,14 +230,14 @@ def _plain_blocks(fd: int, src: TensorInfo, mods: list[tuple[ModuleLoRA, float]]
         a, b = m.factors()  # b @ a == ΔW / scale; rows of b are rows of W
         b = (b.astype(np.float64) * (m.scale * u)).astype(np.float32)
         factors.append((np.ascontiguousarray(a, np.float32), rows_to_gguf(b)))
-    n_rows, ne0 = src.shape
+    n_rows, ne0 = int(np.prod(src.shape[:-1])), src.shape[-1]  # a stack of experts: each expert's rows in turn
     row_bytes = src.nbytes // n_rows
-    step = pool.step(src.shape)
+    step = pool.step((n_rows, ne0))
 
     def block(rows: slice, raw: np.ndarray) -> np.ndarray:
         w = decode(raw, src.type, (-1, ne0), f"tensor {src.name}", copy=True)  # summed into in place
         for a, b in factors:
-            w += b[rows] @ a
+            w += _delta_rows(a, b, rows)
         return w if dtype == np.float32 else w.astype(dtype)
 
     group = step * pool.n
@@ -246,6 +246,19 @@ def _plain_blocks(fd: int, src: TensorInfo, mods: list[tuple[ModuleLoRA, float]]
         raw = pread(fd, src.offset + g0 * row_bytes, (g1 - g0) * row_bytes, f"tensor {src.name}")
         slices = [slice(i, min(i + step, g1)) for i in range(g0, g1, step)]
         yield from pool.pool.map(lambda r: block(r, raw[(r.start - g0) * row_bytes:(r.stop - g0) * row_bytes]), slices)
+
+
+def _delta_rows(a: np.ndarray, b: np.ndarray, rows: slice) -> np.ndarray:
+    """Rows `rows` of b·a; for a stack of experts (a (E, r, in), b (E, out, r)) rows run through each expert's
+    output rows in turn and each expert's rows take its own a."""
+    if a.ndim == 2:
+        return b[rows] @ a
+    n_out, flat, parts, i = b.shape[1], b.reshape(-1, b.shape[-1]), [], rows.start
+    while i < rows.stop:  # the block's rows of expert i // n_out
+        j = min(rows.stop, (i // n_out + 1) * n_out)
+        parts.append(flat[i:j] @ a[i // n_out])
+        i = j
+    return np.concatenate(parts)
 
 
 def _merged_blocks(fh, job: Job, spec, pool: RowPool) -> Iterator[np.ndarray]:
@@ -275,6 +288,8 @@ def _merged(fh, job: Job, spec, pool: RowPool) -> np.ndarray:
     """The whole output tensor (see _merged_blocks)."""
     blocks = list(_merged_blocks(fh, job, spec, pool))
     t = blocks[0] if len(blocks) == 1 else np.concatenate(blocks)
+    if t.ndim == 2 and len(job.info.shape) == 3 and t.size == np.prod(job.info.shape):  # rows of a stack of experts
+        t = t.reshape(job.info.shape)
     if t.shape != job.info.shape:
         raise Lora2GGUFError(f"{fh.name}: an adapter gives {job.hf} shape {t.shape}, the base has {job.info.shape}")
     return t
@@ -486,6 +501,7 @@ def merge(base: str | os.PathLike, loras: list[tuple[str | os.PathLike, float]],
     if Path(base).is_dir():
         raise Lora2GGUFError(f"{base}: merge needs a GGUF base file (BASE.gguf), not a directory")
     with GGUFBase(base) as b:
+        b.spec.arch_module.require("merge", b.path)
         if int(b.file.get("split.count", 1)) > 1:
             raise Lora2GGUFError(f"{base}: a split GGUF (shard of {b.file.get('split.count')}); join the shards "
                                  "first with llama-gguf-split --merge")

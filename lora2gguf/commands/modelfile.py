@@ -34,6 +34,7 @@ def check_pair(base, lora) -> None:
         if not Path(p).is_file():
             raise Lora2GGUFError(f"{p}: no such file")
     with GGUFBase(base) as b:
+        b.spec.arch_module.require("modelfile", b.path)
         load_for_base(lora, b)  # a file: a GGUF LoRA (anything else is refused) that fits this base
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from lora2gguf.adapters import lowrank
 from lora2gguf.adapters.gguf_lora_write import check_outtype, refuse_unsupported
-from lora2gguf.adapters.load import load_for_base
+from lora2gguf.adapters.load import load_for_base, refuse_expert_lora
 from lora2gguf.adapters.lora import PeftAdapter
 from lora2gguf.adapters.save import check_out, save_adapter
 from lora2gguf.errors import Lora2GGUFError
@@ -57,10 +57,12 @@ def resize(adapter: str | os.PathLike, out: str | os.PathLike, rank: int | None 
     out = check_out(out, force, [adapter, base], base)
     if base is None:
         src = load_for_base(adapter)
+        refuse_expert_lora(src, "resize")
         new, report = resize_adapter(src, rank, energy)
         report["bytes"] = save_adapter(out, new, None, outtype)
     else:
         with open_base(base) as b:
+            b.spec.arch_module.require("resize", b.path)
             src = load_for_base(adapter, b)
             new, report = resize_adapter(src, rank, energy)
             report["bytes"] = save_adapter(out, new, b, outtype)

@@ -157,6 +157,7 @@ def prepare(gb, loras: list[tuple[str, float]], runtime_lora, merged, tmp: Path,
     each GGUF LoRA recorded compared with this base. An adapter no GGUF LoRA can express skips the runtime
     view (the reason goes in the report); then a merged file is needed."""
     spec, base_path = gb.spec, gb.path
+    spec.arch_module.require("verify", base_path)
     adapters = []
     for i, (p, scale) in enumerate(loras):
         path = Path(p)

@@ -76,15 +76,67 @@ def _without_extra_bufts(llama_cpp, repack: bool):
         lc.llama_model_default_params = default
 
 
+class _GGMLTensor(ctypes.Structure):
+    """The head of ggml.h's struct ggml_tensor, up to its name (what an eval callback reads)."""
+    _fields_ = [("type", ctypes.c_int), ("buffer", ctypes.c_void_p), ("ne", ctypes.c_int64 * 4),
+                ("nb", ctypes.c_size_t * 4), ("op", ctypes.c_int), ("op_params", ctypes.c_int32 * 16),
+                ("flags", ctypes.c_int32), ("src", ctypes.c_void_p * 10), ("view_src", ctypes.c_void_p),
+                ("view_offs", ctypes.c_size_t), ("data", ctypes.c_void_p), ("name", ctypes.c_char * 64)]
+
+
+def _routing_callback(store: dict[int, np.ndarray]):
+    """A ggml eval callback that keeps each MoE layer's chosen experts: build_moe_ffn names them
+    `ffn_moe_topk-<layer>` (int32, ne [n_expert_used, n_tokens], a view with row stride nb[1]); CPU backend."""
+    @llama_cpp.ggml_backend_sched_eval_callback
+    def cb(t, ask, _user):
+        g = ctypes.cast(t, ctypes.POINTER(_GGMLTensor)).contents
+        name = g.name.decode(errors="replace")
+        if not name.startswith("ffn_moe_topk-"):
+            return not ask  # not wanted; keep computing
+        if ask:
+            return True
+        n_used, n_tok, stride = g.ne[0], g.ne[1], g.nb[1]
+        rows = (ctypes.c_int32 * n_used)
+        store[int(name.rsplit("-", 1)[1])] = np.array([list(rows.from_address(g.data + j * stride))
+                                                       for j in range(n_tok)], np.int64)
+        return True
+    return cb
+
+
+@contextlib.contextmanager
+def _with_eval_callback(llama_cpp, cb):
+    """llama-cpp-python's Llama() has no argument for cb_eval: its default context params are patched
+    for the load, as _without_extra_bufts does for the model's."""
+    if cb is None:
+        yield
+        return
+    lc, default = llama_cpp.llama_cpp, llama_cpp.llama_cpp.llama_context_default_params
+
+    def params():
+        p = default()
+        p.cb_eval, p.cb_eval_user_data = cb, None
+        return p
+
+    lc.llama_context_default_params = llama_cpp.llama_context_default_params = params
+    try:
+        yield
+    finally:
+        lc.llama_context_default_params = llama_cpp.llama_context_default_params = default
+
+
 class LlamaRuntime:
     def __init__(self, model_path: str | os.PathLike, n_ctx: int = 512, n_threads: int | None = None,
-                 vocab_only: bool = False, verbose: bool = False, repack: bool = True):
-
+                 vocab_only: bool = False, verbose: bool = False, repack: bool = True, moe_routing: bool = False):
+        """moe_routing: keep the experts llama.cpp chose in each MoE layer at the last evaluation
+        (`self.routing`: layer → (tokens, n_expert_used) expert ids), for routing-aware parity."""
         self._lc = llama_cpp
         self.path = Path(model_path)
         self.verbose = verbose
         self._adapters: dict[str, object] = {}
-        with _quiet_stderr(not verbose), _without_extra_bufts(llama_cpp, repack):
+        self.routing: dict[int, np.ndarray] = {}
+        self._cb = _routing_callback(self.routing) if moe_routing else None  # kept alive with the context
+        with _quiet_stderr(not verbose), _without_extra_bufts(llama_cpp, repack), _with_eval_callback(llama_cpp,
+                                                                                                       self._cb):
             try:
                 self.llm = llama_cpp.Llama(
                     model_path=str(self.path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=True,
@@ -134,6 +186,7 @@ class LlamaRuntime:
         if len(tokens) > self.llm.n_ctx():
             raise Lora2GGUFError(f"{len(tokens)} tokens exceed the context of {self.llm.n_ctx()}")
         self.llm.reset()
+        self.routing.clear()
         self.llm.eval(list(tokens))
         return np.array(self.llm.scores[: len(tokens)], dtype=np.float32)
 

@@ -22,6 +22,8 @@ from gguf import MODEL_ARCH, get_tensor_name_map
 from lora2gguf.errors import Lora2GGUFError
 from lora2gguf.models.spec import ModelSpec, check_dims
 
+VERBS = ("convert", "merge", "verify", "train", "inspect", "analyze", "export", "extract", "resize", "combine",
+         "modelfile")
 ATTN_PROJ = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
 MLP_PROJ = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
@@ -52,12 +54,23 @@ class Arch:
     spec_class: type[ModelSpec] = ModelSpec
     attn_proj: tuple[str, ...] = ATTN_PROJ
     mlp_proj: tuple[str, ...] = MLP_PROJ
+    expert_proj: tuple[str, ...] = ()  # stacked per-expert weights (E, out, in), by HF module path
+    # transformers' 3-D expert parameters (what PEFT's target_parameters names), in the order the experts module
+    # registers them, → the expert_proj stacks their rows split into, in order (a fused gate_up: gate rows first)
+    expert_params: dict[str, tuple[str, ...]] = {}
     layer_norms: tuple[str, ...] = ("input_layernorm", "post_attention_layernorm")
     qkv_bias: bool = False  # HF's default for attention_bias
     qk_norm: bool = False
     norm_offset: float = 0.0  # RMSNorm multiplies by offset + w (Gemma: 1)
     fused_training: bool = False  # training.fused.TrainingLayer may compute this arch's layer
     can_untie: bool = True  # llama.cpp loads an output.weight beside tied embeddings (merge may untie)
+    verbs: tuple[str, ...] = VERBS  # the verbs that handle this architecture
+
+    def require(self, verb: str, where) -> None:
+        """Refuse, in one line, a verb that does not handle this architecture yet."""
+        if verb not in self.verbs:
+            raise Lora2GGUFError(f"{where}: `lora2gguf {verb}` does not handle {self.name} models yet; "
+                                 f"{' and '.join(self.verbs)} do")
 
     # -- LoRA targets ------------------------------------------------------------------------------------
     @property
@@ -151,6 +164,7 @@ class Arch:
         n_q, n_kv, e, hd = spec.n_head * spec.head_dim, spec.n_head_kv * spec.head_dim, spec.n_embd, spec.head_dim
         out = {n + ".weight": (e,) for n in self.layer_norms}
         out.update(self.linear_shapes(spec))
+        out.update(self.expert_shapes(spec))
         if spec.attn_bias:
             out.update({"self_attn.q_proj.bias": (n_q,), "self_attn.k_proj.bias": (n_kv,),
                         "self_attn.v_proj.bias": (n_kv,)})
@@ -164,6 +178,15 @@ class Arch:
         return {"self_attn.q_proj.weight": (n_q, e), "self_attn.k_proj.weight": (n_kv, e),
                 "self_attn.v_proj.weight": (n_kv, e), "self_attn.o_proj.weight": (e, n_q),
                 "mlp.gate_proj.weight": (f, e), "mlp.up_proj.weight": (f, e), "mlp.down_proj.weight": (e, f)}
+
+    def expert_shapes(self, spec: ModelSpec) -> dict[str, tuple[int, int, int]]:
+        """HF weight name of each expert_proj stack → (n_expert, out, in); none for a dense arch."""
+        return {}
+
+    def hf_file_parts(self, spec: ModelSpec, hf_name: str) -> list[str] | None:
+        """The tensors of an HF checkpoint that, stacked on a new first axis, make this tensor when the
+        checkpoint stores it in parts (per-expert weights); None when it is stored whole."""
+        return None
 
     def expected_shapes(self, spec: ModelSpec, tied: bool | None = None) -> dict[str, tuple[int, ...]]:
         """Every HF tensor name a model of this spec has → its shape (HF layout), in a stable order."""
@@ -182,13 +205,15 @@ class Arch:
         every layer_linears projection (what a GGUF LoRA's tensors are looked up against)."""
         names = ["model.embed_tokens.weight", "lm_head.weight"]
         for i in range(n_layer):
-            names += [f"model.layers.{i}.{m}.weight" for m in self.layer_linears]
+            names += [f"model.layers.{i}.{m}.weight" for m in self.layer_linears + self.expert_proj]
         known = _name_map(self.model_arch, n_layer)  # gemma2 has no separate output tensor in llama.cpp
         return [n for n in names if known.get_name(n, try_suffixes=(".weight",)) is not None]
 
     def target_shapes(self, spec: ModelSpec) -> dict[str, tuple[int, int]]:
-        """LoRA-targetable module inside a layer (e.g. self_attn.q_proj) → ΔW shape (out, in)."""
-        return {k[:-len(".weight")]: v for k, v in self.linear_shapes(spec).items()}
+        """LoRA-targetable module inside a layer (e.g. self_attn.q_proj) → ΔW shape (out, in), or
+        (n_expert, out, in) for a stack of experts."""
+        shapes = self.linear_shapes(spec) | self.expert_shapes(spec)
+        return {k[:-len(".weight")]: v for k, v in shapes.items()}
 
     def gguf_name(self, n_layer: int, hf_name: str) -> str:
         """GGUF tensor name for an HF tensor name (model.layers.0.self_attn.q_proj.weight → blk.0.attn_q.weight)."""

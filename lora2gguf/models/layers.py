@@ -142,6 +142,61 @@ class MLP(nn.Module):
         return self.down_proj(self.act(gate) * up)
 
 
+class ExpertLinear(nn.Module):
+    """n_expert stacked weights (n_expert, out, in), as one GGUF *_exps tensor: expert e computes x·W[e]ᵀ."""
+
+    def __init__(self, n_expert: int, n_in: int, n_out: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(n_expert, n_out, n_in))
+
+    def forward(self, x: torch.Tensor, e: int) -> torch.Tensor:
+        return F.linear(x, self.weight[e])
+
+
+class Experts(nn.Module):
+    """The SwiGLU experts of a MoE layer: down(act(gate(x)) · up(x)) with expert e's weights."""
+
+    def __init__(self, n_expert: int, n_embd: int, n_ff: int, act: str):
+        super().__init__()
+        self.gate_proj = ExpertLinear(n_expert, n_embd, n_ff)
+        self.up_proj = ExpertLinear(n_expert, n_embd, n_ff)
+        self.down_proj = ExpertLinear(n_expert, n_ff, n_embd)
+        self.act = ACTIVATIONS[act]
+
+    def forward(self, x: torch.Tensor, e: int) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_proj(x, e)) * self.up_proj(x, e), e)
+
+
+class MoE(nn.Module):
+    """A mixture-of-experts MLP with a softmax router, as transformers' Qwen3MoeSparseMoeBlock (and Mixtral's)
+    computes it and llama.cpp's build_moe_ffn: router probabilities softmax(gate(x)) in float32, the top
+    n_used experts per token, their probabilities renormalised to sum to 1 when norm_topk, and the experts'
+    outputs summed with those weights (each expert over its tokens, in expert order, as transformers adds)."""
+
+    def __init__(self, n_embd: int, n_ff: int, n_expert: int, n_used: int, norm_topk: bool, act: str):
+        super().__init__()
+        self.gate = nn.Linear(n_embd, n_expert, bias=False)
+        self.experts = Experts(n_expert, n_embd, n_ff, act)
+        self.n_used, self.norm_topk = n_used, norm_topk
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(expert ids, their weights), each (tokens, n_used), for x (tokens, n_embd)."""
+        probs = torch.softmax(self.gate(x).float(), dim=-1)
+        weights, ids = torch.topk(probs, self.n_used, dim=-1)
+        if self.norm_topk:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return ids, weights.to(x.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        ids, weights = self.route(flat)
+        out = torch.zeros_like(flat)
+        for e in ids.unique().tolist():
+            tok, k = torch.where(ids == e)
+            out.index_add_(0, tok, self.experts(flat[tok], e) * weights[tok, k, None])
+        return out.view(x.shape)
+
+
 class DecoderLayer(nn.Module):
     """x + attn_out(attn(attn_in(x))), then the same for the MLP. The norms are registered under the names
     the architecture gives them (llama's post_attention_layernorm is the MLP's input norm, Gemma's the

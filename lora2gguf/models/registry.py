@@ -16,7 +16,8 @@ from lora2gguf.errors import Lora2GGUFError
 if TYPE_CHECKING:  # for the annotations only: each arch module imports the spec, which imports this registry
     from lora2gguf.models.arch import Arch
 
-NAMES = ("llama", "qwen2", "qwen3", "gemma3", "gemma2", "phi3")  # GGUF general.architecture, one module each
+# GGUF general.architecture, one module each
+NAMES = ("llama", "qwen2", "qwen3", "gemma3", "gemma2", "phi3", "qwen3moe")
 
 
 @cache

@@ -44,6 +44,16 @@ class ModelSpec:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class MoESpec(ModelSpec):
+    """A mixture-of-experts decoder: every layer's MLP is n_expert experts of width n_ff_exp, of which a
+    softmax router picks n_expert_used per token (models/layers.py: MoE)."""
+    n_expert: int = 0
+    n_expert_used: int = 0
+    n_ff_exp: int = 0
+    norm_topk_prob: bool = True  # the top-k routing weights are renormalised to sum to 1
+
+
 def check_dims(fields: dict[str, int], where) -> None:
     """Sizes from metadata/config.json must be positive (a zero head count would divide by zero later)."""
     for key, v in fields.items():

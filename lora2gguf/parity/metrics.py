@@ -24,10 +24,23 @@ def compare(p_logits: np.ndarray, q_logits: np.ndarray) -> dict:
         raise ValueError(f"logit shapes differ: {p_logits.shape} vs {q_logits.shape}")
     kl = kl_per_position(p_logits, q_logits)
     return {
-        "mean_kl": float(kl.mean()), "max_kl": float(kl.max()),
+        "mean_kl": float(kl.mean()), "median_kl": float(np.median(kl)), "max_kl": float(kl.max()),
         "top1": float((p_logits.argmax(-1) == q_logits.argmax(-1)).mean()),
         "max_abs_dlogit": float(np.abs(p_logits.astype(np.float64) - q_logits).max()),
     }
+
+
+def expert_set_mismatch(a: dict[int, np.ndarray], b: dict[int, np.ndarray]) -> float:
+    """Routing-aware parity for a mixture of experts: the share of tokens whose set of chosen experts differs
+    in any layer between two runs (a, b: layer → (tokens, n_expert_used) expert ids, any order within a row).
+    A near-tie in a router flips a choice on a few tokens, which is where a MoE's mean KL comes from: report
+    it beside the median per-token KL (unmoved by a few flipped tokens) and the mean."""
+    if set(a) != set(b) or not a:
+        raise ValueError(f"routing of different layers: {sorted(a)} vs {sorted(b)}")
+    differs = np.zeros(len(next(iter(a.values()))), bool)
+    for layer, ids in a.items():
+        differs |= (np.sort(ids, -1) != np.sort(b[layer], -1)).any(-1)
+    return float(differs.mean())
 
 
 def perplexity(logits: np.ndarray, tokens: np.ndarray) -> float:

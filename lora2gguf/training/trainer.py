@@ -182,6 +182,7 @@ def setup(cfg, out, device, cdtype, rank, world, warn) -> tuple[Run, list, list]
     finally:
         tok.close()
     with open_base(cfg.base) as base:
+        base.spec.arch_module.require("train", base.path)
         if tok.n_vocab > base.spec.n_vocab:
             raise Lora2GGUFError(f"{tok.path}: tokenizer has {tok.n_vocab} tokens but {cfg.base} has "
                                  f"{base.spec.n_vocab}; use the tokenizer of this model")

@@ -142,7 +142,23 @@ class HFBase:
                     if k in wanted and info["dtype"] not in ("F32", "F16", "BF16", "F64"):
                         raise Lora2GGUFError(f"{f}: tensor {k} has dtype {info['dtype']}; expected a floating-point "
                                              "type (F32, F16, BF16, F64)")
+        self._parts = {}  # a tensor the checkpoint stores in parts (one per expert) → the parts' names
+        arch = self.spec.arch_module
+        for name in wanted - set(shapes):
+            parts = arch.hf_file_parts(self.spec, name)
+            if parts and parts[0] in shapes:
+                missing = [p for p in parts if p not in shapes]
+                if missing:
+                    raise Lora2GGUFError(f"{self.path}: tensor {missing[0]} is missing ({len(missing)} of the "
+                                         f"{len(parts)} parts of {name}); the checkpoint is incomplete")
+                odd = next((p for p in parts if shapes[p] != shapes[parts[0]]), None)
+                if odd is not None:
+                    raise Lora2GGUFError(f"{self.path}: tensor {odd} has shape {shapes[odd]} but {parts[0]} has "
+                                         f"{shapes[parts[0]]}; the checkpoint is corrupt")
+                shapes[name] = (len(parts),) + shapes[parts[0]]
+                self._parts[name] = parts
         check_shapes(self.spec, shapes, self.path, source="config.json")
+        self._shapes = {h: shapes[h] for h in wanted}
         return located
 
     def hf_names(self) -> list[str]:
@@ -151,7 +167,13 @@ class HFBase:
     def gguf_name(self, hf_name: str) -> str:
         return self.spec.arch_module.gguf_name(self.spec.n_layer, hf_name)
 
+    def shape(self, hf_name: str) -> tuple[int, ...]:
+        """The tensor's shape in HF layout (a stack of per-expert tensors: (n_expert, ...))."""
+        return self._shapes[hf_name]
+
     def tensor(self, hf_name: str) -> np.ndarray:
+        if hf_name in self._parts:
+            return np.stack([self.tensor(p) for p in self._parts[hf_name]])
         if hf_name not in self._files:
             raise Lora2GGUFError(f"{self.path}: tensor {hf_name} not found")
         # framework="pt" reads bf16 too (numpy has no bfloat16); memory-mapped by safetensors.

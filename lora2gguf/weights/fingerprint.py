@@ -95,7 +95,7 @@ def fingerprint(base) -> Fingerprint:
         type_of = lambda h: int(base.file.tensors[base.gguf_name(h)].type)  # noqa: E731
     else:
         st = _SafetensorsIndex(base.path)
-        shapes = {h: st.shape(h) for h in base.hf_names()}
+        shapes = {h: base.shape(h) for h in base.hf_names()}  # a stack of per-expert tensors too
         rows_of, type_of = st.rows, st.ggml_type
     structure = hashlib.sha256(json.dumps([spec.arch, [[h, list(s)] for h, s in shapes.items()]]).encode()).hexdigest()
     parts, types = [], []
