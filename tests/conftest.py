@@ -35,6 +35,17 @@ def reference_logits(model, tokens) -> np.ndarray:
 
 
 @pytest.fixture(scope="session")
+def llama_quantize_bin() -> Path:
+    """llama.cpp's own `llama-quantize` program, built once from its source (tests/llama_cpp_source.py)."""
+    from llama_cpp_source import llama_quantize_tool
+
+    t = llama_quantize_tool()
+    if t is None:
+        pytest.skip("llama.cpp's source or a C++ compiler is not here: llama-quantize cannot be built")
+    return t
+
+
+@pytest.fixture(scope="session")
 def smollm2_f32() -> Path:
     from lora2gguf.weights.real_models import smollm2_f32_gguf
 

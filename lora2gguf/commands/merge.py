@@ -415,6 +415,8 @@ def _calibration_files(loras: list[tuple[str | os.PathLike, float]], imatrix_dat
     given, or each adapter's training data and template (train_data.json of its training run), checked
     unchanged since training."""
     if imatrix_data != ADAPTER_DATA:
+        if not Path(imatrix_data).is_file():
+            raise Lora2GGUFError(f"--imatrix-data {imatrix_data}: no such file")
         return [(Path(imatrix_data), chat_template)]
     files = []
     for p, _ in loras:

@@ -177,7 +177,7 @@ def test_every_other_verb_refuses_qwen3moe_in_one_line(tmp_path, capsys, expert_
             "combine": ["combine", lora, "--base", base, "-o", out + ".gguf"],
             "resize": ["resize", lora, "--base", base, "--rank", "2", "-o", out + ".gguf"],
             "analyze": ["analyze", lora, "--base", base],
-            "modelfile": ["modelfile", "--base", base, "--lora", lora, "-o", out + ".Modelfile"]}
+            "modelfile": ["modelfile", "--base", base, "--lora", lora, "--adapter", "-o", out + ".Modelfile"]}
     for verb, args in runs.items():
         capsys.readouterr()
         assert main(args) == 2, verb

@@ -13,7 +13,6 @@ import pytest
 import torch
 
 from conftest import ROOT, fixture
-from llama_cpp_source import llama_quantize_tool
 from lora2gguf.cli import main
 from lora2gguf.commands.merge import merge
 from lora2gguf.commands.verify import verify
@@ -36,23 +35,16 @@ def adapters(tmp_path_factory):
                                  else LINEARS) for a in ("llama", "qwen3", "gemma3", "phi3")}
 
 
-@pytest.fixture(scope="module")
-def tool():
-    t = llama_quantize_tool()
-    if t is None:
-        pytest.skip("llama.cpp's source or a C++ compiler is not here: llama-quantize cannot be built")
-    return t
-
-
 @pytest.mark.parametrize("arch,quant", [("llama", "iq2_xs"), ("qwen3", "q4_k_m"), ("gemma3", "q2_k_s")])
-def test_same_bytes_as_llama_quantize_imatrix(tool, adapters, arch, quant, tmp_path):
+def test_same_bytes_as_llama_quantize_imatrix(llama_quantize_bin, adapters, arch, quant, tmp_path):
     """--imatrix-data writes the matrix, then quantizes with it: byte for byte what llama-quantize --imatrix
     makes of our f32 merge with that file; and --imatrix with that file gives the same bytes again."""
     pairs = [(adapters[arch], 1.0)]
     im = tmp_path / "im.gguf"
     ours = merge(fixture(arch), pairs, tmp_path / "ours.gguf", quant=quant, imatrix_data=TEXT, imatrix_out=im)
     f32 = merge(fixture(arch), pairs, tmp_path / "f32.gguf", quant="f32")
-    r = subprocess.run([str(tool), "--imatrix", str(im), str(f32), str(tmp_path / "theirs.gguf"), quant.upper(), "2"],
+    r = subprocess.run([str(llama_quantize_bin), "--imatrix", str(im), str(f32), str(tmp_path / "theirs.gguf"),
+                        quant.upper(), "2"],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert ours.read_bytes() == (tmp_path / "theirs.gguf").read_bytes()

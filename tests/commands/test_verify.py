@@ -371,9 +371,9 @@ def test_floors_are_llama_quantize_of_the_f32_copy_without_the_copy(arch, kind, 
         biggest.append(max((p.stat().st_size for p in work.iterdir()), default=0))
         return real_task(*a)
 
-    def copy(src, dst, ftype, replace=None, threads=None):
+    def copy(src, dst, ftype, replace=None, threads=None, imatrix=None):
         replaced.append(replace)
-        return real_copy(src, dst, ftype, replace, threads)
+        return real_copy(src, dst, ftype, replace, threads, imatrix)
 
     monkeypatch.setattr(floors, "LlamaRuntime", Recorder)
     monkeypatch.setattr(qg, "_quantize_task", task)

@@ -13,7 +13,6 @@ import pytest
 from conftest import ROOT
 from gguf import GGMLQuantizationType as T
 from gguf import GGUFWriter
-from llama_cpp_source import llama_quantize_tool
 from test_imatrix import write_legacy
 
 from lora2gguf.errors import Lora2GGUFError
@@ -24,14 +23,6 @@ from lora2gguf.llamacpp import ggml as qg
 from lora2gguf.llamacpp.quantize import OUTPUT_TYPES
 
 N_EXPERT = 4
-
-
-@pytest.fixture(scope="module")
-def tool():
-    t = llama_quantize_tool()
-    if t is None:
-        pytest.skip("llama.cpp's source or a C++ compiler is not here: llama-quantize cannot be built")
-    return t
 
 
 @pytest.fixture(scope="module")
@@ -85,8 +76,8 @@ def random_imatrix(model, seed: int = 0, leave_out: tuple[str, ...] = ()) -> Ima
     return im
 
 
-def llama_quantize(tool, imatrix, src, dst, quant):
-    r = subprocess.run([str(tool), "--imatrix", str(imatrix), str(src), str(dst), quant.upper(), "2"],
+def llama_quantize(binary, imatrix, src, dst, quant):
+    r = subprocess.run([str(binary), "--imatrix", str(imatrix), str(src), str(dst), quant.upper(), "2"],
                        capture_output=True, text=True)
     return r.returncode, r.stdout + r.stderr
 
@@ -101,21 +92,21 @@ CASES += [("moe", q) for q in ("q4_k_m", "iq2_xs", "q2_k_s")]
 
 
 @pytest.mark.parametrize("model,quant", CASES, ids=["-".join(c) for c in CASES])
-def test_same_bytes_as_llama_quantize(tool, bases, model, quant, tmp_path):
+def test_same_bytes_as_llama_quantize(llama_quantize_bin, bases, model, quant, tmp_path):
     src = bases / f"{model}.gguf"
     write_imatrix(tmp_path / "im.gguf", random_imatrix(src), "llama")
-    rc, log = llama_quantize(tool, tmp_path / "im.gguf", src, tmp_path / "theirs.gguf", quant)
+    rc, log = llama_quantize(llama_quantize_bin, tmp_path / "im.gguf", src, tmp_path / "theirs.gguf", quant)
     assert rc == 0, log[-2000:]
     assert ours(src, tmp_path / "ours.gguf", quant, tmp_path / "im.gguf") == (tmp_path / "theirs.gguf").read_bytes()
 
 
-def test_legacy_dat_same_bytes(tool, bases, tmp_path):
+def test_legacy_dat_same_bytes(llama_quantize_bin, bases, tmp_path):
     src = bases / "dense.gguf"
     im = random_imatrix(src, seed=3)
     entries = {n: (int(im.counts[n][0]) // 100, im.sums[n][0] / im.counts[n][0] * (im.counts[n][0] // 100))
                for n in im.sums}
     dat = write_legacy(tmp_path / "im.dat", entries, chunks=9, dataset="wiki.train.raw")
-    rc, log = llama_quantize(tool, dat, src, tmp_path / "theirs.gguf", "iq2_xs")
+    rc, log = llama_quantize(llama_quantize_bin, dat, src, tmp_path / "theirs.gguf", "iq2_xs")
     assert rc == 0, log[-2000:]
     assert ours(src, tmp_path / "ours.gguf", "iq2_xs", dat) == (tmp_path / "theirs.gguf").read_bytes()
 
@@ -136,10 +127,10 @@ def test_the_comparison_sees_the_matrix_and_each_experts_slice(bases, tmp_path):
     assert len({right, plain, swapped}) == 3
 
 
-def test_missing_entry_for_a_type_that_needs_one(tool, bases, tmp_path):
+def test_missing_entry_for_a_type_that_needs_one(llama_quantize_bin, bases, tmp_path):
     src = bases / "dense.gguf"
     write_imatrix(tmp_path / "im.gguf", random_imatrix(src, leave_out=("blk.2.attn_q",)), "llama")
-    rc, log = llama_quantize(tool, tmp_path / "im.gguf", src, tmp_path / "theirs.gguf", "iq2_xs")
+    rc, log = llama_quantize(llama_quantize_bin, tmp_path / "im.gguf", src, tmp_path / "theirs.gguf", "iq2_xs")
     assert rc != 0 and "Missing importance matrix for tensor blk.2.attn_q.weight" in log
     with pytest.raises(Lora2GGUFError, match="blk.2.attn_q.weight: IQ2_XS needs an importance matrix"):
         ours(src, tmp_path / "ours.gguf", "iq2_xs", tmp_path / "im.gguf")
