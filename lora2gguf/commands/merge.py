@@ -458,7 +458,7 @@ def _measured_importance(b: GGUFBase, adapters: list[tuple[PeftAdapter, float]],
     im = measure_importance(b, adapters, seqs, names)
     with atomic_output(imatrix_out) as tmp:
         write_imatrix(tmp, im, b.spec.arch)
-    return Importance.of(imatrix_out)
+    return Importance.of(imatrix_out, im)  # the file holds exactly these float32 sums and counts
 
 
 def _check_names(imp: Importance, b: GGUFBase, path) -> None:
