@@ -84,9 +84,10 @@ class _GGMLTensor(ctypes.Structure):
                 ("view_offs", ctypes.c_size_t), ("data", ctypes.c_void_p), ("name", ctypes.c_char * 64)]
 
 
-def _routing_callback(store: dict[int, np.ndarray]):
-    """A ggml eval callback that keeps each MoE layer's chosen experts: build_moe_ffn names them
-    `ffn_moe_topk-<layer>` (int32, ne [n_expert_used, n_tokens], a view with row stride nb[1]); CPU backend."""
+def _routing_callback(store: dict[int, list[np.ndarray]]):
+    """A ggml eval callback that keeps each MoE layer's chosen experts, one array per decoded batch:
+    build_moe_ffn names them `ffn_moe_topk-<layer>` (int32, ne [n_expert_used, n_tokens], a view with row
+    stride nb[1]); CPU backend."""
     @llama_cpp.ggml_backend_sched_eval_callback
     def cb(t, ask, _user):
         g = ctypes.cast(t, ctypes.POINTER(_GGMLTensor)).contents
@@ -97,8 +98,8 @@ def _routing_callback(store: dict[int, np.ndarray]):
             return True
         n_used, n_tok, stride = g.ne[0], g.ne[1], g.nb[1]
         rows = (ctypes.c_int32 * n_used)
-        store[int(name.rsplit("-", 1)[1])] = np.array([list(rows.from_address(g.data + j * stride))
-                                                       for j in range(n_tok)], np.int64)
+        store.setdefault(int(name.rsplit("-", 1)[1]), []).append(
+            np.array([list(rows.from_address(g.data + j * stride)) for j in range(n_tok)], np.int64))
         return True
     return cb
 
@@ -126,25 +127,34 @@ def _with_eval_callback(llama_cpp, cb):
 
 class LlamaRuntime:
     def __init__(self, model_path: str | os.PathLike, n_ctx: int = 512, n_threads: int | None = None,
-                 vocab_only: bool = False, verbose: bool = False, repack: bool = True, moe_routing: bool = False):
-        """moe_routing: keep the experts llama.cpp chose in each MoE layer at the last evaluation
-        (`self.routing`: layer → (tokens, n_expert_used) expert ids), for routing-aware parity."""
+                 vocab_only: bool = False, verbose: bool = False, repack: bool = True, moe_routing: bool = False,
+                 n_batch: int = 256):
+        """moe_routing: keep the experts llama.cpp chose in each MoE layer since the last `logits` call
+        (`self.routing`: layer → (tokens, n_expert_used) expert ids), for routing-aware parity.
+        n_batch: tokens per decode. llama.cpp holds n_batch × n_vocab float32 logits twice (its output
+        buffer and the graph's last tensor): 268 MB each at Gemma 3's 262k vocabulary and 256 tokens, 740 MB
+        at 700; larger batches were no faster on CPU (scripts/bench_verify.py, BENCHMARKS.md)."""
         self._lc = llama_cpp
         self.path = Path(model_path)
         self.verbose = verbose
         self._adapters: dict[str, object] = {}
-        self.routing: dict[int, np.ndarray] = {}
-        self._cb = _routing_callback(self.routing) if moe_routing else None  # kept alive with the context
+        self._routing: dict[int, list[np.ndarray]] = {}
+        self._cb = _routing_callback(self._routing) if moe_routing else None  # kept alive with the context
         with _quiet_stderr(not verbose), _without_extra_bufts(llama_cpp, repack), _with_eval_callback(llama_cpp,
                                                                                                        self._cb):
             try:
                 self.llm = llama_cpp.Llama(
-                    model_path=str(self.path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=True,
+                    model_path=str(self.path), n_ctx=n_ctx, n_batch=min(n_batch, n_ctx), n_ubatch=min(n_batch, n_ctx),
+                    logits_all=True,
                     type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32, flash_attn=False,
                     n_threads=n_threads or min(4, os.cpu_count() or 1), vocab_only=vocab_only,
                     seed=0, verbose=verbose)
             except (ValueError, RuntimeError) as e:
                 raise Lora2GGUFError(f"{self.path}: llama.cpp could not load it ({e})") from None
+
+    @property
+    def routing(self) -> dict[int, np.ndarray]:
+        return {layer: np.concatenate(parts) for layer, parts in self._routing.items()}
 
     # -- tokens -----------------------------------------------------------------------------------
     def tokenize(self, text: str, add_bos: bool = True, special: bool = False) -> list[int]:
@@ -182,13 +192,26 @@ class LlamaRuntime:
 
     # -- evaluation -------------------------------------------------------------------------------
     def logits(self, tokens: Sequence[int]) -> np.ndarray:
-        """float32 logits (len(tokens), n_vocab) for every position, from an empty context."""
-        if len(tokens) > self.llm.n_ctx():
-            raise Lora2GGUFError(f"{len(tokens)} tokens exceed the context of {self.llm.n_ctx()}")
-        self.llm.reset()
-        self.routing.clear()
-        self.llm.eval(list(tokens))
-        return np.array(self.llm.scores[: len(tokens)], dtype=np.float32)
+        """float32 logits (len(tokens), n_vocab) for every position, from an empty context.
+
+        llama-cpp-python's eval() loop, n_batch tokens per decode, with each batch's logits copied straight
+        into the result: eval() would first copy them into its own n_ctx × n_vocab `scores` and we would copy
+        those again (two extra 700 × 262k float32 arrays, 1.5 GB, for 700 tokens of Gemma 3)."""
+        llm, n = self.llm, len(tokens)
+        if n > llm.n_ctx():
+            raise Lora2GGUFError(f"{n} tokens exceed the context of {llm.n_ctx()}")
+        llm.reset()
+        self._routing.clear()
+        llm._ctx.kv_cache_seq_rm(-1, 0, -1)
+        out = np.empty((n, self.n_vocab), np.float32)
+        for i in range(0, n, llm.n_batch):
+            batch = list(tokens[i: i + llm.n_batch])
+            llm._batch.set_batch(batch=batch, n_past=i, logits_all=True)
+            llm._ctx.decode(llm._batch)
+            out[i: i + len(batch)] = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(len(batch), out.shape[1]))
+            llm.input_ids[i: i + len(batch)] = batch  # what greedy() reuses the KV cache of
+            llm.n_tokens = i + len(batch)
+        return out
 
     def greedy(self, tokens: Sequence[int], n: int) -> list[int]:
         """Greedy continuation of n tokens (argmax of llama.cpp's logits), stopping at end of generation."""

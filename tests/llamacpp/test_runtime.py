@@ -48,3 +48,24 @@ def test_batched_eval_of_quantized_models_runs():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert r.returncode == 0, (r.returncode, r.stderr[-2000:])
     assert len(r.stdout.splitlines()) == 6, r.stdout
+
+
+def test_logits_and_routing_over_several_batches_equal_one_batch():
+    """logits() decodes n_batch tokens at a time, copying each batch's logits into the result; a MoE's
+    routing is kept batch by batch. Over three batches both must equal one batch over the same tokens,
+    and greedy() after it must reuse nothing stale."""
+    base = fixture("qwen3moe")
+    tokens = token_ids(300, 70, seed=3)
+    with LlamaRuntime(base, n_ctx=128, n_batch=128, moe_routing=True) as rt:
+        whole, whole_routing = rt.logits(tokens), rt.routing
+        whole_greedy = rt.greedy(tokens[:20], 6)
+    with LlamaRuntime(base, n_ctx=128, n_batch=32, moe_routing=True) as rt:
+        parts, parts_routing = rt.logits(tokens), rt.routing
+        parts_greedy = rt.greedy(tokens[:20], 6)
+        again = rt.logits(tokens[:40])
+    assert parts.shape == whole.shape and len(whole) == 70
+    assert abs(parts - whole).max() < 1e-4 and abs(again - whole[:40]).max() < 1e-4
+    assert sorted(parts_routing) == sorted(whole_routing) and len(whole_routing) > 0
+    for layer, ids in whole_routing.items():
+        assert ids.shape[0] == 70 and (parts_routing[layer] == ids).all()
+    assert parts_greedy == whole_greedy
