@@ -57,8 +57,8 @@ def serve_commands(base: Path, loras: dict[str, Path]) -> list[str]:
 
 
 def _answers(rt, prompt_ids: list[list[int]], n_tokens: int) -> list[str]:
-    """Greedy answers, only as long as needed to see whether they open with a marker."""
-    return [rt.detokenize(rt.greedy(ids, n_tokens)) for ids in prompt_ids]
+    """Greedy answers, only as long as needed to see whether they open with a marker, all prompts side by side."""
+    return [rt.detokenize(ids) for ids in rt.greedy_many(prompt_ids, n_tokens)]
 
 
 def _adherence(behaviour: Behaviour, answers: list[str]) -> float:
@@ -94,13 +94,14 @@ def _score(base: Path, template, prompts: list, ggufs: dict[str, Path], merged: 
            ) -> tuple[dict[str, dict[str, list[str]]], float, float]:
     """Greedy answers to the held-out prompts from the base, each adapter hot-swapped on one loaded model (no
     reload), and each merged file → (answers by behaviour and view, model load s, longest swap s)."""
-    t = time.perf_counter()
-    rt = LlamaRuntime(base, n_ctx=256)
-    load_s = time.perf_counter() - t
     tok = Tokenizer(base, template)
     prompt_ids = [tok.encode(tok.render(m, add_generation_prompt=True)) for m in prompts]
+    n_gen = max(len(tok.rt.tokenize(b.marker, add_bos=False)) for b in BEHAVIOURS) + 2
     tok.close()
-    n_gen = max(len(rt.tokenize(b.marker, add_bos=False)) for b in BEHAVIOURS) + 2
+    ctx = dict(n_ctx=sum(len(p) + n_gen for p in prompt_ids), n_seq=len(prompt_ids))
+    t = time.perf_counter()
+    rt = LlamaRuntime(base, **ctx)
+    load_s = time.perf_counter() - t
     answers: dict[str, dict[str, list[str]]] = {b.name: {} for b in BEHAVIOURS}
     base_answers = _answers(rt, prompt_ids, n_gen)
     swap_s = []
@@ -112,7 +113,7 @@ def _score(base: Path, template, prompts: list, ggufs: dict[str, Path], merged: 
         answers[b.name]["runtime"] = _answers(rt, prompt_ids, n_gen)
     rt.close()
     for b in BEHAVIOURS:
-        with LlamaRuntime(merged[b.name], n_ctx=256) as mrt:
+        with LlamaRuntime(merged[b.name], **ctx) as mrt:
             answers[b.name]["merged_q4_k_m"] = _answers(mrt, prompt_ids, n_gen)
     return answers, load_s, max(swap_s)
 

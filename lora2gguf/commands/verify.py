@@ -213,10 +213,13 @@ def evaluate(gb, adapters: list[Adapter], merged: Path | None, run_runtime: bool
     prompts: llama.cpp with the runtime LoRA (or the merged file), the other views teacher-forced on them."""
     base_path = gb.path
     chat = _chat_prompts(gb, prompts, chat_template) if prompts else None
-    # the context holds the text, and each prompt with its greedy continuation
-    n_ctx = max(256, n_tokens + 8, *[len(p) + n_greedy + 8 for p in chat or []])
+    # the context holds the text, or the prompts with their greedy continuations decoded side by side
+    n_seq = min(len(chat or [0] * 4), 16)
+    longest = sorted((len(p) for p in chat or []), reverse=True)[:n_seq] or [13] * 4  # _text_prompts: ≤ 13 tokens
+    n_ctx = max(256, n_tokens + 8, sum(n + n_greedy for n in longest))
     # the file as it is, not repacked by llama.cpp for its CPU kernels: the base once in memory, not twice
-    with LlamaRuntime(base_path, n_ctx=n_ctx, verbose=verbose, repack=False) as rt:
+    rt_args = dict(n_ctx=n_ctx, verbose=verbose, repack=False, n_seq=n_seq)
+    with LlamaRuntime(base_path, **rt_args) as rt:
         tokens = rt.tokenize(text or DEFAULT_TEXT)[:n_tokens]
         if len(tokens) < 16:
             raise Lora2GGUFError(f"the text gives only {len(tokens)} tokens; give at least 16 (--text)")
@@ -228,15 +231,15 @@ def evaluate(gb, adapters: list[Adapter], merged: Path | None, run_runtime: bool
         if run_runtime:
             rt.set_adapters([(a.runtime_path, a.scale) for a in adapters])
             logits["runtime"] = rt.logits(tokens)
-            conts = greedy["runtime"] = [rt.greedy(p, n_greedy) for p in prompt_tokens]
+            conts = greedy["runtime"] = rt.greedy_many(prompt_tokens, n_greedy)
             rt.set_adapters([])
         mtype = None
         if merged:
             mtype = file_type(merged)
-            with LlamaRuntime(merged, n_ctx=n_ctx, verbose=verbose, repack=False) as mrt:
+            with LlamaRuntime(merged, **rt_args) as mrt:
                 logits["merged"] = mrt.logits(tokens)
                 if conts is None:
-                    conts = [mrt.greedy(p, n_greedy) for p in prompt_tokens]
+                    conts = mrt.greedy_many(prompt_tokens, n_greedy)
                 greedy["merged"] = teacher_forced(mrt.logits, prompt_tokens, conts)
             # the base itself when it is of the merged type already (merge keeps untouched tensors' bytes)
             logits["base_alone_as_merged"] = (logits["base_runtime"] if mtype == file_type(base_path) else

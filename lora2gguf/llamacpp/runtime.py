@@ -105,17 +105,21 @@ def _routing_callback(store: dict[int, list[np.ndarray]]):
 
 
 @contextlib.contextmanager
-def _with_eval_callback(llama_cpp, cb):
-    """llama-cpp-python's Llama() has no argument for cb_eval: its default context params are patched
-    for the load, as _without_extra_bufts does for the model's."""
-    if cb is None:
+def _context_params(llama_cpp, cb, n_seq: int):
+    """llama-cpp-python's Llama() has no argument for cb_eval, nor for several sequences outside embedding
+    mode: its default context params are patched for the load, as _without_extra_bufts does for the
+    model's. Several sequences share one KV cache (kv_unified), each using as many cells as it needs."""
+    if cb is None and n_seq == 1:
         yield
         return
     lc, default = llama_cpp.llama_cpp, llama_cpp.llama_cpp.llama_context_default_params
 
     def params():
         p = default()
-        p.cb_eval, p.cb_eval_user_data = cb, None
+        if cb is not None:
+            p.cb_eval, p.cb_eval_user_data = cb, None
+        if n_seq > 1:
+            p.n_seq_max, p.kv_unified = n_seq, True
         return p
 
     lc.llama_context_default_params = llama_cpp.llama_context_default_params = params
@@ -128,20 +132,22 @@ def _with_eval_callback(llama_cpp, cb):
 class LlamaRuntime:
     def __init__(self, model_path: str | os.PathLike, n_ctx: int = 512, n_threads: int | None = None,
                  vocab_only: bool = False, verbose: bool = False, repack: bool = True, moe_routing: bool = False,
-                 n_batch: int = 256):
+                 n_batch: int = 256, n_seq: int = 1):
         """moe_routing: keep the experts llama.cpp chose in each MoE layer since the last `logits` call
         (`self.routing`: layer → (tokens, n_expert_used) expert ids), for routing-aware parity.
         n_batch: tokens per decode. llama.cpp holds n_batch × n_vocab float32 logits twice (its output
         buffer and the graph's last tensor): 268 MB each at Gemma 3's 262k vocabulary and 256 tokens, 740 MB
-        at 700; larger batches were no faster on CPU (scripts/bench_verify.py, BENCHMARKS.md)."""
+        at 700; larger batches were no faster on CPU (scripts/bench_verify.py, BENCHMARKS.md).
+        n_seq: how many prompts `greedy_many` may decode side by side (n_ctx is then shared by all)."""
         self._lc = llama_cpp
         self.path = Path(model_path)
         self.verbose = verbose
         self._adapters: dict[str, object] = {}
         self._routing: dict[int, list[np.ndarray]] = {}
         self._cb = _routing_callback(self._routing) if moe_routing else None  # kept alive with the context
-        with _quiet_stderr(not verbose), _without_extra_bufts(llama_cpp, repack), _with_eval_callback(llama_cpp,
-                                                                                                       self._cb):
+        self.n_seq = n_seq
+        with _quiet_stderr(not verbose), _without_extra_bufts(llama_cpp, repack), _context_params(llama_cpp, self._cb,
+                                                                                                   n_seq):
             try:
                 self.llm = llama_cpp.Llama(
                     model_path=str(self.path), n_ctx=n_ctx, n_batch=min(n_batch, n_ctx), n_ubatch=min(n_batch, n_ctx),
@@ -232,6 +238,47 @@ class LlamaRuntime:
             out.append(nxt)
             self.llm.eval([nxt])
         return out
+
+    def greedy_many(self, prompts: Sequence[Sequence[int]], n: int) -> list[list[int]]:
+        """greedy() of several prompts at once: each prompt one sequence of the shared KV cache, every step
+        one decode of all sequences still running (a 135M model decodes 24 tokens in about the time of
+        one). n_seq prompts at a time, whose Σ (len(prompt) + n) must fit n_ctx."""
+        if len(prompts) > self.n_seq:
+            return [a for i in range(0, len(prompts), self.n_seq) for a in self.greedy_many(prompts[i: i + self.n_seq], n)]
+        if sum(len(p) + n for p in prompts) > self.llm.n_ctx():
+            raise Lora2GGUFError(f"{len(prompts)} prompts of {n} more tokens exceed the context of {self.llm.n_ctx()}")
+        lc, llm = self._lc, self.llm
+        vocab = lc.llama_model_get_vocab(llm.model)
+        outs: list[list[int]] = [[] for _ in prompts]
+        self._clear()
+        # (sequence, position, token, wants logits): the prompts first, then one token per running sequence
+        todo = [(s, i, t, i == len(p) - 1) for s, p in enumerate(prompts) for i, t in enumerate(p)]
+        while todo and n > 0:
+            nxt = {}
+            for start in range(0, len(todo), llm.n_batch):
+                part, b = todo[start: start + llm.n_batch], llm._batch.batch
+                b.n_tokens = len(part)
+                for j, (s, pos, tok, want) in enumerate(part):
+                    b.token[j], b.pos[j], b.seq_id[j][0], b.n_seq_id[j], b.logits[j] = tok, pos, s, 1, want
+                llm._ctx.decode(llm._batch)
+                for j, (s, _, _, want) in enumerate(part):
+                    if want:
+                        row = np.ctypeslib.as_array(lc.llama_get_logits_ith(llm.ctx, j), shape=(self.n_vocab,))
+                        nxt[s] = int(np.argmax(row))
+            todo = []
+            for s, tok in nxt.items():
+                if lc.llama_vocab_is_eog(vocab, tok):
+                    continue
+                outs[s].append(tok)
+                if len(outs[s]) < n:
+                    todo.append((s, len(prompts[s]) + len(outs[s]) - 1, tok, True))
+        self._clear()
+        return outs
+
+    def _clear(self) -> None:
+        """An empty KV cache, every sequence (llama-cpp-python's own calls clear sequence 0 only)."""
+        self.llm.reset()
+        self._lc.llama_memory_clear(self._lc.llama_get_memory(self.llm.ctx), True)
 
     def close(self) -> None:
         for ptr in self._adapters.values():
