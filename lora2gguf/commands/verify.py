@@ -43,6 +43,7 @@ from lora2gguf.parity.metrics import (
 )
 from lora2gguf.parity.nf4 import NF4Base
 from lora2gguf.parity.reference import ReferenceWeights, reference_logits
+from lora2gguf.parity.routing import RULE, judge_pair, judged_kl, table
 from lora2gguf.weights.base_model import GGUFBase
 
 DEFAULT_TEXT = (
@@ -280,14 +281,11 @@ def evaluate(gb, adapters: list[Adapter], merged: Path | None, run_runtime: bool
     return Views(logits, greedy, conts, mtype, routing)
 
 
-ROUTING_SLACK = 0.02  # flipped tokens allowed beyond twice the floor's share: a few near-ties on a short text
-
-
 def judge(views: Views, report: dict, max_kl: float | None) -> None:
     """Pass or fail, into the report. Thresholds follow the floor measured for each file type: what llama.cpp
     at that type costs on the base alone (its arithmetic at F32/F16/BF16, that plus the rounding for
     quantized types); a merged file must also carry the adapter's effect (CARRIED_RANGE). On a mixture of
-    experts each pair is also measured routing-aware (_judge_pair)."""
+    experts each pair is also measured routing-aware (parity.routing)."""
     logits, greedy, mtype, routing = views.logits, views.greedy, views.merged_type, views.routing
 
     def measure(p: str, q: str) -> dict:
@@ -300,7 +298,7 @@ def judge(views: Views, report: dict, max_kl: float | None) -> None:
     floor_base = measure("base_reference", "base_runtime")
     report["base_quantization_floor"] = judged_kl(floor_base)
     if routing is not None:
-        report["routing_aware"] = {"rule": ROUTING_RULE, "base_expert_set_mismatch": floor_base["expert_set_mismatch"]}
+        report["routing_aware"] = {"rule": " ".join(RULE), "base_expert_set_mismatch": floor_base["expert_set_mismatch"]}
     checks = {}
     if "runtime" in logits:
         checks["runtime"] = ("reference", "runtime", floor_base, 1e-4)
@@ -321,7 +319,7 @@ def judge(views: Views, report: dict, max_kl: float | None) -> None:
         m = measure(p, q)
         m["greedy"] = agreement(greedy[p], greedy[q], views.conts)
         if floor is not None:
-            ok &= _judge_pair(m, floor, slack, max_kl)
+            ok &= judge_pair(m, floor, slack, max_kl)
         report["pairs"][name] = m
     if "merged" in logits:
         c = _carries(logits)
@@ -334,30 +332,6 @@ def judge(views: Views, report: dict, max_kl: float | None) -> None:
     if any(e["base_match"] is False for e in report["adapters"]):
         ok = False
     report["pass"] = bool(ok)
-
-
-ROUTING_RULE = ("mixture of experts: a router near-tie flips an expert on a few tokens, whose KL then says nothing "
-                "about the weights; so the median KL and the mean KL over tokens routed to the same top-k experts "
-                "as the reference in every layer must stay within the limit (1.5 × the floor's + slack), and the "
-                f"tokens flipped in any layer within 2 × the floor's share + {ROUTING_SLACK:.0%}")
-
-
-def judged_kl(m: dict) -> float:
-    """The mean KL a threshold judges: over the tokens routed alike in every layer on a mixture of experts."""
-    return m.get("mean_kl_routing_agrees", m["mean_kl"])
-
-
-def _judge_pair(m: dict, floor: dict, slack: float, max_kl: float | None) -> bool:
-    """One pair's verdict, into m, against its floor pair (the base alone at the file's type): the mean KL
-    within 1.5 × the floor's + slack (or --max-kl); on a mixture of experts (ROUTING_RULE) that mean over the
-    tokens whose expert sets agree, the median KL within the same limit, and the share of flipped tokens
-    within 2 × the floor's + ROUTING_SLACK."""
-    m["max_kl_allowed"] = lim = max_kl if max_kl is not None else 1.5 * judged_kl(floor) + slack
-    m["pass"] = judged_kl(m) <= lim
-    if "expert_set_mismatch" in m:
-        m["max_mismatch_allowed"] = 2 * floor["expert_set_mismatch"] + ROUTING_SLACK
-        m["pass"] &= m["median_kl"] <= lim and m["expert_set_mismatch"] <= m["max_mismatch_allowed"]
-    return bool(m["pass"])
 
 
 def _carries(logits: dict) -> dict:
@@ -418,9 +392,14 @@ def format_report(r: dict) -> str:
         lines.append(f"merged-type quantization floor ({source}): {r['merged_quantization_floor']:.3g}")
     for view, why in r.get("skipped", {}).items():
         lines.append(f"{view} view skipped: {why}")
+    if "routing_aware" in r:
+        ra = r["routing_aware"]
+        lines.append("tokens whose top-k expert set flips between reference and llama.cpp: base "
+                     f"{ra['base_expert_set_mismatch']:.1%}" + (f", merged floor "
+                     f"{ra['merged_floor_expert_set_mismatch']:.1%}" if "merged_floor_expert_set_mismatch" in ra else ""))
     hdr = f"{'pair':<20}{'mean KL':>11}{'max KL':>11}{'top-1':>8}{'max|Δ|':>9}{'greedy':>8}{'limit':>10}  result"
-    lines += ["", hdr, "-" * len(hdr)]
-    for name, m in r["pairs"].items():
+    lines += ["", *table(r["pairs"])] if "routing_aware" in r else ["", hdr, "-" * len(hdr)]
+    for name, m in r["pairs"].items() if "routing_aware" not in r else ():
         lim = f"{m['max_kl_allowed']:.2g}" if "max_kl_allowed" in m else "-"
         res = ("pass" if m["pass"] else "FAIL") if "pass" in m else "info"
         lines.append(f"{name:<20}{m['mean_kl']:>11.3g}{m['max_kl']:>11.3g}{m['top1']:>8.1%}"
