@@ -298,7 +298,8 @@ def judge(views: Views, report: dict, max_kl: float | None) -> None:
     floor_base = measure("base_reference", "base_runtime")
     report["base_quantization_floor"] = judged_kl(floor_base)
     if routing is not None:
-        report["routing_aware"] = {"rule": " ".join(RULE), "base_expert_set_mismatch": floor_base["expert_set_mismatch"]}
+        report["routing_aware"] = {"rule": " ".join(RULE),
+                                   "base_expert_set_mismatch": floor_base["expert_set_mismatch"]}
     checks = {}
     if "runtime" in logits:
         checks["runtime"] = ("reference", "runtime", floor_base, 1e-4)
@@ -394,9 +395,10 @@ def format_report(r: dict) -> str:
         lines.append(f"{view} view skipped: {why}")
     if "routing_aware" in r:
         ra = r["routing_aware"]
+        merged_floor = ra.get("merged_floor_expert_set_mismatch")
         lines.append("tokens whose top-k expert set flips between reference and llama.cpp: base "
-                     f"{ra['base_expert_set_mismatch']:.1%}" + (f", merged floor "
-                     f"{ra['merged_floor_expert_set_mismatch']:.1%}" if "merged_floor_expert_set_mismatch" in ra else ""))
+                     f"{ra['base_expert_set_mismatch']:.1%}"
+                     + (f", merged floor {merged_floor:.1%}" if merged_floor is not None else ""))
     hdr = f"{'pair':<20}{'mean KL':>11}{'max KL':>11}{'top-1':>8}{'max|Δ|':>9}{'greedy':>8}{'limit':>10}  result"
     lines += ["", *table(r["pairs"])] if "routing_aware" in r else ["", hdr, "-" * len(hdr)]
     for name, m in r["pairs"].items() if "routing_aware" not in r else ():

@@ -37,8 +37,8 @@ def base_alone(base_path: Path, ftype_name: str, tokens, tmp: Path, n_ctx: int,
     carried nothing. routing: a dict to receive llama.cpp's expert choices (a mixture of experts)."""
     st = base_path.stat()
     key = (str(base_path.resolve()), st.st_size, st.st_mtime_ns, ftype_name, tuple(tokens), n_ctx,
-           None if imatrix is None else (imatrix.file, tuple((k, v.tobytes()) for k, v in sorted(imatrix.values.items()))),
-           routing is not None)
+           None if imatrix is None else (imatrix.file, tuple((k, v.tobytes()) for k, v in sorted(imatrix.values.items()))))
+    key += (routing is not None,)
     if key not in BASE_ALONE:
         got: dict = {}
         BASE_ALONE[key] = measure_base_alone(base_path, ftype_name, tokens, tmp, n_ctx, imatrix,
