@@ -11,7 +11,7 @@ from gguf import LlamaFileType
 
 from lora2gguf import models
 from lora2gguf.adapters.gguf_lora import describe_gguf_adapter
-from lora2gguf.adapters.load import describe_adapter  # PEFT, torchtune, mlx-lm: told by the files
+from lora2gguf.adapters.load import describe_adapter, load_for_base  # PEFT, torchtune, mlx-lm: told by the files
 from lora2gguf.fileio.gguf_read import GGUFFile
 from lora2gguf.weights.base_model import GGUFBase, HFBase
 
@@ -31,7 +31,7 @@ def describe(path: str, base: str | None = None) -> dict:
         if any((p / n).exists() for n in ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin",
                                           "adapter_model.pt", "adapters.safetensors")):
 
-            return describe_adapter(p)
+            return describe_adapter(p) | expert_summary(p)
         with HFBase(p) as b:
             return {"path": str(p), "kind": "hf-model", "spec": b.spec.to_dict()}
     with GGUFFile(p) as f:
@@ -44,7 +44,7 @@ def describe(path: str, base: str | None = None) -> dict:
         }
         if info["kind"] == "gguf-adapter":
             info.update(describe_gguf_adapter(f, base=base))
-            return info
+            return info | (expert_summary(p) if any("_exps." in n for n in f.tensors) else {})
         arch = info["architecture"]
         # the architecture's own scalar metadata (block_count, expert_count, ssm.*…), whatever the arch
         info["metadata"] = {k: v for k, v in ((k, f.get(k)) for k in f.fields if arch and k.startswith(arch + "."))
@@ -58,6 +58,24 @@ def describe(path: str, base: str | None = None) -> dict:
         info["supported"] = True
         info["spec"] = b.spec.to_dict()
     return info
+
+
+def expert_summary(path: Path) -> dict:
+    """For an adapter with LoRA on stacked experts, which experts it really changes (analyze's per-expert
+    numbers: `lora2gguf analyze` tells more); nothing for one without."""
+    from lora2gguf.adapters import lowrank
+    from lora2gguf.commands.analyze import experts_overview, module_stats
+
+    a = load_for_base(path, None, any_qk_order=True)
+    with lowrank.small_matrix_threads():
+        stacks = [module_stats(m) for m in a.modules.values() if m.experts]
+    if not stacks:
+        return {}
+    over = experts_overview(stacks)
+    per = {f"{x['layer']}.{x['kind']}": f"{len(x['experts_changed'])}/{x['n_expert']} changed "
+           f"{x['experts_changed']}, mean entropy rank {x['entropy_rank']:.2f}" for x in stacks}
+    return {"experts": {"n_expert": over["n_expert"], "changed": over["experts_changed"],
+                        "changed_in_every_stack": over["experts_changed_everywhere"], **per}}
 
 
 def format_description(info: dict) -> str:

@@ -96,3 +96,22 @@ def test_cli_json_and_text(capsys, partial_adapter):
     assert main(["analyze", str(partial_adapter)]) == 0
     out = capsys.readouterr().out
     assert "expert LoRA, per expert e" in out and "(3 of 8)" in out
+
+
+@pytest.mark.parametrize("form", ["peft", "gguf"])
+def test_inspect_names_the_changed_experts(form, tmp_path, partial_adapter):
+    from lora2gguf.commands.inspect import describe, format_description
+
+    src = partial_adapter if form == "peft" else convert(partial_adapter, fixture(ARCH), tmp_path / "a.gguf")
+    info = describe(str(src))
+    ex = info["experts"]
+    assert ex["changed"] == [1, 5, 6] and ex["changed_in_every_stack"] == [1, 5] and ex["n_expert"] == E
+    assert ex["0.gate_exps"].startswith("2/8 changed [1, 5]") and ex["1.down_exps"].startswith("3/8 changed [1, 5, 6]")
+    assert "experts:" in format_description(info)
+
+
+def test_inspect_of_a_dense_adapter_has_no_experts_section(tmp_path):
+    from lora2gguf.commands.inspect import describe
+
+    d = make_peft_adapter(fixture(ARCH, "hf"), tmp_path / "a", r=2, lora_alpha=4, target_modules=["q_proj"])
+    assert "experts" not in describe(str(d))
