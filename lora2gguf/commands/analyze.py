@@ -8,12 +8,16 @@ Then one verdict: the smallest uniform rank that keeps 99% of the whole adapter'
 Without --base a GGUF LoRA of a llama-family arch is read with its q/k rows in llama.cpp's permuted
 order: a row permutation P leaves every singular value of P·ΔW, every norm and so every number here
 unchanged, so the base (which only supplies the head counts to undo P) is not needed.
+
+LoRA on a stack of experts (E, out, in) is one pair per expert: each expert's ΔW_e gets the numbers above
+(lowrank.expert_stats), the report says which experts each stack really changes (‖ΔW_e‖_F above
+lowrank.UNCHANGED × the stack's largest) and the stack's row in the tables is ‖ΔW‖_F of the whole stack,
+‖ΔW‖₂ of its largest expert and the ranks averaged over its changed experts.
 """
 
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 
 import numpy as np
@@ -25,70 +29,19 @@ from lora2gguf.fileio.atomic import atomic_output
 from lora2gguf.models.arch import ATTN_PROJ, MLP_PROJ
 from lora2gguf.weights.base_model import open_base
 
-THRESHOLDS = (0.9, 0.99)
-
-
-UNCHANGED = 1e-6  # an expert whose ‖ΔW_e‖_F is below this share of its stack's largest is unchanged (≈ 0): an
-# expert no token was routed to in training keeps PEFT's zero-initialised B columns (0 exactly; 1e-6 leaves room
-# for an adapter stored in float16)
-
-
-def _where(module: str) -> tuple[int | None, str]:
-    """(layer, short module name): model.layers.3.self_attn.q_proj → (3, 'q_proj'); a stack of experts is named
-    as its GGUF tensor: model.layers.3.mlp.experts.gate_proj → (3, 'gate_exps')."""
-    m = re.fullmatch(r"model\.layers\.(\d+)\.(?:\w+\.)*?(experts\.)?(\w+)", module)
-    if not m:
-        return None, module.split(".")[-1]
-    kind = m.group(3).removesuffix("_proj") + "_exps" if m.group(2) else m.group(3)
-    return int(m.group(1)), kind
-
-
-def spectrum_stats(b: np.ndarray, a: np.ndarray, scale: float) -> dict:
-    """Everything analyze says of one update ΔW = scale·b·a, from its exact singular values (lowrank_svd)."""
-    s = lowrank.lowrank_svd(b, a, scale, vectors=False)
-    out = {"fro": float(np.sqrt((s ** 2).sum())), "spectral": float(s[0]) if len(s) else 0.0,
-           "numerical_rank": lowrank.numerical_rank(s, (b.shape[0], a.shape[1])),
-           "stable_rank": lowrank.stable_rank(s), "entropy_rank": lowrank.entropy_rank(s),
-           "singular_values": s.tolist(), "energy": lowrank.energy_curve(s).tolist()}
-    for t in THRESHOLDS:
-        out[f"rank_{round(t * 100)}"] = lowrank.rank_for_energy(s, t)
-    return out
-
 
 def module_stats(m, base=None) -> dict:
     b, a = lowrank.module_factors(m)
-    layer, kind = _where(m.module)
+    layer, kind = lowrank.module_label(m.module)
     out = {"module": m.module, "layer": layer, "kind": kind, "shape": [int(b.shape[-2]), int(a.shape[-1])],
            "rank": m.r, "scale": m.scale}
     w = base.tensor(m.weight_name) if base is not None else None
     if m.experts:
-        return out | expert_stats(b, a, m.scale, w)
-    out |= spectrum_stats(b, a, m.scale)
+        return out | lowrank.expert_stats(b, a, m.scale, w)
+    out |= lowrank.spectrum_stats(b, a, m.scale)
     if w is not None:
         out["rel_fro"] = out["fro"] / max(float(np.linalg.norm(w)), 1e-30)
         out["rel_spectral"] = out["spectral"] / max(lowrank.spectral_norm(w), 1e-30)
-    return out
-
-
-def expert_stats(b: np.ndarray, a: np.ndarray, scale: float, w: np.ndarray | None = None) -> dict:
-    """A stack of per-expert updates ΔW_e = scale·b[e]·a[e]: each expert's numbers (spectrum_stats, and ‖ΔW_e‖_F
-    relative to its base weight W_e), which experts it changes (UNCHANGED), and the stack's numbers for the
-    tables: ‖ΔW‖_F of the whole stack, ‖ΔW‖₂ the largest expert's, the ranks the mean over changed
-    experts."""
-    experts = [{"expert": e} | spectrum_stats(b[e], a[e], scale) for e in range(b.shape[0])]
-    if w is not None:
-        for x, we in zip(experts, w):
-            x["rel_fro"] = x["fro"] / max(float(np.linalg.norm(we)), 1e-30)
-    top = max(x["fro"] for x in experts)
-    changed = [x for x in experts if top > 0 and x["fro"] > UNCHANGED * top]
-    out = {"n_expert": len(experts), "experts": experts, "experts_changed": [x["expert"] for x in changed],
-           "fro": float(np.sqrt(sum(x["fro"] ** 2 for x in experts))), "spectral": max(x["spectral"] for x in experts)}
-    for key in ("numerical_rank", "rank_90", "rank_99", "stable_rank", "entropy_rank"):
-        out[key] = float(np.mean([x[key] for x in changed])) if changed else 0.0
-    if w is not None:
-        big = max(experts, key=lambda x: x["spectral"])["expert"]  # one power iteration, not one per expert
-        out["rel_fro"] = out["fro"] / max(float(np.linalg.norm(w)), 1e-30)
-        out["rel_spectral"] = out["spectral"] / max(lowrank.spectral_norm(w[big]), 1e-30)
     return out
 
 
@@ -140,18 +93,7 @@ def analyze(adapter: str | os.PathLike, base: str | os.PathLike | None = None) -
             "uniform_rank_90": k90, "uniform_energy_90": kept90,
             "per_module_rank_99": {"min": min(per99), "max": max(per99), "mean": float(np.mean(per99))},
             "parameters": params, "parameters_at_rank_99": params_k,
-            "verdict": verdict(ranks, k99, kept, params, params_k, k90, kept90)} | experts_overview(stats)
-
-
-def experts_overview(stats: list[dict]) -> dict:
-    """Which experts the adapter changes, over its stacks of expert LoRA: those changed in some stack, and in
-    every one (empty for an adapter without expert LoRA)."""
-    stacks = [set(x["experts_changed"]) for x in stats if "experts" in x]
-    if not stacks:
-        return {}
-    return {"n_expert": max(x["n_expert"] for x in stats if "experts" in x),
-            "experts_changed": sorted(set.union(*stacks)),
-            "experts_changed_everywhere": sorted(set.intersection(*stacks))}
+            "verdict": verdict(ranks, k99, kept, params, params_k, k90, kept90)} | lowrank.experts_overview(stats)
 
 
 def verdict(ranks: list[int], k: int, kept: float, params: int, params_k: int, k90: int, kept90: float) -> str:
@@ -212,8 +154,8 @@ def experts_table(report: dict, top: int = 4) -> list[str]:
     rel = report["base"] is not None
     key = "rel_fro" if rel else "fro"
     norm = "‖ΔW_e‖_F / ‖W_e‖_F" if rel else "‖ΔW_e‖_F"
-    lines = ["", f"expert LoRA, per expert e: ΔW_e = scale·B_e·A_e; changed = ‖ΔW_e‖_F above {UNCHANGED:g} × its "
-             f"stack's largest; top experts by {norm} (k99, entropy rank)",
+    lines = ["", "expert LoRA, per expert e: ΔW_e = scale·B_e·A_e; changed = ‖ΔW_e‖_F above "
+             f"{lowrank.UNCHANGED:g} × its stack's largest; top experts by {norm} (k99, entropy rank)",
              f"{'layer':>5} {'module':>10} {'changed':>8} {'≈0':>4}  top experts"]
     for x in stacks:
         best = sorted(x["experts"], key=lambda e: -e[key])[:top]

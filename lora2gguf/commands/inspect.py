@@ -10,6 +10,7 @@ from pathlib import Path
 from gguf import LlamaFileType
 
 from lora2gguf import models
+from lora2gguf.adapters import lowrank
 from lora2gguf.adapters.gguf_lora import describe_gguf_adapter
 from lora2gguf.adapters.load import describe_adapter, load_for_base  # PEFT, torchtune, mlx-lm: told by the files
 from lora2gguf.fileio.gguf_read import GGUFFile
@@ -63,17 +64,19 @@ def describe(path: str, base: str | None = None) -> dict:
 def expert_summary(path: Path) -> dict:
     """For an adapter with LoRA on stacked experts, which experts it really changes (analyze's per-expert
     numbers: `lora2gguf analyze` tells more); nothing for one without."""
-    from lora2gguf.adapters import lowrank
-    from lora2gguf.commands.analyze import experts_overview, module_stats
-
     a = load_for_base(path, None, any_qk_order=True)
+    stacks = {}
     with lowrank.small_matrix_threads():
-        stacks = [module_stats(m) for m in a.modules.values() if m.experts]
+        for m in a.modules.values():
+            if m.experts:
+                b, A = lowrank.module_factors(m)
+                layer, kind = lowrank.module_label(m.module)
+                stacks[f"{layer}.{kind}"] = lowrank.expert_stats(b, A, m.scale)
     if not stacks:
         return {}
-    over = experts_overview(stacks)
-    per = {f"{x['layer']}.{x['kind']}": f"{len(x['experts_changed'])}/{x['n_expert']} changed "
-           f"{x['experts_changed']}, mean entropy rank {x['entropy_rank']:.2f}" for x in stacks}
+    over = lowrank.experts_overview(list(stacks.values()))
+    per = {k: f"{len(x['experts_changed'])}/{x['n_expert']} changed {x['experts_changed']}, mean entropy rank "
+           f"{x['entropy_rank']:.2f}" for k, x in stacks.items()}
     return {"experts": {"n_expert": over["n_expert"], "changed": over["experts_changed"],
                         "changed_in_every_stack": over["experts_changed_everywhere"], **per}}
 
