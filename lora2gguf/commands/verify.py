@@ -10,6 +10,10 @@ quantized types). A merged file must also show that it carries the adapter: a lo
 quantized file would pass the base alone when the adapter moves the model less than the rounding does.
 Adapters a GGUF LoRA cannot express (DoRA, LoRA bias, modules_to_save) are checked on the merged file
 only; the runtime view is then skipped, with the reason in the report.
+
+On a mixture of experts every view also records, per layer, the top-k experts each token was routed to (the
+reference from its MoE blocks, llama.cpp from its graph), and each pair is judged routing-aware
+(parity.routing): a router near-tie flips an expert on a few tokens, whose KL would dominate the mean.
 """
 
 from __future__ import annotations

@@ -52,6 +52,7 @@ def test_correct_expert_lora_passes_runtime_and_merged_with_routing_in_the_json(
     assert rep["pass"] and rep["adapter_effect"]["kl_base_to_reference"] > 1e-2
     for view in ("runtime", "merged"):
         m = rep["pairs"][view]
+        print(view, {k: m[k] for k in ROUTED})
         assert m["pass"] and all(k in m for k in ROUTED), (view, m)
         assert len(m["expert_set_mismatch_per_layer"]) == 2  # one share per layer of the fixture
         assert m["median_kl"] <= m["max_kl_allowed"] and m["expert_set_mismatch"] <= m["max_mismatch_allowed"]
