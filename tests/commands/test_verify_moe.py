@@ -116,3 +116,14 @@ def test_bad_input_on_a_mixture_of_experts_is_one_line(tmp_path, capsys, expert_
                  str(fixture("qwen3"))]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1, err
+
+
+def test_same_type_merge_floor_is_routing_aware_too(tmp_path, expert_adapter):
+    """A q8_0 base merged to q8_0: the floor is the reference's merged weights quantized by llama.cpp, its routing
+    recorded as well, and the merge passes against it."""
+    merged = merge(fixture(ARCH, "q8_0"), [(str(expert_adapter), 1.0)], tmp_path / "m.gguf", quant="q8_0")
+    rep = verify(fixture(ARCH, "q8_0"), [(str(expert_adapter), 1.0)], merged=merged)
+    m = rep["pairs"]["merged"]
+    print({k: m[k] for k in ROUTED}, rep["routing_aware"])
+    assert "merged_floor_source" in rep and "merged_floor_expert_set_mismatch" in rep["routing_aware"]
+    assert rep["pass"] and m["pass"] and all(k in m for k in ROUTED)
