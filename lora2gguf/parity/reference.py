@@ -183,7 +183,7 @@ def run_layers(base, src: ReferenceWeights, sequences: list[list[int]],
 def routing_hooks(sequences: list[list[int]], store: dict[int, np.ndarray]):
     """(on_layer, on_batch) for run_layers that keep, for the first sequence, the experts each MoE layer's
     router chose (store: layer → (tokens, n_expert_used) ids), read with MoE.route itself: a pre-hook on the
-    MoE blocks only (the router is a small matmul run twice; a dense layer is not touched)."""
+    MoE blocks only (the router, a small matmul, runs twice; a dense layer is not touched)."""
     groups = _batches(sequences, BATCH_TOKENS)  # run_layers' batches, in its order
     first = next((g, b) for g, grp in enumerate(groups) for b, j in enumerate(grp) if j == 0)
     T, batch = len(sequences[0]), {"n": -1}
@@ -193,8 +193,9 @@ def routing_hooks(sequences: list[list[int]], store: dict[int, np.ndarray]):
 
     def on_layer(layer: nn.Module, i: int) -> None:
         def pre(mod: nn.Module, args) -> None:
-            if batch["n"] % len(groups) == first[0]:
-                store[i] = mod.route(args[0][first[1], :T])[0].numpy()
+            if batch["n"] % len(groups) == first[0]:  # routed as the block routes it: the whole batch at once
+                x = args[0]
+                store[i] = mod.route(x.reshape(-1, x.shape[-1]))[0].view(*x.shape[:2], -1)[first[1], :T].numpy()
         for sub in layer.modules():
             if isinstance(sub, MoE):
                 sub.register_forward_pre_hook(pre)

@@ -127,3 +127,26 @@ def test_same_type_merge_floor_is_routing_aware_too(tmp_path, expert_adapter):
     print({k: m[k] for k in ROUTED}, rep["routing_aware"])
     assert "merged_floor_source" in rep and "merged_floor_expert_set_mismatch" in rep["routing_aware"]
     assert rep["pass"] and m["pass"] and all(k in m for k in ROUTED)
+
+
+def test_reference_routing_is_the_first_sequences_whatever_its_batch(expert_adapter):
+    """reference_logits' routing (hooks on the MoE blocks, run layer by layer over padded batches) is what the whole
+    reference model routes for the first sequence, batched with longer and shorter ones or alone."""
+    import numpy as np
+    from conftest import token_ids
+    from moe_helpers import reference_run
+
+    from lora2gguf.adapters.load import load_adapter
+    from lora2gguf.parity.reference import reference_logits, reference_model
+    from lora2gguf.weights.base_model import open_base
+
+    tokens = token_ids(383, 40, seed=1)
+    with open_base(fixture(ARCH)) as b:
+        pairs = [(load_adapter(expert_adapter), 1.0)]
+        _, want = reference_run(reference_model(b, pairs), tokens)
+        for others in ([], [token_ids(383, 48, seed=2), token_ids(383, 30, seed=3)]):
+            got: dict = {}
+            reference_logits(b, pairs, [tokens, *others], got)
+            assert sorted(got) == [0, 1]
+            for i in got:
+                np.testing.assert_array_equal(np.sort(got[i], -1), np.sort(want[i], -1))
