@@ -10,6 +10,7 @@ Tropp 2011, with power iterations) when large. Everything here is float64.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -130,6 +131,68 @@ def spectral_norm(w: np.ndarray, tol: float = 1e-6, max_iter: int = 300, seed: i
             return new
         sigma = new
     return sigma
+
+
+# -- what analyze and inspect say of one update, and of a stack of experts --------------------------------
+THRESHOLDS = (0.9, 0.99)  # the energy fractions whose ranks analyze reports
+UNCHANGED = 1e-6  # an expert whose ‖ΔW_e‖_F is below this share of its stack's largest is unchanged (≈ 0): an
+# expert no token was routed to in training keeps PEFT's zero-initialised B columns (0 exactly; 1e-6 leaves room
+# for an adapter stored in float16)
+
+
+def module_label(module: str) -> tuple[int | None, str]:
+    """(layer, short module name): model.layers.3.self_attn.q_proj → (3, 'q_proj'); a stack of experts is named
+    as its GGUF tensor: model.layers.3.mlp.experts.gate_proj → (3, 'gate_exps')."""
+    m = re.fullmatch(r"model\.layers\.(\d+)\.(?:\w+\.)*?(experts\.)?(\w+)", module)
+    if not m:
+        return None, module.split(".")[-1]
+    kind = m.group(3).removesuffix("_proj") + "_exps" if m.group(2) else m.group(3)
+    return int(m.group(1)), kind
+
+
+def spectrum_stats(b: np.ndarray, a: np.ndarray, scale: float) -> dict:
+    """Everything analyze says of one update ΔW = scale·b·a, from its exact singular values (lowrank_svd)."""
+    s = lowrank_svd(b, a, scale, vectors=False)
+    out = {"fro": float(np.sqrt((s ** 2).sum())), "spectral": float(s[0]) if len(s) else 0.0,
+           "numerical_rank": numerical_rank(s, (b.shape[0], a.shape[1])),
+           "stable_rank": stable_rank(s), "entropy_rank": entropy_rank(s),
+           "singular_values": s.tolist(), "energy": energy_curve(s).tolist()}
+    for t in THRESHOLDS:
+        out[f"rank_{round(t * 100)}"] = rank_for_energy(s, t)
+    return out
+
+
+def expert_stats(b: np.ndarray, a: np.ndarray, scale: float, w: np.ndarray | None = None) -> dict:
+    """A stack of per-expert updates ΔW_e = scale·b[e]·a[e]: each expert's numbers (spectrum_stats, and ‖ΔW_e‖_F
+    relative to its base weight W_e), which experts it changes (UNCHANGED), and the stack's numbers for the
+    tables: ‖ΔW‖_F of the whole stack, ‖ΔW‖₂ the largest expert's, the ranks the mean over changed
+    experts."""
+    experts = [{"expert": e} | spectrum_stats(b[e], a[e], scale) for e in range(b.shape[0])]
+    if w is not None:
+        for x, we in zip(experts, w):
+            x["rel_fro"] = x["fro"] / max(float(np.linalg.norm(we)), 1e-30)
+    top = max(x["fro"] for x in experts)
+    changed = [x for x in experts if top > 0 and x["fro"] > UNCHANGED * top]
+    out = {"n_expert": len(experts), "experts": experts, "experts_changed": [x["expert"] for x in changed],
+           "fro": float(np.sqrt(sum(x["fro"] ** 2 for x in experts))), "spectral": max(x["spectral"] for x in experts)}
+    for key in ("numerical_rank", "rank_90", "rank_99", "stable_rank", "entropy_rank"):
+        out[key] = float(np.mean([x[key] for x in changed])) if changed else 0.0
+    if w is not None:
+        big = max(experts, key=lambda x: x["spectral"])["expert"]  # one power iteration, not one per expert
+        out["rel_fro"] = out["fro"] / max(float(np.linalg.norm(w)), 1e-30)
+        out["rel_spectral"] = out["spectral"] / max(spectral_norm(w[big]), 1e-30)
+    return out
+
+
+def experts_overview(stats: list[dict]) -> dict:
+    """Which experts the adapter changes, over its stacks of expert LoRA: those changed in some stack, and in
+    every one (empty for an adapter without expert LoRA)."""
+    stacks = [set(x["experts_changed"]) for x in stats if "experts" in x]
+    if not stacks:
+        return {}
+    return {"n_expert": max(x["n_expert"] for x in stats if "experts" in x),
+            "experts_changed": sorted(set.union(*stacks)),
+            "experts_changed_everywhere": sorted(set.intersection(*stacks))}
 
 
 @dataclass

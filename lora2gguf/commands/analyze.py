@@ -8,57 +8,54 @@ Then one verdict: the smallest uniform rank that keeps 99% of the whole adapter'
 Without --base a GGUF LoRA of a llama-family arch is read with its q/k rows in llama.cpp's permuted
 order: a row permutation P leaves every singular value of P·ΔW, every norm and so every number here
 unchanged, so the base (which only supplies the head counts to undo P) is not needed.
+
+LoRA on a stack of experts (E, out, in) is one pair per expert: each expert's ΔW_e gets the numbers above
+(lowrank.expert_stats), the report says which experts each stack really changes (‖ΔW_e‖_F above
+lowrank.UNCHANGED × the stack's largest) and the stack's row in the tables is ‖ΔW‖_F of the whole stack,
+‖ΔW‖₂ of its largest expert and the ranks averaged over its changed experts.
 """
 
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 
 import numpy as np
 
 from lora2gguf.adapters import lowrank
-from lora2gguf.adapters.load import load_for_base, refuse_expert_lora
+from lora2gguf.adapters.load import load_for_base
 from lora2gguf.errors import Lora2GGUFError
 from lora2gguf.fileio.atomic import atomic_output
 from lora2gguf.models.arch import ATTN_PROJ, MLP_PROJ
 from lora2gguf.weights.base_model import open_base
 
-THRESHOLDS = (0.9, 0.99)
-
-
-def _where(module: str) -> tuple[int | None, str]:
-    """(layer, short module name): model.layers.3.self_attn.q_proj → (3, 'q_proj')."""
-    m = re.fullmatch(r"model\.layers\.(\d+)\.\w+\.(\w+)", module)
-    return (int(m.group(1)), m.group(2)) if m else (None, module.split(".")[-1])
-
 
 def module_stats(m, base=None) -> dict:
     b, a = lowrank.module_factors(m)
-    s = lowrank.lowrank_svd(b, a, m.scale, vectors=False)
-    layer, kind = _where(m.module)
-    fro, spec = float(np.sqrt((s ** 2).sum())), float(s[0]) if len(s) else 0.0
-    out = {"module": m.module, "layer": layer, "kind": kind, "shape": [int(b.shape[0]), int(a.shape[1])],
-           "rank": m.r, "scale": m.scale, "fro": fro, "spectral": spec,
-           "numerical_rank": lowrank.numerical_rank(s, (b.shape[0], a.shape[1])),
-           "stable_rank": lowrank.stable_rank(s), "entropy_rank": lowrank.entropy_rank(s),
-           "singular_values": s.tolist(), "energy": lowrank.energy_curve(s).tolist()}
-    for t in THRESHOLDS:
-        out[f"rank_{round(t * 100)}"] = lowrank.rank_for_energy(s, t)
-    if base is not None:
-        w = base.tensor(m.weight_name)
-        out["rel_fro"] = fro / max(float(np.linalg.norm(w)), 1e-30)
-        out["rel_spectral"] = spec / max(lowrank.spectral_norm(w), 1e-30)
+    layer, kind = lowrank.module_label(m.module)
+    out = {"module": m.module, "layer": layer, "kind": kind, "shape": [int(b.shape[-2]), int(a.shape[-1])],
+           "rank": m.r, "scale": m.scale}
+    w = base.tensor(m.weight_name) if base is not None else None
+    if m.experts:
+        return out | lowrank.expert_stats(b, a, m.scale, w)
+    out |= lowrank.spectrum_stats(b, a, m.scale)
+    if w is not None:
+        out["rel_fro"] = out["fro"] / max(float(np.linalg.norm(w)), 1e-30)
+        out["rel_spectral"] = out["spectral"] / max(lowrank.spectral_norm(w), 1e-30)
     return out
 
 
+def spectra(x: dict) -> list[np.ndarray]:
+    """A module's singular values: one array, or one per expert of a stack."""
+    return [np.asarray(e["singular_values"]) for e in x.get("experts", [x])]
+
+
 def uniform_rank(modules: list[dict], energy: float) -> tuple[int, float]:
-    """The smallest K such that keeping each module's top min(K, r) singular values keeps `energy` of the
-    adapter's total ‖ΔW‖_F² (summed over modules), and the fraction that K keeps."""
+    """The smallest K such that keeping each module's (each expert's) top min(K, r) singular values keeps
+    `energy` of the adapter's total ‖ΔW‖_F² (summed over modules), and the fraction that K keeps."""
     total = sum(x["fro"] ** 2 for x in modules)
-    r_max = max(len(x["singular_values"]) for x in modules)
-    sq = [np.asarray(x["singular_values"]) ** 2 for x in modules]
+    sq = [v ** 2 for x in modules for v in spectra(x)]
+    r_max = max(len(v) for v in sq)
     kept = 1.0
     for k in range(1, r_max + 1):
         kept = sum(float(v[:k].sum()) for v in sq) / total if total > 0 else 1.0
@@ -67,11 +64,15 @@ def uniform_rank(modules: list[dict], energy: float) -> tuple[int, float]:
     return r_max, kept
 
 
+def parameters(x: dict, k: int | None = None) -> int:
+    """A module's LoRA parameters at its rank, or at rank min(k, r): r·(out + in), per expert of a stack."""
+    return min(k or x["rank"], x["rank"]) * sum(x["shape"]) * x.get("n_expert", 1)
+
+
 def analyze(adapter: str | os.PathLike, base: str | os.PathLike | None = None) -> dict:
     """The report for `adapter` (any format the project reads), relative to `base` when given."""
     if base is None:
         a = load_for_base(adapter, None, any_qk_order=True)
-        refuse_expert_lora(a, "analyze")
         with lowrank.small_matrix_threads():
             stats = [module_stats(m) for m in a.modules.values()]
     else:
@@ -84,15 +85,15 @@ def analyze(adapter: str | os.PathLike, base: str | os.PathLike | None = None) -
     ranks = sorted({x["rank"] for x in stats})
     k99, kept = uniform_rank(stats, 0.99)
     k90, kept90 = uniform_rank(stats, 0.9)
-    params = sum(x["rank"] * sum(x["shape"]) for x in stats)
-    params_k = sum(min(k99, x["rank"]) * sum(x["shape"]) for x in stats)
+    params = sum(parameters(x) for x in stats)
+    params_k = sum(parameters(x, k99) for x in stats)
     per99 = [x["rank_99"] for x in stats]
     return {"adapter": str(adapter), "base": str(base) if base else None, "modules": stats,
             "ranks": ranks, "uniform_rank_99": k99, "uniform_energy_99": kept,
             "uniform_rank_90": k90, "uniform_energy_90": kept90,
             "per_module_rank_99": {"min": min(per99), "max": max(per99), "mean": float(np.mean(per99))},
             "parameters": params, "parameters_at_rank_99": params_k,
-            "verdict": verdict(ranks, k99, kept, params, params_k, k90, kept90)}
+            "verdict": verdict(ranks, k99, kept, params, params_k, k90, kept90)} | lowrank.experts_overview(stats)
 
 
 def verdict(ranks: list[int], k: int, kept: float, params: int, params_k: int, k90: int, kept90: float) -> str:
@@ -107,6 +108,7 @@ def verdict(ranks: list[int], k: int, kept: float, params: int, params_k: int, k
 def _grid(report: dict, key: str) -> tuple[list, list, np.ndarray]:
     layers = sorted({x["layer"] for x in report["modules"]}, key=lambda v: (v is None, v or 0))
     order = [p.split(".")[-1] for p in ATTN_PROJ + MLP_PROJ]  # q, k, v, o, gate, up, down; others after
+    order += [p.removesuffix("_proj") + "_exps" for p in order[-3:]]  # then the expert stacks, in the same order
     kinds = sorted(dict.fromkeys(x["kind"] for x in report["modules"]),
                    key=lambda k: (order.index(k) if k in order else len(order), k))
     g = np.full((len(layers), len(kinds)), np.nan)
@@ -138,9 +140,35 @@ def format_report(report: dict) -> str:
                      + f" {mean('rank_90'):5.1f} {mean('rank_99'):5.1f} {mean('stable_rank'):7.2f}"
                      f" {mean('entropy_rank'):7.2f}")
     p = report["per_module_rank_99"]
-    lines += ["", f"per-module rank for 99%: {p['min']}-{p['max']} (mean {p['mean']:.1f}); "
+    lines += ["", f"per-module rank for 99%: {p['min']:g}-{p['max']:g} (mean {p['mean']:.1f}); "
               f"`resize --energy 0.99` would use those", report["verdict"]]
-    return "\n".join(lines)
+    return "\n".join(lines + experts_table(report))
+
+
+def experts_table(report: dict, top: int = 4) -> list[str]:
+    """Per stack of expert LoRA: how many experts it changes, and its largest by ‖ΔW_e‖_F with their rank for
+    99% of the energy and entropy rank; then the experts changed anywhere and everywhere."""
+    stacks = [x for x in report["modules"] if "experts" in x]
+    if not stacks:
+        return []
+    rel = report["base"] is not None
+    key = "rel_fro" if rel else "fro"
+    norm = "‖ΔW_e‖_F / ‖W_e‖_F" if rel else "‖ΔW_e‖_F"
+    lines = ["", "expert LoRA, per expert e: ΔW_e = scale·B_e·A_e; changed = ‖ΔW_e‖_F above "
+             f"{lowrank.UNCHANGED:g} × its stack's largest; top experts by {norm} (k99, entropy rank)",
+             f"{'layer':>5} {'module':>10} {'changed':>8} {'≈0':>4}  top experts"]
+    for x in stacks:
+        best = sorted(x["experts"], key=lambda e: -e[key])[:top]
+        tops = "  ".join(f"e{e['expert']} {e[key]:.3g} ({e['rank_99']}, {e['entropy_rank']:.2f})"
+                         for e in best if e["expert"] in x["experts_changed"])
+        n = len(x["experts_changed"])
+        changed = f"{n}/{x['n_expert']}"
+        lines.append(f"{'-' if x['layer'] is None else x['layer']:>5} {x['kind']:>10} {changed:>8} "
+                     f"{x['n_expert'] - n:>4}  {tops or '-'}")
+    lines.append(f"experts changed: {', '.join(map(str, report['experts_changed'])) or 'none'} "
+                 f"({len(report['experts_changed'])} of {report['n_expert']}); in every expert stack: "
+                 f"{', '.join(map(str, report['experts_changed_everywhere'])) or 'none'}")
+    return lines + ["(`lora2gguf resize` does not handle LoRA on stacked experts yet)"]
 
 
 def plot(report: dict, out: str | os.PathLike) -> Path:

@@ -10,6 +10,10 @@ quantized types). A merged file must also show that it carries the adapter: a lo
 quantized file would pass the base alone when the adapter moves the model less than the rounding does.
 Adapters a GGUF LoRA cannot express (DoRA, LoRA bias, modules_to_save) are checked on the merged file
 only; the runtime view is then skipped, with the reason in the report.
+
+On a mixture of experts every view also records, per layer, the top-k experts each token was routed to (the
+reference from its MoE blocks, llama.cpp from its graph), and each pair is judged routing-aware
+(parity.routing): a router near-tie flips an expert on a few tokens, whose KL would dominate the mean.
 """
 
 from __future__ import annotations
@@ -38,10 +42,12 @@ from lora2gguf.parity.metrics import (
     carried_fraction,
     compare,
     perplexity,
+    routed_compare,
     teacher_forced,
 )
 from lora2gguf.parity.nf4 import NF4Base
 from lora2gguf.parity.reference import ReferenceWeights, reference_logits
+from lora2gguf.parity.routing import RULE, judge_pair, judged_kl, table
 from lora2gguf.weights.base_model import GGUFBase
 
 DEFAULT_TEXT = (
@@ -204,6 +210,7 @@ class Views:
     greedy: dict
     conts: list[list[int]]
     merged_type: str | None
+    routing: dict | None = None  # a mixture of experts: view → layer → (tokens, n_expert_used) chosen experts
 
 
 def evaluate(gb, adapters: list[Adapter], merged: Path | None, run_runtime: bool, text, prompts, chat_template,
@@ -212,13 +219,23 @@ def evaluate(gb, adapters: list[Adapter], merged: Path | None, run_runtime: bool
     """Every view once over the whole text (logits for every position), and greedy continuations of the
     prompts: llama.cpp with the runtime LoRA (or the merged file), the other views teacher-forced on them."""
     base_path = gb.path
+    moe = bool(gb.spec.arch_module.expert_proj)  # keep each view's expert choices over the text
+    routing: dict | None = {} if moe else None
+
+    def keep(view: str, rt: LlamaRuntime) -> None:
+        if moe:
+            routing[view] = rt.routing  # since the last logits(): read before the next one
+
+    def into(view: str) -> dict | None:
+        return routing.setdefault(view, {}) if moe else None
+
     chat = _chat_prompts(gb, prompts, chat_template) if prompts else None
     # the context holds the text, or the prompts with their greedy continuations decoded side by side
     n_seq = min(len(chat or [0] * 4), 16)
     longest = sorted((len(p) for p in chat or []), reverse=True)[:n_seq] or [13] * 4  # _text_prompts: ≤ 13 tokens
     n_ctx = max(256, n_tokens + 8, sum(n + n_greedy for n in longest))
     # the file as it is, not repacked by llama.cpp for its CPU kernels: the base once in memory, not twice
-    rt_args = dict(n_ctx=n_ctx, verbose=verbose, repack=False, n_seq=n_seq)
+    rt_args = dict(n_ctx=n_ctx, verbose=verbose, repack=False, n_seq=n_seq, moe_routing=moe)
     with LlamaRuntime(base_path, **rt_args) as rt:
         tokens = rt.tokenize(text or DEFAULT_TEXT)[:n_tokens]
         if len(tokens) < 16:
@@ -226,11 +243,13 @@ def evaluate(gb, adapters: list[Adapter], merged: Path | None, run_runtime: bool
         report["tokens"] = len(tokens)
         prompt_tokens = chat or _text_prompts(tokens)
         logits = {"base_runtime": rt.logits(tokens)}
+        keep("base_runtime", rt)
         greedy: dict = {}
         conts = None  # llama.cpp's greedy text: with the runtime LoRA, else from the merged file
         if run_runtime:
             rt.set_adapters([(a.runtime_path, a.scale) for a in adapters])
             logits["runtime"] = rt.logits(tokens)
+            keep("runtime", rt)
             conts = greedy["runtime"] = rt.greedy_many(prompt_tokens, n_greedy)
             rt.set_adapters([])
         mtype = None
@@ -238,59 +257,77 @@ def evaluate(gb, adapters: list[Adapter], merged: Path | None, run_runtime: bool
             mtype = file_type(merged)
             with LlamaRuntime(merged, **rt_args) as mrt:
                 logits["merged"] = mrt.logits(tokens)
+                keep("merged", mrt)
                 if conts is None:
                     conts = mrt.greedy_many(prompt_tokens, n_greedy)
                 greedy["merged"] = teacher_forced(mrt.logits, prompt_tokens, conts)
             # the base itself when it is of the merged type already (merge keeps untouched tensors' bytes)
-            logits["base_alone_as_merged"] = (logits["base_runtime"] if mtype == file_type(base_path) else
-                                              base_alone(base_path, mtype, tokens, tmp, n_ctx, imatrix))
+            if mtype == file_type(base_path):
+                logits["base_alone_as_merged"] = logits["base_runtime"]
+                if moe:
+                    routing["base_alone_as_merged"] = routing["base_runtime"]
+            else:
+                logits["base_alone_as_merged"] = base_alone(base_path, mtype, tokens, tmp, n_ctx, imatrix,
+                                                            into("base_alone_as_merged"))
     # the reference layer by layer over every sequence: one layer's weights in memory at a time
     pairs = [(a.lora, a.scale) for a in adapters]
-    logits["base_reference"] = reference_logits(gb, [], [tokens])[0]
-    ref_logits = reference_logits(gb, pairs, [tokens] + [p + c for p, c in zip(prompt_tokens, conts)])
+    logits["base_reference"] = reference_logits(gb, [], [tokens], into("base_reference"))[0]
+    ref_logits = reference_logits(gb, pairs, [tokens] + [p + c for p, c in zip(prompt_tokens, conts)],
+                                  into("reference"))
     logits["reference"] = ref_logits[0]
     greedy["reference"] = teacher_forced(None, prompt_tokens, conts, ref_logits[1:])
     del ref_logits
     if merged and mtype == file_type(base_path) and mtype not in FULL_PRECISION:
-        exact = exact_merge_quantized(gb, ReferenceWeights(gb, pairs), mtype, tokens, tmp, n_ctx, imatrix)
+        exact = exact_merge_quantized(gb, ReferenceWeights(gb, pairs), mtype, tokens, tmp, n_ctx, imatrix,
+                                      into("exact_merge_quantized"))
         if exact is not None:
             logits["exact_merge_quantized"] = exact
     if any(four_bit_base(a.lora.config) for a in adapters):
         report["four_bit_gap"] = _four_bit_gap(gb, adapters, tokens, logits)
     report["views"] = {k: {"perplexity": perplexity(v, np.array(tokens))} for k, v in logits.items()}
-    return Views(logits, greedy, conts, mtype)
+    return Views(logits, greedy, conts, mtype, routing)
 
 
 def judge(views: Views, report: dict, max_kl: float | None) -> None:
     """Pass or fail, into the report. Thresholds follow the floor measured for each file type: what llama.cpp
     at that type costs on the base alone (its arithmetic at F32/F16/BF16, that plus the rounding for
-    quantized types); a merged file must also carry the adapter's effect (CARRIED_RANGE)."""
-    logits, greedy, mtype = views.logits, views.greedy, views.merged_type
+    quantized types); a merged file must also carry the adapter's effect (CARRIED_RANGE). On a mixture of
+    experts each pair is also measured routing-aware (parity.routing)."""
+    logits, greedy, mtype, routing = views.logits, views.greedy, views.merged_type, views.routing
+
+    def measure(p: str, q: str) -> dict:
+        if routing is None:
+            return compare(logits[p], logits[q])
+        return routed_compare(logits[p], logits[q], routing[p], routing[q])
+
     moved = compare(logits["base_reference"], logits["reference"])
     report["adapter_effect"] = {"kl_base_to_reference": moved["mean_kl"], "top1_changed": 1 - moved["top1"]}
-    floor_base = compare(logits["base_reference"], logits["base_runtime"])["mean_kl"]
-    report["base_quantization_floor"] = floor_base
+    floor_base = measure("base_reference", "base_runtime")
+    report["base_quantization_floor"] = judged_kl(floor_base)
+    if routing is not None:
+        report["routing_aware"] = {"rule": " ".join(RULE),
+                                   "base_expert_set_mismatch": floor_base["expert_set_mismatch"]}
     checks = {}
     if "runtime" in logits:
-        checks["runtime"] = ("reference", "runtime", 1.5 * floor_base + 1e-4)
+        checks["runtime"] = ("reference", "runtime", floor_base, 1e-4)
     if "merged" in logits:
         if "exact_merge_quantized" in logits:  # a same-type merge re-rounds exactly the tensors it changes
-            floor = compare(logits["reference"], logits["exact_merge_quantized"])["mean_kl"]
+            floor = measure("reference", "exact_merge_quantized")
             report["merged_floor_source"] = "the reference's merged weights quantized by llama.cpp at the merged type"
         else:
-            floor = compare(logits["base_reference"], logits["base_alone_as_merged"])["mean_kl"]
-        report["merged_quantization_floor"] = floor
-        checks["merged"] = ("reference", "merged", 1.5 * floor + (1e-4 if mtype == "ALL_F32" else 1e-3))
+            floor = measure("base_reference", "base_alone_as_merged")
+        report["merged_quantization_floor"] = judged_kl(floor)
+        if routing is not None:
+            report["routing_aware"]["merged_floor_expert_set_mismatch"] = floor["expert_set_mismatch"]
+        checks["merged"] = ("reference", "merged", floor, 1e-4 if mtype == "ALL_F32" else 1e-3)
         if "runtime" in logits:
-            checks["merged_vs_runtime"] = ("runtime", "merged", None)
+            checks["merged_vs_runtime"] = ("runtime", "merged", None, None)
     ok = True
-    for name, (p, q, thr) in checks.items():
-        m = compare(logits[p], logits[q])
+    for name, (p, q, floor, slack) in checks.items():
+        m = measure(p, q)
         m["greedy"] = agreement(greedy[p], greedy[q], views.conts)
-        if thr is not None:
-            m["max_kl_allowed"] = max_kl if max_kl is not None else thr
-            m["pass"] = m["mean_kl"] <= m["max_kl_allowed"]
-            ok &= m["pass"]
+        if floor is not None:
+            ok &= judge_pair(m, floor, slack, max_kl)
         report["pairs"][name] = m
     if "merged" in logits:
         c = _carries(logits)
@@ -363,9 +400,15 @@ def format_report(r: dict) -> str:
         lines.append(f"merged-type quantization floor ({source}): {r['merged_quantization_floor']:.3g}")
     for view, why in r.get("skipped", {}).items():
         lines.append(f"{view} view skipped: {why}")
+    if "routing_aware" in r:
+        ra = r["routing_aware"]
+        merged_floor = ra.get("merged_floor_expert_set_mismatch")
+        lines.append("tokens whose top-k expert set flips between reference and llama.cpp: base "
+                     f"{ra['base_expert_set_mismatch']:.1%}"
+                     + (f", merged floor {merged_floor:.1%}" if merged_floor is not None else ""))
     hdr = f"{'pair':<20}{'mean KL':>11}{'max KL':>11}{'top-1':>8}{'max|Δ|':>9}{'greedy':>8}{'limit':>10}  result"
-    lines += ["", hdr, "-" * len(hdr)]
-    for name, m in r["pairs"].items():
+    lines += ["", *table(r["pairs"])] if "routing_aware" in r else ["", hdr, "-" * len(hdr)]
+    for name, m in r["pairs"].items() if "routing_aware" not in r else ():
         lim = f"{m['max_kl_allowed']:.2g}" if "max_kl_allowed" in m else "-"
         res = ("pass" if m["pass"] else "FAIL") if "pass" in m else "info"
         lines.append(f"{name:<20}{m['mean_kl']:>11.3g}{m['max_kl']:>11.3g}{m['top1']:>8.1%}"

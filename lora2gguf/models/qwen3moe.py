@@ -42,7 +42,7 @@ class Qwen3Moe(Arch):
     expert_params = {"mlp.experts.gate_up_proj": ("mlp.experts.gate_proj", "mlp.experts.up_proj"),
                      "mlp.experts.down_proj": ("mlp.experts.down_proj",)}  # Qwen3MoeExperts (transformers 5)
     bias_slots = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")  # llama.cpp adds bq/bk/bv only
-    verbs = ("convert", "inspect", "merge")  # the first milestone of mixture-of-experts support
+    verbs = ("convert", "inspect", "merge", "verify", "analyze")  # the verbs that handle mixture-of-experts so far
 
     # -- hyperparameters ---------------------------------------------------------------------------------
     def gguf_extra(self, f, common: dict, where) -> dict:

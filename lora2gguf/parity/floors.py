@@ -31,20 +31,26 @@ BASE_ALONE: dict[tuple, np.ndarray] = {}  # one process verifying several adapte
 
 
 def base_alone(base_path: Path, ftype_name: str, tokens, tmp: Path, n_ctx: int,
-               imatrix: Importance | None = None) -> np.ndarray:
+               imatrix: Importance | None = None, routing: dict | None = None) -> np.ndarray:
     """llama.cpp's logits for the base alone, no adapter, quantized to ftype_name by llama.cpp (with the
     merged file's importance matrix, if it had one): what a merged file of that type would look like if it
-    carried nothing."""
+    carried nothing. routing: a dict to receive llama.cpp's expert choices (a mixture of experts)."""
     st = base_path.stat()
     key = (str(base_path.resolve()), st.st_size, st.st_mtime_ns, ftype_name, tuple(tokens), n_ctx,
            None if imatrix is None else (imatrix.file, tuple((k, v.tobytes()) for k, v in sorted(imatrix.values.items()))))
+    key += (routing is not None,)
     if key not in BASE_ALONE:
-        BASE_ALONE[key] = measure_base_alone(base_path, ftype_name, tokens, tmp, n_ctx, imatrix)
-    return BASE_ALONE[key]
+        got: dict = {}
+        BASE_ALONE[key] = measure_base_alone(base_path, ftype_name, tokens, tmp, n_ctx, imatrix,
+                                             got if routing is not None else None), got
+    logits, got = BASE_ALONE[key]
+    if routing is not None:
+        routing.update(got)
+    return logits
 
 
 def measure_base_alone(base_path: Path, ftype_name: str, tokens, tmp: Path, n_ctx: int,
-                       imatrix: Importance | None = None) -> np.ndarray:
+                       imatrix: Importance | None = None, routing: dict | None = None) -> np.ndarray:
     """The base quantized by llama.cpp's quantizer, in this process (llamacpp.ggml): from the base itself when
     it is F32/F16/BF16, else from its tensors dequantized by gguf-py (what llama_model_quantize of
     dequantize_file's F32 copy gives, without that copy: no file here is larger than the quantized one)."""
@@ -53,15 +59,25 @@ def measure_base_alone(base_path: Path, ftype_name: str, tokens, tmp: Path, n_ct
         quantize_file(base_path, dst, LlamaFileType[ftype_name], imatrix=imatrix)
     else:
         quantize_f32_copy(base_path, dst, LlamaFileType[ftype_name], imatrix=imatrix)
+    return logits_of(dst, tokens, n_ctx, routing, remove=True)
+
+
+def logits_of(path: Path, tokens, n_ctx: int, routing: dict | None = None, remove: bool = False) -> np.ndarray:
+    """llama.cpp's logits for `tokens` on the model at `path` (as it is, not repacked), and its expert choices
+    into `routing` when given (a mixture of experts); `remove`: delete the file after."""
     try:
-        with LlamaRuntime(dst, n_ctx=n_ctx, repack=False) as rt:
-            return rt.logits(tokens)
+        with LlamaRuntime(path, n_ctx=n_ctx, repack=False, moe_routing=routing is not None) as rt:
+            out = rt.logits(tokens)
+            if routing is not None:
+                routing.update(rt.routing)
+            return out
     finally:
-        dst.unlink(missing_ok=True)
+        if remove:
+            path.unlink(missing_ok=True)
 
 
 def exact_merge_quantized(gb, ref, mtype: str, tokens, tmp: Path, n_ctx: int,
-                          imatrix: Importance | None = None) -> np.ndarray | None:
+                          imatrix: Importance | None = None, routing: dict | None = None) -> np.ndarray | None:
     """llama.cpp's logits for the reference's merged weights (PEFT's math, float64) in place of the base's
     tensors (the others dequantized by gguf-py), quantized by llama.cpp's quantizer to the merged type in this
     process (llamacpp.ggml, no F32 copy of the base): what a correct merge of that type computes
@@ -88,8 +104,4 @@ def exact_merge_quantized(gb, ref, mtype: str, tokens, tmp: Path, n_ctx: int,
                 arch.to_gguf(spec, name, ref.get(name, n_out).numpy()), np.float32)
     dst = tmp / f"exact-merge-{mtype}.gguf"
     quantize_f32_copy(gb.path, dst, LlamaFileType[mtype], replace, imatrix=imatrix)
-    try:
-        with LlamaRuntime(dst, n_ctx=n_ctx, repack=False) as rt:
-            return rt.logits(tokens)
-    finally:
-        dst.unlink(missing_ok=True)
+    return logits_of(dst, tokens, n_ctx, routing, remove=True)

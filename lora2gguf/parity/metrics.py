@@ -34,10 +34,13 @@ def kl_per_position(p_logits: np.ndarray, q_logits: np.ndarray) -> np.ndarray:
 
 
 def compare(p_logits: np.ndarray, q_logits: np.ndarray) -> dict:
-    """mean/max KL(P ‖ Q), top-1 agreement and max |Δlogit| between two (T, vocab) logit arrays."""
+    """mean/median/max KL(P ‖ Q), top-1 agreement and max |Δlogit| between two (T, vocab) logit arrays."""
     if p_logits.shape != q_logits.shape:
         raise ValueError(f"logit shapes differ: {p_logits.shape} vs {q_logits.shape}")
-    kl = kl_per_position(p_logits, q_logits)
+    return _summary(p_logits, q_logits, kl_per_position(p_logits, q_logits))
+
+
+def _summary(p_logits: np.ndarray, q_logits: np.ndarray, kl: np.ndarray) -> dict:
     dmax = max(float(np.abs(p_logits[sl].astype(np.float64) - q_logits[sl]).max()) for sl in _blocks(p_logits))
     return {
         "mean_kl": float(kl.mean()), "median_kl": float(np.median(kl)), "max_kl": float(kl.max()),
@@ -46,17 +49,41 @@ def compare(p_logits: np.ndarray, q_logits: np.ndarray) -> dict:
     }
 
 
+def expert_set_differs(a: dict[int, np.ndarray], b: dict[int, np.ndarray]) -> np.ndarray:
+    """(layers, tokens) booleans, layers in order: where the set of chosen experts differs between two runs
+    (a, b: layer → (tokens, n_expert_used) expert ids, any order within a row)."""
+    if set(a) != set(b) or not a:
+        raise ValueError(f"routing of different layers: {sorted(a)} vs {sorted(b)}")
+    for layer in a:
+        if a[layer].shape != b[layer].shape:
+            raise ValueError(f"layer {layer}: routing of {a[layer].shape} vs {b[layer].shape} (tokens, experts)")
+    return np.stack([(np.sort(a[i], -1) != np.sort(b[i], -1)).any(-1) for i in sorted(a)])
+
+
 def expert_set_mismatch(a: dict[int, np.ndarray], b: dict[int, np.ndarray]) -> float:
     """Routing-aware parity for a mixture of experts: the share of tokens whose set of chosen experts differs
     in any layer between two runs (a, b: layer → (tokens, n_expert_used) expert ids, any order within a row).
     A near-tie in a router flips a choice on a few tokens, which is where a MoE's mean KL comes from: report
     it beside the median per-token KL (unmoved by a few flipped tokens) and the mean."""
-    if set(a) != set(b) or not a:
-        raise ValueError(f"routing of different layers: {sorted(a)} vs {sorted(b)}")
-    differs = np.zeros(len(next(iter(a.values()))), bool)
-    for layer, ids in a.items():
-        differs |= (np.sort(ids, -1) != np.sort(b[layer], -1)).any(-1)
-    return float(differs.mean())
+    return float(expert_set_differs(a, b).any(0).mean())
+
+
+def routed_compare(p_logits: np.ndarray, q_logits: np.ndarray, p_routing: dict[int, np.ndarray],
+                   q_routing: dict[int, np.ndarray]) -> dict:
+    """compare() and the routing of a mixture of experts: the share of tokens whose top-k expert set differs in
+    any layer (a token counts once however many of its layers flipped), that share per layer, and the mean KL
+    over the tokens routed alike at every layer (a flipped token's KL measures a router near-tie, not the
+    weights: it is judged by the share, the others by their KL)."""
+    if p_logits.shape != q_logits.shape:
+        raise ValueError(f"logit shapes differ: {p_logits.shape} vs {q_logits.shape}")
+    kl = kl_per_position(p_logits, q_logits)
+    differs = expert_set_differs(p_routing, q_routing)
+    if differs.shape[1] != len(kl):
+        raise ValueError(f"routing of {differs.shape[1]} tokens for logits of {len(kl)}")
+    agree = ~differs.any(0)
+    return _summary(p_logits, q_logits, kl) | {
+        "expert_set_mismatch": float(1 - agree.mean()), "expert_set_mismatch_per_layer": differs.mean(1).tolist(),
+        "mean_kl_routing_agrees": float(kl[agree].mean()) if agree.any() else float("inf")}
 
 
 def perplexity(logits: np.ndarray, tokens: np.ndarray) -> float:

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from lora2gguf.adapters.lora import ModuleLoRA, PeftAdapter, merged_bias, merged_weight
-from lora2gguf.models.layers import Transformer
+from lora2gguf.models.layers import MoE, Transformer
 from lora2gguf.weights.base_model import GGUFBase
 from lora2gguf.weights.quantized import frozen_linear, quant_weight
 
@@ -180,13 +180,38 @@ def run_layers(base, src: ReferenceWeights, sequences: list[list[int]],
     return model, out
 
 
-def reference_logits(base, adapters: list[tuple[PeftAdapter, float]], sequences: list[list[int]]) -> list[np.ndarray]:
+def routing_hooks(sequences: list[list[int]], store: dict[int, np.ndarray]):
+    """(on_layer, on_batch) for run_layers that keep, for the first sequence, the experts each MoE layer's
+    router chose (store: layer → (tokens, n_expert_used) ids), read with MoE.route itself: a pre-hook on the
+    MoE blocks only (the router, a small matmul, runs twice; a dense layer is not touched)."""
+    groups = _batches(sequences, BATCH_TOKENS)  # run_layers' batches, in its order
+    first = next((g, b) for g, grp in enumerate(groups) for b, j in enumerate(grp) if j == 0)
+    T, batch = len(sequences[0]), {"n": -1}
+
+    def on_batch(valid: torch.Tensor) -> None:
+        batch["n"] += 1
+
+    def on_layer(layer: nn.Module, i: int) -> None:
+        def pre(mod: nn.Module, args) -> None:
+            if batch["n"] % len(groups) == first[0]:  # routed as the block routes it: the whole batch at once
+                x = args[0]
+                store[i] = mod.route(x.reshape(-1, x.shape[-1]))[0].view(*x.shape[:2], -1)[first[1], :T].numpy()
+        for sub in layer.modules():
+            if isinstance(sub, MoE):
+                sub.register_forward_pre_hook(pre)
+    return on_layer, on_batch
+
+
+def reference_logits(base, adapters: list[tuple[PeftAdapter, float]], sequences: list[list[int]],
+                     routing: dict[int, np.ndarray] | None = None) -> list[np.ndarray]:
     """The reference model's float32 logits for each token sequence (run_layers, then the head): an
     untouched head stays quantized (logits by blocks of rows). Peak memory is the file's pages plus one
-    layer, not an fp32 copy of the model; the result is reference_model's."""
+    layer, not an fp32 copy of the model; the result is reference_model's. routing: a dict to receive the
+    first sequence's expert choices, layer by layer (a mixture of experts; routing_hooks)."""
     spec = base.spec
     src = ReferenceWeights(base, list(adapters))
-    model, xs = run_layers(base, src, sequences)
+    hooks = routing_hooks(sequences, routing) if routing is not None else (None, None)
+    model, xs = run_layers(base, src, sequences, *hooks)
     with torch.no_grad():
         src.load(model.model.norm, "model.norm.")
         head_name = "lm_head.weight" if (not spec.tied_embeddings or src.untied) else "model.embed_tokens.weight"
