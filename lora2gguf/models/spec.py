@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from lora2gguf.errors import Lora2GGUFError
-from lora2gguf.models.registry import get
+from lora2gguf.models.registry import get, module_for
 
 
 @dataclass(frozen=True)
@@ -52,6 +52,10 @@ class MoESpec(ModelSpec):
     n_expert_used: int = 0
     n_ff_exp: int = 0
     norm_topk_prob: bool = True  # the top-k routing weights are renormalised to sum to 1
+
+    @property
+    def arch_module(self):
+        return module_for(self.arch, True)  # `arch` is the GGUF name, shared with a dense form for Mixtral
 
 
 def check_dims(fields: dict[str, int], where) -> None:

@@ -59,7 +59,7 @@ class GGUFBase:
         arch = f.string("general.architecture")
         if arch is None:
             raise Lora2GGUFError(f"{self.path}: no general.architecture in the GGUF metadata")
-        spec = models.find(arch, str(self.path)).spec_from_gguf(f, self.path)
+        spec = models.for_gguf(f, str(self.path)).spec_from_gguf(f, self.path)
         return spec if spec.name else dataclasses.replace(spec, name=self.path.stem)
 
     def hf_names(self) -> list[str]:
@@ -143,8 +143,13 @@ class HFBase:
                         raise Lora2GGUFError(f"{f}: tensor {k} has dtype {info['dtype']}; expected a floating-point "
                                              "type (F32, F16, BF16, F64)")
         self._parts = {}  # a tensor the checkpoint stores in parts (one per expert) → the parts' names
+        self._alias = {}  # a tensor the checkpoint stores whole under another name → that name
         arch = self.spec.arch_module
-        for name in wanted - set(shapes):
+        for name in sorted(wanted - set(shapes)):
+            alias = arch.hf_file_alias(self.spec, name)
+            if alias in shapes:
+                shapes[name], self._alias[name] = shapes[alias], alias
+                continue
             parts = arch.hf_file_parts(self.spec, name)
             if parts and parts[0] in shapes:
                 missing = [p for p in parts if p not in shapes]
@@ -167,6 +172,10 @@ class HFBase:
     def gguf_name(self, hf_name: str) -> str:
         return self.spec.arch_module.gguf_name(self.spec.n_layer, hf_name)
 
+    def file_name(self, hf_name: str) -> str:
+        """The name the checkpoint stores this whole tensor under (Mixtral's router: block_sparse_moe.gate)."""
+        return self._alias.get(hf_name, hf_name)
+
     def shape(self, hf_name: str) -> tuple[int, ...]:
         """The tensor's shape in HF layout (a stack of per-expert tensors: (n_expert, ...))."""
         return self._shapes[hf_name]
@@ -174,6 +183,7 @@ class HFBase:
     def tensor(self, hf_name: str) -> np.ndarray:
         if hf_name in self._parts:
             return np.stack([self.tensor(p) for p in self._parts[hf_name]])
+        hf_name = self.file_name(hf_name)
         if hf_name not in self._files:
             raise Lora2GGUFError(f"{self.path}: tensor {hf_name} not found")
         # framework="pt" reads bf16 too (numpy has no bfloat16); memory-mapped by safetensors.

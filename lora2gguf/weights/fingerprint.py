@@ -96,7 +96,8 @@ def fingerprint(base) -> Fingerprint:
     else:
         st = _SafetensorsIndex(base.path)
         shapes = {h: base.shape(h) for h in base.hf_names()}  # a stack of per-expert tensors too
-        rows_of, type_of = st.rows, st.ggml_type
+        rows_of = lambda h, rows, cols: st.rows(base.file_name(h), rows, cols)  # noqa: E731
+        type_of = lambda h: st.ggml_type(base.file_name(h))  # noqa: E731
     structure = hashlib.sha256(json.dumps([spec.arch, [[h, list(s)] for h, s in shapes.items()]]).encode()).hexdigest()
     parts, types = [], []
     for h in sampled_tensors(spec):

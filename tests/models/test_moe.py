@@ -1,5 +1,6 @@
-"""qwen3moe (models/qwen3moe.py) against its two independent references: transformers' own Qwen3MoeForCausalLM on
-fixtures/qwen3moe/hf and llama.cpp (llama-cpp-python) on the GGUF files. A mixture of experts is compared
+"""The mixture-of-experts archs (models/qwen3moe.py, mixtral.py; conftest.MOE_ARCHS) against their two independent
+references: transformers' own class (Qwen3MoeForCausalLM, MixtralForCausalLM) on fixtures/<arch>/hf and llama.cpp
+(llama-cpp-python) on the GGUF files. A mixture of experts is compared
 routing-aware: a near-tie in a router flips one expert choice on a few tokens, so the median per-token KL
 (unmoved by those tokens), the mean KL and the share of tokens whose top-k expert set differs in any layer
 are reported together (llama.cpp's choices are read from its graph, `ffn_moe_topk-<layer>`)."""
@@ -9,19 +10,19 @@ import json
 import numpy as np
 import pytest
 from conftest import fixture, token_ids
-from moe_helpers import ARCH, llama_run, reference_run, routed, transformers_run
+from moe_helpers import gguf_arch, llama_run, reference_run, routed, transformers_run
 
 from lora2gguf.errors import Lora2GGUFError
 from lora2gguf.parity.reference import reference_logits, reference_model
 from lora2gguf.weights.base_model import open_base
 
 
-def test_llama_cpp_matches_transformers():
+def test_llama_cpp_matches_transformers(moe_arch):
     """The fixture itself, independently of our code: llama.cpp on the GGUF == transformers on hf/ (per-expert
     tensors in the checkpoint, stacked *_exps in the GGUF), over 96 tokens."""
     tokens = token_ids(383, 96, seed=9)
-    theirs, r_theirs = transformers_run(tokens)
-    ours, r_ours = llama_run(fixture(ARCH), tokens)
+    theirs, r_theirs = transformers_run(moe_arch, tokens)
+    ours, r_ours = llama_run(fixture(moe_arch), tokens)
     m = routed(theirs, ours, r_theirs, r_ours)
     print("llama.cpp vs transformers", m)
     assert theirs.std(-1).mean() > 1.5, "fixture logits should be peaked for a meaningful check"
@@ -30,17 +31,18 @@ def test_llama_cpp_matches_transformers():
 
 
 @pytest.mark.parametrize("kind", ["f32", "hf"])
-def test_reference_matches_transformers_and_llama_cpp(kind):
+def test_reference_matches_transformers_and_llama_cpp(moe_arch, kind):
     """parity.reference's two forms (reference_model whole, reference_logits layer by layer) on the GGUF and
     on the HF directory: the same logits, and the same as transformers and llama.cpp, routing included."""
     tokens = token_ids(383, 96, seed=3)
-    with open_base(fixture(ARCH, kind)) as b:
+    with open_base(fixture(moe_arch, kind)) as b:
+        assert b.spec.arch_module.name == moe_arch
         assert (b.spec.n_expert, b.spec.n_expert_used, b.spec.n_ff_exp, b.spec.norm_topk_prob) == (8, 2, 256, True)
         ours, r_ours = reference_run(reference_model(b), tokens)
         layered = reference_logits(b, [], [tokens])[0]
     np.testing.assert_array_equal(ours, layered)
-    theirs, r_theirs = transformers_run(tokens)
-    lc, r_lc = llama_run(fixture(ARCH), tokens)
+    theirs, r_theirs = transformers_run(moe_arch, tokens)
+    lc, r_lc = llama_run(fixture(moe_arch), tokens)
     m_hf, m_lc = routed(theirs, ours, r_theirs, r_ours), routed(lc, ours, r_lc, r_ours)
     print(kind, "reference vs transformers", m_hf, "vs llama.cpp", m_lc)
     for m in (m_hf, m_lc):
@@ -48,31 +50,32 @@ def test_reference_matches_transformers_and_llama_cpp(kind):
 
 
 @pytest.mark.parametrize("kind", ["q8_0", "q4_k_m"])
-def test_reference_on_quantized_matches_llama_cpp(kind):
+def test_reference_on_quantized_matches_llama_cpp(moe_arch, kind):
     """The dequantized weights are what llama.cpp computes with: the median KL between llama.cpp and the reference
     on them is its activation rounding (q8 vec-dot), no more than the weight quantization's own median KL
     (the exact f32 reference against the dequantized one); on this fixture Q8_0's activation rounding is about
-    as large as its weight rounding (medians 1.5e-3 and 1.7e-3 measured), Q4_K_M's far below (1.5e-3, 7.5e-2)."""
+    as large as its weight rounding (qwen3moe: medians 1.5e-3 and 1.7e-3 measured), Q4_K_M's far below (1.5e-3,
+    7.5e-2)."""
     tokens = token_ids(383, 96, seed=4)
-    with open_base(fixture(ARCH, kind)) as b:
+    with open_base(fixture(moe_arch, kind)) as b:
         ours, r_ours = reference_run(reference_model(b), tokens)
-    with open_base(fixture(ARCH)) as b:
+    with open_base(fixture(moe_arch)) as b:
         exact, r_exact = reference_run(reference_model(b), tokens)
-    lc, r_lc = llama_run(fixture(ARCH, kind), tokens)
+    lc, r_lc = llama_run(fixture(moe_arch, kind), tokens)
     m, floor = routed(lc, ours, r_lc, r_ours), routed(exact, ours, r_exact, r_ours)
     print(kind, "llama.cpp vs reference-on-dequantized", m, "quantization itself", floor)
     assert m["median_kl"] < 1.25 * floor["median_kl"] and m["top1"] >= 0.95, (m, floor)
 
 
-def test_spec_from_gguf_equals_spec_from_config():
+def test_spec_from_gguf_equals_spec_from_config(moe_arch):
     """The GGUF's metadata, our config.json, the config transformers writes (num_local_experts) and the one our
     hf_config writes all describe the same model."""
     import transformers
 
-    with open_base(fixture(ARCH)) as g, open_base(fixture(ARCH, "hf")) as h:
+    with open_base(fixture(moe_arch)) as g, open_base(fixture(moe_arch, "hf")) as h:
         assert g.spec.to_dict() | {"name": ""} == h.spec.to_dict() | {"name": ""}
         arch = g.spec.arch_module
-        saved = transformers.AutoConfig.from_pretrained(fixture(ARCH, "hf")).to_dict()
+        saved = transformers.AutoConfig.from_pretrained(fixture(moe_arch, "hf")).to_dict()
         assert "num_local_experts" in saved
         for cfg in (saved, arch.hf_config(g.spec)):
             assert arch.spec_from_hf(cfg, "config").to_dict() | {"name": ""} == g.spec.to_dict() | {"name": ""}
@@ -86,7 +89,7 @@ def test_config_llama_cpp_would_compute_differently_is_refused(tmp_path, change,
     import shutil
 
     d = tmp_path / "hf"
-    shutil.copytree(fixture(ARCH, "hf"), d)
+    shutil.copytree(fixture("qwen3moe", "hf"), d)
     cfg = json.loads((d / "config.json").read_text())
     (d / "config.json").write_text(json.dumps(cfg | change))
     with pytest.raises(Lora2GGUFError, match=what) as e:
@@ -94,23 +97,31 @@ def test_config_llama_cpp_would_compute_differently_is_refused(tmp_path, change,
     assert "\n" not in str(e.value)
 
 
-def test_checkpoint_missing_an_expert_is_refused(tmp_path):
+# one expert's up projection in each arch's checkpoint names
+EXPERT_5_UP = {"qwen3moe": "model.layers.1.mlp.experts.5.up_proj.weight",
+               "mixtral": "model.layers.1.block_sparse_moe.experts.5.w3.weight"}
+
+
+def test_checkpoint_missing_an_expert_is_refused(tmp_path, moe_arch):
+    import re
+
     from safetensors.numpy import load_file, save_file
 
     d = tmp_path / "hf"
     d.mkdir()
-    (d / "config.json").write_text((fixture(ARCH, "hf") / "config.json").read_text())
-    w = load_file(str(fixture(ARCH, "hf") / "model.safetensors"))
-    del w["model.layers.1.mlp.experts.5.up_proj.weight"]
+    (d / "config.json").write_text((fixture(moe_arch, "hf") / "config.json").read_text())
+    w = load_file(str(fixture(moe_arch, "hf") / "model.safetensors"))
+    del w[EXPERT_5_UP[moe_arch]]
     save_file(w, str(d / "model.safetensors"))
-    with pytest.raises(Lora2GGUFError, match=r"experts\.5\.up_proj\.weight is missing"):
+    with pytest.raises(Lora2GGUFError, match=re.escape(EXPERT_5_UP[moe_arch]) + " is missing") as e:
         open_base(d)
+    assert "\n" not in str(e.value)
 
 
-def test_inspect_describes_the_base(capsys):
+def test_inspect_describes_the_base(capsys, moe_arch):
     from lora2gguf.cli import main
 
-    assert main(["inspect", str(fixture(ARCH)), "--json"]) == 0
+    assert main(["inspect", str(fixture(moe_arch)), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
-    assert info["architecture"] == ARCH and info["supported"] is True
+    assert info["architecture"] == gguf_arch(moe_arch) and info["supported"] is True
     assert info["spec"]["n_expert"] == 8 and info["spec"]["n_expert_used"] == 2 and info["spec"]["n_ff_exp"] == 256

@@ -1,12 +1,12 @@
-"""merge on qwen3moe: expert LoRA (PEFT target_parameters, made by the real peft) baked into the stacked *_exps
-tensors, expert by expert. The merged file in llama.cpp against transformers + PEFT, routing-aware; quantized
-outputs are llama.cpp's own quantizer's (a 3-D tensor quantized per expert slice, as llama-quant.cpp does):
+"""merge on the mixture-of-experts archs (conftest.MOE_ARCHS): expert LoRA (PEFT target_parameters, made by the real
+peft) baked into the stacked *_exps tensors, expert by expert. The merged file in llama.cpp against
+transformers + PEFT, routing-aware; quantized outputs are llama.cpp's own quantizer's (a 3-D tensor quantized per expert slice, as llama-quant.cpp does):
 byte-identical to llama-quantize of our F32 merge, and to the intermediate-file path from a quantized base."""
 
 import gguf
 import pytest
 from conftest import fixture, token_ids
-from moe_helpers import ARCH, llama_run, routed, transformers_run
+from moe_helpers import llama_run, routed, transformers_run
 from peft_helpers import make_peft_adapter
 
 from lora2gguf.commands.merge import merge
@@ -18,22 +18,22 @@ TOKENS = token_ids(383, 64, seed=11)
 
 
 @pytest.fixture(scope="module")
-def adapter(tmp_path_factory):
+def adapter(tmp_path_factory, moe_arch):
     """Attention and both expert parameters (gate_up fused, down) of every layer."""
-    return make_peft_adapter(fixture(ARCH, "hf"), tmp_path_factory.mktemp("experts") / "a", r=4, lora_alpha=16,
+    return make_peft_adapter(fixture(moe_arch, "hf"), tmp_path_factory.mktemp("experts") / "a", r=4, lora_alpha=16,
                              b_std=0.2, target_modules=["q_proj", "o_proj"],
                              target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
 
 
 @pytest.fixture(scope="module")
-def merged_f32(tmp_path_factory, adapter):
-    return merge(fixture(ARCH), [(adapter, 1.0)], tmp_path_factory.mktemp("m") / "m-f32.gguf", quant="f32")
+def merged_f32(tmp_path_factory, moe_arch, adapter):
+    return merge(fixture(moe_arch), [(adapter, 1.0)], tmp_path_factory.mktemp("m") / "m-f32.gguf", quant="f32")
 
 
-def test_merged_expert_lora_matches_transformers_peft(adapter, merged_f32):
-    base, _ = llama_run(fixture(ARCH), TOKENS)
+def test_merged_expert_lora_matches_transformers_peft(moe_arch, adapter, merged_f32):
+    base, _ = llama_run(fixture(moe_arch), TOKENS)
     ours, r_ours = llama_run(merged_f32, TOKENS)
-    theirs, r_theirs = transformers_run(TOKENS, adapter_dir=adapter)
+    theirs, r_theirs = transformers_run(moe_arch, TOKENS, adapter_dir=adapter)
     moved, m = compare(base, ours), routed(theirs, ours, r_theirs, r_ours)
     print("merged: moved", moved["mean_kl"], "llama.cpp on the merged file vs transformers+PEFT", m)
     assert moved["mean_kl"] > 1e-2, "the adapter must visibly change the output"
@@ -41,8 +41,8 @@ def test_merged_expert_lora_matches_transformers_peft(adapter, merged_f32):
 
 
 @pytest.mark.parametrize("quant", ["q8_0", "q4_k_m"])
-def test_quantized_merge_is_llama_quantize_of_the_f32_merge(tmp_path, adapter, merged_f32, quant):
-    ours = merge(fixture(ARCH), [(adapter, 1.0)], tmp_path / f"m-{quant}.gguf", quant=quant)
+def test_quantized_merge_is_llama_quantize_of_the_f32_merge(tmp_path, moe_arch, adapter, merged_f32, quant):
+    ours = merge(fixture(moe_arch), [(adapter, 1.0)], tmp_path / f"m-{quant}.gguf", quant=quant)
     theirs = tmp_path / f"lq-{quant}.gguf"
     llama_quantize(merged_f32, theirs, getattr(gguf.LlamaFileType, "MOSTLY_" + quant.upper()))
     assert ours.read_bytes() == theirs.read_bytes()
@@ -52,15 +52,15 @@ def test_quantized_merge_is_llama_quantize_of_the_f32_merge(tmp_path, adapter, m
                                                         else gguf.GGMLQuantizationType.Q8_0)
 
 
-def test_merge_into_a_quantized_base_equals_the_intermediate_path(tmp_path, adapter):
+def test_merge_into_a_quantized_base_equals_the_intermediate_path(tmp_path, moe_arch, adapter):
     """From a Q4_K_M base (experts in Q4_K / Q6_K / Q5_0): streamed expert by expert == the intermediate file
     quantized by llama.cpp in a child process; and the merged model carries the adapter: far closer to
     transformers + PEFT than the base is."""
-    a = merge(fixture(ARCH, "q4_k_m"), [(adapter, 1.0)], tmp_path / "a.gguf", quant="q4_k_m")
-    b = merge(fixture(ARCH, "q4_k_m"), [(adapter, 1.0)], tmp_path / "b.gguf", quant="q4_k_m", intermediate=True)
+    a = merge(fixture(moe_arch, "q4_k_m"), [(adapter, 1.0)], tmp_path / "a.gguf", quant="q4_k_m")
+    b = merge(fixture(moe_arch, "q4_k_m"), [(adapter, 1.0)], tmp_path / "b.gguf", quant="q4_k_m", intermediate=True)
     assert a.read_bytes() == b.read_bytes()
-    theirs, _ = transformers_run(TOKENS, adapter_dir=adapter)
-    base, _ = llama_run(fixture(ARCH, "q4_k_m"), TOKENS)
+    theirs, _ = transformers_run(moe_arch, TOKENS, adapter_dir=adapter)
+    base, _ = llama_run(fixture(moe_arch, "q4_k_m"), TOKENS)
     ours, _ = llama_run(a, TOKENS)
     m, without = compare(theirs, ours), compare(theirs, base)
     print("q4_k_m base + merge vs transformers+PEFT", m, "base alone", without)

@@ -1,4 +1,5 @@
-"""convert on qwen3moe: adapters made by the real peft on transformers' own Qwen3MoeForCausalLM, converted, loaded by
+"""convert on the mixture-of-experts archs (conftest.MOE_ARCHS): adapters made by the real peft on transformers' own
+class (Qwen3MoeForCausalLM, MixtralForCausalLM), converted, loaded by
 llama.cpp (--lora through llama-cpp-python) and compared with transformers + PEFT, routing-aware (median and mean
 per-token KL, share of tokens whose top-k expert set differs). Every adapter is first shown to move the logits.
 Expert LoRA (PEFT target_parameters on the fused 3-D experts): each layout test also runs the wrong readings
@@ -9,7 +10,7 @@ import json
 import numpy as np
 import pytest
 from conftest import fixture, token_ids
-from moe_helpers import ARCH, llama_run, reference_run, routed, transformers_run
+from moe_helpers import llama_run, reference_run, routed, transformers_run
 from peft_helpers import make_peft_adapter, peft_deltas
 
 import lora2gguf.adapters.peft as peft_reader
@@ -28,39 +29,39 @@ def exact(m: dict) -> bool:
     return m["median_kl"] <= 1e-6 and m["mean_kl"] <= 1e-5 and m["expert_set_mismatch"] == 0.0
 
 
-def converted_run(adapter_dir, out):
-    gguf = convert(adapter_dir, fixture(ARCH), out)
-    return llama_run(fixture(ARCH), TOKENS, [(gguf, 1.0)])
+def converted_run(arch, adapter_dir, out):
+    gguf = convert(adapter_dir, fixture(arch), out)
+    return llama_run(fixture(arch), TOKENS, [(gguf, 1.0)])
 
 
 @pytest.fixture(scope="module")
-def base_run():
-    return llama_run(fixture(ARCH), TOKENS)
+def base_run(moe_arch):
+    return llama_run(fixture(moe_arch), TOKENS)
 
 
 @pytest.fixture(scope="module")
-def expert_adapter(tmp_path_factory):
+def expert_adapter(tmp_path_factory, moe_arch):
     """LoRA on both expert parameters of every layer (gate_up fused, down), rank 4, alpha 16."""
-    return make_peft_adapter(fixture(ARCH, "hf"), tmp_path_factory.mktemp("experts") / "a", r=4, lora_alpha=16,
+    return make_peft_adapter(fixture(moe_arch, "hf"), tmp_path_factory.mktemp("experts") / "a", r=4, lora_alpha=16,
                              b_std=0.2, target_modules=[], target_parameters=EXPERT_PARAMS)
 
 
-def test_attention_lora_converts_exactly(tmp_path, base_run):
-    d = make_peft_adapter(fixture(ARCH, "hf"), tmp_path / "a", r=4, lora_alpha=8,
+def test_attention_lora_converts_exactly(tmp_path, moe_arch, base_run):
+    d = make_peft_adapter(fixture(moe_arch, "hf"), tmp_path / "a", r=4, lora_alpha=8,
                           target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
-    ours, r_ours = converted_run(d, tmp_path / "a.gguf")
+    ours, r_ours = converted_run(moe_arch, d, tmp_path / "a.gguf")
     moved = compare(base_run[0], ours)
-    theirs, r_theirs = transformers_run(TOKENS, adapter_dir=d)
+    theirs, r_theirs = transformers_run(moe_arch, TOKENS, adapter_dir=d)
     m = routed(theirs, ours, r_theirs, r_ours)
     print("attention LoRA: moved", moved["mean_kl"], "llama.cpp vs transformers+PEFT", m)
     assert moved["mean_kl"] > 1e-2, "the adapter must visibly change the output"
     assert exact(m), m
 
 
-def test_expert_lora_reader_matches_peft_delta(expert_adapter):
+def test_expert_lora_reader_matches_peft_delta(moe_arch, expert_adapter):
     """The reader's per-expert pairs against PEFT's own ParamWrapper.get_delta_weight (E, out, in): the fused
     gate_up's delta is gate's rows then up's; wrong readings of the same tensors are not."""
-    truth = peft_deltas(fixture(ARCH, "hf"), expert_adapter)  # the outer wrapper is down_proj's, the inner gate_up's
+    truth = peft_deltas(fixture(moe_arch, "hf"), expert_adapter)  # the outer wrapper is down_proj's, the inner gate_up's
     a = load_adapter(expert_adapter)
     cfg = json.loads((expert_adapter / "adapter_config.json").read_text())
     assert cfg["peft_version"].startswith("0.21.")
@@ -81,11 +82,12 @@ def wrong_b_expert_major(A, B, n_expert):
                                                                       .transpose(1, 0, 2))
 
 
-def test_expert_lora_converts_exactly_and_wrong_layouts_are_far(tmp_path, monkeypatch, base_run, expert_adapter):
+def test_expert_lora_converts_exactly_and_wrong_layouts_are_far(tmp_path, monkeypatch, moe_arch, base_run,
+                                                                 expert_adapter):
     """Convert → llama.cpp's ffn_*_exps LoRA (mul_mat_id) == transformers + PEFT; the same adapter read with lora_B
     expert-major, or with gate and up swapped, is far off (so this test would catch either mistake)."""
-    ours, r_ours = converted_run(expert_adapter, tmp_path / "ok.gguf")
-    theirs, r_theirs = transformers_run(TOKENS, adapter_dir=expert_adapter)
+    ours, r_ours = converted_run(moe_arch, expert_adapter, tmp_path / "ok.gguf")
+    theirs, r_theirs = transformers_run(moe_arch, TOKENS, adapter_dir=expert_adapter)
     moved, m = compare(base_run[0], ours), routed(theirs, ours, r_theirs, r_ours)
     print("expert LoRA: moved", moved["mean_kl"], "llama.cpp vs transformers+PEFT", m)
     assert moved["mean_kl"] > 1e-2, "the adapter must visibly change the output"
@@ -93,12 +95,14 @@ def test_expert_lora_converts_exactly_and_wrong_layouts_are_far(tmp_path, monkey
 
     with monkeypatch.context() as mp:
         mp.setattr(peft_reader, "param_wrapper_factors", wrong_b_expert_major)
-        wrong_b, _ = converted_run(expert_adapter, tmp_path / "wrong-b.gguf")
+        wrong_b, _ = converted_run(moe_arch, expert_adapter, tmp_path / "wrong-b.gguf")
     with monkeypatch.context() as mp:
-        table = dict(models.get(ARCH).expert_params)
-        table["mlp.experts.gate_up_proj"] = ("mlp.experts.up_proj", "mlp.experts.gate_proj")
-        mp.setattr(models.get(ARCH), "expert_params", table)
-        swapped, _ = converted_run(expert_adapter, tmp_path / "swapped.gguf")
+        for a in models.all_archs():  # the reader takes the table from every arch (they share these names)
+            table = dict(a.expert_params)
+            if "mlp.experts.gate_up_proj" in table:
+                table["mlp.experts.gate_up_proj"] = ("mlp.experts.up_proj", "mlp.experts.gate_proj")
+                mp.setattr(a, "expert_params", table)
+        swapped, _ = converted_run(moe_arch, expert_adapter, tmp_path / "swapped.gguf")
     for name, wrong in (("B expert-major", wrong_b), ("gate/up swapped", swapped)):
         w = compare(theirs, wrong)
         print(name, w)
@@ -106,30 +110,30 @@ def test_expert_lora_converts_exactly_and_wrong_layouts_are_far(tmp_path, monkey
 
 
 @pytest.mark.parametrize("params", [["mlp.experts.gate_up_proj"], ["mlp.experts.down_proj"], ["mlp.gate.weight"]])
-def test_partial_expert_target_converts_as_what_it_is(tmp_path, base_run, params):
+def test_partial_expert_target_converts_as_what_it_is(tmp_path, moe_arch, base_run, params):
     """One expert parameter targeted: written as what it is (gate+up, or down only), not refused; the router
     (a 2-D parameter, GGUF ffn_gate_inp) is an ordinary LoRA pair, and it moves the routing itself."""
-    d = make_peft_adapter(fixture(ARCH, "hf"), tmp_path / "a", r=2, lora_alpha=4, b_std=0.2, target_modules=[],
+    d = make_peft_adapter(fixture(moe_arch, "hf"), tmp_path / "a", r=2, lora_alpha=4, b_std=0.2, target_modules=[],
                           target_parameters=params, use_rslora=True)
-    ours, r_ours = converted_run(d, tmp_path / "a.gguf")
-    theirs, r_theirs = transformers_run(TOKENS, adapter_dir=d)
+    ours, r_ours = converted_run(moe_arch, d, tmp_path / "a.gguf")
+    theirs, r_theirs = transformers_run(moe_arch, TOKENS, adapter_dir=d)
     moved, m = compare(base_run[0], ours), routed(theirs, ours, r_theirs, r_ours)
     print(params, "moved", moved["mean_kl"], m)
     assert moved["mean_kl"] > 1e-2 and exact(m), (moved, m)
 
 
-def test_reference_with_expert_lora_matches_transformers(expert_adapter):
+def test_reference_with_expert_lora_matches_transformers(moe_arch, expert_adapter):
     """parity.reference folds the expert LoRA into the stacked experts, one expert at a time."""
     from lora2gguf.weights.base_model import open_base
 
-    with open_base(fixture(ARCH)) as b:
+    with open_base(fixture(moe_arch)) as b:
         ours, r_ours = reference_run(reference_model(b, [(load_adapter(expert_adapter), 1.0)]), TOKENS)
-    theirs, r_theirs = transformers_run(TOKENS, adapter_dir=expert_adapter)
+    theirs, r_theirs = transformers_run(moe_arch, TOKENS, adapter_dir=expert_adapter)
     m = routed(theirs, ours, r_theirs, r_ours)
     assert exact(m), m
 
 
-def test_expert_count_checked_against_the_base(tmp_path, expert_adapter):
+def test_expert_count_checked_against_the_base(tmp_path, moe_arch, expert_adapter):
     """An expert LoRA for 8 experts on a base with another expert count is refused in one line (llama.cpp checks
     only ne[0] and ne[1] of an expert LoRA and would compute garbage)."""
     import shutil
@@ -142,12 +146,12 @@ def test_expert_count_checked_against_the_base(tmp_path, expert_adapter):
     w = {k: (v[: v.shape[0] // 2] if k.endswith("lora_A.weight") else v[:, : v.shape[1] // 2]) for k, v in w.items()}
     save_file(w, str(d / "adapter_model.safetensors"))  # rank 4 on 4 experts
     with pytest.raises(Lora2GGUFError, match=r"\(4 experts\) weight but base .* \(8 experts\)") as e:
-        convert(d, fixture(ARCH), tmp_path / "x.gguf")
+        convert(d, fixture(moe_arch), tmp_path / "x.gguf")
     assert "\n" not in str(e.value)
 
 
 @pytest.mark.parametrize("version", ["0.17.1", "0.19.0", None])
-def test_expert_lora_of_a_peft_version_we_cannot_place_is_refused(tmp_path, expert_adapter, version):
+def test_expert_lora_of_a_peft_version_we_cannot_place_is_refused(tmp_path, moe_arch, expert_adapter, version):
     import shutil
 
     d = tmp_path / "a"
@@ -156,17 +160,17 @@ def test_expert_lora_of_a_peft_version_we_cannot_place_is_refused(tmp_path, expe
     cfg["peft_version"] = version
     (d / "adapter_config.json").write_text(json.dumps(cfg))
     with pytest.raises(Lora2GGUFError, match="peft PR 3165") as e:
-        convert(d, fixture(ARCH), tmp_path / "x.gguf")
+        convert(d, fixture(moe_arch), tmp_path / "x.gguf")
     assert "\n" not in str(e.value)
 
 
-def test_every_other_verb_refuses_qwen3moe_in_one_line(tmp_path, capsys, expert_adapter):
-    """convert, inspect and merge handle qwen3moe so far; every other verb says so in one line (no traceback), for the
+def test_every_other_verb_refuses_moe_in_one_line(tmp_path, capsys, moe_arch, expert_adapter):
+    """convert, inspect and merge handle the MoE archs so far; every other verb says so in one line (no traceback), for the
     base, and analyze / resize without a base for an adapter with expert LoRA."""
     from lora2gguf.cli import main
 
-    base, hf, lora = str(fixture(ARCH)), str(fixture(ARCH, "hf")), str(tmp_path / "a.gguf")
-    convert(expert_adapter, fixture(ARCH), lora)
+    base, hf, lora = str(fixture(moe_arch)), str(fixture(moe_arch, "hf")), str(tmp_path / "a.gguf")
+    convert(expert_adapter, fixture(moe_arch), lora)
     data = tmp_path / "d.jsonl"
     data.write_text('{"text": "the cat sat on the mat"}\n')
     out = str(tmp_path / "out")
@@ -183,7 +187,7 @@ def test_every_other_verb_refuses_qwen3moe_in_one_line(tmp_path, capsys, expert_
         assert main(args) == 2, verb
         err = capsys.readouterr().err
         assert err.startswith("error: ") and err.count("\n") == 1, (verb, err)
-        assert f"`lora2gguf {verb}` does not handle qwen3moe" in err, (verb, err)
+        assert f"`lora2gguf {verb}` does not handle {moe_arch}" in err, (verb, err)
     for verb, args in {"analyze": ["analyze", str(expert_adapter)],
                        "resize": ["resize", str(expert_adapter), "--rank", "2", "-o", out + "-peft"]}.items():
         assert main(args) == 2, verb
@@ -191,7 +195,7 @@ def test_every_other_verb_refuses_qwen3moe_in_one_line(tmp_path, capsys, expert_
         assert err.count("\n") == 1 and f"not handled by `lora2gguf {verb}`" in err, (verb, err)
 
 
-def test_expert_gguf_lora_reads_back_and_an_hf_base_gives_the_same_file(tmp_path, expert_adapter):
+def test_expert_gguf_lora_reads_back_and_an_hf_base_gives_the_same_file(tmp_path, moe_arch, expert_adapter):
     """The GGUF LoRA read back (adapters.gguf_lora: 3-D *_exps pairs) holds PEFT's per-expert deltas; converting
     against the HF directory (per-expert checkpoint tensors) writes the same tensors and the same base fingerprint
     as against the GGUF."""
@@ -199,8 +203,8 @@ def test_expert_gguf_lora_reads_back_and_an_hf_base_gives_the_same_file(tmp_path
     from lora2gguf.fileio.gguf_read import GGUFFile
     from lora2gguf.weights.base_model import open_base
 
-    g, h = convert(expert_adapter, fixture(ARCH), tmp_path / "g.gguf"), convert(expert_adapter, fixture(ARCH, "hf"),
-                                                                                 tmp_path / "h.gguf")
+    g = convert(expert_adapter, fixture(moe_arch), tmp_path / "g.gguf")
+    h = convert(expert_adapter, fixture(moe_arch, "hf"), tmp_path / "h.gguf")
     with GGUFFile(g) as fg, GGUFFile(h) as fh:
         assert set(fg.tensors) == set(fh.tensors) and "blk.1.ffn_up_exps.weight.lora_b" in fg.tensors
         assert fg.tensors["blk.1.ffn_up_exps.weight.lora_b"].shape == (8, 256, 4)  # ggml ne [r, out, E]
@@ -208,7 +212,7 @@ def test_expert_gguf_lora_reads_back_and_an_hf_base_gives_the_same_file(tmp_path
             np.testing.assert_array_equal(fg.tensor(n), fh.tensor(n))
         assert fg.get("lora2gguf.base.fingerprint") == fh.get("lora2gguf.base.fingerprint")
     peft_side = load_adapter(expert_adapter)
-    with open_base(fixture(ARCH)) as b:
+    with open_base(fixture(moe_arch)) as b:
         back = load_for_base(g, b)
     for name, m in peft_side.modules.items():
         want = m.delta()
