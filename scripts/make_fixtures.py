@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Generate the tiny test bases under fixtures/, deterministically.
 
-For each arch (llama, qwen2, qwen3, gemma3, gemma2, phi3, qwen3moe, mixtral): the same random weights as
+For each arch (llama, qwen2, qwen3, gemma3, gemma2, phi3, qwen3moe, mixtral, qwen2moe): the same random weights as
   fixtures/<arch>/hf/            config.json + model.safetensors (loads in transformers)
   fixtures/<arch>/base-f32.gguf  and base-f16.gguf, base-q8_0.gguf (written with gguf-py)
   fixtures/<arch>/base-q4_k_m.gguf (llama.cpp's own quantizer via llama-cpp-python)
@@ -9,7 +9,8 @@ Two layers, width 64, 4 heads / 2 KV heads (GQA), FFN 256 (so ffn_down rows fit 
 qwen3moe: 8 experts, 2 used per token, expert FFN 256 (ffn_down_exps rows fit K-quant blocks), stored in
 hf/ one tensor per expert as the Hub's checkpoints and transformers' save_pretrained do; mixtral: the same
 sizes (its experts are feed_forward_length wide) in a "llama" GGUF with llama.expert_count, its checkpoint under
-Mixtral's names (block_sparse_moe.gate, block_sparse_moe.experts.E.w1/w3/w2). A SentencePiece-style
+Mixtral's names (block_sparse_moe.gate, block_sparse_moe.experts.E.w1/w3/w2); qwen2moe: qwen3moe's experts
+plus a shared expert of width 256 and its gate, q/k/v biases, top-k weights not renormalised. A SentencePiece-style
 vocabulary that llama.cpp tokenizes. Weights are scaled so that logits are
 peaked (a near-uniform output would make KL and top-1 checks weak).
 
@@ -40,16 +41,18 @@ EXTRA = {"gemma3": dict(head_dim=32, window=8, swa_pattern=2, rope_theta=100000.
          "gemma2": dict(head_dim=32, window=8, swa_pattern=2, attn_softcap=50.0, final_softcap=30.0, eps=1e-6),
          "phi3": dict(partial_rotary=0.5),  # rope on half of each head, as Phi-4-mini on 3/4
          "qwen3moe": dict(n_expert=8, n_expert_used=2, n_ff_exp=256, eps=1e-6),
-         "mixtral": dict(n_expert=8, n_expert_used=2)}
-ARCH_NAMES = ("llama", "qwen2", "qwen3", "gemma3", "gemma2", "phi3", "qwen3moe", "mixtral")
+         "mixtral": dict(n_expert=8, n_expert_used=2),
+         "qwen2moe": dict(n_expert=8, n_expert_used=2, n_ff_exp=256, n_ff_shexp=256, eps=1e-6)}
+ARCH_NAMES = ("llama", "qwen2", "qwen3", "gemma3", "gemma2", "phi3", "qwen3moe", "mixtral", "qwen2moe")
 GGUF_ARCH = {"mixtral": "llama"}  # llama.cpp runs Mixtral as a llama with experts
 HF_CLASS = {"llama": ("LlamaForCausalLM", "llama"), "qwen2": ("Qwen2ForCausalLM", "qwen2"),
             "qwen3": ("Qwen3ForCausalLM", "qwen3"), "gemma3": ("Gemma3ForCausalLM", "gemma3_text"),
             "gemma2": ("Gemma2ForCausalLM", "gemma2"), "phi3": ("Phi3ForCausalLM", "phi3"),
-            "qwen3moe": ("Qwen3MoeForCausalLM", "qwen3_moe"), "mixtral": ("MixtralForCausalLM", "mixtral")}
+            "qwen3moe": ("Qwen3MoeForCausalLM", "qwen3_moe"), "mixtral": ("MixtralForCausalLM", "mixtral"),
+            "qwen2moe": ("Qwen2MoeForCausalLM", "qwen2_moe")}
 TIED = {"llama": False, "qwen2": True, "qwen3": False, "gemma3": True, "gemma2": True, "phi3": False, "qwen3moe": False,
-        "mixtral": False}
-SEED = {"llama": 1, "qwen2": 2, "qwen3": 3, "gemma3": 4, "gemma2": 5, "phi3": 6, "qwen3moe": 7, "mixtral": 8}
+        "mixtral": False, "qwen2moe": False}
+SEED = {"llama": 1, "qwen2": 2, "qwen3": 3, "gemma3": 4, "gemma2": 5, "phi3": 6, "qwen3moe": 7, "mixtral": 8, "qwen2moe": 9}
 WORDS = ("the a of and to in is it that was for on with as at by cat dog sat mat hello world "
          "one two three red green blue big small happy sun moon star tree fish bird").split()
 
@@ -121,6 +124,11 @@ def hf_config(arch: str, n_vocab: int) -> dict:
     }
     if arch == "qwen2":
         cfg["use_sliding_window"] = False
+    if arch == "qwen2moe":  # transformers' Qwen2MoeConfig names the q/k/v bias qkv_bias
+        del cfg["attention_bias"]
+        cfg.update(qkv_bias=True, num_experts=d["n_expert"], num_experts_per_tok=d["n_expert_used"],
+                   moe_intermediate_size=d["n_ff_exp"], shared_expert_intermediate_size=d["n_ff_shexp"],
+                   norm_topk_prob=False, decoder_sparse_step=1, mlp_only_layers=[], use_sliding_window=False)
     if arch.startswith("gemma"):
         del cfg["hidden_act"], cfg["rope_theta"]
         cfg.update(hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=hd, sliding_window=d["window"],
@@ -197,6 +205,8 @@ def write_gguf(path: Path, arch: str, weights: dict[str, np.ndarray], ftype: str
         w.add_expert_used_count(d["n_expert_used"])
     if "n_ff_exp" in d:
         w.add_expert_feed_forward_length(d["n_ff_exp"])
+    if "n_ff_shexp" in d:
+        w.add_expert_shared_feed_forward_length(d["n_ff_shexp"])
     if arch == "gemma2":
         w.add_attn_logit_softcapping(d["attn_softcap"])
         w.add_final_logit_softcapping(d["final_softcap"])

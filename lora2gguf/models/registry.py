@@ -19,7 +19,7 @@ if TYPE_CHECKING:  # for the annotations only: each arch module imports the spec
     from lora2gguf.models.arch import Arch
 
 # GGUF general.architecture, one module each
-NAMES = ("llama", "qwen2", "qwen3", "gemma3", "gemma2", "phi3", "qwen3moe", "mixtral")
+NAMES = ("llama", "qwen2", "qwen3", "gemma3", "gemma2", "phi3", "qwen3moe", "mixtral", "qwen2moe")
 # a GGUF architecture whose graph builds routed experts when the file has them (llama.cpp's llama: n_expert > 0)
 # → the module of that mixture-of-experts form; its files keep the dense architecture's name and keys
 MOE_FORMS = {"llama": "mixtral"}

@@ -45,8 +45,7 @@ class GGUFBase:
                 raise Lora2GGUFError(f"{self.path}: tensor {missing[0]} is missing "
                                      f"({len(missing)} expected tensors missing); the file is not a complete "
                                      f"{self.spec.arch} model")
-            check_shapes(self.spec, {h: self.file.tensors[g].shape for g, h in self._gguf_to_hf.items()},
-                         self.path, self.gguf_name)
+            check_shapes(self.spec, {h: self.shape(h) for h in self._gguf_to_hf.values()}, self.path, self.gguf_name)
         except Exception:
             self.file.close()
             raise
@@ -68,9 +67,17 @@ class GGUFBase:
     def gguf_name(self, hf_name: str) -> str:
         return self.spec.arch_module.gguf_name(self.spec.n_layer, hf_name)
 
+    def shape(self, hf_name: str) -> tuple[int, ...]:
+        """The tensor's shape in HF layout. A one-row matrix may be stored as a vector (llama-quantize writes
+        qwen2moe's (1, n_embd) ffn_gate_inp_shexp so; ggml's trailing ne of 1 is implied): its HF shape is (1, n)."""
+        s = tuple(self.file.tensors[self.gguf_name(hf_name)].shape)
+        want = self.spec.arch_module.layer_shapes(self.spec).get(hf_name.split(".", 3)[-1]) if len(s) == 1 else None
+        return (1,) + s if want is not None and len(want) == 2 and want[0] == 1 else s
+
     def tensor(self, hf_name: str) -> np.ndarray:
         """float32 tensor in HF layout and values (q/k rows un-permuted, Gemma's norms as HF stores them)."""
-        return self.spec.arch_module.from_gguf(self.spec, hf_name, self.file.tensor(self.gguf_name(hf_name)))
+        t = self.file.tensor(self.gguf_name(hf_name))
+        return self.spec.arch_module.from_gguf(self.spec, hf_name, t.reshape(self.shape(hf_name)))
 
     def rope_freqs(self) -> np.ndarray | None:
         """llama3-style per-dimension rope frequency factors, when the file carries them."""

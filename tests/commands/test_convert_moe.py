@@ -217,3 +217,26 @@ def test_expert_gguf_lora_reads_back_and_an_hf_base_gives_the_same_file(tmp_path
     for name, m in peft_side.modules.items():
         want = m.delta()
         np.testing.assert_allclose(back.modules[name].delta(), want, atol=1e-6 * np.abs(want).max())
+
+
+SHARED = ["shared_expert.gate_proj", "shared_expert.up_proj", "shared_expert.down_proj", "shared_expert_gate"]
+
+
+def test_shared_expert_lora_converts_exactly(tmp_path):
+    """qwen2moe's shared expert (ffn_*_shexp) and its gate (ffn_gate_inp_shexp, a (1, n_embd) linear) take ordinary
+    2-D LoRA: converted, llama.cpp == transformers + PEFT."""
+    from lora2gguf.fileio.gguf_read import GGUFFile
+
+    d = make_peft_adapter(fixture("qwen2moe", "hf"), tmp_path / "a", r=4, lora_alpha=8, b_std=0.2,
+                          target_modules=SHARED)
+    gguf = convert(d, fixture("qwen2moe"), tmp_path / "a.gguf")
+    with GGUFFile(gguf) as f:
+        assert f.tensors["blk.1.ffn_gate_inp_shexp.weight.lora_b"].shape == (1, 4)
+        assert {n.split(".")[2] for n in f.tensors} == {"ffn_gate_shexp", "ffn_up_shexp", "ffn_down_shexp",
+                                                        "ffn_gate_inp_shexp"}
+    base, _ = llama_run(fixture("qwen2moe"), TOKENS)
+    ours, r_ours = llama_run(fixture("qwen2moe"), TOKENS, [(gguf, 1.0)])
+    theirs, r_theirs = transformers_run("qwen2moe", TOKENS, adapter_dir=d)
+    moved, m = compare(base, ours), routed(theirs, ours, r_theirs, r_ours)
+    print("shared-expert LoRA: moved", moved["mean_kl"], "llama.cpp vs transformers+PEFT", m)
+    assert moved["mean_kl"] > 1e-2 and exact(m), (moved, m)

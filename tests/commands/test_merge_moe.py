@@ -65,3 +65,23 @@ def test_merge_into_a_quantized_base_equals_the_intermediate_path(tmp_path, moe_
     m, without = compare(theirs, ours), compare(theirs, base)
     print("q4_k_m base + merge vs transformers+PEFT", m, "base alone", without)
     assert m["mean_kl"] < 0.25 * without["mean_kl"] and m["top1"] > without["top1"]
+
+
+def test_shared_expert_lora_merges(tmp_path):
+    """qwen2moe's shared expert and its gate merged: F32 == transformers + PEFT; from the Q4_K_M base, whose
+    ffn_gate_inp_shexp llama-quantize stores as a vector, streamed == the intermediate-file path."""
+    d = make_peft_adapter(fixture("qwen2moe", "hf"), tmp_path / "a", r=4, lora_alpha=8, b_std=0.2,
+                          target_modules=["shared_expert.gate_proj", "shared_expert.up_proj",
+                                          "shared_expert.down_proj", "shared_expert_gate"])
+    f32 = merge(fixture("qwen2moe"), [(d, 1.0)], tmp_path / "m.gguf", quant="f32")
+    base, _ = llama_run(fixture("qwen2moe"), TOKENS)
+    ours, r_ours = llama_run(f32, TOKENS)
+    theirs, r_theirs = transformers_run("qwen2moe", TOKENS, adapter_dir=d)
+    moved, m = compare(base, ours), routed(theirs, ours, r_theirs, r_ours)
+    assert moved["mean_kl"] > 1e-2, "the adapter must visibly change the output"
+    assert m["median_kl"] <= 1e-6 and m["mean_kl"] <= 1e-5 and m["expert_set_mismatch"] == 0.0, m
+    with GGUFFile(fixture("qwen2moe", "q4_k_m")) as f:
+        assert f.tensors["blk.0.ffn_gate_inp_shexp.weight"].shape == (64,)
+    a = merge(fixture("qwen2moe", "q4_k_m"), [(d, 1.0)], tmp_path / "a.gguf", quant="q4_k_m")
+    b = merge(fixture("qwen2moe", "q4_k_m"), [(d, 1.0)], tmp_path / "b.gguf", quant="q4_k_m", intermediate=True)
+    assert a.read_bytes() == b.read_bytes()
