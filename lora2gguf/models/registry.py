@@ -23,6 +23,11 @@ NAMES = ("llama", "qwen2", "qwen3", "gemma3", "gemma2", "phi3", "qwen3moe", "mix
 # a GGUF architecture whose graph builds routed experts when the file has them (llama.cpp's llama: n_expert > 0)
 # → the module of that mixture-of-experts form; its files keep the dense architecture's name and keys
 MOE_FORMS = {"llama": "mixtral"}
+# architectures refused by name (GGUF name, HF class, HF model_type) → what lora2gguf lacks for them
+REFUSED = {("gpt-oss", "GptOssForCausalLM", "gpt_oss"):
+           "gpt-oss is not supported: lora2gguf has no MXFP4 expert weights, expert biases, HF's interleaved gate/up "
+           "(gate_up_proj[..., ::2] / [..., 1::2]), the clamped SwiGLU, attention sinks or the alternating sliding "
+           "window that it needs"}
 
 
 @cache
@@ -57,9 +62,12 @@ def find(name: str, where: str = "") -> Arch:
     naming the supported ones otherwise."""
     if name in NAMES:
         return get(name)
+    prefix = f"{where}: " if where else ""
+    for names, why in REFUSED.items():
+        if name in names:
+            raise Lora2GGUFError(prefix + why)
     for a in all_archs():
         if name in a.hf_architectures or name in a.hf_model_types:
             return a
-    prefix = f"{where}: " if where else ""
     raise Lora2GGUFError(f"{prefix}unsupported architecture {name!r}; supported: {', '.join(NAMES)} "
                          "(llama covers Mistral, SmolLM, TinyLlama)")
