@@ -6,6 +6,7 @@ Expert LoRA (PEFT target_parameters on the fused 3-D experts): each layout test 
 (lora_B read expert-major; gate and up swapped) and shows them far off, so that the test fails on either."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -240,3 +241,61 @@ def test_shared_expert_lora_converts_exactly(tmp_path):
     moved, m = compare(base, ours), routed(theirs, ours, r_theirs, r_ours)
     print("shared-expert LoRA: moved", moved["mean_kl"], "llama.cpp vs transformers+PEFT", m)
     assert moved["mean_kl"] > 1e-2 and exact(m), (moved, m)
+
+
+ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
+PEER_CASES = {"attention": dict(r=4, lora_alpha=8, target_modules=ATTN),
+              "attention-rslora": dict(r=4, lora_alpha=8, use_rslora=True, target_modules=ATTN),
+              "experts": dict(r=4, lora_alpha=16, b_std=0.2, target_modules=[], target_parameters=EXPERT_PARAMS),
+              "shared-expert": dict(r=4, lora_alpha=8, b_std=0.2, target_modules=SHARED)}
+
+
+def llama_cpp_convert(hf_dir, adapter_dir, out) -> tuple[Path | None, str]:
+    """llama.cpp's own convert_lora_to_gguf.py: (the file, "") or (None, its last error line)."""
+    import os
+    import subprocess
+    import sys
+
+    from llama_cpp_source import llama_cpp_source
+
+    src = llama_cpp_source()
+    if src is None:
+        if os.environ.get("LORA2GGUF_TESTS_OFFLINE", "") not in ("", "0"):
+            pytest.skip("llama.cpp's source could not be had; LORA2GGUF_TESTS_OFFLINE is set")
+        pytest.fail("llama.cpp's source could not be had; set LLAMA_CPP_DIR, or LORA2GGUF_TESTS_OFFLINE=1 to skip")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    r = subprocess.run([sys.executable, str(src / "convert_lora_to_gguf.py"), "--base", str(hf_dir), "--outtype",
+                        "f32", "--outfile", str(out), str(adapter_dir)], capture_output=True, text=True, env=env,
+                       timeout=600)
+    ok = r.returncode == 0 and Path(out).is_file()
+    return (Path(out), "") if ok else (None, (r.stderr.strip().splitlines() or ["?"])[-1])
+
+
+@pytest.mark.parametrize("case", list(PEER_CASES))
+def test_ours_and_llama_cpp_converter_against_transformers_peft(tmp_path, moe_arch, base_run, case):
+    """The README's MoE table: each adapter kind converted by lora2gguf and by llama.cpp's convert_lora_to_gguf.py,
+    run by llama.cpp, against transformers + PEFT (routing-aware). Ours is exact on every kind; llama.cpp's converter
+    is exact on plain attention and the shared expert, wrong with rsLoRA (it writes lora_alpha as is) and fails on
+    PEFT's expert LoRA (target_parameters)."""
+    if case == "shared-expert" and moe_arch != "qwen2moe":
+        pytest.skip("only qwen2moe has a shared expert")
+    d = make_peft_adapter(fixture(moe_arch, "hf"), tmp_path / "a", **PEER_CASES[case])
+    theirs, r_theirs = transformers_run(moe_arch, TOKENS, adapter_dir=d)
+    ours, r_ours = converted_run(moe_arch, d, tmp_path / "ours.gguf")
+    moved, m = compare(base_run[0], ours), routed(theirs, ours, r_theirs, r_ours)
+    peer, why = llama_cpp_convert(fixture(moe_arch, "hf"), d, tmp_path / "peer.gguf")
+    p = None
+    if peer is not None:
+        lc, r_lc = llama_run(fixture(moe_arch), TOKENS, [(peer, 1.0)])
+        p = routed(theirs, lc, r_theirs, r_lc)
+    said = (f"median {p['median_kl']:.2g}, mean {p['mean_kl']:.3g}, expert sets differ on "
+            f"{p['expert_set_mismatch']:.0%}") if p else f"fails: {why}"
+    print(f"{moe_arch} | {case} | moved {moved['mean_kl']:.3g} | ours median {m['median_kl']:.2g}, mean "
+          f"{m['mean_kl']:.2g} | llama.cpp's converter {said}")
+    assert moved["mean_kl"] > 1e-2 and exact(m), (moved, m)
+    if case == "experts":
+        assert p is None and "experts" in why, why
+    elif case == "attention-rslora":
+        assert p is not None and p["median_kl"] > 1e-2, p
+    else:
+        assert p is not None and exact(p), p
