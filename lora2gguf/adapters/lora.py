@@ -106,7 +106,7 @@ class PeftAdapter:
                 mt = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", name)
                 if not mt or mt.group(2) not in shapes:
                     raise Lora2GGUFError(
-                        f"{self.path}: target module {name} has no GGUF tensor in arch {spec.arch}; "
+                        f"{self.path}: target module {name} has no GGUF tensor in arch {arch.name}; "
                         f"supported targets: {', '.join(p.split('.')[-1] for p in arch.layer_linears)}, "
                         "embed_tokens, lm_head")
                 if int(mt.group(1)) >= spec.n_layer:

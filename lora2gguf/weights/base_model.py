@@ -25,7 +25,7 @@ def check_shapes(spec: ModelSpec, shapes: dict[str, tuple[int, ...]], where, nam
         got = shapes.get(hf)
         if got is None:
             raise Lora2GGUFError(f"{where}: tensor {name_of(hf)} is missing; the file is not a complete "
-                                 f"{spec.arch} model")
+                                 f"{spec.arch_module.name} model")
         if tuple(got) != want:
             raise Lora2GGUFError(f"{where}: tensor {name_of(hf)} has shape {tuple(got)}, {source} implies "
                                  f"{want}; the file is corrupt or its description does not match it")
@@ -44,7 +44,7 @@ class GGUFBase:
             if missing:
                 raise Lora2GGUFError(f"{self.path}: tensor {missing[0]} is missing "
                                      f"({len(missing)} expected tensors missing); the file is not a complete "
-                                     f"{self.spec.arch} model")
+                                     f"{self.spec.arch_module.name} model")
             check_shapes(self.spec, {h: self.shape(h) for h in self._gguf_to_hf.values()}, self.path, self.gguf_name)
         except Exception:
             self.file.close()

@@ -141,3 +141,41 @@ def test_inspect_describes_the_base(capsys, moe_arch):
     spec = info["spec"]
     assert (spec["n_expert"], spec["n_expert_used"], spec["n_ff_exp"], spec["norm_topk_prob"],
             spec["n_ff_shexp"]) == SPEC[moe_arch]
+
+
+def test_a_llama_file_with_experts_is_mixtral_and_one_without_stays_llama(tmp_path):
+    """registry.MOE_FORMS, the one rule: a "llama" GGUF is Mixtral when it declares or holds experts. An attention-only
+    Mixtral LoRA (no expert tensors: a plain llama adapter by its header) still loads against the Mixtral base, and
+    a llama file with expert tensors but no llama.expert_count is refused in one line."""
+    import gguf
+
+    from lora2gguf import models
+    from lora2gguf.adapters.gguf_lora import load_gguf_lora
+    from lora2gguf.commands.convert import convert
+    from lora2gguf.fileio.gguf_read import GGUFFile
+    from peft_helpers import make_peft_adapter
+
+    with GGUFFile(fixture("mixtral")) as f, GGUFFile(fixture("llama")) as g:
+        assert f.string("general.architecture") == g.string("general.architecture") == "llama"
+        assert models.for_gguf(f).name == "mixtral" and models.for_gguf(g).name == "llama"
+    d = make_peft_adapter(fixture("mixtral", "hf"), tmp_path / "a", r=2, lora_alpha=4, target_modules=["q_proj"])
+    lora = convert(d, fixture("mixtral"), tmp_path / "a.gguf")
+    with GGUFFile(lora) as f:
+        assert f.string("general.architecture") == "llama" and models.for_gguf(f).name == "llama"
+    with open_base(fixture("mixtral")) as b:
+        back = load_gguf_lora(lora, b.spec)
+    assert set(back.modules) == {"model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"}
+
+    bad = tmp_path / "no-count.gguf"  # the mixtral fixture's tensors, without llama.expert_count
+    with GGUFFile(fixture("mixtral")) as f:
+        w = gguf.GGUFWriter(str(bad), "llama")
+        for key in ("block_count", "embedding_length", "feed_forward_length", "attention.head_count",
+                    "attention.head_count_kv", "attention.layer_norm_rms_epsilon", "expert_used_count"):
+            v = f.get(f"llama.{key}")
+            (w.add_float32 if isinstance(v, float) else w.add_uint32)(f"llama.{key}", v)
+        for name in f.tensors:
+            w.add_tensor(name, f.tensor(name))
+        w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+    with pytest.raises(Lora2GGUFError, match="llama.expert_count is missing; a mixtral model needs it") as e:
+        open_base(bad)
+    assert "\n" not in str(e.value)
