@@ -16,12 +16,8 @@ from __future__ import annotations
 
 from lora2gguf.models.arch import ATTN_PROJ
 from lora2gguf.models.llama import Llama
-from lora2gguf.models.moe import MoEArch, per_expert_parts
+from lora2gguf.models.moe import MoEArch
 from lora2gguf.models.spec import MoESpec
-
-DISK = {"gate_proj.weight": ("block_sparse_moe.experts", "w1.weight"),
-        "up_proj.weight": ("block_sparse_moe.experts", "w3.weight"),
-        "down_proj.weight": ("block_sparse_moe.experts", "w2.weight")}
 
 
 class Mixtral(MoEArch, Llama):
@@ -31,6 +27,10 @@ class Mixtral(MoEArch, Llama):
     hf_model_types = ("mixtral",)
     fused_training = False
     bias_slots = ATTN_PROJ  # llama.cpp's llama adds bq/bk/bv/bo when present, no router bias
+    expert_modules = {"block_sparse_moe.experts.{E}.w1": "mlp.experts.gate_proj",
+                      "block_sparse_moe.experts.{E}.w3": "mlp.experts.up_proj",
+                      "block_sparse_moe.experts.{E}.w2": "mlp.experts.down_proj"}
+    module_aliases = {"block_sparse_moe.gate": "mlp.gate"}
 
     # -- hyperparameters ---------------------------------------------------------------------------------
     def gguf_extra(self, f, common: dict, where) -> dict:
@@ -48,13 +48,6 @@ class Mixtral(MoEArch, Llama):
         return super().hf_config(spec) | {
             "num_local_experts": spec.n_expert, "num_experts_per_tok": spec.n_expert_used,
             "router_jitter_noise": 0.0, "sliding_window": None}
-
-    # -- tensors -----------------------------------------------------------------------------------------
-    def hf_file_parts(self, spec: MoESpec, hf_name: str) -> list[str] | None:
-        return per_expert_parts(spec, hf_name, DISK)
-
-    def hf_file_alias(self, spec: MoESpec, hf_name: str) -> str | None:
-        return hf_name.replace(".mlp.gate.", ".block_sparse_moe.gate.") if ".mlp.gate." in hf_name else None
 
 
 ARCH = Mixtral()

@@ -5,8 +5,9 @@ Tensors. Inside lora2gguf an expert projection is one stacked tensor (n_expert, 
 converter names it before mapping (mlp.experts.gate_proj.weight → ffn_gate_exps, up_proj → ffn_up_exps,
 down_proj → ffn_down_exps: gguf-py's table), so that it is one GGUF tensor. transformers 5 holds gate and up
 fused in memory (mlp.experts.gate_up_proj (E, 2·F, D), gate rows first) and down as mlp.experts.down_proj:
-what PEFT's target_parameters names (`expert_params`). A checkpoint on disk stores each expert apart; each
-arch's `hf_file_parts` names the parts.
+what PEFT's target_parameters names (`expert_params`). A checkpoint on disk stores each expert apart, and so
+does a transformers-4-style adapter (one LoRA per expert module): `expert_modules` names those modules, for
+the checkpoint reader (hf_file_parts) and the adapter reader (adapters.peft stacks them).
 
 Hyperparameters. `<arch>.expert_count` and `expert_used_count` from GGUF (llama.cpp also takes one value per
 layer: refused unless they are all equal); each arch says where its expert width comes from.
@@ -21,16 +22,6 @@ from lora2gguf.models.spec import MoESpec, check_dims
 EXPERTS = ("mlp.experts.gate_proj", "mlp.experts.up_proj", "mlp.experts.down_proj")
 
 
-def per_expert_parts(spec: MoESpec, hf_name: str, names: dict[str, tuple[str, str]] | None = None) -> list[str] | None:
-    """The per-expert checkpoint tensors of a stacked model.layers.N.mlp.experts.<proj>.weight: under
-    `<disk prefix>.E.<disk proj>` (names: proj → (prefix, disk proj); default mlp.experts.E.<proj>)."""
-    head, sep, proj = hf_name.partition(".mlp.experts.")
-    if not sep or proj.count(".") != 1:  # model.layers.N.mlp.experts.gate_proj.weight
-        return None
-    prefix, disk = (names or {}).get(proj, ("mlp.experts", proj))
-    return [f"{head}.{prefix}.{e}.{disk}" for e in range(spec.n_expert)]
-
-
 class MoEArch(Arch):
     spec_class = MoESpec
     attn_proj = ATTN_PROJ
@@ -38,6 +29,11 @@ class MoEArch(Arch):
     expert_proj = EXPERTS
     expert_params = {"mlp.experts.gate_up_proj": ("mlp.experts.gate_proj", "mlp.experts.up_proj"),
                      "mlp.experts.down_proj": ("mlp.experts.down_proj",)}  # transformers 5's fused experts
+    # one module per expert, as checkpoints on disk and transformers-4-style adapters name them ({E}: the expert)
+    # → the expert_proj stack it is a slice of
+    expert_modules = {"mlp.experts.{E}.gate_proj": "mlp.experts.gate_proj", "mlp.experts.{E}.up_proj":
+                      "mlp.experts.up_proj", "mlp.experts.{E}.down_proj": "mlp.experts.down_proj"}
+    module_aliases: dict[str, str] = {}  # a whole module's name on disk → its in-memory (transformers 5) name
     verbs = ("convert", "inspect", "merge")  # the first milestone of mixture-of-experts support
 
     # -- hyperparameters ---------------------------------------------------------------------------------
@@ -75,7 +71,18 @@ class MoEArch(Arch):
                 "mlp.experts.down_proj.weight": (E, D, F)}
 
     def hf_file_parts(self, spec: MoESpec, hf_name: str) -> list[str] | None:
-        return per_expert_parts(spec, hf_name)
+        head, _, rest = hf_name.partition(".layers.")
+        i, _, mod = rest.partition(".")
+        disk = next((k for k, v in self.expert_modules.items() if f"{v}.weight" == mod), None)
+        if disk is None:  # layers.N.mlp.experts.gate_proj.weight → layers.N.mlp.experts.E.gate_proj.weight
+            return None
+        return [f"{head}.layers.{i}.{disk.format(E=e)}.weight" for e in range(spec.n_expert)]
+
+    def hf_file_alias(self, spec: MoESpec, hf_name: str) -> str | None:
+        for disk, mem in self.module_aliases.items():
+            if f".{mem}." in hf_name:
+                return hf_name.replace(f".{mem}.", f".{disk}.")
+        return None
 
     # -- PyTorch forward ---------------------------------------------------------------------------------
     def moe_block(self, spec: MoESpec):

@@ -1,7 +1,7 @@
 """merge on the mixture-of-experts archs (conftest.MOE_ARCHS): expert LoRA (PEFT target_parameters, made by the real
 peft) baked into the stacked *_exps tensors, expert by expert. The merged file in llama.cpp against
-transformers + PEFT, routing-aware; quantized outputs are llama.cpp's own quantizer's (a 3-D tensor quantized per expert slice, as llama-quant.cpp does):
-byte-identical to llama-quantize of our F32 merge, and to the intermediate-file path from a quantized base."""
+transformers + PEFT, routing-aware; quantized outputs are llama.cpp's own quantizer's (a 3-D tensor quantized
+per expert slice, as llama-quant.cpp does): byte-identical to llama-quantize of our F32 merge, and to the intermediate-file path from a quantized base."""
 
 import gguf
 import pytest
