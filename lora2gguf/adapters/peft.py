@@ -221,8 +221,8 @@ def read_param_wrappers(path: Path, cfg: dict, parts: dict[str, dict[str, np.nda
 def module_rules() -> tuple[dict[str, str], list[tuple[re.Pattern, str]]]:
     """Every arch's adapter module names that differ from lora2gguf's: whole modules renamed (Mixtral's
     block_sparse_moe.gate → mlp.gate), and per-expert modules (regex with the expert as group 1) → their stack."""
-    aliases = {k: v for a in models.all_archs() for k, v in getattr(a, "module_aliases", {}).items()}
-    per_expert = {k: v for a in models.all_archs() for k, v in getattr(a, "expert_modules", {}).items()}
+    aliases = {k: v for a in models.all_archs() for k, v in a.module_aliases.items()}
+    per_expert = {k: v for a in models.all_archs() for k, v in a.expert_modules.items()}
     return aliases, [(re.compile(re.escape(k).replace(re.escape("{E}"), r"(\d+)")), v) for k, v in per_expert.items()]
 
 

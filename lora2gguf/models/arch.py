@@ -58,6 +58,8 @@ class Arch:
     # transformers' 3-D expert parameters (what PEFT's target_parameters names), in the order the experts module
     # registers them, → the expert_proj stacks their rows split into, in order (a fused gate_up: gate rows first)
     expert_params: dict[str, tuple[str, ...]] = {}
+    expert_modules: dict[str, str] = {}  # per-expert module on disk ({E}: the expert) → its expert_proj stack
+    module_aliases: dict[str, str] = {}  # a whole module's name on disk → its in-memory (transformers 5) name
     layer_norms: tuple[str, ...] = ("input_layernorm", "post_attention_layernorm")
     qkv_bias: bool = False  # HF's default for attention_bias
     qk_norm: bool = False
@@ -190,12 +192,20 @@ class Arch:
 
     def hf_file_parts(self, spec: ModelSpec, hf_name: str) -> list[str] | None:
         """The tensors of an HF checkpoint that, stacked on a new first axis, make this tensor when the
-        checkpoint stores it in parts (per-expert weights); None when it is stored whole."""
-        return None
+        checkpoint stores it in parts (per-expert weights: expert_modules); None when it is stored whole."""
+        head, _, rest = hf_name.partition(".layers.")
+        i, _, mod = rest.partition(".")
+        disk = next((k for k, v in self.expert_modules.items() if f"{v}.weight" == mod), None)
+        if disk is None:  # layers.N.mlp.experts.gate_proj.weight → layers.N.mlp.experts.E.gate_proj.weight
+            return None
+        return [f"{head}.layers.{i}.{disk.format(E=e)}.weight" for e in range(spec.n_expert)]
 
     def hf_file_alias(self, spec: ModelSpec, hf_name: str) -> str | None:
         """The name a checkpoint stores this whole tensor under when it is not the in-memory one (Mixtral's
-        router: block_sparse_moe.gate on disk, mlp.gate in transformers 5); None when it is the same."""
+        router: block_sparse_moe.gate on disk, mlp.gate in transformers 5: module_aliases); None when it is the same."""
+        for disk, mem in self.module_aliases.items():
+            if f".{mem}." in hf_name:
+                return hf_name.replace(f".{mem}.", f".{disk}.")
         return None
 
     def expected_shapes(self, spec: ModelSpec, tied: bool | None = None) -> dict[str, tuple[int, ...]]:

@@ -33,7 +33,6 @@ class MoEArch(Arch):
     # → the expert_proj stack it is a slice of
     expert_modules = {"mlp.experts.{E}.gate_proj": "mlp.experts.gate_proj", "mlp.experts.{E}.up_proj":
                       "mlp.experts.up_proj", "mlp.experts.{E}.down_proj": "mlp.experts.down_proj"}
-    module_aliases: dict[str, str] = {}  # a whole module's name on disk → its in-memory (transformers 5) name
     verbs = ("convert", "inspect", "merge")  # the first milestone of mixture-of-experts support
 
     # -- hyperparameters ---------------------------------------------------------------------------------
@@ -69,20 +68,6 @@ class MoEArch(Arch):
         E, D, F = spec.n_expert, spec.n_embd, spec.n_ff_exp
         return {"mlp.experts.gate_proj.weight": (E, F, D), "mlp.experts.up_proj.weight": (E, F, D),
                 "mlp.experts.down_proj.weight": (E, D, F)}
-
-    def hf_file_parts(self, spec: MoESpec, hf_name: str) -> list[str] | None:
-        head, _, rest = hf_name.partition(".layers.")
-        i, _, mod = rest.partition(".")
-        disk = next((k for k, v in self.expert_modules.items() if f"{v}.weight" == mod), None)
-        if disk is None:  # layers.N.mlp.experts.gate_proj.weight → layers.N.mlp.experts.E.gate_proj.weight
-            return None
-        return [f"{head}.layers.{i}.{disk.format(E=e)}.weight" for e in range(spec.n_expert)]
-
-    def hf_file_alias(self, spec: MoESpec, hf_name: str) -> str | None:
-        for disk, mem in self.module_aliases.items():
-            if f".{mem}." in hf_name:
-                return hf_name.replace(f".{mem}.", f".{disk}.")
-        return None
 
     # -- PyTorch forward ---------------------------------------------------------------------------------
     def moe_block(self, spec: MoESpec):

@@ -360,7 +360,7 @@ def test_transformers_4_style_per_expert_adapter_converts_exactly(tmp_path, monk
     assert moved["mean_kl"] > 1e-2 and exact(m), (moved, m)
     swap = {v: k for k, v in models.get(moe_arch).expert_modules.items()}  # the same adapter with gate and up
     for a in models.all_archs():  # swapped is far off (the test would catch it); archs share these names
-        if swap["mlp.experts.gate_proj"] in getattr(a, "expert_modules", {}):
+        if swap["mlp.experts.gate_proj"] in a.expert_modules:
             monkeypatch.setattr(a, "expert_modules", dict(a.expert_modules) | {
                 swap["mlp.experts.gate_proj"]: "mlp.experts.up_proj",
                 swap["mlp.experts.up_proj"]: "mlp.experts.gate_proj"})
