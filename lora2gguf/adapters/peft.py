@@ -229,8 +229,8 @@ def module_rules() -> tuple[dict[str, str], list[tuple[re.Pattern, str]]]:
 def read_per_expert(path: Path, cfg: dict, parts: dict[str, dict[str, np.ndarray]]) -> dict[str, ModuleLoRA]:
     """transformers-4-style expert LoRA (one pair per expert module: mlp.experts.E.gate_proj, Mixtral's
     block_sparse_moe.experts.E.w1), taken out of `parts` and stacked per layer into the arch's expert_proj
-    tensors: A (E, r, in), B (E, out, r), a zero pair for an expert without one (PEFT leaves it unchanged). One r
-    and one scale per stack (llama.cpp has one per tensor)."""
+    tensors: A (E, r, in), B (E, out, r), a zero pair for an expert without one (PEFT leaves it unchanged; those past
+    the last one are added when the base is known, ModuleLoRA.check_base). One r and one scale per stack."""
     _, per_expert = module_rules()
     found: dict[str, dict[int, str]] = {}
     for mod in parts:
@@ -243,7 +243,8 @@ def read_per_expert(path: Path, cfg: dict, parts: dict[str, dict[str, np.ndarray
     for stack, mods in sorted(found.items()):
         pairs = {e: lora_pair(path, mod, parts[mod], "lora_A", "lora_B") for e, mod in mods.items()}
         scales = {peft_scale(cfg, mod) for mod in mods.values()}
-        if len(scales) > 1 or any(k in parts[m] for m in mods.values() for k in ("lora_magnitude_vector", "lora_B.bias")):
+        extra = ("lora_magnitude_vector", "lora_B.bias")
+        if len(scales) > 1 or any(k in parts[m] for m in mods.values() for k in extra):
             raise Lora2GGUFError(f"{path}: the per-expert LoRA of {stack} has several ranks or scales, DoRA or a "
                                  "bias; llama.cpp takes one plain LoRA per expert tensor")
         r, alpha, scale = scales.pop()
@@ -258,7 +259,7 @@ def read_per_expert(path: Path, cfg: dict, parts: dict[str, dict[str, np.ndarray
             A[e], B[e] = a, b
         for mod in mods.values():
             del parts[mod]
-        out[stack] = ModuleLoRA(stack, A, B, r, alpha, scale)
+        out[stack] = ModuleLoRA(stack, A, B, r, alpha, scale, open_experts=True)  # the base says how many there are
     return out
 
 

@@ -341,7 +341,7 @@ def t4_adapter(arch: str, out: Path, experts, zero_experts=(), r: int = 4, alpha
     return out
 
 
-@pytest.mark.parametrize("experts", [range(8), (0, 2, 5, 7)], ids=["all-experts", "some-experts"])
+@pytest.mark.parametrize("experts", [range(8), (0, 2, 5)], ids=["all-experts", "some-experts"])
 def test_transformers_4_style_per_expert_adapter_converts_exactly(tmp_path, monkeypatch, moe_arch, base_run, experts):
     """Per-expert LoRA modules (Mixtral's block_sparse_moe.experts.E.w1/w3/w2 and block_sparse_moe.gate; Qwen's
     mlp.experts.E.gate_proj...) are stacked into the *_exps LoRA, an expert without a pair getting a zero one:
