@@ -179,3 +179,20 @@ def test_a_llama_file_with_experts_is_mixtral_and_one_without_stays_llama(tmp_pa
     with pytest.raises(Lora2GGUFError, match="llama.expert_count is missing; a mixtral model needs it") as e:
         open_base(bad)
     assert "\n" not in str(e.value)
+
+
+def test_what_transformers_save_pretrained_writes_reads_back_equal(tmp_path, moe_arch):
+    """transformers 5 holds the experts fused (gate_up_proj) and Mixtral's router as mlp.gate, but its
+    save_pretrained writes the Hub's per-expert names (Mixtral: block_sparse_moe.*): read back, the same tensors."""
+    import torch
+    import transformers
+    from safetensors import safe_open
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(fixture(moe_arch, "hf"), dtype=torch.float32)
+    model.save_pretrained(tmp_path / "saved")
+    with safe_open(str(tmp_path / "saved" / "model.safetensors"), "pt") as f:
+        assert not any("gate_up_proj" in k for k in f.keys())
+    with open_base(tmp_path / "saved") as b, open_base(fixture(moe_arch, "hf")) as c:
+        assert b.hf_names() == c.hf_names()
+        for n in c.hf_names():
+            np.testing.assert_array_equal(b.tensor(n), c.tensor(n))
