@@ -9,11 +9,13 @@ it), and the experts are llama.feed_forward_length wide (config.json's intermedi
 Checkpoints. The Hub's files and transformers 5's save_pretrained (which reverts its loading conversion) store
 model.layers.N.block_sparse_moe.gate.weight (the router) and block_sparse_moe.experts.E.w1 / w3 / w2 (gate, up,
 down); in memory transformers 5 names them mlp.gate and mlp.experts.gate_up_proj / down_proj, which is what
-PEFT's adapters name and what lora2gguf uses.
+PEFT's adapters name and what lora2gguf uses. A config.json with a sliding window shorter than the context (which
+transformers applies and llama.cpp's llama does not) is refused by name.
 """
 
 from __future__ import annotations
 
+from lora2gguf.errors import Lora2GGUFError
 from lora2gguf.models.arch import ATTN_PROJ
 from lora2gguf.models.llama import Llama
 from lora2gguf.models.moe import MoEArch
@@ -40,6 +42,10 @@ class Mixtral(MoEArch, Llama):
                                                 f"{a}.feed_forward_length"), where, norm_topk_prob=True)
 
     def hf_extra(self, c: dict, common: dict, where) -> dict:
+        window = c.get("sliding_window")
+        if window and int(window) < common["n_ctx_train"]:
+            raise Lora2GGUFError(f"{where}: sliding_window is {window}, but llama.cpp's llama (which runs Mixtral) "
+                                 "attends to the whole context; such a model is not supported")
         return self.moe_fields(int(c.get("num_local_experts") or 0), int(c.get("num_experts_per_tok") or 0),
                                common["n_ff"], ("num_local_experts", "num_experts_per_tok", "intermediate_size"),
                                where, norm_topk_prob=True)

@@ -7,8 +7,8 @@ scaled per token by sigmoid(shared_expert_gate(x)) (models/layers.py: SharedExpe
 Hyperparameters (src/models/qwen2moe.cpp). llama.cpp reads expert_count, expert_used_count,
 expert_feed_forward_length (n_ff / n_expert_used when absent) and expert_shared_feed_forward_length (n_ff when
 absent), and never renormalises the top-k routing weights (norm_w = false): a config.json with norm_topk_prob
-true, or with dense layers (mlp_only_layers, decoder_sparse_step > 1), describes a model llama.cpp would
-compute differently: refused by name. transformers names the attention bias qkv_bias (default true).
+true, dense layers (mlp_only_layers, decoder_sparse_step > 1) or a sliding window (use_sliding_window),
+describes a model llama.cpp would compute differently: refused by name. transformers names the attention bias qkv_bias (default true).
 """
 
 from __future__ import annotations
@@ -59,6 +59,9 @@ class Qwen2Moe(MoEArch):
                                  "top-k routing weights (Qwen1.5-MoE and Qwen2-MoE set it false); such a model is not "
                                  "supported")
         refuse_dense_layers(c, where, self.name)
+        if c.get("use_sliding_window"):
+            raise Lora2GGUFError(f"{where}: use_sliding_window is true, but llama.cpp's qwen2moe attends to the whole "
+                                 "context; such a model is not supported")
         return fields
 
     def hf_config(self, spec: MoESpec) -> dict:

@@ -95,10 +95,12 @@ def test_spec_from_gguf_equals_spec_from_config(moe_arch):
     ("qwen3moe", {"decoder_sparse_step": 2}, "dense layers"),
     ("qwen2moe", {"norm_topk_prob": True}, "norm_topk_prob is true"),
     ("qwen2moe", {"mlp_only_layers": [0]}, "dense layers"),
-    ("qwen2moe", {"shared_expert_intermediate_size": 0}, "shared_expert_intermediate_size is 0")])
+    ("qwen2moe", {"shared_expert_intermediate_size": 0}, "shared_expert_intermediate_size is 0"),
+    ("qwen2moe", {"use_sliding_window": True, "sliding_window": 8}, "use_sliding_window is true"),
+    ("mixtral", {"sliding_window": 8}, "sliding_window is 8")])
 def test_config_llama_cpp_would_compute_differently_is_refused(tmp_path, arch, change, what):
-    """llama.cpp's qwen3moe renormalises the top-k weights whatever the file says, its qwen2moe never does, and
-    neither has dense layers; transformers follows config.json."""
+    """llama.cpp's qwen3moe renormalises the top-k weights whatever the file says, its qwen2moe never does, neither
+    has dense layers, and neither qwen2moe nor llama (Mixtral) has a sliding window; transformers follows config.json."""
     import shutil
 
     d = tmp_path / "hf"
