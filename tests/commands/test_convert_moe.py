@@ -341,18 +341,60 @@ def t4_adapter(arch: str, out: Path, experts, zero_experts=(), r: int = 4, alpha
     return out
 
 
+def as_param_wrappers(arch: str, t4_dir: Path, out: Path) -> Path:
+    """The per-expert adapter at t4_dir rewritten as the adapter real peft makes on transformers 5's fused experts
+    (target_parameters), for the archs whose per-expert adapters peft does not convert itself: expert e's gate and
+    up pairs side by side in one rank-2r pair on gate_up_proj (A stacked, B block-diagonal: the identity peft's own
+    conversion uses), down's padded to rank 2r with zeros, alpha doubled so that alpha / r stays the same."""
+    from safetensors.numpy import load_file, save_file
+
+    r, E, F = 4, 8, 256
+    names, _ = T4_NAMES[arch]
+    t4 = load_file(str(t4_dir / "adapter_model.safetensors"))
+    make_peft_adapter(fixture(arch, "hf"), out, r=2 * r, lora_alpha=2 * 8.0, target_modules=[],
+                      target_parameters=EXPERT_PARAMS)
+    w = load_file(str(out / "adapter_model.safetensors"))
+    for i in range(2):
+        def pair(p, e):
+            key = f"base_model.model.model.layers.{i}.{names[p].format(E=e)}"
+            if f"{key}.lora_A.weight" not in t4:
+                return None
+            return t4[f"{key}.lora_A.weight"], t4[f"{key}.lora_B.weight"]
+
+        pre = f"base_model.model.model.layers.{i}.mlp.experts"
+        gu_a, gu_b = (np.zeros_like(w[f"{pre}.base_layer.lora_{x}.weight"]) for x in "AB")
+        d_a, d_b = (np.zeros_like(w[f"{pre}.lora_{x}.weight"]) for x in "AB")
+        for e in range(E):
+            for k, p in enumerate(("gate_proj", "up_proj")):
+                if (ab := pair(p, e)) is not None:
+                    gu_a[e * 2 * r + k * r: e * 2 * r + (k + 1) * r] = ab[0]  # A rows e·r' + j (expert-major)
+                    for j in range(r):  # B column j'·E + e (expert-minor), gate rows first
+                        gu_b[k * F:(k + 1) * F, (k * r + j) * E + e] = ab[1][:, j]
+            if (ab := pair("down_proj", e)) is not None:
+                d_a[e * 2 * r: e * 2 * r + r] = ab[0]
+                for j in range(r):
+                    d_b[:, j * E + e] = ab[1][:, j]
+        w |= {f"{pre}.base_layer.lora_A.weight": gu_a, f"{pre}.base_layer.lora_B.weight": gu_b,
+              f"{pre}.lora_A.weight": d_a, f"{pre}.lora_B.weight": d_b}
+    save_file(w, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    return out
+
+
 @pytest.mark.parametrize("experts", [range(8), (0, 2, 5)], ids=["all-experts", "some-experts"])
 def test_transformers_4_style_per_expert_adapter_converts_exactly(tmp_path, monkeypatch, moe_arch, base_run, experts):
     """Per-expert LoRA modules (Mixtral's block_sparse_moe.experts.E.w1/w3/w2 and block_sparse_moe.gate; Qwen's
     mlp.experts.E.gate_proj...) are stacked into the *_exps LoRA, an expert without a pair getting a zero one:
     llama.cpp on ours == transformers 5 + peft, which converts the same adapter to its fused form (peft cannot
-    convert one that leaves experts out: its reference is the same adapter with zero pairs on those experts)."""
-    if moe_arch == "qwen2moe":  # its target names match the shared expert too, and peft then converts nothing
-        pytest.skip("peft 0.21 leaves a per-expert qwen2moe adapter unconverted (transformers + peft = the base): "
-                    "no reference")
+    convert one that leaves experts out: its reference is the same adapter with zero pairs on those experts). peft
+    leaves a per-expert qwen2moe adapter unconverted (its target names match the shared expert too): there the
+    reference is the same pairs written as peft's own fused-expert adapter (as_param_wrappers)."""
     d = t4_adapter(moe_arch, tmp_path / "a", experts)
-    ref = d if len(experts) == 8 else t4_adapter(moe_arch, tmp_path / "ref", experts,
-                                                 [e for e in range(8) if e not in experts])
+    if moe_arch == "qwen2moe":
+        ref = as_param_wrappers(moe_arch, d, tmp_path / "ref")
+    elif len(experts) == 8:
+        ref = d
+    else:
+        ref = t4_adapter(moe_arch, tmp_path / "ref", experts, [e for e in range(8) if e not in experts])
     ours, r_ours = converted_run(moe_arch, d, tmp_path / "a.gguf")
     theirs, r_theirs = transformers_run(moe_arch, TOKENS, adapter_dir=ref)
     moved, m = compare(base_run[0], ours), routed(theirs, ours, r_theirs, r_ours)

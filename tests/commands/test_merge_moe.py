@@ -1,7 +1,8 @@
 """merge on the mixture-of-experts archs (conftest.MOE_ARCHS): expert LoRA (PEFT target_parameters, made by the real
 peft) baked into the stacked *_exps tensors, expert by expert. The merged file in llama.cpp against
 transformers + PEFT, routing-aware; quantized outputs are llama.cpp's own quantizer's (a 3-D tensor quantized
-per expert slice, as llama-quant.cpp does): byte-identical to llama-quantize of our F32 merge, and to the intermediate-file path from a quantized base."""
+per expert slice, as llama-quant.cpp does): byte-identical to llama-quantize of our F32 merge, and to the
+intermediate-file path from a quantized base."""
 
 import gguf
 import pytest
@@ -89,13 +90,13 @@ def test_shared_expert_lora_merges(tmp_path):
 
 def test_per_expert_adapter_merges(tmp_path, moe_arch):
     """A transformers-4-style adapter (one LoRA per expert module, experts 0, 2 and 5 only) merged into F32 ==
-    transformers 5 + peft on the same adapter with zero pairs on the other experts (peft converts it itself)."""
-    from test_convert_moe import t4_adapter
+    transformers 5 + peft on the same adapter with zero pairs on the other experts (peft converts it itself; for
+    qwen2moe, which it does not convert, the same pairs as peft's fused-expert adapter)."""
+    from test_convert_moe import as_param_wrappers, t4_adapter
 
-    if moe_arch == "qwen2moe":
-        pytest.skip("peft 0.21 leaves a per-expert qwen2moe adapter unconverted: no reference")
     d = t4_adapter(moe_arch, tmp_path / "a", (0, 2, 5))
-    ref = t4_adapter(moe_arch, tmp_path / "ref", (0, 2, 5), (1, 3, 4, 6, 7))
+    ref = (as_param_wrappers(moe_arch, d, tmp_path / "ref") if moe_arch == "qwen2moe"
+           else t4_adapter(moe_arch, tmp_path / "ref", (0, 2, 5), (1, 3, 4, 6, 7)))
     merged = merge(fixture(moe_arch), [(d, 1.0)], tmp_path / "m.gguf", quant="f32")
     base, _ = llama_run(fixture(moe_arch), TOKENS)
     ours, r_ours = llama_run(merged, TOKENS)
