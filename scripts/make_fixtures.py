@@ -1,13 +1,16 @@
 #!/usr/bin/env python3
 """Generate the tiny test bases under fixtures/, deterministically.
 
-For each arch (llama, qwen2, qwen3, gemma3, gemma2, phi3, qwen3moe): the same random weights as
+For each arch (llama, qwen2, qwen3, gemma3, gemma2, phi3, qwen3moe, mixtral, qwen2moe): the same random weights as
   fixtures/<arch>/hf/            config.json + model.safetensors (loads in transformers)
   fixtures/<arch>/base-f32.gguf  and base-f16.gguf, base-q8_0.gguf (written with gguf-py)
   fixtures/<arch>/base-q4_k_m.gguf (llama.cpp's own quantizer via llama-cpp-python)
 Two layers, width 64, 4 heads / 2 KV heads (GQA), FFN 256 (so ffn_down rows fit K-quant blocks of 256);
 qwen3moe: 8 experts, 2 used per token, expert FFN 256 (ffn_down_exps rows fit K-quant blocks), stored in
-hf/ one tensor per expert as the Hub's checkpoints and transformers' save_pretrained do. A SentencePiece-style
+hf/ one tensor per expert as the Hub's checkpoints and transformers' save_pretrained do; mixtral: the same
+sizes (its experts are feed_forward_length wide) in a "llama" GGUF with llama.expert_count, its checkpoint under
+Mixtral's names (block_sparse_moe.gate, block_sparse_moe.experts.E.w1/w3/w2); qwen2moe: qwen3moe's experts
+plus a shared expert of width 256 and its gate, q/k/v biases, top-k weights not renormalised. A SentencePiece-style
 vocabulary that llama.cpp tokenizes. Weights are scaled so that logits are
 peaked (a near-uniform output would make KL and top-1 checks weak).
 
@@ -37,14 +40,19 @@ DIMS = dict(n_layer=2, n_embd=64, n_ff=256, n_head=4, n_head_kv=2, n_ctx=512, ro
 EXTRA = {"gemma3": dict(head_dim=32, window=8, swa_pattern=2, rope_theta=100000.0, rope_local=10000.0, eps=1e-6),
          "gemma2": dict(head_dim=32, window=8, swa_pattern=2, attn_softcap=50.0, final_softcap=30.0, eps=1e-6),
          "phi3": dict(partial_rotary=0.5),  # rope on half of each head, as Phi-4-mini on 3/4
-         "qwen3moe": dict(n_expert=8, n_expert_used=2, n_ff_exp=256, eps=1e-6)}
-ARCH_NAMES = ("llama", "qwen2", "qwen3", "gemma3", "gemma2", "phi3", "qwen3moe")
+         "qwen3moe": dict(n_expert=8, n_expert_used=2, n_ff_exp=256, eps=1e-6),
+         "mixtral": dict(n_expert=8, n_expert_used=2),
+         "qwen2moe": dict(n_expert=8, n_expert_used=2, n_ff_exp=256, n_ff_shexp=256, eps=1e-6)}
+ARCH_NAMES = ("llama", "qwen2", "qwen3", "gemma3", "gemma2", "phi3", "qwen3moe", "mixtral", "qwen2moe")
+GGUF_ARCH = {"mixtral": "llama"}  # llama.cpp runs Mixtral as a llama with experts
 HF_CLASS = {"llama": ("LlamaForCausalLM", "llama"), "qwen2": ("Qwen2ForCausalLM", "qwen2"),
             "qwen3": ("Qwen3ForCausalLM", "qwen3"), "gemma3": ("Gemma3ForCausalLM", "gemma3_text"),
             "gemma2": ("Gemma2ForCausalLM", "gemma2"), "phi3": ("Phi3ForCausalLM", "phi3"),
-            "qwen3moe": ("Qwen3MoeForCausalLM", "qwen3_moe")}
-TIED = {"llama": False, "qwen2": True, "qwen3": False, "gemma3": True, "gemma2": True, "phi3": False, "qwen3moe": False}
-SEED = {"llama": 1, "qwen2": 2, "qwen3": 3, "gemma3": 4, "gemma2": 5, "phi3": 6, "qwen3moe": 7}
+            "qwen3moe": ("Qwen3MoeForCausalLM", "qwen3_moe"), "mixtral": ("MixtralForCausalLM", "mixtral"),
+            "qwen2moe": ("Qwen2MoeForCausalLM", "qwen2_moe")}
+TIED = {"llama": False, "qwen2": True, "qwen3": False, "gemma3": True, "gemma2": True, "phi3": False, "qwen3moe": False,
+        "mixtral": False, "qwen2moe": False}
+SEED = {"llama": 1, "qwen2": 2, "qwen3": 3, "gemma3": 4, "gemma2": 5, "phi3": 6, "qwen3moe": 7, "mixtral": 8, "qwen2moe": 9}
 WORDS = ("the a of and to in is it that was for on with as at by cat dog sat mat hello world "
          "one two three red green blue big small happy sun moon star tree fish bird").split()
 
@@ -116,6 +124,11 @@ def hf_config(arch: str, n_vocab: int) -> dict:
     }
     if arch == "qwen2":
         cfg["use_sliding_window"] = False
+    if arch == "qwen2moe":  # transformers' Qwen2MoeConfig names the q/k/v bias qkv_bias
+        del cfg["attention_bias"]
+        cfg.update(qkv_bias=True, num_experts=d["n_expert"], num_experts_per_tok=d["n_expert_used"],
+                   moe_intermediate_size=d["n_ff_exp"], shared_expert_intermediate_size=d["n_ff_shexp"],
+                   norm_topk_prob=False, decoder_sparse_step=1, mlp_only_layers=[], use_sliding_window=False)
     if arch.startswith("gemma"):
         del cfg["hidden_act"], cfg["rope_theta"]
         cfg.update(hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=hd, sliding_window=d["window"],
@@ -134,17 +147,30 @@ def hf_config(arch: str, n_vocab: int) -> dict:
         cfg.update(num_experts=d["n_expert"], num_experts_per_tok=d["n_expert_used"],
                    moe_intermediate_size=d["n_ff_exp"], norm_topk_prob=True, decoder_sparse_step=1,
                    mlp_only_layers=[], use_sliding_window=False)
+    if arch == "mixtral":
+        cfg.update(num_local_experts=d["n_expert"], num_experts_per_tok=d["n_expert_used"], router_jitter_noise=0.0,
+                   sliding_window=None)
     return cfg
+
+
+MIXTRAL_DISK = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
 
 
 def hf_checkpoint(arch: str, weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The tensors as an HF checkpoint stores them: a MoE's stacked experts one tensor per expert
-    (model.layers.N.mlp.experts.E.gate_proj.weight), as the Hub's files and transformers' save_pretrained."""
+    (model.layers.N.mlp.experts.E.gate_proj.weight; Mixtral: block_sparse_moe.experts.E.w1.weight and its
+    router block_sparse_moe.gate.weight), as the Hub's files and transformers' save_pretrained."""
     out = {}
     for name, t in weights.items():
         head, sep, proj = name.partition(".mlp.experts.")
-        if sep:
+        if sep and arch == "mixtral":
+            p, w = proj.split(".")
+            out.update({f"{head}.block_sparse_moe.experts.{e}.{MIXTRAL_DISK[p]}.{w}": np.ascontiguousarray(t[e])
+                        for e in range(t.shape[0])})
+        elif sep:
             out.update({f"{head}.mlp.experts.{e}.{proj}": np.ascontiguousarray(t[e]) for e in range(t.shape[0])})
+        elif arch == "mixtral" and ".mlp.gate." in name:
+            out[name.replace(".mlp.gate.", ".block_sparse_moe.gate.")] = t
         else:
             out[name] = t
     return out
@@ -154,7 +180,7 @@ def write_gguf(path: Path, arch: str, weights: dict[str, np.ndarray], ftype: str
     d = DIMS | EXTRA.get(arch, {})
     toks, scores, types = vocab()
     hd = d.get("head_dim", d["n_embd"] // d["n_head"])
-    w = gguf.GGUFWriter(str(path), arch)
+    w = gguf.GGUFWriter(str(path), GGUF_ARCH.get(arch, arch))
     # llama.cpp special-cases the vocabulary of a model *named* phi3 (it expects <|endoftext|>, which this tiny
     # vocabulary lacks): the phi3 fixture is named without it
     w.add_name("tiny-phi" if arch == "phi3" else f"tiny-{arch}")
@@ -174,10 +200,13 @@ def write_gguf(path: Path, arch: str, weights: dict[str, np.ndarray], ftype: str
         w.add_sliding_window_pattern(d["swa_pattern"])
     if arch == "gemma3":
         w.add_rope_freq_base_swa(d["rope_local"])
-    if arch == "qwen3moe":
+    if "n_expert" in d:
         w.add_expert_count(d["n_expert"])
         w.add_expert_used_count(d["n_expert_used"])
+    if "n_ff_exp" in d:
         w.add_expert_feed_forward_length(d["n_ff_exp"])
+    if "n_ff_shexp" in d:
+        w.add_expert_shared_feed_forward_length(d["n_ff_shexp"])
     if arch == "gemma2":
         w.add_attn_logit_softcapping(d["attn_softcap"])
         w.add_final_logit_softcapping(d["final_softcap"])

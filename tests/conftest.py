@@ -10,7 +10,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "fixtures"
 ARCHS = ("llama", "qwen2", "qwen3", "gemma3", "gemma2", "phi3")
-MOE_ARCHS = ("qwen3moe",)  # tested on their own (tests/models/test_qwen3moe.py); not every verb takes them yet
+MOE_ARCHS = ("qwen3moe", "mixtral", "qwen2moe")  # tested on their own (tests/models/test_moe.py); not every verb takes them yet
 
 TEXT = ("the cat sat on the mat and the dog sat with the cat . hello world , one two three red green "
         "blue . the big tree and the small fish in the sun with the moon and a star . a happy bird was "
@@ -32,6 +32,12 @@ def reference_logits(model, tokens) -> np.ndarray:
 
     with torch.no_grad():
         return model(torch.tensor([list(tokens)]))[0].numpy()
+
+
+@pytest.fixture(scope="module", params=MOE_ARCHS)
+def moe_arch(request) -> str:
+    """Each mixture-of-experts fixture in turn (tests/moe_helpers.py runs them routing-aware)."""
+    return request.param
 
 
 @pytest.fixture(scope="session")

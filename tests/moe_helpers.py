@@ -10,14 +10,13 @@ from lora2gguf.llamacpp.runtime import LlamaRuntime
 from lora2gguf.models.layers import MoE
 from lora2gguf.parity.metrics import compare, expert_set_mismatch
 
-ARCH = "qwen3moe"
 
-
-def transformers_run(tokens, hf_dir=None, adapter_dir=None):
-    """transformers' Qwen3MoeForCausalLM (+ PEFT when adapter_dir): (logits, layer → chosen experts)."""
+def transformers_run(arch, tokens, hf_dir=None, adapter_dir=None):
+    """transformers' own class for the arch's fixture (Qwen3MoeForCausalLM, MixtralForCausalLM, ...; + PEFT when
+    adapter_dir): (logits, layer → chosen experts)."""
     import transformers
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir or fixture(ARCH, "hf"), dtype=torch.float32)
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir or fixture(arch, "hf"), dtype=torch.float32)
     if adapter_dir is not None:
         import peft
 
@@ -28,6 +27,13 @@ def transformers_run(tokens, hf_dir=None, adapter_dir=None):
     routing = {i: torch.topk(torch.softmax(r.float(), -1), k, -1).indices.numpy()
                for i, r in enumerate(out.router_logits)}
     return out.logits[0].float().numpy(), routing
+
+
+def gguf_arch(arch: str) -> str:
+    """general.architecture of the arch's GGUF files (Mixtral's are llama files with experts)."""
+    from lora2gguf import models
+
+    return models.get(arch).gguf_arch
 
 
 def reference_run(model, tokens):

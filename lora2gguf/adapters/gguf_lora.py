@@ -34,7 +34,7 @@ def _check_header(f: GGUFFile) -> str:
     arch = f.string("general.architecture")
     if arch is None:
         raise Lora2GGUFError(f"{f.path}: no general.architecture in the adapter's metadata")
-    return models.find(arch, str(f.path)).name
+    return models.for_gguf(f, str(f.path)).gguf_arch
 
 
 def _alpha(f: GGUFFile) -> float:
@@ -103,7 +103,7 @@ def load_gguf_lora(path: str | os.PathLike, spec=None, any_qk_order: bool = Fals
         if not pairs:
             raise Lora2GGUFError(f"{path}: the adapter holds no LoRA tensors")
         n_layer = spec.n_layer if spec is not None else _n_layer(pairs)
-        am = models.get(arch)
+        am = spec.arch_module if spec is not None else models.for_gguf(f, str(path))  # Mixtral: a llama file
         hf_of = {am.gguf_name(n_layer, h): h for h in am.lora_weight_names(n_layer)}
         modules: dict[str, ModuleLoRA] = {}
         for gname, (ka, kb) in pairs.items():

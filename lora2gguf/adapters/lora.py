@@ -31,6 +31,7 @@ class ModuleLoRA:
     fan_in_fan_out: bool = False
     magnitude: np.ndarray | None = None  # DoRA lora_magnitude_vector (out,)
     bias: np.ndarray | None = None  # lora_B.bias (out,) with lora_bias=True
+    open_experts: bool = False  # stacked from per-expert modules: experts past the last one had no LoRA (zero)
 
     @property
     def weight_name(self) -> str:
@@ -106,7 +107,7 @@ class PeftAdapter:
                 mt = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", name)
                 if not mt or mt.group(2) not in shapes:
                     raise Lora2GGUFError(
-                        f"{self.path}: target module {name} has no GGUF tensor in arch {spec.arch}; "
+                        f"{self.path}: target module {name} has no GGUF tensor in arch {arch.name}; "
                         f"supported targets: {', '.join(p.split('.')[-1] for p in arch.layer_linears)}, "
                         "embed_tokens, lm_head")
                 if int(mt.group(1)) >= spec.n_layer:
@@ -114,6 +115,11 @@ class PeftAdapter:
                                          "the adapter was made for another model")
                 want = shapes[mt.group(2)]
             got = m.delta_shape()
+            if m.open_experts and len(got) == len(want) == 3 and got[0] < want[0] and got[1:] == want[1:]:
+                def pad(x, n=want[0]):  # zero pairs for the experts past the last adapted one
+                    return np.concatenate([x, np.zeros((n - x.shape[0],) + x.shape[1:], x.dtype)])
+                m = self.modules[name] = dataclasses.replace(m, A=pad(m.A), B=pad(m.B), open_experts=False)
+                got = m.delta_shape()
             if got != want:
                 what = lambda s: "x".join(map(str, s)) + (f" ({s[0]} experts)" if len(s) == 3 else "")  # noqa: E731
                 raise Lora2GGUFError(

@@ -218,6 +218,51 @@ def read_param_wrappers(path: Path, cfg: dict, parts: dict[str, dict[str, np.nda
     return out
 
 
+def module_rules() -> tuple[dict[str, str], list[tuple[re.Pattern, str]]]:
+    """Every arch's adapter module names that differ from lora2gguf's: whole modules renamed (Mixtral's
+    block_sparse_moe.gate → mlp.gate), and per-expert modules (regex with the expert as group 1) → their stack."""
+    aliases = {k: v for a in models.all_archs() for k, v in a.module_aliases.items()}
+    per_expert = {k: v for a in models.all_archs() for k, v in a.expert_modules.items()}
+    return aliases, [(re.compile(re.escape(k).replace(re.escape("{E}"), r"(\d+)")), v) for k, v in per_expert.items()]
+
+
+def read_per_expert(path: Path, cfg: dict, parts: dict[str, dict[str, np.ndarray]]) -> dict[str, ModuleLoRA]:
+    """transformers-4-style expert LoRA (one pair per expert module: mlp.experts.E.gate_proj, Mixtral's
+    block_sparse_moe.experts.E.w1), taken out of `parts` and stacked per layer into the arch's expert_proj
+    tensors: A (E, r, in), B (E, out, r), a zero pair for an expert without one (PEFT leaves it unchanged; those past
+    the last one are added when the base is known, ModuleLoRA.check_base). One r and one scale per stack."""
+    _, per_expert = module_rules()
+    found: dict[str, dict[int, str]] = {}
+    for mod in parts:
+        mt = re.fullmatch(r"(model\.layers\.\d+\.)(.+)", mod)
+        for rx, stack in per_expert if mt else ():
+            if m := rx.fullmatch(mt.group(2)):
+                found.setdefault(mt.group(1) + stack, {})[int(m.group(1))] = mod
+                break
+    out = {}
+    for stack, mods in sorted(found.items()):
+        pairs = {e: lora_pair(path, mod, parts[mod], "lora_A", "lora_B") for e, mod in mods.items()}
+        scales = {peft_scale(cfg, mod) for mod in mods.values()}
+        extra = ("lora_magnitude_vector", "lora_B.bias")
+        if len(scales) > 1 or any(k in parts[m] for m in mods.values() for k in extra):
+            raise Lora2GGUFError(f"{path}: the per-expert LoRA of {stack} has several ranks or scales, DoRA or a "
+                                 "bias; llama.cpp takes one plain LoRA per expert tensor")
+        r, alpha, scale = scales.pop()
+        A0, B0 = next(iter(pairs.values()))
+        if any(A.shape != A0.shape or B.shape != B0.shape or A.shape[0] != r for A, B in pairs.values()):
+            raise Lora2GGUFError(f"{path}: the per-expert LoRA pairs of {stack} differ in shape or in rank from r={r}; "
+                                 "the adapter file is corrupt")
+        n = max(pairs) + 1
+        A = np.zeros((n,) + A0.shape, np.float32)
+        B = np.zeros((n,) + B0.shape, np.float32)
+        for e, (a, b) in pairs.items():
+            A[e], B[e] = a, b
+        for mod in mods.values():
+            del parts[mod]
+        out[stack] = ModuleLoRA(stack, A, B, r, alpha, scale, open_experts=True)  # the base says how many there are
+    return out
+
+
 _LORA_KEY = re.compile(r"(.+?)\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)"
                        r"(?:\.default)?(?:\.(weight|bias))?$")
 
@@ -231,6 +276,8 @@ def load_peft(path: str | Path) -> PeftAdapter:
     tensors = read_tensors(path)
     parts: dict[str, dict[str, np.ndarray]] = {}
     full: dict[str, np.ndarray] = {}
+    aliases, _ = module_rules()
+    renamed: dict[str, str] = {}  # lora2gguf's module name → the adapter's, where they differ (rank/alpha patterns)
     origin: dict[str, str] = {}  # text-tower module → its path in the checkpoint (what target_modules names)
     vision: set[str] = set()
     for key, t in tensors.items():
@@ -244,15 +291,20 @@ def load_peft(path: str | Path) -> PeftAdapter:
             if _VISION.search(mod):
                 vision.add(mod)
                 continue
-            origin[text_tower(mod)] = mod
-            parts.setdefault(text_tower(mod), {})[kind + (".bias" if suffix == "bias" else "")] = t
+            mod = text_tower(mod)
+            mt = re.fullmatch(r"(model\.layers\.\d+\.)(.+)", mod)
+            if mt and mt.group(2) in aliases:  # a module on disk under another name (Mixtral's router)
+                renamed[mt.group(1) + aliases[mt.group(2)]] = mod
+                mod = mt.group(1) + aliases[mt.group(2)]
+            origin[mod] = m.group(1)
+            parts.setdefault(mod, {})[kind + (".bias" if suffix == "bias" else "")] = t
         elif name.endswith(".base_layer.weight"):
             continue  # a copy of the base weight PEFT saves beside embedding LoRA; not part of the update
         elif name.endswith(".base_layer.bias"):
             full[name.replace(".base_layer.", ".")] = t  # bias="all"/"lora_only": a trained bias
         else:
             full[name.replace(".modules_to_save.default.", ".").replace(".original_module.", ".")] = t
-    experts = read_param_wrappers(path, cfg, parts)
+    experts = read_param_wrappers(path, cfg, parts) | read_per_expert(path, cfg, parts)
     if not parts and not full and not experts:
         raise Lora2GGUFError(f"{path}: the adapter holds no LoRA tensors")
     known = {p.split(".")[-1] for a in models.all_archs() for p in a.layer_linears} | {"embed_tokens", "lm_head"}
@@ -277,7 +329,7 @@ def load_peft(path: str | Path) -> PeftAdapter:
         if A.ndim != 2 or B.ndim != 2 or A.shape[0] != B.shape[1]:
             raise Lora2GGUFError(f"{path}: {mod}: {ka} {tuple(A.shape)} and {kb} {tuple(B.shape)} "
                                  "do not multiply (rank mismatch); the adapter file is corrupt")
-        r, alpha, scale = peft_scale(cfg, mod)
+        r, alpha, scale = peft_scale(cfg, renamed.get(mod, mod))
         if r != A.shape[0]:
             raise Lora2GGUFError(f"{path}: {mod} has rank {A.shape[0]} but adapter_config.json says r={r} "
                                  "(check r / rank_pattern)")

@@ -56,9 +56,9 @@ def check_arch(adapter, spec, base_path) -> None:
     """PEFT records the transformers class it wrapped; refuse an adapter made for another known arch
     (shapes alone cannot tell a qwen2 adapter from a llama one of the same size)."""
     cls = (adapter.config.get("auto_mapping") or {}).get("base_model_class")
-    other = next((a.name for a in models.all_archs() if cls in a.hf_architectures), None)
-    if other is not None and other != spec.arch:
-        raise Lora2GGUFError(f"{adapter.path}: the adapter was made on a {cls} ({other}) but {base_path} is a "
+    other = next((a for a in models.all_archs() if cls in a.hf_architectures), None)
+    if other is not None and other is not spec.arch_module:
+        raise Lora2GGUFError(f"{adapter.path}: the adapter was made on a {cls} ({other.name}) but {base_path} is a "
                              f"{spec.arch} model; pass the base it was trained on")
 
 

@@ -288,7 +288,8 @@ def _merged(fh, job: Job, spec, pool: RowPool) -> np.ndarray:
     """The whole output tensor (see _merged_blocks)."""
     blocks = list(_merged_blocks(fh, job, spec, pool))
     t = blocks[0] if len(blocks) == 1 else np.concatenate(blocks)
-    if t.ndim == 2 and len(job.info.shape) == 3 and t.size == np.prod(job.info.shape):  # rows of a stack of experts
+    if t.ndim == 2 and t.shape != job.info.shape and t.size == np.prod(job.info.shape) \
+            and t.shape[-1] == job.info.shape[-1]:  # rows of a stack of experts, or a one-row matrix stored as a vector
         t = t.reshape(job.info.shape)
     if t.shape != job.info.shape:
         raise Lora2GGUFError(f"{fh.name}: an adapter gives {job.hf} shape {t.shape}, the base has {job.info.shape}")

@@ -5,7 +5,7 @@ the registry that finds them (registry: adding an architecture is models/<name>.
 from __future__ import annotations
 
 from lora2gguf.models.arch import Arch
-from lora2gguf.models.registry import NAMES, all_archs, find, get
+from lora2gguf.models.registry import NAMES, all_archs, find, for_gguf, get, module_for
 from lora2gguf.models.spec import ModelSpec
 
-__all__ = ["Arch", "ModelSpec", "NAMES", "all_archs", "find", "get"]
+__all__ = ["Arch", "ModelSpec", "NAMES", "all_archs", "find", "for_gguf", "get", "module_for"]

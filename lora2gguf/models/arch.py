@@ -47,7 +47,7 @@ def _name_map(model_arch: MODEL_ARCH, n_layer: int):
 
 
 class Arch:
-    name: str  # GGUF general.architecture
+    name: str  # the module's name in the registry: the GGUF general.architecture unless gguf_arch says otherwise
     model_arch: MODEL_ARCH
     hf_architectures: tuple[str, ...]  # config.json "architectures" entries
     hf_model_types: tuple[str, ...]  # config.json "model_type"
@@ -58,6 +58,8 @@ class Arch:
     # transformers' 3-D expert parameters (what PEFT's target_parameters names), in the order the experts module
     # registers them, → the expert_proj stacks their rows split into, in order (a fused gate_up: gate rows first)
     expert_params: dict[str, tuple[str, ...]] = {}
+    expert_modules: dict[str, str] = {}  # per-expert module on disk ({E}: the expert) → its expert_proj stack
+    module_aliases: dict[str, str] = {}  # a whole module's name on disk → its in-memory (transformers 5) name
     layer_norms: tuple[str, ...] = ("input_layernorm", "post_attention_layernorm")
     qkv_bias: bool = False  # HF's default for attention_bias
     qk_norm: bool = False
@@ -65,6 +67,11 @@ class Arch:
     fused_training: bool = False  # training.fused.TrainingLayer may compute this arch's layer
     can_untie: bool = True  # llama.cpp loads an output.weight beside tied embeddings (merge may untie)
     verbs: tuple[str, ...] = VERBS  # the verbs that handle this architecture
+
+    @property
+    def gguf_arch(self) -> str:
+        """GGUF general.architecture (and metadata key prefix) of this arch's files (Mixtral: llama)."""
+        return self.name
 
     def require(self, verb: str, where) -> None:
         """Refuse, in one line, a verb that does not handle this architecture yet."""
@@ -86,7 +93,7 @@ class Arch:
     # -- hyperparameters ---------------------------------------------------------------------------------
     def spec_from_gguf(self, f, where) -> ModelSpec:
         """The spec from a GGUF file's metadata (f: fileio.gguf_read.GGUFFile); extra fields: `gguf_extra`."""
-        arch = self.name
+        arch = self.gguf_arch
 
         def need(key, kind=int):
             v = f.number(f"{arch}.{key}", None, kind)
@@ -110,7 +117,7 @@ class Arch:
                     f"{arch}.attention.head_count_kv": n_head_kv, f"{arch}.attention.key_length": head_dim,
                     f"{arch}.vocab_size": n_vocab, f"{arch}.rope.dimension_count": rope_dim}, where)
         common = dict(
-            arch=self.name, n_layer=n_layer, n_embd=n_embd, n_ff=n_ff, n_head=n_head, n_head_kv=n_head_kv,
+            arch=arch, n_layer=n_layer, n_embd=n_embd, n_ff=n_ff, n_head=n_head, n_head_kv=n_head_kv,
             head_dim=head_dim, n_vocab=n_vocab, n_ctx_train=f.number(f"{arch}.context_length", 2048, int),
             rope_theta=f.number(f"{arch}.rope.freq_base", 10000.0), rope_scaling_type=scaling,
             rope_scaling_factor=f.number(f"{arch}.rope.scaling.factor", 1.0),
@@ -132,7 +139,7 @@ class Arch:
                                              "intermediate_size", "vocab_size")}, where)
         head_dim = int(c.get("head_dim") or n_embd // n_head)
         common = dict(
-            arch=self.name, n_layer=int(c["num_hidden_layers"]), n_embd=n_embd, n_ff=int(c["intermediate_size"]),
+            arch=self.gguf_arch, n_layer=int(c["num_hidden_layers"]), n_embd=n_embd, n_ff=int(c["intermediate_size"]),
             n_head=n_head, n_head_kv=int(c.get("num_key_value_heads") or n_head), head_dim=head_dim,
             n_vocab=int(c["vocab_size"]), n_ctx_train=int(c.get("max_position_embeddings", 2048)),
             rope_theta=rope_theta, rope_scaling_type=rtype, rope_scaling_factor=factor,
@@ -185,7 +192,20 @@ class Arch:
 
     def hf_file_parts(self, spec: ModelSpec, hf_name: str) -> list[str] | None:
         """The tensors of an HF checkpoint that, stacked on a new first axis, make this tensor when the
-        checkpoint stores it in parts (per-expert weights); None when it is stored whole."""
+        checkpoint stores it in parts (per-expert weights: expert_modules); None when it is stored whole."""
+        head, _, rest = hf_name.partition(".layers.")
+        i, _, mod = rest.partition(".")
+        disk = next((k for k, v in self.expert_modules.items() if f"{v}.weight" == mod), None)
+        if disk is None:  # layers.N.mlp.experts.gate_proj.weight → layers.N.mlp.experts.E.gate_proj.weight
+            return None
+        return [f"{head}.layers.{i}.{disk.format(E=e)}.weight" for e in range(spec.n_expert)]
+
+    def hf_file_alias(self, spec: ModelSpec, hf_name: str) -> str | None:
+        """The name a checkpoint stores this whole tensor under when it is not the in-memory one (Mixtral's
+        router: block_sparse_moe.gate on disk, mlp.gate in transformers 5: module_aliases); None when it is the same."""
+        for disk, mem in self.module_aliases.items():
+            if f".{mem}." in hf_name:
+                return hf_name.replace(f".{mem}.", f".{disk}.")
         return None
 
     def expected_shapes(self, spec: ModelSpec, tied: bool | None = None) -> dict[str, tuple[int, ...]]:

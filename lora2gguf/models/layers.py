@@ -197,6 +197,20 @@ class MoE(nn.Module):
         return out.view(x.shape)
 
 
+class SharedExpertMoE(MoE):
+    """MoE plus an always-on SwiGLU expert scaled per token by sigmoid(shared_expert_gate(x)), as transformers'
+    Qwen2MoeSparseMoeBlock and llama.cpp's qwen2moe (ffn_*_shexp, ffn_gate_inp_shexp) compute it."""
+
+    def __init__(self, n_embd: int, n_ff: int, n_expert: int, n_used: int, norm_topk: bool, act: str,
+                 n_ff_shared: int):
+        super().__init__(n_embd, n_ff, n_expert, n_used, norm_topk, act)
+        self.shared_expert = MLP(n_embd, n_ff_shared, act)
+        self.shared_expert_gate = nn.Linear(n_embd, 1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+
+
 class DecoderLayer(nn.Module):
     """x + attn_out(attn(attn_in(x))), then the same for the MLP. The norms are registered under the names
     the architecture gives them (llama's post_attention_layernorm is the MLP's input norm, Gemma's the

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from lora2gguf.errors import Lora2GGUFError
-from lora2gguf.models.registry import get
+from lora2gguf.models.registry import get, module_for
 
 
 @dataclass(frozen=True)
@@ -47,11 +47,17 @@ class ModelSpec:
 @dataclass(frozen=True)
 class MoESpec(ModelSpec):
     """A mixture-of-experts decoder: every layer's MLP is n_expert experts of width n_ff_exp, of which a
-    softmax router picks n_expert_used per token (models/layers.py: MoE)."""
+    softmax router picks n_expert_used per token (models/layers.py: MoE), plus a gated shared expert when
+    n_ff_shexp > 0 (SharedExpertMoE)."""
     n_expert: int = 0
     n_expert_used: int = 0
     n_ff_exp: int = 0
     norm_topk_prob: bool = True  # the top-k routing weights are renormalised to sum to 1
+    n_ff_shexp: int = 0  # width of an always-on shared expert beside the routed ones (qwen2moe); 0: none
+
+    @property
+    def arch_module(self):
+        return module_for(self.arch, True)  # `arch` is the GGUF name, shared with a dense form for Mixtral
 
 
 def check_dims(fields: dict[str, int], where) -> None:

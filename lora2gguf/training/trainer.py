@@ -175,6 +175,8 @@ class Run:
 
 def setup(cfg, out, device, cdtype, rank, world, warn) -> tuple[Run, list, list]:
     """Tokenize the data, load the frozen base, add LoRA, build the optimizer → (run, train, eval examples)."""
+    with open_base(cfg.base) as base:  # an unsupported base is refused before llama.cpp reads its vocabulary
+        base.spec.arch_module.require("train", base.path)
     tok = open_tokenizer(cfg.base, cfg.tokenizer, cfg.chat_template)
     try:
         train_ex = load_dataset(cfg.data, tok, cfg.seq_len, warn)
@@ -182,7 +184,6 @@ def setup(cfg, out, device, cdtype, rank, world, warn) -> tuple[Run, list, list]
     finally:
         tok.close()
     with open_base(cfg.base) as base:
-        base.spec.arch_module.require("train", base.path)
         if tok.n_vocab > base.spec.n_vocab:
             raise Lora2GGUFError(f"{tok.path}: tokenizer has {tok.n_vocab} tokens but {cfg.base} has "
                                  f"{base.spec.n_vocab}; use the tokenizer of this model")

@@ -25,7 +25,7 @@ def check_shapes(spec: ModelSpec, shapes: dict[str, tuple[int, ...]], where, nam
         got = shapes.get(hf)
         if got is None:
             raise Lora2GGUFError(f"{where}: tensor {name_of(hf)} is missing; the file is not a complete "
-                                 f"{spec.arch} model")
+                                 f"{spec.arch_module.name} model")
         if tuple(got) != want:
             raise Lora2GGUFError(f"{where}: tensor {name_of(hf)} has shape {tuple(got)}, {source} implies "
                                  f"{want}; the file is corrupt or its description does not match it")
@@ -44,9 +44,8 @@ class GGUFBase:
             if missing:
                 raise Lora2GGUFError(f"{self.path}: tensor {missing[0]} is missing "
                                      f"({len(missing)} expected tensors missing); the file is not a complete "
-                                     f"{self.spec.arch} model")
-            check_shapes(self.spec, {h: self.file.tensors[g].shape for g, h in self._gguf_to_hf.items()},
-                         self.path, self.gguf_name)
+                                     f"{self.spec.arch_module.name} model")
+            check_shapes(self.spec, {h: self.shape(h) for h in self._gguf_to_hf.values()}, self.path, self.gguf_name)
         except Exception:
             self.file.close()
             raise
@@ -59,7 +58,7 @@ class GGUFBase:
         arch = f.string("general.architecture")
         if arch is None:
             raise Lora2GGUFError(f"{self.path}: no general.architecture in the GGUF metadata")
-        spec = models.find(arch, str(self.path)).spec_from_gguf(f, self.path)
+        spec = models.for_gguf(f, str(self.path)).spec_from_gguf(f, self.path)
         return spec if spec.name else dataclasses.replace(spec, name=self.path.stem)
 
     def hf_names(self) -> list[str]:
@@ -68,9 +67,17 @@ class GGUFBase:
     def gguf_name(self, hf_name: str) -> str:
         return self.spec.arch_module.gguf_name(self.spec.n_layer, hf_name)
 
+    def shape(self, hf_name: str) -> tuple[int, ...]:
+        """The tensor's shape in HF layout. A one-row matrix may be stored as a vector (llama-quantize writes
+        qwen2moe's (1, n_embd) ffn_gate_inp_shexp so; ggml's trailing ne of 1 is implied): its HF shape is (1, n)."""
+        s = tuple(self.file.tensors[self.gguf_name(hf_name)].shape)
+        want = self.spec.arch_module.layer_shapes(self.spec).get(hf_name.split(".", 3)[-1]) if len(s) == 1 else None
+        return (1,) + s if want is not None and len(want) == 2 and want[0] == 1 else s
+
     def tensor(self, hf_name: str) -> np.ndarray:
         """float32 tensor in HF layout and values (q/k rows un-permuted, Gemma's norms as HF stores them)."""
-        return self.spec.arch_module.from_gguf(self.spec, hf_name, self.file.tensor(self.gguf_name(hf_name)))
+        t = self.file.tensor(self.gguf_name(hf_name))
+        return self.spec.arch_module.from_gguf(self.spec, hf_name, t.reshape(self.shape(hf_name)))
 
     def rope_freqs(self) -> np.ndarray | None:
         """llama3-style per-dimension rope frequency factors, when the file carries them."""
@@ -143,8 +150,13 @@ class HFBase:
                         raise Lora2GGUFError(f"{f}: tensor {k} has dtype {info['dtype']}; expected a floating-point "
                                              "type (F32, F16, BF16, F64)")
         self._parts = {}  # a tensor the checkpoint stores in parts (one per expert) → the parts' names
+        self._alias = {}  # a tensor the checkpoint stores whole under another name → that name
         arch = self.spec.arch_module
-        for name in wanted - set(shapes):
+        for name in sorted(wanted - set(shapes)):
+            alias = arch.hf_file_alias(self.spec, name)
+            if alias in shapes:
+                shapes[name], self._alias[name] = shapes[alias], alias
+                continue
             parts = arch.hf_file_parts(self.spec, name)
             if parts and parts[0] in shapes:
                 missing = [p for p in parts if p not in shapes]
@@ -167,6 +179,10 @@ class HFBase:
     def gguf_name(self, hf_name: str) -> str:
         return self.spec.arch_module.gguf_name(self.spec.n_layer, hf_name)
 
+    def file_name(self, hf_name: str) -> str:
+        """The name the checkpoint stores this whole tensor under (Mixtral's router: block_sparse_moe.gate)."""
+        return self._alias.get(hf_name, hf_name)
+
     def shape(self, hf_name: str) -> tuple[int, ...]:
         """The tensor's shape in HF layout (a stack of per-expert tensors: (n_expert, ...))."""
         return self._shapes[hf_name]
@@ -174,6 +190,7 @@ class HFBase:
     def tensor(self, hf_name: str) -> np.ndarray:
         if hf_name in self._parts:
             return np.stack([self.tensor(p) for p in self._parts[hf_name]])
+        hf_name = self.file_name(hf_name)
         if hf_name not in self._files:
             raise Lora2GGUFError(f"{self.path}: tensor {hf_name} not found")
         # framework="pt" reads bf16 too (numpy has no bfloat16); memory-mapped by safetensors.

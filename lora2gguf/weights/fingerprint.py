@@ -90,13 +90,14 @@ def fingerprint(base) -> Fingerprint:
     """Fingerprint of an open base (base.GGUFBase or base.HFBase)."""
     spec = base.spec
     if hasattr(base, "file"):
-        shapes = {h: base.file.tensors[base.gguf_name(h)].shape for h in base.hf_names()}
+        shapes = {h: base.shape(h) for h in base.hf_names()}  # HF layout (a one-row matrix stored as a vector)
         rows_of = lambda h, rows, cols: _gguf_rows(base, h, rows, cols)  # noqa: E731
         type_of = lambda h: int(base.file.tensors[base.gguf_name(h)].type)  # noqa: E731
     else:
         st = _SafetensorsIndex(base.path)
         shapes = {h: base.shape(h) for h in base.hf_names()}  # a stack of per-expert tensors too
-        rows_of, type_of = st.rows, st.ggml_type
+        rows_of = lambda h, rows, cols: st.rows(base.file_name(h), rows, cols)  # noqa: E731
+        type_of = lambda h: st.ggml_type(base.file_name(h))  # noqa: E731
     structure = hashlib.sha256(json.dumps([spec.arch, [[h, list(s)] for h, s in shapes.items()]]).encode()).hexdigest()
     parts, types = [], []
     for h in sampled_tensors(spec):
@@ -114,7 +115,7 @@ def _gguf_rows(base, hf_name: str, rows: list[int], cols: int) -> list[np.ndarra
         where = np.argsort(arch.rows_to_gguf(spec, hf_name, np.arange(t.shape[0])))
         rows = [int(where[r]) for r in rows]
     block, type_size = GGML_QUANT_SIZES[t.type]
-    row_bytes = t.nbytes // t.shape[0]
+    row_bytes = t.nbytes * t.shape[-1] // t.n_elements  # a vector is one row
     n_take = -(-cols // block) * block
     raw = f.raw(t.name)
     out = []

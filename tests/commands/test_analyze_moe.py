@@ -11,7 +11,7 @@ from conftest import fixture
 from peft_helpers import make_peft_adapter, peft_deltas
 from safetensors.numpy import load_file, save_file
 from test_analyze import truth
-from test_convert_qwen3moe import EXPERT_PARAMS
+from test_convert_moe import EXPERT_PARAMS
 
 from lora2gguf.cli import main
 from lora2gguf.commands.analyze import analyze, format_report

@@ -1,4 +1,4 @@
-"""verify on a mixture of experts (qwen3moe): routing-aware parity. Expert LoRA made by the real peft
+"""verify on a mixture of experts (qwen3moe; the pass/fail pair on every MoE arch): routing-aware parity. Expert LoRA made by the real peft
 (target_parameters on transformers' fused experts) passes, on the runtime view and on a merged file; the same adapter
 converted or merged with lora_B read expert-major, or with gate and up swapped, fails; on a quantized base, where
 router near-ties flip experts between the reference and llama.cpp, the flipped tokens carry most of the mean KL and
@@ -11,7 +11,7 @@ import sys
 import pytest
 from conftest import fixture
 from peft_helpers import make_peft_adapter
-from test_convert_qwen3moe import EXPERT_PARAMS, wrong_b_expert_major
+from test_convert_moe import EXPERT_PARAMS, wrong_b_expert_major
 
 import lora2gguf.adapters.peft as peft_reader
 from lora2gguf import models
@@ -26,26 +26,39 @@ ROUTED = ("median_kl", "mean_kl", "mean_kl_routing_agrees", "expert_set_mismatch
           "max_kl_allowed", "max_mismatch_allowed")
 
 
-@pytest.fixture(scope="module")
-def expert_adapter(tmp_path_factory):
+def _expert_adapter(tmp_path_factory, arch):
     """LoRA on both expert parameters of every layer, rank 4 (small enough that a q8_0 merge stays near its floor)."""
-    return make_peft_adapter(fixture(ARCH, "hf"), tmp_path_factory.mktemp("experts") / "a", r=4, lora_alpha=16,
+    return make_peft_adapter(fixture(arch, "hf"), tmp_path_factory.mktemp("experts") / "a", r=4, lora_alpha=16,
                              b_std=0.05, target_modules=[], target_parameters=EXPERT_PARAMS)
 
 
+@pytest.fixture(scope="module")
+def expert_adapter(tmp_path_factory):
+    return _expert_adapter(tmp_path_factory, ARCH)
+
+
+@pytest.fixture(scope="module")
+def arch_adapter(tmp_path_factory, moe_arch):
+    """(arch, its expert adapter) for every MoE arch."""
+    return moe_arch, _expert_adapter(tmp_path_factory, moe_arch)
+
+
 def wrongly(kind: str, mp) -> None:
-    """Make the reader get the expert layout wrong, as test_convert_qwen3moe does."""
+    """Make the reader get the expert layout wrong, as test_convert_moe does."""
     if kind == "B expert-major":
         mp.setattr(peft_reader, "param_wrapper_factors", wrong_b_expert_major)
-    else:
-        table = dict(models.get(ARCH).expert_params)
-        table["mlp.experts.gate_up_proj"] = ("mlp.experts.up_proj", "mlp.experts.gate_proj")
-        mp.setattr(models.get(ARCH), "expert_params", table)
+        return
+    for a in models.all_archs():  # the reader takes the table from every arch (they share these names)
+        table = dict(a.expert_params)
+        if "mlp.experts.gate_up_proj" in table:
+            table["mlp.experts.gate_up_proj"] = ("mlp.experts.up_proj", "mlp.experts.gate_proj")
+            mp.setattr(a, "expert_params", table)
 
 
-def test_correct_expert_lora_passes_runtime_and_merged_with_routing_in_the_json(tmp_path, expert_adapter):
-    merged = merge(fixture(ARCH), [(str(expert_adapter), 1.0)], tmp_path / "m.gguf", quant="q8_0")
-    r = subprocess.run(CLI + ["verify", "--base", fixture(ARCH), "--lora", expert_adapter, "--merged", merged,
+def test_correct_expert_lora_passes_runtime_and_merged_with_routing_in_the_json(tmp_path, arch_adapter):
+    arch, expert_adapter = arch_adapter
+    merged = merge(fixture(arch), [(str(expert_adapter), 1.0)], tmp_path / "m.gguf", quant="q8_0")
+    r = subprocess.run(CLI + ["verify", "--base", fixture(arch), "--lora", expert_adapter, "--merged", merged,
                               "--json"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     rep = json.loads(r.stdout)
@@ -62,17 +75,18 @@ def test_correct_expert_lora_passes_runtime_and_merged_with_routing_in_the_json(
 
 
 @pytest.mark.parametrize("kind", ["B expert-major", "gate/up swapped"])
-def test_wrong_expert_layouts_fail_runtime_and_merged(kind, tmp_path, monkeypatch, expert_adapter):
-    good = convert(expert_adapter, fixture(ARCH), tmp_path / "good.gguf")
+def test_wrong_expert_layouts_fail_runtime_and_merged(kind, tmp_path, monkeypatch, arch_adapter):
+    arch, expert_adapter = arch_adapter
+    good = convert(expert_adapter, fixture(arch), tmp_path / "good.gguf")
     with monkeypatch.context() as mp:
         wrongly(kind, mp)
-        bad = convert(expert_adapter, fixture(ARCH), tmp_path / "bad.gguf")
-        bad_merge = merge(fixture(ARCH), [(str(expert_adapter), 1.0)], tmp_path / "bad-m.gguf", quant="f32")
-    rep = verify(fixture(ARCH), [(str(expert_adapter), 1.0)], runtime_lora=bad)
+        bad = convert(expert_adapter, fixture(arch), tmp_path / "bad.gguf")
+        bad_merge = merge(fixture(arch), [(str(expert_adapter), 1.0)], tmp_path / "bad-m.gguf", quant="f32")
+    rep = verify(fixture(arch), [(str(expert_adapter), 1.0)], runtime_lora=bad)
     m = rep["pairs"]["runtime"]
     print(kind, {k: m[k] for k in ROUTED})
     assert not rep["pass"] and not m["pass"] and m["mean_kl_routing_agrees"] > 10 * m["max_kl_allowed"], m
-    rep = verify(fixture(ARCH), [(str(good), 1.0)], merged=bad_merge)
+    rep = verify(fixture(arch), [(str(good), 1.0)], merged=bad_merge)
     assert rep["pairs"]["runtime"]["pass"] and not rep["pairs"]["merged"]["pass"] and not rep["pass"]
     assert rep["pairs"]["merged"]["median_kl"] > rep["pairs"]["merged"]["max_kl_allowed"]
 
