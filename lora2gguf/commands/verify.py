@@ -48,6 +48,7 @@ from lora2gguf.parity.metrics import (
 from lora2gguf.parity.nf4 import NF4Base
 from lora2gguf.parity.reference import ReferenceWeights, reference_logits
 from lora2gguf.parity.routing import RULE, judge_pair, judged_kl, table
+from lora2gguf.parity.spill import spill
 from lora2gguf.weights.base_model import GGUFBase
 
 DEFAULT_TEXT = (
@@ -221,6 +222,7 @@ def evaluate(gb, adapters: list[Adapter], merged: Path | None, run_runtime: bool
     base_path = gb.path
     moe = bool(gb.spec.arch_module.expert_proj)  # keep each view's expert choices over the text
     routing: dict | None = {} if moe else None
+    logits: dict = {}
 
     def keep(view: str, rt: LlamaRuntime) -> None:
         if moe:
@@ -228,6 +230,9 @@ def evaluate(gb, adapters: list[Adapter], merged: Path | None, run_runtime: bool
 
     def into(view: str) -> dict | None:
         return routing.setdefault(view, {}) if moe else None
+
+    def put(view: str, values: np.ndarray) -> None:  # a long text over a big vocabulary goes to disk
+        logits[view] = spill(values, tmp / f"{view}.logits")
 
     chat = _chat_prompts(gb, prompts, chat_template) if prompts else None
     # the context holds the text, or the prompts with their greedy continuations decoded side by side
@@ -242,13 +247,13 @@ def evaluate(gb, adapters: list[Adapter], merged: Path | None, run_runtime: bool
             raise Lora2GGUFError(f"the text gives only {len(tokens)} tokens; give at least 16 (--text)")
         report["tokens"] = len(tokens)
         prompt_tokens = chat or _text_prompts(tokens)
-        logits = {"base_runtime": rt.logits(tokens)}
+        put("base_runtime", rt.logits(tokens))
         keep("base_runtime", rt)
         greedy: dict = {}
         conts = None  # llama.cpp's greedy text: with the runtime LoRA, else from the merged file
         if run_runtime:
             rt.set_adapters([(a.runtime_path, a.scale) for a in adapters])
-            logits["runtime"] = rt.logits(tokens)
+            put("runtime", rt.logits(tokens))
             keep("runtime", rt)
             conts = greedy["runtime"] = rt.greedy_many(prompt_tokens, n_greedy)
             rt.set_adapters([])
@@ -256,7 +261,7 @@ def evaluate(gb, adapters: list[Adapter], merged: Path | None, run_runtime: bool
         if merged:
             mtype = file_type(merged)
             with LlamaRuntime(merged, **rt_args) as mrt:
-                logits["merged"] = mrt.logits(tokens)
+                put("merged", mrt.logits(tokens))
                 keep("merged", mrt)
                 if conts is None:
                     conts = mrt.greedy_many(prompt_tokens, n_greedy)
@@ -267,21 +272,21 @@ def evaluate(gb, adapters: list[Adapter], merged: Path | None, run_runtime: bool
                 if moe:
                     routing["base_alone_as_merged"] = routing["base_runtime"]
             else:
-                logits["base_alone_as_merged"] = base_alone(base_path, mtype, tokens, tmp, n_ctx, imatrix,
-                                                            into("base_alone_as_merged"))
+                put("base_alone_as_merged", base_alone(base_path, mtype, tokens, tmp, n_ctx, imatrix,
+                                                       into("base_alone_as_merged")))
     # the reference layer by layer over every sequence: one layer's weights in memory at a time
     pairs = [(a.lora, a.scale) for a in adapters]
-    logits["base_reference"] = reference_logits(gb, [], [tokens], into("base_reference"))[0]
+    put("base_reference", reference_logits(gb, [], [tokens], into("base_reference"))[0])
     ref_logits = reference_logits(gb, pairs, [tokens] + [p + c for p, c in zip(prompt_tokens, conts)],
                                   into("reference"))
-    logits["reference"] = ref_logits[0]
+    put("reference", ref_logits[0])
     greedy["reference"] = teacher_forced(None, prompt_tokens, conts, ref_logits[1:])
     del ref_logits
     if merged and mtype == file_type(base_path) and mtype not in FULL_PRECISION:
         exact = exact_merge_quantized(gb, ReferenceWeights(gb, pairs), mtype, tokens, tmp, n_ctx, imatrix,
                                       into("exact_merge_quantized"))
         if exact is not None:
-            logits["exact_merge_quantized"] = exact
+            put("exact_merge_quantized", exact)
     if any(four_bit_base(a.lora.config) for a in adapters):
         report["four_bit_gap"] = _four_bit_gap(gb, adapters, tokens, logits)
     report["views"] = {k: {"perplexity": perplexity(v, np.array(tokens))} for k, v in logits.items()}

@@ -1,5 +1,6 @@
 """Distances between two models' logits on the same tokens: KL, top-1, perplexity, greedy agreement, and how much
-of an adapter's effect a merged file carries."""
+of an adapter's effect a merged file carries. Logits are (tokens, vocab) arrays, or anything with their shape
+that reads row slices (parity.spill.SpilledLogits): every metric here reads them a block of rows at a time."""
 
 from __future__ import annotations
 
@@ -13,6 +14,10 @@ def _blocks(logits: np.ndarray):
     n, vocab = logits.shape
     step = max(1, (1 << 20) // max(vocab, 1))
     return [slice(i, min(i + step, n)) for i in range(0, n, step)]
+
+
+def _argmax(logits) -> np.ndarray:
+    return np.concatenate([logits[sl].argmax(-1) for sl in _blocks(logits)])
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -44,7 +49,7 @@ def _summary(p_logits: np.ndarray, q_logits: np.ndarray, kl: np.ndarray) -> dict
     dmax = max(float(np.abs(p_logits[sl].astype(np.float64) - q_logits[sl]).max()) for sl in _blocks(p_logits))
     return {
         "mean_kl": float(kl.mean()), "median_kl": float(np.median(kl)), "max_kl": float(kl.max()),
-        "top1": float((p_logits.argmax(-1) == q_logits.argmax(-1)).mean()),
+        "top1": float((_argmax(p_logits) == _argmax(q_logits)).mean()),
         "max_abs_dlogit": dmax,
     }
 
@@ -88,11 +93,11 @@ def routed_compare(p_logits: np.ndarray, q_logits: np.ndarray, p_routing: dict[i
 
 def perplexity(logits: np.ndarray, tokens: np.ndarray) -> float:
     """Perplexity of tokens[1:] under logits[:-1]."""
-    nll = np.empty(len(tokens) - 1)
-    for sl in _blocks(logits[:-1]):
-        lp = log_softmax(logits[sl])
-        nll[sl] = -lp[np.arange(len(lp)), np.asarray(tokens[1:])[sl]]
-    return float(np.exp(nll.mean()))
+    targets, nll = np.asarray(tokens[1:]), []
+    for sl in _blocks(logits):
+        lp = log_softmax(logits[sl][: len(targets) - sl.start])
+        nll.append(-lp[np.arange(len(lp)), targets[sl.start: sl.start + len(lp)]])
+    return float(np.exp(np.concatenate(nll).mean()))
 
 
 def teacher_forced(logits_of, prompts: list[list[int]], conts: list[list[int]], logits=None) -> list[list[int]]:
