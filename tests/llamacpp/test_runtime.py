@@ -72,10 +72,13 @@ def test_logits_and_routing_over_several_batches_equal_one_batch():
 
 
 def test_greedy_many_equals_greedy_one_by_one(tmp_path):
-    """Prompts decoded side by side (one sequence each, batches that split prompts) give the answers
-    greedy() gives one prompt at a time, with and without an adapter; then logits() sees no stale cache."""
+    """Prompts decoded side by side (one sequence each, batches that split prompts, a shared prefix decoded once)
+    give the answers greedy() gives one prompt at a time, with and without an adapter; then logits() sees no
+    stale cache."""
     base = fixture("llama")
     prompts = [token_ids(300, k, seed=s) for s, k in ((1, 5), (2, 17), (3, 9), (4, 30), (5, 2))]
+    system = token_ids(300, 11, seed=9)  # a prefix every prompt shares (decoded once, shared in the cache)
+    prompts += [system + p[1:] for p in prompts] + [system[:6], system]
     peft_dir = make_peft_adapter(fixture("llama", "hf"), tmp_path / "a", seed=2, r=4, lora_alpha=8,
                                  target_modules=["q_proj", "v_proj", "down_proj"])
     lora = convert(peft_dir, base, tmp_path / "a.gguf")
@@ -84,11 +87,12 @@ def test_greedy_many_equals_greedy_one_by_one(tmp_path):
         rt.set_adapters([(lora, 1.0)])
         one_lora = [rt.greedy(p, 10) for p in prompts]
         lg = rt.logits(prompts[3])
-    with LlamaRuntime(base, n_ctx=256, n_batch=16, n_seq=len(prompts)) as rt:
+    with LlamaRuntime(base, n_ctx=512, n_batch=16, n_seq=len(prompts)) as rt:
         many = rt.greedy_many(prompts, 10)
+        shared = rt.greedy_many(prompts[5:], 10)  # only prompts with the common prefix
         rt.set_adapters([(lora, 1.0)])
         many_lora = rt.greedy_many(prompts, 10)
         lg_after = rt.logits(prompts[3])
     assert all(len(a) == 10 for a in one) and one != one_lora
-    assert many == one and many_lora == one_lora
+    assert many == one and many_lora == one_lora and shared == one[5:]
     assert abs(lg_after - lg).max() < 1e-4
