@@ -18,10 +18,10 @@ without .pyc files every run recompiles lora2gguf, ~0.06 s of a 0.3 s convert).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,18 +73,27 @@ def cases(i: dict, work: Path) -> dict[str, list[str]]:
     }
 
 
+# A small launcher process starts each measured command: ru_maxrss survives fork and exec, so a child forked
+# from this (torch-laden) script would report this script's RSS as its own peak.
+LAUNCHER = """
+import json, os, subprocess, sys, time
+t0 = time.perf_counter()
+p = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+err = p.stderr.read()
+_, status, ru = os.wait4(p.pid, 0)
+print(json.dumps({"wall": time.perf_counter() - t0, "rss": ru.ru_maxrss / 1024, "rc": os.waitstatus_to_exitcode(status),
+                  "err": err.decode(errors="replace")[-1500:]}))
+"""
+
+
 def run(tree: Path, args: list[str]) -> tuple[float, float]:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
     env["PYTHONPATH"] = str(tree)
-    t = time.perf_counter()
-    p = subprocess.Popen([sys.executable, "-m", "lora2gguf.cli", *args], stdout=subprocess.DEVNULL,
-                         stderr=subprocess.PIPE, env=env, cwd=tree)
-    err = p.stderr.read()
-    _, status, ru = os.wait4(p.pid, 0)
-    wall = time.perf_counter() - t
-    if os.waitstatus_to_exitcode(status) not in (0, 1):  # verify exits 1 on a FAIL: still a timed run
-        raise SystemExit(f"{tree}: {' '.join(args[:1])} failed: {err.decode(errors='replace')[-1500:]}")
-    return wall, ru.ru_maxrss / 1024
+    r = json.loads(subprocess.run([sys.executable, "-c", LAUNCHER, sys.executable, "-m", "lora2gguf.cli", *args],
+                                  capture_output=True, text=True, env=env, cwd=tree, check=True).stdout)
+    if r["rc"] not in (0, 1):  # verify exits 1 on a FAIL: still a timed run
+        raise SystemExit(f"{tree}: {args[0]} failed: {r['err']}")
+    return r["wall"], r["rss"]
 
 
 def main() -> None:
