@@ -28,12 +28,17 @@ def measure_importance(base, adapters: list[tuple[PeftAdapter, float]], sequence
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
     real = {"positions": None}  # the batch's real (not padding) positions, flattened
+    # q/k/v (and gate/up) read one input tensor: its squares are summed once for all of them (half the
+    # hooks' time), in float64 over float32 squares
+    seen: dict = {"x": None, "sq": None, "n": 0}
 
     def hook(name: str):
         def pre(module: nn.Module, args) -> None:
-            x = args[0].detach().reshape(-1, args[0].shape[-1])[real["positions"]].to(torch.float64)
-            sums[name] = sums.get(name, 0) + (x * x).sum(0)
-            counts[name] = counts.get(name, 0) + x.shape[0]
+            if args[0] is not seen["x"]:
+                x = args[0].detach().reshape(-1, args[0].shape[-1])[real["positions"]]
+                seen.update(x=args[0], sq=x.square().sum(0, dtype=torch.float64), n=x.shape[0])
+            sums[name] = sums.get(name, 0) + seen["sq"]
+            counts[name] = counts.get(name, 0) + seen["n"]
         return pre
 
     def on_layer(layer: nn.Module, i: int) -> None:
