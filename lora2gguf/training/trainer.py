@@ -189,6 +189,7 @@ def setup(cfg, out, device, cdtype, rank, world, warn) -> tuple[Run, list, list]
             raise Lora2GGUFError(f"{tok.path}: tokenizer has {tok.n_vocab} tokens but {cfg.base} has "
                                  f"{base.spec.n_vocab}; use the tokenizer of this model")
         layer_ids = parse_layers(cfg.layers, base.spec.n_layer)
+        targets = resolve_targets(cfg.targets, base.spec.arch_module)
         local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
         form, why = choose_base_weights(base, cfg.base_weights, cdtype, device, local)
         warn(f"frozen base: {form} ({why})")
@@ -201,7 +202,6 @@ def setup(cfg, out, device, cdtype, rank, world, warn) -> tuple[Run, list, list]
             clear_previous_run(out)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
-    targets = resolve_targets(cfg.targets, model.spec.arch_module)
     dropout = cfg.dropout
     if EXPERTS in targets and dropout:  # PEFT refuses to load target_parameters LoRA with lora_dropout > 0
         warn(f"--dropout {dropout} ignored: PEFT's expert LoRA (target_parameters) takes no dropout, so this run "
