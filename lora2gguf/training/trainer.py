@@ -232,6 +232,8 @@ def setup(cfg, out, device, cdtype, rank, world, warn) -> tuple[Run, list, list]
         # another base of the same shapes, another tokenizer or other eval data would resume silently
         "base_fingerprint": base_digest, "train_tokens": tokens_digest(train_ex), "eval_tokens": tokens_digest(eval_ex)}
     experts = sorted(model.spec.arch_module.expert_params) if EXPERTS in targets else None
+    if experts and layer_ids is not None:  # peft 0.21 applies layers_to_transform to target_modules only
+        experts = [f"model.layers.{i}.{p}" for i in layer_ids for p in experts]
     config = lora_config(cfg.rank, cfg.alpha, [t for t in targets if t != EXPERTS], base_name, use_rslora=cfg.rslora,
                          dropout=dropout, layers_to_transform=layer_ids, target_parameters=experts)
     run = Run(cfg, out, device, cdtype, rank, world, tok.pad_id, model, net, layers, opt, sched, scaler, args, config)
