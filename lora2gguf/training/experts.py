@@ -43,10 +43,10 @@ class ExpertLoRA(nn.Module):
         with torch.no_grad():
             nn.init.kaiming_uniform_(self.lora_A.weight.view(n_expert * r, n_in), a=math.sqrt(5))
 
-    def forward(self, x: torch.Tensor, e: int) -> torch.Tensor:
-        """Expert e's LoRA output for x (tokens, in), in x's dtype (the LoRA computes in float32, as PEFT's)."""
-        u = x.to(self.lora_A.weight.dtype) @ self.lora_A.weight[e].t()
-        return ((u @ self.lora_B.weight[e].t()) * self.scale).to(x.dtype)
+    def forward(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """The LoRA output for x (tokens, in) of the expert whose factors are a (r, in), b (out, r), in x's dtype
+        (the LoRA computes in float32, as PEFT's)."""
+        return (((x.to(a.dtype) @ a.t()) @ b.t()) * self.scale).to(x.dtype)
 
 
 class LoRAExperts(nn.Module):
@@ -60,13 +60,21 @@ class LoRAExperts(nn.Module):
         self.gate_up_proj = ExpertLoRA(E, D, 2 * F, r, alpha, rslora, dev)
         self.down_proj = ExpertLoRA(E, F, D, r, alpha, rslora, dev)
         self.n_ff = F
+        self.views: tuple = ()
+
+    def bind(self) -> None:
+        """Per-expert views of the factors, taken once per MoE forward (a pre-hook on the MoE block): autograd
+        then gathers each factor's gradient in one stack (unbind's backward), where indexing A[e] per expert
+        would scatter into a zeroed full-size gradient once per expert (E times the work with 128 experts)."""
+        self.views = tuple((m.lora_A.weight.unbind(0), m.lora_B.weight.unbind(0))
+                           for m in (self.gate_up_proj, self.down_proj))
 
     def forward(self, x: torch.Tensor, e: int) -> torch.Tensor:
-        b = self.base_layer
-        gu = self.gate_up_proj(x, e)
+        b, ((a1, b1), (a2, b2)) = self.base_layer, self.views
+        gu = self.gate_up_proj(x, a1[e], b1[e])
         gate, up = b.gate_proj(x, e) + gu[:, :self.n_ff], b.up_proj(x, e) + gu[:, self.n_ff:]
         h = b.act(gate) * up
-        return b.down_proj(h, e) + self.down_proj(h, e)
+        return b.down_proj(h, e) + self.down_proj(h, a2[e], b2[e])
 
 
 def inject_expert_lora(model: nn.Module, r: int, alpha: float, rslora: bool,
@@ -78,6 +86,8 @@ def inject_expert_lora(model: nn.Module, r: int, alpha: float, rslora: bool,
         if isinstance(module, Experts) and (layers is None or int(name.split(".")[2]) in layers):
             parent, attr = name.rsplit(".", 1)
             wrapped = LoRAExperts(module, r, alpha, rslora)
-            setattr(model.get_submodule(parent), attr, wrapped)
+            moe = model.get_submodule(parent)
+            setattr(moe, attr, wrapped)
+            moe.register_forward_pre_hook(lambda _m, _args, w=wrapped: w.bind())
             out[f"{name}.gate_up_proj"], out[f"{name}.down_proj"] = wrapped.gate_up_proj, wrapped.down_proj
     return out
