@@ -2,7 +2,8 @@
 
 A LoRALinear wraps a frozen nn.Linear: y = base(x) + B(A(dropout(x))) · scale (adapters.peft.lora_scale),
 A initialised kaiming-uniform(a=√5) and B zeros, as PEFT does. Each LoRA'd projection is computed as one
-LoRAProjection (the fused layer of llama-style archs is training.fused). Saving hands the trained weights
+LoRAProjection (the fused layer of llama-style archs is training.fused; a mixture of experts' expert stacks
+take training.experts' LoRA, named `experts` in --targets). Saving hands the trained weights
 over as the in-memory adapter (to_adapter) to PEFT's writer (adapters.peft), so the result loads with
 `peft.PeftModel.from_pretrained` and with every lora2gguf verb.
 """

@@ -168,9 +168,10 @@ def test_dropout_is_dropped_with_a_warning_and_bad_targets_are_one_line(tmp_path
 def test_quantized_base_kept_quantized_and_one_layer(tmp_path):
     """On the Q4_K_M file with its quant blocks kept (--base-weights quantized), --layers 1: only layer 1's
     attention and experts are saved (layers_to_transform; the expert parameters by path), peft agrees with the
-    reference, and so does llama.cpp after convert."""
+    reference, and so does llama.cpp with the GGUF LoRA train writes (--gguf)."""
     out = tmp_path / "out"
-    res = train(cfg(out, "qwen3moe", "q4_k_m", rank=4, alpha=8, steps=4, layers="1", base_weights="quantized"))
+    res = train(cfg(out, "qwen3moe", "q4_k_m", rank=4, alpha=8, steps=4, layers="1", base_weights="quantized",
+                    gguf=str(tmp_path / "a.gguf")))
     assert res.losses[-1] < res.losses[0], res.losses
     keys = load_file(str(out / "adapter_model.safetensors"))
     assert any(".experts.base_layer.lora_A" in k for k in keys) and all(".layers.1." in k for k in keys)
@@ -181,8 +182,7 @@ def test_quantized_base_kept_quantized_and_one_layer(tmp_path):
     plain, _ = reference("qwen3moe")
     ours, r_ours = reference("qwen3moe", out)
     assert compare(plain, ours)["mean_kl"] > 1e-3 and exact(routed(theirs, ours, r_theirs, r_ours))
-    gguf = convert(out, fixture("qwen3moe"), tmp_path / "a.gguf")
-    served, r_served = llama_run(fixture("qwen3moe"), TOKENS, [(gguf, 1.0)])
+    served, r_served = llama_run(fixture("qwen3moe"), TOKENS, [(res.gguf, 1.0)])  # train --gguf: converted
     assert exact(routed(served, ours, r_served, r_ours))
 
 
