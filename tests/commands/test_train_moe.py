@@ -196,3 +196,30 @@ def test_grad_checkpointing_same_update(tmp_path):
     for k in a:
         np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-7)
     assert any(np.abs(a[k]).max() > 0 for k in a if "lora_B" in k)
+
+
+def test_torchrun_two_processes_match_one(tmp_path):
+    """DDP over the expert LoRA: each stack is one parameter whose gradient exists on every rank (the experts a
+    rank's tokens did not reach contribute zeros), so two gloo ranks train what one process does."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    from lora2gguf.cli import main
+
+    args = ["train", "--base", str(fixture("qwen3moe")), "--data", str(DATA / "text.jsonl"), "--rank", "4", "--lr",
+            "1e-2", "--dropout", "0", "--seq-len", "64", "--steps", "3", "--batch-size", "4", "--grad-accum", "2"]
+    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+                        "lora2gguf.cli", *args, "-o", str(tmp_path / "ddp")], capture_output=True, text=True, env=env,
+                       cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert main(args + ["-o", str(tmp_path / "one")]) == 0
+    np.testing.assert_allclose([r["loss"] for r in log_rows(tmp_path / "ddp")],
+                               [r["loss"] for r in log_rows(tmp_path / "one")], rtol=1e-4)
+    a, b = (load_file(str(tmp_path / d / "adapter_model.safetensors")) for d in ("ddp", "one"))
+    assert a.keys() == b.keys() and any("experts.base_layer" in k for k in a)
+    for k in a:  # relative Frobenius error, as test_train's torchrun test (Adam amplifies summation-order noise)
+        assert np.linalg.norm(a[k] - b[k]) <= 1e-3 * np.linalg.norm(b[k]), k
