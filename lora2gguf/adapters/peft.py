@@ -16,6 +16,7 @@ import re
 import shutil
 import tempfile
 from collections import Counter
+from importlib import metadata
 from pathlib import Path
 
 import numpy as np
@@ -418,11 +419,9 @@ def lora_config(r: int, lora_alpha: float, target_modules: list[str], base_model
 def param_wrapper_peft_version() -> str:
     """The installed peft's version when its 3-D parameter layout is the one written here, else that layout's
     release: peft reads peft_version to place the axes (PR 3165)."""
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
-        v = version("peft")
-    except PackageNotFoundError:
+        v = metadata.version("peft")
+    except metadata.PackageNotFoundError:
         return PARAM_WRAPPER_LAYOUT
     return v if PARAM_WRAPPER_PEFT.match(v) else PARAM_WRAPPER_LAYOUT
 
