@@ -33,9 +33,9 @@ def exact(m: dict) -> bool:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, moe_arch):
-    """6 steps of all-linear (attention + experts, router frozen) at rank 4 on the F32 fixture."""
+    """6 steps of all-linear (attention + experts, router frozen) at rank 4, rsLoRA, on the F32 fixture."""
     out = tmp_path_factory.mktemp(f"train-{moe_arch}") / "out"
-    res = train(cfg(out, moe_arch, rank=4, alpha=8, steps=6))
+    res = train(cfg(out, moe_arch, rank=4, alpha=8, steps=6, rslora=True))
     return out, res
 
 
@@ -50,7 +50,7 @@ def test_training_moves_loss_and_logits_with_router_frozen_and_plain_layers(moe_
     cfg_json = json.loads((out / "adapter_config.json").read_text())
     assert cfg_json["target_parameters"] == ["mlp.experts.down_proj", "mlp.experts.gate_up_proj"]
     assert "gate" not in cfg_json["target_modules"] and cfg_json["lora_dropout"] == 0.0
-    assert cfg_json["peft_version"].startswith("0.21.")
+    assert cfg_json["peft_version"].startswith("0.21.") and cfg_json["use_rslora"]
     for layer in res.model.model.layers:  # the plain MoE layer (no fused training layer), experts wrapped
         assert isinstance(layer.mlp.experts, LoRAExperts) and not layer.mlp.gate.weight.requires_grad
     B = [p.lora_B.weight for n, p in res.layers.items() if n.endswith("experts.gate_up_proj")]
