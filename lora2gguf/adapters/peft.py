@@ -204,7 +204,7 @@ def split_param_wrapper(layer: str, param: str, A3: np.ndarray, B3: np.ndarray, 
 def param_wrapper_tensors(modules: dict[str, ModuleLoRA]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """The inverse of read_param_wrappers: the expert stacks among `modules` (3-D pairs) → PEFT module path →
     (lora_A.weight, lora_B.weight), the split stacks of one parameter joined again (they must share A, as
-    PEFT's one LoRA per parameter does) → with the target_parameters they need."""
+    PEFT's one LoRA per parameter does). The config must name those parameters in target_parameters."""
     table, out = expert_param_table(), {}
     layers = sorted({re.match(r"model\.layers\.\d+\.", n).group(0) for n, m in modules.items() if m.A.ndim == 3})
     for layer in layers:
