@@ -125,7 +125,8 @@ def merge_cmd(ctx: click.Context, base: str, loras: tuple[str, ...], quant: str,
 @click.option("--alpha", default=32.0, show_default=True)
 @click.option("--rslora", is_flag=True, help="Scale by alpha/sqrt(rank) instead of alpha/rank.")
 @click.option("--dropout", default=0.05, show_default=True)
-@click.option("--targets", default="all-linear", show_default=True, help="all-linear or e.g. q_proj,v_proj.")
+@click.option("--targets", default="all-linear", show_default=True, help="all-linear or e.g. q_proj,v_proj; on a mixture of experts also "
+              "experts and gate (the router, not in all-linear).")
 @click.option("--layers", help="Adapt only these layers, e.g. 20-29 (PEFT's layers_to_transform); the layers "
               "below the first one get no backward pass, so training is faster. Default: all.")
 @click.option("--lr", default=2e-4, show_default=True)

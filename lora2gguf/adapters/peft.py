@@ -16,6 +16,7 @@ import re
 import shutil
 import tempfile
 from collections import Counter
+from importlib import metadata
 from pathlib import Path
 
 import numpy as np
@@ -156,6 +157,7 @@ def alora_note(cfg: dict) -> str | None:
 
 
 PARAM_WRAPPER_PEFT = re.compile(r"0\.21(\.|$)")  # the peft releases whose 3-D parameter LoRA layout is known here
+PARAM_WRAPPER_LAYOUT = "0.21.2"  # the release named when writing that layout without such a peft installed
 
 
 def param_wrapper_factors(A: np.ndarray, B: np.ndarray, n_expert: int) -> tuple[np.ndarray, np.ndarray]:
@@ -164,6 +166,57 @@ def param_wrapper_factors(A: np.ndarray, B: np.ndarray, n_expert: int) -> tuple[
     [out, r·E] reshapes to (out, r, E), expert-minor (column j·E + e), here moved to (E, out, r)."""
     return (A.reshape(n_expert, -1, A.shape[-1]),
             np.ascontiguousarray(B.reshape(B.shape[0], -1, n_expert).transpose(2, 0, 1)))
+
+
+def param_wrapper_weights(A3: np.ndarray, B3: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The inverse of param_wrapper_factors: per-expert A (E, r, in), B (E, out, r) → PEFT's lora_A.weight
+    [r·E, in] (expert-major) and lora_B.weight [out, r·E] (expert-minor, column j·E + e)."""
+    return (np.ascontiguousarray(A3.reshape(-1, A3.shape[-1])),
+            np.ascontiguousarray(B3.transpose(1, 2, 0).reshape(B3.shape[1], -1)))
+
+
+def expert_param_table() -> dict[str, tuple[str, ...]]:
+    """Every arch's 3-D expert parameters (PEFT target_parameters) → the expert_proj stacks their rows split into."""
+    return {k: v for a in models.all_archs() for k, v in a.expert_params.items()}
+
+
+def param_wrapper_key(layer: str, params: list[str], param: str) -> str:
+    """The module path PEFT saves `param`'s LoRA under, `params` being the expert parameters of its module that
+    are targeted, in expert_param_table order: PEFT nests one wrapper per parameter, the first one registered
+    innermost, so with gate_up and down targeted gate_up's is `experts.base_layer` and down's `experts`."""
+    owner = param.rsplit(".", 1)[0]
+    return layer + owner + ".base_layer" * (len(params) - 1 - params.index(param))
+
+
+def split_param_wrapper(layer: str, param: str, A3: np.ndarray, B3: np.ndarray, r: int, alpha: float,
+                        scale: float) -> dict[str, ModuleLoRA]:
+    """One expert parameter's per-expert pairs → one ModuleLoRA per expert_proj stack its rows split into (a
+    fused gate_up: gate rows first), all sharing A."""
+    split = expert_param_table()[param]
+    if B3.shape[1] % len(split):
+        raise Lora2GGUFError(f"{layer + param} has {B3.shape[1]} output rows, which do not split into "
+                             f"{', '.join(split)}; the adapter was made for another model")
+    n = B3.shape[1] // len(split)
+    return {layer + t: ModuleLoRA(layer + t, A3, np.ascontiguousarray(B3[:, i * n:(i + 1) * n]), r, alpha, scale)
+            for i, t in enumerate(split)}
+
+
+def param_wrapper_tensors(modules: dict[str, ModuleLoRA]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The inverse of read_param_wrappers: the expert stacks among `modules` (3-D pairs) → PEFT module path →
+    (lora_A.weight, lora_B.weight), the split stacks of one parameter joined again (they must share A, as
+    PEFT's one LoRA per parameter does). The config must name those parameters in target_parameters."""
+    table, out = expert_param_table(), {}
+    layers = sorted({re.match(r"model\.layers\.\d+\.", n).group(0) for n, m in modules.items() if m.A.ndim == 3})
+    for layer in layers:
+        params = [p for p, split in table.items() if any(layer + s in modules for s in split)]
+        for p in params:
+            parts = [modules.get(layer + s) for s in table[p]]
+            if any(m is None or m.A.shape != parts[0].A.shape or not np.array_equal(m.A, parts[0].A) for m in parts):
+                raise Lora2GGUFError(f"{layer + p}: PEFT's target_parameters LoRA is one pair for "
+                                     f"{', '.join(table[p])} together; these stacks differ in A or one is missing")
+            out[param_wrapper_key(layer, params, p)] = param_wrapper_weights(
+                parts[0].A, np.concatenate([m.B for m in parts], axis=1))
+    return out
 
 
 def read_param_wrappers(path: Path, cfg: dict, parts: dict[str, dict[str, np.ndarray]]) -> dict[str, ModuleLoRA]:
@@ -183,7 +236,7 @@ def read_param_wrappers(path: Path, cfg: dict, parts: dict[str, dict[str, np.nda
                              "which axis of an expert parameter peft takes as "
                              "the input changed between releases (peft PR 3165), and lora2gguf knows peft 0.21's "
                              "layout only; make the adapter with peft 0.21")
-    table = {k: v for a in models.all_archs() for k, v in a.expert_params.items()}
+    table = expert_param_table()
     out: dict[str, ModuleLoRA] = {}
     for mod in list(parts):
         mt = re.fullmatch(r"(model\.layers\.\d+\.)(.+?)((?:\.base_layer)*)", mod)
@@ -207,14 +260,10 @@ def read_param_wrappers(path: Path, cfg: dict, parts: dict[str, dict[str, np.nda
                                  f"{tuple(B.shape)} are not a rank-{r} LoRA on stacked experts ([r·E, in], [out, r·E])"
                                  "; the adapter file is corrupt or r / rank_pattern is wrong")
         A3, B3 = param_wrapper_factors(A, B, A.shape[0] // r)
-        split = table[param]
-        if B3.shape[1] % len(split):
-            raise Lora2GGUFError(f"{path}: {layer + param} has {B3.shape[1]} output rows, which do not split into "
-                                 f"{', '.join(split)}; the adapter was made for another model")
-        n = B3.shape[1] // len(split)
-        for i, target in enumerate(split):
-            out[layer + target] = ModuleLoRA(layer + target, A3, np.ascontiguousarray(B3[:, i * n:(i + 1) * n]),
-                                             r, alpha, scale)
+        try:
+            out |= split_param_wrapper(layer, param, A3, B3, r, alpha, scale)
+        except Lora2GGUFError as e:
+            raise Lora2GGUFError(f"{path}: {e}") from None
     return out
 
 
@@ -347,8 +396,11 @@ def load_peft(path: str | Path) -> PeftAdapter:
 
 def lora_config(r: int, lora_alpha: float, target_modules: list[str], base_model: str, *, use_rslora: bool = False,
                 dropout: float = 0.0, rank_pattern: dict | None = None, alpha_pattern: dict | None = None,
-                layers_to_transform: list[int] | None = None, alora_invocation_tokens: list[int] | None = None) -> dict:
-    """adapter_config.json as PEFT's LoraConfig writes it: the keys PEFT reads, with its defaults."""
+                layers_to_transform: list[int] | None = None, alora_invocation_tokens: list[int] | None = None,
+                target_parameters: list[str] | None = None) -> dict:
+    """adapter_config.json as PEFT's LoraConfig writes it: the keys PEFT reads, with its defaults. With
+    target_parameters (expert LoRA, written by param_wrapper_tensors) it names the peft release whose layout
+    that is (read_param_wrappers reads it back)."""
     cfg = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
         "r": r, "lora_alpha": lora_alpha, "use_rslora": use_rslora, "lora_dropout": dropout,
@@ -359,7 +411,19 @@ def lora_config(r: int, lora_alpha: float, target_modules: list[str], base_model
     }
     if alora_invocation_tokens:
         cfg["alora_invocation_tokens"] = list(alora_invocation_tokens)
+    if target_parameters:
+        cfg["target_parameters"], cfg["peft_version"] = sorted(target_parameters), param_wrapper_peft_version()
     return cfg
+
+
+def param_wrapper_peft_version() -> str:
+    """The installed peft's version when its 3-D parameter layout is the one written here, else that layout's
+    release: peft reads peft_version to place the axes (PR 3165)."""
+    try:
+        v = metadata.version("peft")
+    except metadata.PackageNotFoundError:
+        return PARAM_WRAPPER_LAYOUT
+    return v if PARAM_WRAPPER_PEFT.match(v) else PARAM_WRAPPER_LAYOUT
 
 
 def config_for(adapter: PeftAdapter, base_model: str) -> dict:
@@ -382,7 +446,11 @@ def config_for(adapter: PeftAdapter, base_model: str) -> dict:
 def peft_tensors(adapter: PeftAdapter) -> dict[str, np.ndarray]:
     """The adapter's tensors under the keys PEFT's save_pretrained writes (base_model.model.<module>...)."""
     out = {}
+    for name, (a, b) in param_wrapper_tensors(adapter.modules).items():
+        out[f"{PREFIX}{name}.lora_A.weight"], out[f"{PREFIX}{name}.lora_B.weight"] = a, b
     for name, m in sorted(adapter.modules.items()):
+        if m.A.ndim == 3:
+            continue  # written above
         if m.embedding:
             out[f"{PREFIX}{name}.lora_embedding_A"], out[f"{PREFIX}{name}.lora_embedding_B"] = m.A, m.B
         else:

@@ -33,7 +33,7 @@ class MoEArch(Arch):
     # → the expert_proj stack it is a slice of
     expert_modules = {"mlp.experts.{E}.gate_proj": "mlp.experts.gate_proj", "mlp.experts.{E}.up_proj":
                       "mlp.experts.up_proj", "mlp.experts.{E}.down_proj": "mlp.experts.down_proj"}
-    verbs = ("convert", "inspect", "merge", "verify", "analyze")  # the verbs that handle mixture-of-experts so far
+    verbs = ("convert", "inspect", "merge", "verify", "analyze", "train")  # the verbs that handle mixture-of-experts so far
 
     # -- hyperparameters ---------------------------------------------------------------------------------
     def gguf_int(self, f, key: str, where, required: bool = True) -> int | None:

@@ -2,7 +2,8 @@
 
 A LoRALinear wraps a frozen nn.Linear: y = base(x) + B(A(dropout(x))) · scale (adapters.peft.lora_scale),
 A initialised kaiming-uniform(a=√5) and B zeros, as PEFT does. Each LoRA'd projection is computed as one
-LoRAProjection (the fused layer of llama-style archs is training.fused). Saving hands the trained weights
+LoRAProjection (the fused layer of llama-style archs is training.fused; a mixture of experts' expert stacks
+take training.experts' LoRA, named `experts` in --targets). Saving hands the trained weights
 over as the in-memory adapter (to_adapter) to PEFT's writer (adapters.peft), so the result loads with
 `peft.PeftModel.from_pretrained` and with every lora2gguf verb.
 """
@@ -18,8 +19,16 @@ from torch import nn
 
 from lora2gguf import models
 from lora2gguf.adapters.lora import ModuleLoRA, PeftAdapter
-from lora2gguf.adapters.peft import PREFIX, lora_scale
+from lora2gguf.adapters.peft import (
+    PREFIX,
+    expert_param_table,
+    lora_scale,
+    param_wrapper_factors,
+    param_wrapper_key,
+    split_param_wrapper,
+)
 from lora2gguf.errors import Lora2GGUFError
+from lora2gguf.training.experts import ExpertLoRA, inject_expert_lora
 from lora2gguf.weights.quantized import frozen_grad_input, frozen_linear
 
 
@@ -140,16 +149,22 @@ def project(x, weight, bias, loras, residual=None) -> torch.Tensor:
     return LoRAProjection.apply(x, weight, bias, residual, tuple(spans), tuple(drops), *ab)
 
 
+EXPERTS = "experts"  # --targets name of a mixture-of-experts layer's expert stacks (training.experts)
+ROUTER = "gate"  # a MoE router (mlp.gate): trained only when named (training.experts: router-auxiliary-free)
+
+
 def resolve_targets(targets: str | list[str], arch: models.Arch | None = None) -> list[str]:
     """`all-linear` or a comma list of projection names (q_proj, ...) → sorted short names: "all-linear" in
-    PEFT's sense for a decoder, every projection of every layer of `arch`, not the LM head. Without an arch
-    (before the base is read) names are checked against every supported arch's projections."""
+    PEFT's sense for a decoder, every projection of every layer of `arch`, not the LM head; on a
+    mixture-of-experts arch also `experts` (every expert's gate_up and down) but not the router `gate`.
+    Without an arch (before the base is read) names are checked against every supported arch's projections."""
     archs = [arch] if arch is not None else models.all_archs()
-    known = sorted({p.split(".")[-1] for a in archs for p in a.layer_linears})
+    moe = any(a.expert_params for a in archs)
+    known = sorted({p.split(".")[-1] for a in archs for p in a.layer_linears} | ({EXPERTS} if moe else set()))
     names = targets.split(",") if isinstance(targets, str) else list(targets)
     names = [n.strip() for n in names if n.strip()]
     if names == ["all-linear"]:
-        return known
+        return [n for n in known if not (moe and n == ROUTER)]
     bad = [n for n in names if n not in known]
     if bad or not names:
         extra = ("; lm_head and embed_tokens are not trainable targets here (llama.cpp cannot apply LoRA "
@@ -186,7 +201,9 @@ def inject_lora(model: nn.Module, targets: str | list[str], r: int, alpha: float
         raise Lora2GGUFError(f"--rank must be positive, got {r}")
     short = resolve_targets(targets, model.spec.arch_module)
     model.requires_grad_(False)
-    wrapped: dict[str, LoRALinear] = {}
+    wrapped: dict[str, LoRALinear | ExpertLoRA] = {}
+    if EXPERTS in short:
+        wrapped |= inject_expert_lora(model, r, alpha, rslora, layers)
     for name, module in list(model.named_modules()):
         if (isinstance(module, nn.Linear) and name.split(".")[-1] in short and name.startswith("model.layers.")
                 and (layers is None or int(name.split(".")[2]) in layers)):
@@ -206,16 +223,37 @@ def to_adapter(layers: dict[str, LoRALinear], path: Path, config: dict) -> PeftA
     modules = {}
     for name, layer in sorted(layers.items()):
         a, b = (w.detach().float().cpu().numpy() for w in (layer.lora_A.weight, layer.lora_B.weight))
-        modules[name] = ModuleLoRA(name, a, b, layer.r, layer.alpha, layer.scale)
+        if isinstance(layer, ExpertLoRA):  # model.layers.N.mlp.experts.gate_up_proj → gate_proj and up_proj stacks
+            layer_prefix, param = name.split("mlp.", 1)
+            modules |= split_param_wrapper(layer_prefix, "mlp." + param, a, b, layer.r, layer.alpha, layer.scale)
+        else:
+            modules[name] = ModuleLoRA(name, a, b, layer.r, layer.alpha, layer.scale)
     return PeftAdapter(Path(path), config, modules)
 
 
-def load_lora_state(layers: dict[str, LoRALinear], state: dict[str, torch.Tensor]) -> None:
-    want = {f"{PREFIX}{n}.lora_{ab}.weight" for n in layers for ab in "AB"}
-    if set(state) != want:
+def saved_keys(layers: dict[str, LoRALinear | ExpertLoRA]) -> dict[str, tuple[str, str]]:
+    """Each LoRA's (lora_A, lora_B) keys in the saved adapter file (PEFT's; experts nested as PEFT nests them)."""
+    keys = {}
+    for name, layer in layers.items():
+        key = name
+        if isinstance(layer, ExpertLoRA):
+            prefix, param = name.split("mlp.", 1)
+            params = [p for p in expert_param_table() if prefix + p in layers]
+            key = param_wrapper_key(prefix, params, "mlp." + param)
+        keys[name] = (f"{PREFIX}{key}.lora_A.weight", f"{PREFIX}{key}.lora_B.weight")
+    return keys
+
+
+def load_lora_state(layers: dict[str, LoRALinear | ExpertLoRA], state: dict[str, torch.Tensor]) -> None:
+    keys = saved_keys(layers)
+    if set(state) != {k for pair in keys.values() for k in pair}:
         raise Lora2GGUFError("checkpoint LoRA tensors do not match this run's targets; resume with the same "
                              "--targets and --rank")
     with torch.no_grad():
         for name, layer in layers.items():
-            layer.lora_A.weight.copy_(state[f"{PREFIX}{name}.lora_A.weight"])
-            layer.lora_B.weight.copy_(state[f"{PREFIX}{name}.lora_B.weight"])
+            a, b = (state[k] for k in keys[name])
+            if isinstance(layer, ExpertLoRA):  # PEFT's [r·E, in] / [out, r·E] → per expert
+                a, b = (torch.from_numpy(t) for t in param_wrapper_factors(a.cpu().numpy(), b.cpu().numpy(),
+                                                                           layer.lora_A.weight.shape[0]))
+            layer.lora_A.weight.copy_(a)
+            layer.lora_B.weight.copy_(b)

@@ -41,6 +41,7 @@ from lora2gguf.training.config import TrainConfig, TrainResult
 from lora2gguf.training.data import Order, collate, load_dataset
 from lora2gguf.training.fused import fuse_for_training
 from lora2gguf.training.lora import (
+    EXPERTS,
     inject_lora,
     load_lora_state,
     lora_parameters,
@@ -188,6 +189,7 @@ def setup(cfg, out, device, cdtype, rank, world, warn) -> tuple[Run, list, list]
             raise Lora2GGUFError(f"{tok.path}: tokenizer has {tok.n_vocab} tokens but {cfg.base} has "
                                  f"{base.spec.n_vocab}; use the tokenizer of this model")
         layer_ids = parse_layers(cfg.layers, base.spec.n_layer)
+        targets = resolve_targets(cfg.targets, base.spec.arch_module)
         local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
         form, why = choose_base_weights(base, cfg.base_weights, cdtype, device, local)
         warn(f"frozen base: {form} ({why})")
@@ -200,7 +202,12 @@ def setup(cfg, out, device, cdtype, rank, world, warn) -> tuple[Run, list, list]
             clear_previous_run(out)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
-    layers = inject_lora(model, cfg.targets, cfg.rank, cfg.alpha, cfg.rslora, cfg.dropout, layer_ids)
+    dropout = cfg.dropout
+    if EXPERTS in targets and dropout:  # PEFT refuses to load target_parameters LoRA with lora_dropout > 0
+        warn(f"--dropout {dropout} ignored: PEFT's expert LoRA (target_parameters) takes no dropout, so this run "
+             "trains without it")
+        dropout = 0.0
+    layers = inject_lora(model, targets, cfg.rank, cfg.alpha, cfg.rslora, dropout, layer_ids)
     fuse_for_training(model)  # the same model and math, computed in fewer and larger steps
     model.grad_checkpointing = cfg.grad_checkpointing
     model.train()
@@ -220,12 +227,15 @@ def setup(cfg, out, device, cdtype, rank, world, warn) -> tuple[Run, list, list]
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(warmup, total))
     scaler = torch.amp.GradScaler(device.type, enabled=cdtype == torch.float16)  # fp16 needs loss scaling
     args = {k: getattr(cfg, k) for k in RESUME_KEYS} | {
-        "targets": resolve_targets(cfg.targets, model.spec.arch_module), "layers": layer_ids, "warmup": warmup,
+        "targets": targets, "layers": layer_ids, "warmup": warmup,
         "total_steps": total, "data_sha256": file_sha256(cfg.data),
         # another base of the same shapes, another tokenizer or other eval data would resume silently
         "base_fingerprint": base_digest, "train_tokens": tokens_digest(train_ex), "eval_tokens": tokens_digest(eval_ex)}
-    config = lora_config(cfg.rank, cfg.alpha, args["targets"], base_name, use_rslora=cfg.rslora, dropout=cfg.dropout,
-                         layers_to_transform=layer_ids)
+    experts = sorted(model.spec.arch_module.expert_params) if EXPERTS in targets else None
+    if experts and layer_ids is not None:  # peft 0.21 applies layers_to_transform to target_modules only
+        experts = [f"model.layers.{i}.{p}" for i in layer_ids for p in experts]
+    config = lora_config(cfg.rank, cfg.alpha, [t for t in targets if t != EXPERTS], base_name, use_rslora=cfg.rslora,
+                         dropout=dropout, layers_to_transform=layer_ids, target_parameters=experts)
     run = Run(cfg, out, device, cdtype, rank, world, tok.pad_id, model, net, layers, opt, sched, scaler, args, config)
     return run, train_ex, eval_ex
 
