@@ -14,9 +14,10 @@ import torch
 from torch import nn
 
 from lora2gguf.adapters.lora import ModuleLoRA, PeftAdapter, merged_bias, merged_weight
-from lora2gguf.models.layers import MoE, Transformer
+from lora2gguf.models.layers import ExpertLinear, MoE, Transformer
 from lora2gguf.weights.base_model import GGUFBase
-from lora2gguf.weights.quantized import frozen_linear, quant_weight
+from lora2gguf.weights.dequantize import SUPPORTED
+from lora2gguf.weights.quantized import QuantWeight, frozen_linear, quant_weight
 
 
 def modules_by_target(adapters: list[tuple[PeftAdapter, float]]) -> dict[str, list[tuple[ModuleLoRA, float]]]:
@@ -101,16 +102,50 @@ class ReferenceWeights:
             out[rows] = merged_weight(w[rows], [(m.row_block(rows), u) for m, u in ms])
         return torch.from_numpy(out)
 
-    def load(self, module: nn.Module, prefix: str) -> None:
-        """Give `module` (built on the meta device) its reference tensors, `prefix` its HF path + '.'."""
+    def load(self, module: nn.Module, prefix: str, lazy_experts: bool = False) -> None:
+        """Give `module` (built on the meta device) its reference tensors, `prefix` its HF path + '.'.
+        lazy_experts: each stack of experts an ExpertStack (an expert's weight made when the router asks)."""
         for sub_name, sub in module.named_modules():
             path = prefix + sub_name + ("." if sub_name else "")
+            if lazy_experts and isinstance(sub, ExpertLinear):
+                del sub._parameters["weight"]  # a plain attribute from here on: ExpertLinear only indexes it
+                sub.weight = ExpertStack(self, path + "weight")
+                continue
             for attr, p in list(sub.named_parameters(recurse=False)):
                 setattr(sub, attr, nn.Parameter(self.get(path + attr), requires_grad=False))
             if isinstance(sub, nn.Linear) and sub.bias is None:  # a LoRA bias adds one
                 b = self.get(path + "bias", sub.out_features)
                 if b is not None:
                     sub.bias = nn.Parameter(b, requires_grad=False)
+
+
+class ExpertStack:
+    """A stack of experts (n_expert, out, in) whose expert e is made when indexed: its rows of the base
+    (dequantized from the mapped file, where a 3-D GGUF tensor stores expert after expert) with each
+    adapter's pair for that expert folded in by merged_weight. The layer-by-layer reference then never holds
+    a whole stack in float32 (Qwen3-30B-A3B: 805 MB per projection, three per layer, with as much again
+    while folding); an expert is made once per batch that routes tokens to it."""
+
+    def __init__(self, src: ReferenceWeights, name: str):
+        self.src, self.name, self.mods = src, name, src.mods.get(name.rsplit(".", 1)[0], [])
+        self.rows: QuantWeight | None = None
+        self.whole: np.ndarray | None = None
+        info = src.base.file.tensors[src.base.gguf_name(name)] if isinstance(src.base, GGUFBase) else None
+        if name in src.full:  # modules_to_save: the adapter's stack replaces the base's, as in get()
+            self.whole, self.mods = np.asarray(src.full[name], np.float32), []
+        elif info is not None and info.type in SUPPORTED and src.spec.arch_module.stored_as_hf(src.spec, name):
+            n_expert, self.n_out, n_in = info.shape
+            raw = torch.from_numpy(src.base.file.raw(info.name).reshape(n_expert * self.n_out, -1))
+            self.rows = QuantWeight(raw, info.type, n_in, None, torch.float32)
+        else:  # a type weights.dequantize does not read, or an HF base: the stack once, as get() makes it
+            self.whole = src.base_tensor(name)
+
+    def __getitem__(self, e: int) -> torch.Tensor:
+        w = (self.rows.rows(e * self.n_out, (e + 1) * self.n_out).numpy() if self.rows is not None
+             else self.whole[e])
+        if self.mods:
+            w = merged_weight(w[None], [(m.row_block(slice(e, e + 1)), u) for m, u in self.mods])[0]
+        return torch.from_numpy(np.ascontiguousarray(w, np.float32))
 
 
 BATCH_TOKENS = 1 << 12  # padded tokens per batch of run_layers: matmuls large enough for BLAS, activations small
@@ -164,7 +199,7 @@ def run_layers(base, src: ReferenceWeights, sequences: list[list[int]],
         for i in range(spec.n_layer):
             with torch.device("meta"):
                 layer = spec.arch_module.build_layer(spec, i)
-            src.load(layer, f"model.layers.{i}.")
+            src.load(layer, f"model.layers.{i}.", lazy_experts=True)
             if on_layer is not None:
                 on_layer(layer, i)
             for k, x in enumerate(xs):

@@ -60,3 +60,33 @@ def test_layerwise_reference_is_the_reference(case, tmp_path):
         ours = layerwise(base, adapters, seqs[:1])[0]
     m = compare(peft_logits(fixture(arch, "hf"), adapter_dir, seqs[0]), ours)
     assert m["mean_kl"] <= 1e-6 and m["top1"] == 1.0, m
+
+
+@pytest.mark.parametrize("kind", ["f32", "q4_k_m"])
+def test_layer_by_layer_experts_made_one_at_a_time_equal_the_whole_model(tmp_path, moe_arch, kind):
+    """reference_logits makes each expert's weight when the router asks (parity.reference.ExpertStack: its
+    rows dequantized, its LoRA pair folded in); reference_model holds every stack whole. Same logits, with an
+    attention + expert adapter made by peft that moves them."""
+    import numpy as np
+    import torch
+
+    from lora2gguf.adapters.load import load_adapter
+    from lora2gguf.parity.reference import ExpertStack, reference_logits
+    from lora2gguf.weights.base_model import open_base
+
+    d = make_peft_adapter(fixture(moe_arch, "hf"), tmp_path / "a", r=4, lora_alpha=16, b_std=0.2,
+                          target_modules=["q_proj"],
+                          target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+    toks = token_ids(300, 40, seed=1)
+    with open_base(fixture(moe_arch, kind) if kind != "f32" else fixture(moe_arch)) as b:
+        lora = load_adapter(d, b.spec)
+        made = []
+        real = ExpertStack.__getitem__
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(ExpertStack, "__getitem__", lambda self, e: made.append(e) or real(self, e))
+            lazy = reference_logits(b, [(lora, 1.0)], [toks])[0]
+        with torch.no_grad():
+            whole = reference_model(b, [(lora, 1.0)])(torch.tensor([toks]))[0].numpy()
+        alone = reference_logits(b, [], [toks])[0]
+    assert made and np.array_equal(lazy, whole)
+    assert np.abs(alone - whole).max() > 1.0  # the adapter moves the logits
