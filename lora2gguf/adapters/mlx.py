@@ -7,6 +7,11 @@ The format, from mlx-lm's source (mlx_lm/tuner/lora.py, dora.py, utils.py; mlx_l
 - LoRAEmbedding: lora_a (vocab, r), lora_b (r, dim), ΔE = scale·a·b: PEFT's lora_embedding_A = aᵀ, _B = bᵀ.
 - DoRA (fine_tune_type "dora", or use_dora in older configs) adds `.m` (out,), PEFT's magnitude vector:
   DoRALinear's output is m / ‖W + scale·bᵀaᵀ‖_row · (Wx + scale·x a b), PEFT's DoRA exactly.
+- LoRASwitchLinear (a mixture of experts' SwitchGLU, `switch_mlp` beside the router: mlx_lm/models/
+  qwen3_moe.py, qwen2_moe.py, mixtral.py): lora_a (E, r, in), lora_b (E, out, r), ΔW_e = scale·b_e·a_e: the
+  layout of our expert stacks already (PEFT's A, B per expert); `<layer>.mlp.switch_mlp.gate_proj` (Mixtral:
+  `block_sparse_moe.switch_mlp`) is the stack mlp.experts.gate_proj, Mixtral's router block_sparse_moe.gate
+  is mlp.gate (the arch's module_aliases).
 - config: lora_parameters {rank, scale, dropout, keys}, num_layers (the last N layers). There is no alpha:
   the scale is the whole factor. Ollama's converter ignores it (writes alpha 0: llama.cpp applies 1).
 The q/k rows are in HF order: mlx-lm loads HF weights as they are and rotates halves (rope traditional=False).
@@ -21,12 +26,23 @@ from pathlib import Path
 import numpy as np
 
 from lora2gguf.adapters.lora import ModuleLoRA, PeftAdapter
-from lora2gguf.adapters.peft import bnb_note, lora_pair, text_tower
+from lora2gguf.adapters.peft import bnb_note, lora_pair, module_rules, text_tower
 from lora2gguf.errors import Lora2GGUFError
 from lora2gguf.fileio.tensors import read_json_object, read_safetensors_f32
 
 TENSORS, CONFIG = "adapters.safetensors", "adapter_config.json"
 _KEY = re.compile(r"(.+)\.(lora_a|lora_b|m)$")
+_SWITCH = re.compile(r"\.(?:mlp|block_sparse_moe)\.switch_mlp\.")  # mlx-lm's SwitchGLU → our expert stacks
+
+
+def _module(mod: str) -> str:
+    """mlx-lm's module path → lora2gguf's (HF, transformers 5): switch_mlp's projections are mlp.experts'
+    stacks, a renamed module (Mixtral's router) its in-memory name."""
+    mod = _SWITCH.sub(".mlp.experts.", mod)
+    for disk, mem in module_rules()[0].items():
+        if mod.endswith("." + disk):
+            return mod[: -len(disk)] + mem
+    return mod
 
 
 def is_mlx_dir(path: Path) -> bool:
@@ -64,12 +80,21 @@ def load_mlx(path: Path) -> PeftAdapter:
                                  "(<module>.lora_a / .lora_b / .m)")
         if not np.all(np.isfinite(t)):
             raise Lora2GGUFError(f"{path / TENSORS}: tensor {key} contains NaN or Inf; the adapter is broken")
-        parts.setdefault(text_tower(m.group(1)), {})[m.group(2)] = t
+        parts.setdefault(_module(text_tower(m.group(1))), {})[m.group(2)] = t
     if not parts:
         raise Lora2GGUFError(f"{path / TENSORS}: holds no LoRA tensors")
     modules = {}
     for mod, p in sorted(parts.items()):
         a, b = lora_pair(path / TENSORS, mod, p, "lora_a", "lora_b")
+        if a.ndim == 3 and b.ndim == 3:  # LoRASwitchLinear: per expert, already A (E, r, in), B (E, out, r)
+            if a.shape[0] != b.shape[0] or a.shape[1] != b.shape[2] or "m" in p:
+                raise Lora2GGUFError(f"{path / TENSORS}: {mod}: lora_a {tuple(a.shape)} and lora_b {tuple(b.shape)} are not "
+                                     "per-expert pairs (E, r, in) and (E, out, r) (or carry DoRA's m, which mlx-lm's "
+                                     "LoRASwitchLinear has not); the file is corrupt")
+            if a.shape[1] != rank:
+                raise Lora2GGUFError(f"{path / TENSORS}: {mod} has rank {a.shape[1]} but {CONFIG} says rank {rank}")
+            modules[mod] = ModuleLoRA(mod, np.ascontiguousarray(a), np.ascontiguousarray(b), rank, scale * rank, scale)
+            continue
         if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0]:
             raise Lora2GGUFError(f"{path / TENSORS}: {mod}: lora_a {tuple(a.shape)} and lora_b {tuple(b.shape)} do "
                                  "not multiply (mixture-of-experts LoRA is not supported); the file is corrupt")

@@ -26,7 +26,8 @@ ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_pro
 MLX_SCALE = 20.0  # mlx-lm's default scale; PEFT's alpha / r here is 2, so the factors must absorb the ratio
 
 
-def write_mlx(peft_dir, out, scale=MLX_SCALE, prefix="", bf16=False, fine_tune_type="lora"):
+def write_mlx(peft_dir, out, scale=MLX_SCALE, prefix="", bf16=False, fine_tune_type="lora", switch_parent="mlp",
+              b_expert_order=None):
     """The ΔW of a PEFT adapter as mlx-lm stores it: lora_a (in, r) = Aᵀ, lora_b (r, out) = Bᵀ·s_peft/scale,
     so that scale·(x a) b is PEFT's s_peft·B A x. DoRA's magnitude goes to `.m`."""
     import torch
@@ -36,6 +37,11 @@ def write_mlx(peft_dir, out, scale=MLX_SCALE, prefix="", bf16=False, fine_tune_t
     tensors = {}
     for name, m in peft.modules.items():
         k = prefix + name
+        if m.experts:  # LoRASwitchLinear on mlx-lm's SwitchGLU: per expert, (E, r, in) and (E, out, r)
+            k = k.replace(".mlp.experts.", f".{switch_parent}.switch_mlp.")
+            tensors[k + ".lora_a"] = m.A.copy()  # gate and up share A in PEFT: mlx-lm stores each
+            tensors[k + ".lora_b"] = (m.B if b_expert_order is None else m.B[b_expert_order]) * (m.scale / scale)
+            continue
         tensors[k + ".lora_a"] = m.A.T
         tensors[k + ".lora_b"] = m.B.T * (m.scale / scale)
         if m.magnitude is not None:
@@ -51,6 +57,35 @@ def write_mlx(peft_dir, out, scale=MLX_SCALE, prefix="", bf16=False, fine_tune_t
            "adapter_path": str(out), "iters": 100, "learning_rate": 1e-5}
     (out / "adapter_config.json").write_text(json.dumps(cfg, indent=4))
     return out
+
+
+@pytest.mark.parametrize("arch", ["qwen3moe", "mixtral"])
+def test_lora_switch_linear_converts_like_peft(arch, tmp_path):
+    """mlx-lm's LoRASwitchLinear (lora_a (E, r, in), lora_b (E, out, r) on its SwitchGLU `switch_mlp`, Mixtral's
+    under block_sparse_moe, with mlx-lm's absolute scale), written from a real PEFT target_parameters adapter's
+    per-expert factors: converted, llama.cpp runs it as transformers + PEFT runs that adapter, routing-aware;
+    the same file with lora_b's experts in another order is far off."""
+    from moe_helpers import llama_run, routed, transformers_run
+
+    from lora2gguf.parity.metrics import compare
+
+    peft_dir = make_peft_adapter(fixture(arch, "hf"), tmp_path / "peft", r=4, lora_alpha=16, b_std=0.2,
+                                 target_modules=["q_proj"],
+                                 target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+    parent = "block_sparse_moe" if arch == "mixtral" else "mlp"
+    tokens = list(range(1, 41))
+    base = llama_run(fixture(arch), tokens)
+    theirs = transformers_run(arch, tokens, adapter_dir=peft_dir)
+    runs = {}
+    for name, order in (("ok", None), ("experts reordered", np.roll(np.arange(8), 1))):
+        mlx_dir = write_mlx(peft_dir, tmp_path / name, switch_parent=parent, b_expert_order=order)
+        runs[name] = llama_run(fixture(arch), tokens, [(convert(mlx_dir, fixture(arch), tmp_path / f"{name}.gguf"), 1.0)])
+    moved, m = compare(base[0], runs["ok"][0]), routed(theirs[0], runs["ok"][0], theirs[1], runs["ok"][1])
+    wrong = compare(theirs[0], runs["experts reordered"][0])
+    print(arch, "moved", moved["mean_kl"], "mlx vs transformers+PEFT", m, "reordered", wrong["mean_kl"])
+    assert moved["mean_kl"] > 1e-2
+    assert m["median_kl"] <= 1e-6 and m["mean_kl"] <= 1e-5 and m["expert_set_mismatch"] == 0.0, m
+    assert wrong["mean_kl"] > 0.1 * moved["mean_kl"]
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
