@@ -253,6 +253,9 @@ def read_param_wrappers(path: Path, cfg: dict, parts: dict[str, dict[str, np.nda
                                  f"{len(params)} on {layer + owner}; the config and the weights do not match")
         param = params[len(params) - 1 - depth]
         p = parts.pop(mod)
+        if cfg.get("use_dora") or "lora_magnitude_vector" in p:  # peft's ParamWrapper has no DoRA either
+            raise Lora2GGUFError(f"{path}: {layer + param}: DoRA on expert parameters (target_parameters) is not "
+                                 "supported (peft's own ParamWrapper refuses use_dora); train plain LoRA on the experts")
         A, B = lora_pair(path, mod, p, "lora_A", "lora_B")
         r, alpha, scale = peft_scale(cfg, layer + param)
         if A.ndim != 2 or B.ndim != 2 or A.shape[0] != B.shape[1] or A.shape[0] % r:

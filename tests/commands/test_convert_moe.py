@@ -165,6 +165,34 @@ def test_expert_lora_of_a_peft_version_we_cannot_place_is_refused(tmp_path, moe_
     assert "\n" not in str(e.value)
 
 
+def test_dora_on_expert_parameters_is_refused_in_one_line(tmp_path, capsys, moe_arch, expert_adapter):
+    """peft's ParamWrapper has no DoRA; an adapter claiming it on the experts (use_dora, or a magnitude vector)
+    is refused by convert and merge in one line, not merged as plain LoRA."""
+    import shutil
+
+    from lora2gguf.cli import main
+    from safetensors.numpy import load_file, save_file
+
+    for how in ("use_dora", "magnitude"):
+        d = tmp_path / how
+        shutil.copytree(expert_adapter, d)
+        if how == "use_dora":
+            cfg = json.loads((d / "adapter_config.json").read_text())
+            (d / "adapter_config.json").write_text(json.dumps(cfg | {"use_dora": True}))
+        else:
+            t = load_file(d / "adapter_model.safetensors")
+            key = next(k for k in t if k.endswith("experts.lora_B.weight"))
+            t[key.replace("lora_B.weight", "lora_magnitude_vector")] = np.ones(t[key].shape[0], np.float32)
+            save_file(t, d / "adapter_model.safetensors")
+        for verb in (["convert", str(d), "--base", str(fixture(moe_arch)), "-o", str(tmp_path / f"{how}.gguf")],
+                     ["merge", "--base", str(fixture(moe_arch)), "--lora", str(d), "-o", str(tmp_path / f"{how}-m.gguf")]):
+            capsys.readouterr()
+            assert main(verb) == 2, (how, verb[0])
+            err = capsys.readouterr().err
+            assert err.count("\n") == 1 and "DoRA on expert parameters" in err, (how, err)
+            assert not (tmp_path / f"{how}.gguf").exists() and not (tmp_path / f"{how}-m.gguf").exists()
+
+
 def test_every_other_verb_refuses_moe_in_one_line(tmp_path, capsys, moe_arch, expert_adapter):
     """convert, inspect, merge, verify, analyze and train handle the MoE archs so far (train: test_train_moe.py); every
     other verb says so in one line (no traceback), for the base, and resize without a base for an adapter with expert
