@@ -183,3 +183,45 @@ def test_plain_merge_still_starts_without_torch(adapters, tmp_path):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert r.stdout.split()[-2:] == ["0", "False"], r.stdout + r.stderr
     assert m.is_file()
+
+
+def test_expert_stacks_get_per_expert_sums_over_the_tokens_routed_to_them(tmp_path, moe_arch):
+    """On a mixture of experts each ffn_*_exps stack gets one row of sums and one count per expert, over the real
+    tokens routed to it (padding left out), as llama-imatrix keeps them: the counts equal the experts llama.cpp
+    routes the same tokens to on the merged F32 file; summed over experts, gate's sums are n_used × the router's
+    (both read the same normed input); and merge --imatrix-data writes those rows."""
+    from conftest import token_ids
+
+    from lora2gguf.adapters.load import load_adapter
+    from lora2gguf.llamacpp.runtime import LlamaRuntime
+    from lora2gguf.parity.importance import measure_importance
+    from lora2gguf.weights.base_model import open_base
+
+    d = make_peft_adapter(fixture(moe_arch, "hf"), tmp_path / "a", r=4, lora_alpha=16, b_std=0.2,
+                          target_modules=["q_proj"],
+                          target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+    seqs = [token_ids(300, 40, seed=1), token_ids(300, 25, seed=2)]  # batched together: the second is padded
+    with open_base(fixture(moe_arch)) as b:
+        im = measure_importance(b, [(load_adapter(d, b.spec), 1.0)], seqs, "test")
+        spec = b.spec
+    merged = merge(fixture(moe_arch), [(str(d), 1.0)], tmp_path / "m.gguf", quant="f32", progress=False)
+    want = {L: np.zeros(spec.n_expert) for L in range(spec.n_layer)}
+    with LlamaRuntime(merged, n_ctx=64, moe_routing=True) as rt:
+        for s in seqs:
+            rt.logits(s)
+            for L, ids in rt.routing.items():
+                want[L] += np.bincount(ids.reshape(-1), minlength=spec.n_expert)
+    for L in range(spec.n_layer):
+        gate, router = f"blk.{L}.ffn_gate_exps.weight", f"blk.{L}.ffn_gate_inp.weight"
+        for stack in ("gate", "up", "down"):
+            name = f"blk.{L}.ffn_{stack}_exps.weight"
+            assert im.sums[name].shape[0] == spec.n_expert and np.array_equal(im.counts[name], want[L]), name
+        assert im.counts[router][0] == sum(map(len, seqs))
+        np.testing.assert_allclose(im.sums[gate].sum(0), spec.n_expert_used * im.sums[router][0], rtol=1e-5)
+    assert want[0].sum() == spec.n_expert_used * sum(map(len, seqs))
+    data = tmp_path / "d.txt"
+    data.write_text("the cat sat on the mat and the dog sat with the cat " * 8)
+    merge(fixture(moe_arch), [(str(d), 1.0)], tmp_path / "q.gguf", quant="q4_k_m", progress=False,
+          imatrix_data=data, imatrix_out=tmp_path / "q.imatrix.gguf")
+    written = read_imatrix(tmp_path / "q.imatrix.gguf")
+    assert written.sums["blk.0.ffn_down_exps.weight"].shape[0] == spec.n_expert
