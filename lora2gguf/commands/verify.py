@@ -411,13 +411,7 @@ def format_report(r: dict) -> str:
         lines.append("tokens whose top-k expert set flips between reference and llama.cpp: base "
                      f"{ra['base_expert_set_mismatch']:.1%}"
                      + (f", merged floor {merged_floor:.1%}" if merged_floor is not None else ""))
-    hdr = f"{'pair':<20}{'mean KL':>11}{'max KL':>11}{'top-1':>8}{'max|Δ|':>9}{'greedy':>8}{'limit':>10}  result"
-    lines += ["", *table(r["pairs"])] if "routing_aware" in r else ["", hdr, "-" * len(hdr)]
-    for name, m in r["pairs"].items() if "routing_aware" not in r else ():
-        lim = f"{m['max_kl_allowed']:.2g}" if "max_kl_allowed" in m else "-"
-        res = ("pass" if m["pass"] else "FAIL") if "pass" in m else "info"
-        lines.append(f"{name:<20}{m['mean_kl']:>11.3g}{m['max_kl']:>11.3g}{m['top1']:>8.1%}"
-                     f"{m['max_abs_dlogit']:>9.3g}{m['greedy']['identical']:>8.0%}{lim:>10}  {res}")
+    lines += ["", *(table(r["pairs"]) if "routing_aware" in r else _dense_table(r["pairs"]))]
     c = r.get("merged_carries_adapter")
     if c:
         lines.append("")
@@ -431,6 +425,18 @@ def format_report(r: dict) -> str:
         lines.append(f"warning: {w}")
     lines.append("PASS" if r["pass"] else "FAIL")
     return "\n".join(lines)
+
+
+def _dense_table(pairs: dict) -> list[str]:
+    """The pairs' lines on a dense model (a mixture of experts' table, with routing: parity.routing.table)."""
+    hdr = f"{'pair':<20}{'mean KL':>11}{'max KL':>11}{'top-1':>8}{'max|Δ|':>9}{'greedy':>8}{'limit':>10}  result"
+    lines = [hdr, "-" * len(hdr)]
+    for name, m in pairs.items():
+        lim = f"{m['max_kl_allowed']:.2g}" if "max_kl_allowed" in m else "-"
+        res = ("pass" if m["pass"] else "FAIL") if "pass" in m else "info"
+        lines.append(f"{name:<20}{m['mean_kl']:>11.3g}{m['max_kl']:>11.3g}{m['top1']:>8.1%}"
+                     f"{m['max_abs_dlogit']:>9.3g}{m['greedy']['identical']:>8.0%}{lim:>10}  {res}")
+    return lines
 
 
 def read_text(path: str) -> str:

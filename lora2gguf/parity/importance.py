@@ -33,10 +33,11 @@ def measure_importance(base, adapters: list[tuple[PeftAdapter, float]], sequence
     # q/k/v (and gate/up) read one input tensor: its squares are summed once for all of them (half the
     # hooks' time), in float64 over float32 squares
     seen: dict = {"x": None, "sq": None, "n": 0}
+    muted = {"on": False}  # moe_pre's own call of the router: not a token of the model's
 
     def hook(name: str):
         def pre(module: nn.Module, args) -> None:
-            if seen.get("muted"):  # moe_pre's own call of the router: not a token of the model's
+            if muted["on"]:
                 return
             if args[0] is not seen["x"]:
                 x = args[0].detach().reshape(-1, args[0].shape[-1])[real["positions"]]
@@ -48,11 +49,11 @@ def measure_importance(base, adapters: list[tuple[PeftAdapter, float]], sequence
     routed: dict[int, torch.Tensor] = {}  # expert → which of the rows MoE.forward hands it are real tokens
 
     def moe_pre(module: MoE, args) -> None:  # the routing MoE.forward is about to use, on the same input
-        seen["muted"] = True
+        muted["on"] = True
         try:
             ids = module.route(args[0].reshape(-1, args[0].shape[-1]))[0]
         finally:
-            seen["muted"] = False
+            muted["on"] = False
         routed.clear()
         routed.update({e: real["positions"][torch.where(ids == e)[0]] for e in ids.unique().tolist()})
 
