@@ -62,10 +62,10 @@ from typing import Callable, Iterable, Iterator
 import llama_cpp
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGML_QUANT_VERSION, GGMLQuantizationType, GGUFWriter, LlamaFileType
-from llama_cpp._ctypes_extensions import load_shared_library
 
 from lora2gguf.errors import Lora2GGUFError
 from lora2gguf.fileio.atomic import atomic_output
+from lora2gguf.fileio.ggml_dequantize import ggml_base, to_float
 from lora2gguf.fileio.gguf_read import GGUFFile, decode, pread, row_bytes
 from lora2gguf.fileio.gguf_write import PlannedTensor, f32_copy_writer, nbytes_of, write_streaming
 from lora2gguf.fileio.imatrix import Imatrix, read_imatrix
@@ -176,26 +176,19 @@ class _GGUFInitParams(ctypes.Structure):
     _fields_ = [("no_alloc", ctypes.c_bool), ("ctx", ctypes.c_void_p)]
 
 
-class _TypeTraits(ctypes.Structure):  # struct ggml_type_traits (ggml.h)
-    _fields_ = [("type_name", ctypes.c_char_p), ("blck_size", ctypes.c_int64),
-                ("blck_size_interleave", ctypes.c_int64), ("type_size", ctypes.c_size_t),
-                ("is_quantized", ctypes.c_bool), ("to_float", ctypes.c_void_p), ("from_float_ref", ctypes.c_void_p)]
-
-
-_TO_FLOAT = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)
-
-
 @functools.lru_cache(maxsize=None)
 def _libs():
     """(libllama, libggml-base) with the signatures used here."""
     llama = llama_cpp.llama_cpp._lib
-    g = load_shared_library("ggml-base", Path(llama_cpp.__file__).parent / "lib")
+    g = ggml_base()  # the copy libllama links (one ggml in the process)
+    if g is None:
+        raise Lora2GGUFError("llama-cpp-python's libggml-base was not found next to libllama; reinstall it")
     vp, sz, i64, cp = ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int64, ctypes.c_char_p
     sigs = {
         "ggml_init": (vp, [_GGMLInitParams]), "ggml_free": (None, [vp]), "ggml_tensor_overhead": (sz, []),
         "ggml_new_tensor": (vp, [vp, ctypes.c_int, ctypes.c_int, ctypes.POINTER(i64)]),
         "ggml_set_name": (vp, [vp, cp]), "ggml_row_size": (sz, [ctypes.c_int, i64]),
-        "ggml_type_name": (cp, [ctypes.c_int]), "ggml_get_type_traits": (ctypes.POINTER(_TypeTraits), [ctypes.c_int]),
+        "ggml_type_name": (cp, [ctypes.c_int]),
         "ggml_quantize_chunk": (sz, [ctypes.c_int, vp, vp, i64, i64, i64, vp]),
         "ggml_quantize_requires_imatrix": (ctypes.c_bool, [ctypes.c_int]),
         "ggml_validate_row_data": (ctypes.c_bool, [ctypes.c_int, vp, sz]),
@@ -230,13 +223,9 @@ def dequantize_rows(raw: np.ndarray, qtype: GGMLQuantizationType, ne0: int) -> n
     raw = np.ascontiguousarray(raw).view(np.uint8).reshape(-1)
     if qtype == F32:
         return raw.view(np.float32).reshape(-1, ne0)
-    _, g = _libs()
-    n = raw.size // row_bytes(qtype, ne0) * ne0
-    out = np.empty(n, np.float32)
-    fn = g.ggml_get_type_traits(int(qtype)).contents.to_float
-    if not fn:
+    out = to_float(raw, qtype)
+    if out is None:
         raise Lora2GGUFError(f"ggml cannot convert {qtype.name} to float")
-    _TO_FLOAT(fn)(_ptr(raw), _ptr(out), n)
     return out.reshape(-1, ne0)
 
 
