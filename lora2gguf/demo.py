@@ -20,6 +20,7 @@ from lora2gguf.commands.merge import merge
 from lora2gguf.commands.modelfile import write_modelfile
 from lora2gguf.commands.train import train
 from lora2gguf.commands.verify import verify
+from lora2gguf.llamacpp.ggml import reuse_quantizations
 from lora2gguf.llamacpp.runtime import LlamaRuntime
 from lora2gguf.llamacpp.tokenizer import Tokenizer
 from lora2gguf.training.config import TrainConfig
@@ -130,6 +131,13 @@ def _verify(base: Path, gguf: Path, merged: Path) -> dict:
 def run_demo(workdir: str | os.PathLike, base: str | os.PathLike | None = None, recipe: Recipe = Recipe(),
              max_prompts: int | None = None, log=print) -> dict:
     """Train, convert, merge, score, verify and write Modelfiles for the two behaviours → the summary."""
+    # each verify's floor (the base quantized with its merge's importance matrix) shares every tensor the
+    # adapter leaves alone with that merge: those are quantized once (the same bytes either way)
+    with reuse_quantizations():
+        return _run(workdir, base, recipe, max_prompts, log)
+
+
+def _run(workdir, base, recipe: Recipe, max_prompts: int | None, log) -> dict:
     work = Path(workdir)
     work.mkdir(parents=True, exist_ok=True)
     stages: dict[str, float] = {}

@@ -60,7 +60,7 @@ from lora2gguf.fileio.atomic import atomic_output, check_output, part_prefix
 from lora2gguf.fileio.gguf_read import TensorInfo, decode, pread
 from lora2gguf.fileio.gguf_write import PlannedTensor, copy_fields, encode, nbytes_of, write_streaming
 from lora2gguf.fileio.imatrix import write_imatrix
-from lora2gguf.llamacpp.ggml import Importance, Tensor, ggml_rows, stored_slabs, write_quantized
+from lora2gguf.llamacpp.ggml import Importance, Tensor, file_identity, ggml_rows, stored_slabs, write_quantized
 from lora2gguf.llamacpp.quantize import OutputType, llama_quantize, output_type, takes_file_type
 from lora2gguf.llamacpp.tokenizer import Tokenizer
 from lora2gguf.training.runlog import read_train_data
@@ -354,7 +354,8 @@ def _source(fh, job: Job, spec, pool: RowPool) -> Tensor:
     info = job.info
     if not job.touched:
         fd, src = fh.fileno(), job.source
-        return Tensor(info.name, info.shape, src.type, lambda: ggml_rows(fd, src), lambda: stored_slabs(fd, src))
+        return Tensor(info.name, info.shape, src.type, lambda: ggml_rows(fd, src), lambda: stored_slabs(fd, src),
+                      (file_identity(fd), src.name))
     dtype = np.float16 if info.type == GGMLQuantizationType.F16 else np.float32  # rounded as the file holds it
     return Tensor(info.name, info.shape, info.type,
                   lambda: (b.astype(dtype, copy=False) for b in _merged_blocks(fh, job, spec, pool)))

@@ -35,7 +35,7 @@ from lora2gguf.fileio.gguf_read import GGUFFile
 from lora2gguf.llamacpp.ggml import Importance
 from lora2gguf.llamacpp.runtime import LlamaRuntime
 from lora2gguf.llamacpp.tokenizer import ROLES, Tokenizer
-from lora2gguf.parity.floors import FULL_PRECISION, base_alone, exact_merge_quantized, file_type
+from lora2gguf.parity.floors import FULL_PRECISION, base_alone, exact_merge_quantized, file_type, remembered
 from lora2gguf.parity.metrics import (
     CARRIED_RANGE,
     agreement,
@@ -247,8 +247,11 @@ def evaluate(gb, adapters: list[Adapter], merged: Path | None, run_runtime: bool
             raise Lora2GGUFError(f"the text gives only {len(tokens)} tokens; give at least 16 (--text)")
         report["tokens"] = len(tokens)
         prompt_tokens = chat or _text_prompts(tokens)
-        put("base_runtime", rt.logits(tokens))
-        keep("base_runtime", rt)
+        view = remembered("llama.cpp", base_path, tokens, tuple(sorted(rt_args.items())),
+                          lambda: (rt.logits(tokens), rt.routing if moe else None))
+        put("base_runtime", view[0])
+        if moe:
+            routing["base_runtime"] = view[1]
         greedy: dict = {}
         conts = None  # llama.cpp's greedy text: with the runtime LoRA, else from the merged file
         if run_runtime:
@@ -276,7 +279,14 @@ def evaluate(gb, adapters: list[Adapter], merged: Path | None, run_runtime: bool
                                                        into("base_alone_as_merged")))
     # the reference layer by layer over every sequence: one layer's weights in memory at a time
     pairs = [(a.lora, a.scale) for a in adapters]
-    put("base_reference", reference_logits(gb, [], [tokens], into("base_reference"))[0])
+    def base_reference() -> tuple[np.ndarray, dict | None]:
+        got = {} if moe else None
+        return reference_logits(gb, [], [tokens], got)[0], got
+
+    view = remembered("reference", base_path, tokens, (), base_reference)
+    put("base_reference", view[0])
+    if moe:
+        routing["base_reference"] = view[1]
     ref_logits = reference_logits(gb, pairs, [tokens] + [p + c for p, c in zip(prompt_tokens, conts)],
                                   into("reference"))
     put("reference", ref_logits[0])

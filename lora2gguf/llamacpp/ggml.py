@@ -50,6 +50,7 @@ import collections
 import contextlib
 import ctypes
 import functools
+import hashlib
 import os
 import re
 import sys
@@ -89,6 +90,7 @@ class Tensor:
     type: GGMLQuantizationType
     rows: Callable[[], Iterable[np.ndarray]]
     raw: Callable[[], Iterable[np.ndarray]] | None = None
+    origin: tuple | None = None  # (file_identity(fd), name) when rows() is that stored tensor as it is
 
     @property
     def n_rows(self) -> int:
@@ -164,6 +166,40 @@ def requires_imatrix(name: str, new: GGMLQuantizationType, ftype: LlamaFileType)
     if name in TOKEN_EMBD or name == "output.weight":
         return False
     return new in _NEEDS_IMATRIX or (new == GGMLQuantizationType.Q2_K and ftype == LlamaFileType.MOSTLY_Q2_K_S)
+
+
+# -- quantizations reused within a process ------------------------------------------------------------
+
+_REUSE: dict | None = None  # (origin, target type, importance digest) → bytes, while reuse_quantizations is on
+_REUSE_LEFT = [0]
+
+
+@contextlib.contextmanager
+def reuse_quantizations(max_bytes: int = 512 << 20):
+    """Within this block, a tensor read unchanged from a file and quantized again to the same type with the
+    same importance values is not quantized again: its bytes are the ones this process computed the first
+    time (ggml quantizes row by row, so they are the same bytes). For a merge followed by its verify: the
+    floor's base quantized with the merge's importance matrix shares every tensor the adapter leaves alone
+    with the merged file. At most max_bytes are kept; the first write of each tensor fills them."""
+    global _REUSE
+    outer = _REUSE
+    _REUSE, _REUSE_LEFT[0] = ({} if outer is None else outer), (max_bytes if outer is None else _REUSE_LEFT[0])
+    try:
+        yield
+    finally:
+        _REUSE = outer
+
+
+def file_identity(fd: int) -> tuple:
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _reuse_key(t: Tensor, new: GGMLQuantizationType, importance: np.ndarray | None) -> tuple | None:
+    if _REUSE is None or t.origin is None:
+        return None
+    digest = None if importance is None else hashlib.blake2b(np.ascontiguousarray(importance).tobytes()).digest()
+    return t.origin, int(new), digest
 
 
 # -- the C functions ------------------------------------------------------------------------------
@@ -442,8 +478,15 @@ def write_quantized(out: str | os.PathLike, ftype: LlamaFileType, kv: GGUFWriter
                     if importance is None and requires_imatrix(t.name, new, ftype):
                         raise Lora2GGUFError(f"tensor {t.name}: {new.name} needs an importance matrix for it, and "
                                              "the one given has no entry for this tensor")
-                    _quantize(t, new, pool, pending, fh, 2 * n_threads + 1, importance)
-                    _drain(pending, fh, 0)
+                    key = _reuse_key(t, new, importance)
+                    if key in (_REUSE or {}):
+                        _drain(pending, fh, 0)
+                        fh.write(_REUSE[key])
+                    else:
+                        parts: list[Future] | None = [] if key is not None else None
+                        _quantize(t, new, pool, pending, fh, 2 * n_threads + 1, importance, parts)
+                        _drain(pending, fh, 0)
+                        _keep(key, parts)
                 size = t.n_rows * row_bytes(new, t.shape[-1])
                 fh.write(b"\0" * (-size % ALIGN))
                 if progress:
@@ -485,8 +528,17 @@ def _copy(t: Tensor, fh, g) -> None:
         raise AssertionError(f"{t.name}: {got} bytes, expected {want}")
 
 
+def _keep(key: tuple | None, parts: list[Future] | None) -> None:
+    if key is None or _REUSE is None:
+        return
+    size = sum(f.result().nbytes for f in parts)
+    if size <= _REUSE_LEFT[0]:
+        _REUSE[key] = b"".join(memoryview(f.result()) for f in parts)
+        _REUSE_LEFT[0] -= size
+
+
 def _quantize(t: Tensor, new: GGMLQuantizationType, pool, pending: collections.deque, fh, depth: int,
-              importance: np.ndarray | None = None) -> None:
+              importance: np.ndarray | None = None, parts: list[Future] | None = None) -> None:
     """Tasks of whole rows in order; with an importance matrix a task never crosses an expert boundary (each
     expert's ne1 rows take its own slice, as llama-quant.cpp quantizes them)."""
     ne0, got = t.shape[-1], 0
@@ -500,6 +552,8 @@ def _quantize(t: Tensor, new: GGMLQuantizationType, pool, pending: collections.d
             j = min(i + step, len(rows), (e + 1) * per_expert - got) if importance is not None else i + step
             part = None if importance is None else importance[e * ne0:(e + 1) * ne0]
             pending.append(pool.submit(_quantize_task, new, rows[i:j], t.name, part))
+            if parts is not None:
+                parts.append(pending[-1])
             _drain(pending, fh, depth)
             i = j
         got += len(rows)
@@ -558,8 +612,9 @@ def quantize_file(src: str | os.PathLike, dst: str | os.PathLike, ftype: LlamaFi
     dst = Path(dst)
     with GGUFFile(src) as f, open(f.path, "rb") as fh, atomic_output(dst) as tmp:
         fd = fh.fileno()
+        ident = file_identity(fd)
         tensors = [Tensor(i.name, i.shape, i.type, functools.partial(ggml_rows, fd, i),
-                          functools.partial(stored_slabs, fd, i)) for i in f.tensors.values()]
+                          functools.partial(stored_slabs, fd, i), (ident, i.name)) for i in f.tensors.values()]
         write_quantized(tmp, ftype, f.path, tensors, threads, verbose=verbose, imatrix=imatrix)
     return dst
 
@@ -574,9 +629,12 @@ def quantize_f32_copy(src: str | os.PathLike, dst: str | os.PathLike, ftype: Lla
     dst, replace = Path(dst), replace or {}
     with GGUFFile(src) as f, open(f.path, "rb") as fh, atomic_output(dst) as tmp:
         fd = fh.fileno()
-        tensors = []
+        tensors, ident = [], file_identity(fd)
         for i in f.tensors.values():
-            rows = _replaced_rows(replace[i.name]) if i.name in replace else functools.partial(gguf_py_rows, fd, i)
-            tensors.append(Tensor(i.name, i.shape, F32, rows))
+            if i.name in replace:
+                tensors.append(Tensor(i.name, i.shape, F32, _replaced_rows(replace[i.name])))
+            else:
+                tensors.append(Tensor(i.name, i.shape, F32, functools.partial(gguf_py_rows, fd, i),
+                                      origin=(ident, i.name)))
         write_quantized(tmp, ftype, f32_copy_writer(f), tensors, threads, imatrix=imatrix)
     return dst

@@ -42,9 +42,12 @@ class Rope:
     object, not a module: model.to(bfloat16) must not round the frequencies, and it has no weights."""
 
     def __init__(self, n_rot: int, theta: float, linear_factor: float = 1.0, freq_factors: torch.Tensor | None = None):
-        inv_freq = 1.0 / (theta ** (torch.arange(0, n_rot, 2, dtype=torch.float64) / n_rot))
+        # on the CPU whatever the default device (it moves to the positions' device when called): under a
+        # meta-device skeleton, torch's meta arange goes through torch._refs, whose first use imports
+        # torch._dynamo (~1 s of every train, verify and imatrix merge)
+        inv_freq = 1.0 / (theta ** (torch.arange(0, n_rot, 2, dtype=torch.float64, device="cpu") / n_rot))
         if freq_factors is not None:  # llama3-style rope_freqs tensor: llama.cpp divides theta by it
-            inv_freq = inv_freq / freq_factors.double()
+            inv_freq = inv_freq / freq_factors.double().cpu()
         self.inv_freq, self.pos_scale, self.n_rot = inv_freq.float(), 1.0 / linear_factor, n_rot
 
     def __call__(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -240,6 +243,12 @@ class Embedding(nn.Embedding):
 
     def as_linear(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight)
+
+    def reset_parameters(self) -> None:
+        # A skeleton on the meta device, for weights assigned after: torch's meta normal_ goes through
+        # torch._refs, whose first use imports torch._dynamo (as Rope's arange would)
+        if not self.weight.is_meta:
+            super().reset_parameters()
 
 
 class Decoder(nn.Module):

@@ -6,6 +6,7 @@ this process (llamacpp.ggml), measured and removed: no file here is larger than 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from gguf import LlamaFileType
@@ -28,6 +29,26 @@ def file_type(path: Path) -> str:
 
 
 BASE_ALONE: dict[tuple, np.ndarray] = {}  # one process verifying several adapters on one base quantizes it once
+BASE_VIEWS: dict[tuple, tuple] = {}  # the base's own views of the last base and text verified in this process
+REMEMBER_BYTES = 256 << 20  # views larger than this are not kept (verify spills the large ones to disk)
+
+
+def remembered(kind: str, base_path: Path, tokens, args: tuple, compute: Callable[[], tuple[np.ndarray, dict | None]]
+               ) -> tuple[np.ndarray, dict | None]:
+    """compute() → (logits, expert choices or None) of a view of the base alone (`kind`: llama.cpp's, the
+    reference's) over `tokens`, made with `args`; kept for the next verify of the same base and text in this
+    process (the demo verifies two adapters on one base): the same inputs, so the same values."""
+    st = base_path.stat()
+    key = (str(base_path.resolve()), st.st_size, st.st_mtime_ns, tuple(tokens))
+    if (kind, key, args) in BASE_VIEWS:
+        return BASE_VIEWS[kind, key, args]
+    value = compute()
+    for k in [k for k in BASE_VIEWS if k[1] != key]:  # another base or text: the old ones go
+        del BASE_VIEWS[k]
+    if value[0].nbytes <= REMEMBER_BYTES:
+        value[0].flags.writeable = False  # shared by the verifies that follow: nobody may change it
+        BASE_VIEWS[kind, key, args] = value
+    return value
 
 
 def base_alone(base_path: Path, ftype_name: str, tokens, tmp: Path, n_ctx: int,

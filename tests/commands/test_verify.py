@@ -412,3 +412,28 @@ def test_floors_are_llama_quantize_of_the_f32_copy_without_the_copy(arch, kind, 
                                                                        tmp_path / "exact.gguf")
     assert max(biggest) <= (tmp_path / "exact.gguf").stat().st_size
     assert list(work.iterdir()) == [], "each quantized file is removed once measured"
+
+
+def test_second_verify_on_one_base_reuses_the_base_views(tmp_path, monkeypatch):
+    """Two adapters verified on one base in one process (the demo): the base's own views (llama.cpp's and the
+    reference's logits) are computed once, and the second report is the one a fresh process gives."""
+    from lora2gguf.commands import verify as verify_mod
+    from lora2gguf.parity import floors
+
+    loras = [convert(make_peft_adapter(fixture("llama", "hf"), tmp_path / f"a{s}", seed=s, **PLAIN), fixture("llama"),
+                     tmp_path / f"a{s}.gguf") for s in (4, 5)]
+    calls = []
+    real = verify_mod.reference_logits
+    monkeypatch.setattr(verify_mod, "reference_logits",
+                        lambda gb, pairs, seqs, routing=None: calls.append(len(pairs)) or real(gb, pairs, seqs, routing))
+    floors.BASE_VIEWS.clear()
+    verify(fixture("llama"), [(str(loras[0]), 1.0)])
+    assert calls == [0, 1]
+    calls.clear()
+    second = verify(fixture("llama"), [(str(loras[1]), 1.0)])
+    assert calls == [1], "the base's reference pass is not run again"
+    floors.BASE_VIEWS.clear()
+    fresh = verify(fixture("llama"), [(str(loras[1]), 1.0)])
+    assert calls == [1, 0, 1]
+    assert json.dumps(second, sort_keys=True, default=str) == json.dumps(fresh, sort_keys=True, default=str)
+    assert second["pass"] and second["adapter_effect"]["kl_base_to_reference"] > 1e-2

@@ -126,6 +126,61 @@ def test_bytes_do_not_depend_on_threads_or_chunks(wide, tmp_path, monkeypatch):
     assert a == b
 
 
+def _importance(src, seed: int) -> qg.Importance:
+    """A random importance matrix for every block weight of src (what llama-imatrix gives: one positive
+    value per input column)."""
+    rng = np.random.default_rng(seed)
+    with GGUFFile(src) as f:
+        return qg.Importance({n: rng.uniform(0.1, 3.0, t.shape[-1]).astype(np.float32) for n, t in f.tensors.items()
+                              if n.startswith("blk.") and len(t.shape) == 2}, f"random-{seed}.imatrix")
+
+
+def test_reused_quantizations_are_the_same_bytes(wide, tmp_path, monkeypatch):
+    """reuse_quantizations: a merge's untouched tensors quantized again by its verify's floor (the base with the
+    same matrix) are not quantized a second time, and the file is byte for byte what a fresh run writes.
+    Controls: a replaced tensor, and every tensor under another matrix, are quantized anew."""
+    src = wide / "q8_0.gguf"
+    im, other = _importance(src, 0), _importance(src, 1)
+    name = "blk.1.ffn_down.weight"
+    with GGUFFile(src) as f:
+        new = f.tensor(name) * 1.01
+    q4 = LlamaFileType.MOSTLY_Q4_K_M
+    fresh_whole = qg.quantize_f32_copy(src, tmp_path / "a.gguf", q4, imatrix=im).read_bytes()
+    fresh_replaced = qg.quantize_f32_copy(src, tmp_path / "b.gguf", q4, {name: new}, imatrix=im).read_bytes()
+    fresh_other = qg.quantize_f32_copy(src, tmp_path / "c.gguf", q4, imatrix=other).read_bytes()
+    assert fresh_whole != fresh_replaced and fresh_whole != fresh_other
+
+    calls = []
+    task = qg._quantize_task
+    monkeypatch.setattr(qg, "_quantize_task", lambda q, rows, tname, imp=None: calls.append(tname) or task(q, rows, tname, imp))
+    with qg.reuse_quantizations():
+        assert qg.quantize_f32_copy(src, tmp_path / "b2.gguf", q4, {name: new}, imatrix=im).read_bytes() == fresh_replaced
+        first = set(calls)
+        calls.clear()
+        assert qg.quantize_f32_copy(src, tmp_path / "a2.gguf", q4, imatrix=im).read_bytes() == fresh_whole
+        assert set(calls) == {name}, "only the tensor that differs is quantized again"
+        calls.clear()
+        assert qg.quantize_f32_copy(src, tmp_path / "c2.gguf", q4, imatrix=other).read_bytes() == fresh_other
+        assert set(calls) == {n for n in first if n in other.values}, "another matrix: every tensor it weighs anew"
+        assert first - set(other.values) == {"output.weight", "token_embd.weight"}  # no entry: the same work
+    calls.clear()
+    assert qg.quantize_f32_copy(src, tmp_path / "a3.gguf", q4, imatrix=im).read_bytes() == fresh_whole
+    assert set(calls) == first, "outside the block nothing is reused"
+
+
+def test_reuse_keeps_at_most_its_budget(wide, tmp_path, monkeypatch):
+    src = wide / "q8_0.gguf"
+    calls = []
+    task = qg._quantize_task
+    monkeypatch.setattr(qg, "_quantize_task", lambda q, rows, tname, imp=None: calls.append(tname) or task(q, rows, tname, imp))
+    with qg.reuse_quantizations(max_bytes=0):
+        qg.quantize_file(src, tmp_path / "a.gguf", LlamaFileType.MOSTLY_Q4_K_M)
+        n = len(calls)
+        qg.quantize_file(src, tmp_path / "b.gguf", LlamaFileType.MOSTLY_Q4_K_M)
+    assert n > 0 and len(calls) == 2 * n
+    assert (tmp_path / "a.gguf").read_bytes() == (tmp_path / "b.gguf").read_bytes()
+
+
 def test_types_come_from_llama_cpp(monkeypatch, tmp_path):
     """The types are llama.cpp's dry run's: what it says is what is written (so a stale copy of its rules
     could not hide here)."""
