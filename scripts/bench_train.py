@@ -8,6 +8,7 @@ the warmup steps); PEFT's is the loop a user writes (`model(input_ids, labels=..
 its own subprocess. `--base-weights quantized` adds a third side: the frozen base kept as Q4_1 blocks.
 
     .venv/bin/python scripts/bench_train.py [--seq-len 128,256,1024 --batch 4 --rank 16 --steps 8 --warmup 3]
+        [--base gemma3] [--base-weights] [--no-peft]
 """
 
 from __future__ import annotations
@@ -95,12 +96,15 @@ def prepare(a, work: Path) -> None:
 
     from lora2gguf.llamacpp.tokenizer import Tokenizer
     from lora2gguf.training.data import load_dataset
-    from lora2gguf.weights.real_models import smollm2_f32_gguf, smollm2_gguf
+    from lora2gguf.weights.real_models import gemma3_f32_gguf, gemma3_gguf, smollm2_f32_gguf, smollm2_gguf
     from peft_helpers import hf_dir_from_base
 
-    f32 = str(smollm2_f32_gguf())  # the Q4_1 file's weights, dequantized: transformers reads them from here
-    a.gguf = str(smollm2_gguf())
-    a.hf = str(hf_dir_from_base(f32, Path(f32).parent / "SmolLM2-135M-Instruct-hf"))
+    # the quantized file's weights, dequantized: transformers reads them from there
+    gguf, f32, hf = ((smollm2_gguf, smollm2_f32_gguf, "SmolLM2-135M-Instruct-hf") if a.base == "smollm2" else
+                     (gemma3_gguf, gemma3_f32_gguf, "gemma-3-270m-hf"))
+    f32 = str(f32())
+    a.gguf = str(gguf())
+    a.hf = str(hf_dir_from_base(f32, Path(f32).parent / hf))
     words = "the a of and to in is it that was for on with as at by cat dog sat mat sun moon tree fish".split()
     rng = random.Random(0)
     a.data = str(work / "data.jsonl")
@@ -119,7 +123,7 @@ def prepare(a, work: Path) -> None:
 
 def child(side: str, a) -> dict:
     argv = [sys.executable, __file__, "--side", side] + [f"--{k.replace('_', '-')}={v}" for k, v in vars(a).items()
-                                                        if k not in ("side", "rounds", "base_weights") and v is not None]
+                                                        if k not in ("side", "rounds", "base_weights", "no_peft") and v is not None]
     r = subprocess.run(argv, capture_output=True, text=True)
     if r.returncode != 0:
         raise SystemExit(f"{side} failed:\n{r.stderr[-3000:]}")
@@ -137,6 +141,9 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2, help="alternate the sides this many times; best of each")
     p.add_argument("--base-weights", action="store_true", help="also time --base-weights quantized")
     p.add_argument("--side", choices=["ours", "ours-quantized", "peft"])
+    p.add_argument("--base", choices=["smollm2", "gemma3"], default="smollm2",
+                   help="SmolLM2-135M-Instruct (Q4_1) or Gemma 3 270M (Q4_K_M)")
+    p.add_argument("--no-peft", action="store_true", help="only lora2gguf (with --base-weights: the two paths)")
     for k in ("gguf", "hf", "data", "ids"):
         p.add_argument(f"--{k}")
     a = p.parse_args()
@@ -149,8 +156,9 @@ def main() -> None:
         return
     import torch
 
-    sides = ["ours", "peft"] + (["ours-quantized"] if a.base_weights else [])
-    print(f"SmolLM2-135M-Instruct (Q4_1 GGUF; PEFT on its dequantized weights), fp32 CPU "
+    sides = ["ours"] + ([] if a.no_peft else ["peft"]) + (["ours-quantized"] if a.base_weights else [])
+    name = "SmolLM2-135M-Instruct (Q4_1" if a.base == "smollm2" else "Gemma 3 270M (Q4_K_M"
+    print(f"{name} GGUF; PEFT on its dequantized weights), fp32 CPU "
           f"({torch.get_num_threads()} threads), batch {a.batch}, rank {a.rank}, all-linear, dropout {a.dropout}, "
           f"median step of {a.steps} after {a.warmup}, best of {a.rounds} rounds\n")
     print("| seq len | lora2gguf train (tok/s) | transformers + PEFT (tok/s) | ratio |"
@@ -169,12 +177,14 @@ def main() -> None:
                     print(seq_len, side, results[side][-1], file=sys.stderr)
         loads = [x for rs in results.values() for r in rs for x in r.pop("load")]
         best = {s: {k: (min if k == "peak_rss_mb" else max)(r[k] for r in rs) for k in rs[0]} for s, rs in results.items()}
-        o, q = best["ours"], best["peft"]
-        row = f"| {seq_len} | {o['tokens_per_s']:.0f} | {q['tokens_per_s']:.0f} | {o['tokens_per_s'] / q['tokens_per_s']:.2f}x |"
+        o, q = best["ours"], best.get("peft")
+        row = (f"| {seq_len} | {o['tokens_per_s']:.0f} | " + ("– | – |" if q is None else
+               f"{q['tokens_per_s']:.0f} | {o['tokens_per_s'] / q['tokens_per_s']:.2f}x |"))
         if a.base_weights:
             z = best["ours-quantized"]
             row += f" {z['tokens_per_s']:.0f} | {z['tokens_per_s'] / o['tokens_per_s']:.2f}x |"
-        print(row + f" {o['peak_rss_mb']:.0f} / {q['peak_rss_mb']:.0f} | {min(loads):.1f}-{max(loads):.1f} |", flush=True)
+        peft_rss = "–" if q is None else f"{q['peak_rss_mb']:.0f}"
+        print(row + f" {o['peak_rss_mb']:.0f} / {peft_rss} | {min(loads):.1f}-{max(loads):.1f} |", flush=True)
 
 
 if __name__ == "__main__":

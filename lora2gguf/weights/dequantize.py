@@ -27,6 +27,7 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from lora2gguf.errors import Lora2GGUFError
+from lora2gguf.fileio.ggml_dequantize import to_float
 
 Q = GGMLQuantizationType
 # Values dequantized per step: on CPU a float32 chunk small enough to stay in cache (L2/L3) across passes,
@@ -218,11 +219,14 @@ def _as(raw: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return raw.clone(memory_format=torch.contiguous_format).view(dtype)
 
 
-def dequantize(raw: torch.Tensor, qtype, n_cols: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def dequantize(raw: torch.Tensor, qtype, n_cols: int, dtype: torch.dtype = torch.float32,
+               out: torch.Tensor | None = None) -> torch.Tensor:
     """Rows of GGUF blocks → values. `raw` is uint8 (..., row_bytes), row_bytes = n_cols // block_size *
     type_size; the result is (..., n_cols) in `dtype`, computed in float32 (bit-identical to gguf-py's
     dequantize) then cast. `raw` is only read (it may be a read-only mmap); the result never shares its
-    memory."""
+    memory. `out`: a contiguous buffer of as many `dtype` values to write into (reused by the caller).
+    Quant blocks into float32 on the CPU are converted by ggml itself (fileio.ggml_dequantize, the same
+    bits), on torch's threads: faster than the ops below, most of all into a reused buffer."""
     try:
         qtype = GGMLQuantizationType(qtype)
     except ValueError:
@@ -242,16 +246,25 @@ def dequantize(raw: torch.Tensor, qtype, n_cols: int, dtype: torch.dtype = torch
     if not dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating-point type, got {dtype}")
     lead = raw.shape[:-1]
+    n_blocks = math.prod(lead) * (n_cols // block)
+    if out is not None and (out.dtype != dtype or out.numel() != n_blocks * block or not out.is_contiguous()
+                            or out.device != raw.device):
+        raise ValueError(f"out must be {n_blocks * block} contiguous {dtype} values on {raw.device}")
 
     if qtype in _FLOATS:
         x = _as(raw, _FLOATS[qtype])
+        if out is not None:
+            return out.view(*lead, n_cols).copy_(x)
         if x.dtype == dtype:
             return x.clone(memory_format=torch.contiguous_format)  # never alias raw: it may be read-only
         return x.to(dtype)  # f16/bf16 → f32 is exact; torch's f16 ↔ bf16 casts round via f32, as f32 then cast
 
-    n_blocks = math.prod(lead) * (n_cols // block)
+    out = torch.empty((n_blocks, block), dtype=dtype, device=raw.device) if out is None else out.view(n_blocks, block)
+    if raw.device.type == "cpu" and dtype == torch.float32 and n_blocks:
+        done = to_float(raw.reshape(-1).numpy(), qtype, out.view(-1).numpy(), threads=torch.get_num_threads())
+        if done is not None:
+            return out.view(*lead, n_cols)
     blocks = raw.reshape(n_blocks, type_size)  # a view wherever raw's strides allow
-    out = torch.empty((n_blocks, block), dtype=dtype, device=raw.device)
     # In chunks of blocks: on CPU the float32 chunk stays in cache through its 2-3 passes (convert, scale,
     # offset); for another dtype the float32 values live only in one reused chunk-sized scratch buffer.
     step = max(1, (CPU_CHUNK if raw.device.type == "cpu" else DEVICE_CHUNK) // block)

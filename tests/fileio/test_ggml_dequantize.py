@@ -107,3 +107,14 @@ def test_one_copy_of_ggml_in_the_process(order):
     """The handle is the library libllama links (one set of ggml's global state), whichever loads first."""
     out = subprocess.run([sys.executable, "-c", MAPPED, order], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "1", out
+
+
+@pytest.mark.parametrize("threads", [2, 3, 7])
+def test_threads_and_out_give_the_same_values(threads):
+    raw = llama_cpp_blocks(Q.Q4_K, rows=13)
+    want = ggml_dequantize.to_float(raw, Q.Q4_K)
+    out = np.full(want.size, np.nan, np.float32)
+    got = ggml_dequantize.to_float(raw, Q.Q4_K, out, threads=threads)
+    assert got.ctypes.data == out.ctypes.data and np.array_equal(got.view(np.uint32), want.view(np.uint32))
+    with pytest.raises(ValueError, match="out must be"):
+        ggml_dequantize.to_float(raw, Q.Q4_K, np.empty(3, np.float32))

@@ -352,3 +352,23 @@ def test_integer_type_id_and_empty_input():
     assert torch.equal(dequantize(raw, int(Q.Q6_K), 256), dequantize(raw, Q.Q6_K, 256))
     empty = dequantize(torch.zeros((0, 4, 210), dtype=torch.uint8), Q.Q6_K, 256)
     assert empty.shape == (0, 4, 256) and empty.dtype == torch.float32
+
+
+@pytest.mark.parametrize("qtype", BLOCK_TYPES, ids=lambda t: t.name)
+def test_into_a_reused_buffer_and_without_ggml(qtype, monkeypatch):
+    """`out=`: the values land in the caller's buffer (the same bits); the torch ops ggml's conversion stands
+    in for on the CPU give the same bits too (fileio.ggml_dequantize unavailable)."""
+    import lora2gguf.weights.dequantize as dq
+
+    rng = np.random.default_rng(7)
+    raw = torch.from_numpy(random_rows(qtype, (37,), n_cols_for(qtype, 3), rng))
+    n_cols = n_cols_for(qtype, 3)
+    want = reference(raw.numpy(), qtype)
+    buf = torch.full((37 * n_cols,), float("nan"))
+    got = dequantize(raw, qtype, n_cols, out=buf)
+    assert got.data_ptr() == buf.data_ptr()
+    assert_bits_equal(got, want, "into out")
+    monkeypatch.setattr(dq, "to_float", lambda *a, **k: None)
+    assert_bits_equal(dequantize(raw, qtype, n_cols), want, "torch ops")
+    with pytest.raises(ValueError, match="out must be"):
+        dequantize(raw, qtype, n_cols, out=torch.empty(5))
