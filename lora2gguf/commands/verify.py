@@ -233,6 +233,8 @@ def evaluate(gb, adapters: list[Adapter], merged: Path | None, run_runtime: bool
 
     def put(view: str, values: np.ndarray) -> None:  # a long text over a big vocabulary goes to disk
         logits[view] = spill(values, tmp / f"{view}.logits")
+        if isinstance(logits[view], np.ndarray):  # read-only: the metrics then sum its exponentials once
+            logits[view].flags.writeable = False
 
     chat = _chat_prompts(gb, prompts, chat_template) if prompts else None
     # the context holds the text, or the prompts with their greedy continuations decoded side by side

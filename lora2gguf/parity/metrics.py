@@ -4,6 +4,8 @@ that reads row slices (parity.spill.SpilledLogits): every metric here reads them
 
 from __future__ import annotations
 
+import weakref
+
 import numpy as np
 
 
@@ -27,11 +29,46 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return x
 
 
+_NORMALIZERS: dict[int, tuple[weakref.ref, np.ndarray, np.ndarray]] = {}
+
+
+def _normalizers(logits) -> tuple[np.ndarray, np.ndarray]:
+    """(max, log Σ exp(x − max)) of every row, float64 (rows, 1): log_softmax is (x − max) − the second, as
+    log_softmax() computes it. Kept while a read-only view lives (verify's views never change once made):
+    its exponentials are then summed once however many metrics read it (a Gemma 3 verify reads each
+    700 × 262k view three to four times)."""
+    key = id(logits)
+    kept = _NORMALIZERS.get(key)
+    if kept is not None and kept[0]() is logits:
+        return kept[1], kept[2]
+    m, lse = np.empty((len(logits), 1)), np.empty((len(logits), 1))
+    for sl in _blocks(logits):
+        x = logits[sl].astype(np.float64)
+        m[sl] = x.max(-1, keepdims=True)
+        x -= m[sl]
+        lse[sl] = np.log(np.exp(x).sum(-1, keepdims=True))
+    if getattr(getattr(logits, "flags", None), "writeable", False) is False:  # a read-only array or a spilled view
+        try:
+            _NORMALIZERS[key] = (weakref.ref(logits, lambda _, key=key: _NORMALIZERS.pop(key, None)), m, lse)
+        except TypeError:  # not weakly referenceable: computed again next time
+            pass
+    return m, lse
+
+
+def _log_softmax_rows(logits, sl: slice, norm: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    """log_softmax(logits[sl]) from the rows' normalizers (the same operations, so the same bits)."""
+    x = logits[sl].astype(np.float64)
+    x -= norm[0][sl]
+    x -= norm[1][sl]
+    return x
+
+
 def kl_per_position(p_logits: np.ndarray, q_logits: np.ndarray) -> np.ndarray:
     """KL(P ‖ Q) at each position, in nats, computed in float64."""
     out = np.empty(len(p_logits))
+    np_, nq = _normalizers(p_logits), _normalizers(q_logits)
     for sl in _blocks(p_logits):
-        lp, lq = log_softmax(p_logits[sl]), log_softmax(q_logits[sl])
+        lp, lq = _log_softmax_rows(p_logits, sl, np_), _log_softmax_rows(q_logits, sl, nq)
         lq -= lp
         lq *= -1.0
         out[sl] = np.einsum("ij,ij->i", np.exp(lp), lq)
@@ -93,11 +130,13 @@ def routed_compare(p_logits: np.ndarray, q_logits: np.ndarray, p_routing: dict[i
 
 def perplexity(logits: np.ndarray, tokens: np.ndarray) -> float:
     """Perplexity of tokens[1:] under logits[:-1]."""
-    targets, nll = np.asarray(tokens[1:]), []
-    for sl in _blocks(logits):
-        lp = log_softmax(logits[sl][: len(targets) - sl.start])
-        nll.append(-lp[np.arange(len(lp)), targets[sl.start: sl.start + len(lp)]])
-    return float(np.exp(np.concatenate(nll).mean()))
+    targets = np.asarray(tokens[1:])
+    m, lse = _normalizers(logits)
+    n = min(len(targets), len(logits))
+    rows = np.arange(n)
+    picked = np.array([logits[i][targets[i]] for i in rows], np.float64)  # a row read at a time (spilled views)
+    lp = (picked - m[:n, 0]) - lse[:n, 0]  # log_softmax's own operations at the targets
+    return float(np.exp((-lp).mean()))
 
 
 def teacher_forced(logits_of, prompts: list[list[int]], conts: list[list[int]], logits=None) -> list[list[int]]:
@@ -139,12 +178,13 @@ def carried_fraction(base_ref: np.ndarray, ref: np.ndarray, base_alone: np.ndarr
     over every direction and averages out along the adapter's, over positions and vocabulary; the
     standard error (jackknife over blocks of positions) says when it did not."""
     nums, dens = [], []
+    nr, nb, nm, na = (_normalizers(v) for v in (ref, base_ref, merged, base_alone))
     for i in range(0, len(ref), 16):  # (16, vocab) float64 at a time; one block of the jackknife
         sl = slice(i, i + 16)
-        lr = log_softmax(ref[sl])
+        lr = _log_softmax_rows(ref, sl, nr)
         p = np.exp(lr)
-        da = lr - log_softmax(base_ref[sl])
-        dm = log_softmax(merged[sl]) - log_softmax(base_alone[sl])
+        da = lr - _log_softmax_rows(base_ref, sl, nb)
+        dm = _log_softmax_rows(merged, sl, nm) - _log_softmax_rows(base_alone, sl, na)
         da -= (p * da).sum(-1, keepdims=True)
         dm -= (p * dm).sum(-1, keepdims=True)
         nums.append(float((p * da * dm).sum()))
