@@ -11,6 +11,7 @@ On Linux, most of our time for a float32 result can be the page faults of the fr
 environment (read by torch at start-up) to see the dequantization itself. The header line says which.
 
     python scripts/bench_dequantize.py [--runs 5] [--types Q4_K,Q6_K] [--dtype bfloat16] [--threads N]
+    python scripts/bench_dequantize.py --gguf FILE.gguf ...   # real files, per type: decode vs gguf-py
 """
 
 from __future__ import annotations
@@ -62,7 +63,11 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                     help="our output dtype (gguf-py is always float32)")
     ap.add_argument("--threads", type=int, help="torch threads (default: torch's own)")
+    ap.add_argument("--gguf", nargs="+", help="instead: every quantized tensor of these files, per type, decoded as "
+                    "the commands decode a base (fileio.gguf_read.decode: ggml's to_float) vs gguf-py")
     args = ap.parse_args()
+    if args.gguf:
+        return files(args.gguf)
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
@@ -92,6 +97,38 @@ def main() -> None:
         name = qtype.name + (" (gguf-py returns a view, ours a copy)" if qtype == Q.F32 else "")
         print(f"| {name} | {rows}×{cols} | {ms_ours:.1f} | {ms_reused:.1f} | {ms_ref:.1f} | {gb / ms_ours * 1e3:.2f} | "
               f"{rows * cols * 4 / 1e9 / ms_ref * 1e3:.2f} | {ms_ref / ms_ours:.1f}× |", flush=True)
+
+
+def files(paths: list[str]) -> None:
+    """Per file and type: seconds to decode all its tensors (each timed once, after one untimed pass that
+    brings the file into the page cache), ours (decode, ggml's to_float) vs gguf-py, bit-identity checked."""
+    from lora2gguf.fileio.gguf_read import GGUFFile, decode
+
+    print("| file | type | tensors | values (M) | decode (ggml) s | gguf-py s | speed-up |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for path in paths:
+        per: dict[str, list] = {}
+        with GGUFFile(path) as f:
+            for t in f.tensors.values():
+                if t.type in (Q.F32, Q.F16):
+                    continue
+                raw = f.raw(t.name)
+                raw.sum()  # page cache
+                t0 = time.perf_counter()
+                ours = decode(raw, t.type, t.shape)
+                t1 = time.perf_counter()
+                ref = gguf_dequantize(raw.reshape(1, -1), t.type).reshape(t.shape)
+                t2 = time.perf_counter()
+                if not np.array_equal(ours.view(np.int32), np.ascontiguousarray(ref, np.float32).view(np.int32)):
+                    sys.exit(f"{path} {t.name}: not bit-identical to gguf-py")
+                row = per.setdefault(t.type.name, [0, 0, 0.0, 0.0])
+                row[0] += 1
+                row[1] += t.n_elements
+                row[2] += t1 - t0
+                row[3] += t2 - t1
+        for name, (n, values, ours_s, ref_s) in per.items():
+            print(f"| {Path(path).name} | {name} | {n} | {values / 1e6:.0f} | {ours_s:.3f} | {ref_s:.2f} | "
+                  f"{ref_s / ours_s:.0f}× |", flush=True)
 
 
 if __name__ == "__main__":
