@@ -58,7 +58,7 @@ from lora2gguf.adapters.rules import check_not_activated
 from lora2gguf.errors import Lora2GGUFError
 from lora2gguf.fileio.atomic import atomic_output, check_output, part_prefix
 from lora2gguf.fileio.gguf_read import TensorInfo, decode, pread
-from lora2gguf.fileio.gguf_write import PlannedTensor, copy_fields, encode, nbytes_of, write_streaming
+from lora2gguf.fileio.gguf_write import MetadataWriter, PlannedTensor, copy_fields, encode, nbytes_of, write_streaming
 from lora2gguf.fileio.imatrix import write_imatrix
 from lora2gguf.llamacpp.ggml import Importance, Tensor, file_identity, ggml_rows, stored_slabs, write_quantized
 from lora2gguf.llamacpp.quantize import OutputType, llama_quantize, output_type, takes_file_type
@@ -319,7 +319,7 @@ def _tensor_data(fh, job: Job, spec, pool: RowPool) -> np.ndarray:
 def _writer(base: GGUFBase, ftype: LlamaFileType, record: dict) -> GGUFWriter:
     """A GGUFWriter carrying the output's metadata: the base's, this file type, the adapters on record."""
     f = base.file
-    w = GGUFWriter(None, base.spec.arch)
+    w = MetadataWriter(None, base.spec.arch)
     copy_fields(f, w, skip=lambda k: k == "general.file_type" or k.startswith("lora2gguf.merge."))
     w.add_file_type(int(ftype))
     for key, values in record.items():  # earlier merges of this base stay on record, first

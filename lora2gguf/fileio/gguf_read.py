@@ -56,6 +56,12 @@ class StringArray:
     def __iter__(self) -> Iterator[str]:
         return (self[i] for i in range(len(self)))
 
+    def encoded(self) -> bytes:
+        """The strings as the file stores them (each a u64 length, then its bytes, one after the other)."""
+        if not len(self):
+            return b""
+        return bytes(self._buf[int(self._offsets[0]) - 8:int(self._offsets[-1] + self._lengths[-1])])
+
 
 @dataclass(frozen=True)
 class Field:

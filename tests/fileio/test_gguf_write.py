@@ -77,3 +77,39 @@ def test_stale_parts_of_dead_writers_are_removed(tmp_path):
     assert not stale.exists() and not stale_mid.exists() and not stale_dir.exists()
     assert live.exists() and other.exists()
     assert remove_stale_parts(out) == []
+
+
+def _kv_bytes(writer, path) -> bytes:
+    writer.write_header_to_file(path)
+    writer.write_kv_data_to_file()
+    writer.close()
+    return path.read_bytes()
+
+
+def test_metadata_writer_packs_arrays_as_gguf_py_does(tmp_path):
+    """MetadataWriter's at-once packing of the arrays it copies (strings as stored, numbers by numpy) gives
+    gguf-py's bytes: every key type, empty and non-ASCII strings, a nested array, and the fixtures' vocabularies."""
+    import numpy as np
+    from gguf import GGUFValueType as V
+    from gguf import GGUFWriter
+
+    from lora2gguf.fileio.gguf_read import GGUFFile
+    from lora2gguf.fileio.gguf_write import MetadataWriter, copy_fields
+
+    src = GGUFWriter(str(tmp_path / "src.gguf"), "llama")
+    src.add_array("t.strings", ["", "a", "ü€𝄞", "<0x80>", "x" * 300])
+    for vt, dt in ((V.UINT8, np.uint8), (V.INT8, np.int8), (V.UINT16, np.uint16), (V.INT16, np.int16),
+                   (V.UINT32, np.uint32), (V.INT32, np.int32), (V.FLOAT32, np.float32), (V.UINT64, np.uint64),
+                   (V.INT64, np.int64), (V.FLOAT64, np.float64), (V.BOOL, np.bool_)):
+        vals = np.arange(-3, 4).astype(dt) if vt != V.BOOL else np.array([True, False, True])
+        src.add_key_value(f"t.{vt.name}", vals.tolist(), V.ARRAY, sub_type=vt)
+    src.add_key_value("t.nested", [[1, 2], [3]], V.ARRAY, sub_type=V.ARRAY)
+    src.add_string("t.s", "plain")
+    _kv_bytes(src, tmp_path / "src.gguf")
+    for path in [tmp_path / "src.gguf", fixture("llama"), fixture("gemma3")]:
+        with GGUFFile(path) as f:
+            arch = f.get("general.architecture")
+            plain, fast = GGUFWriter(None, arch), MetadataWriter(None, arch)
+            copy_fields(f, plain)
+            copy_fields(f, fast)
+            assert _kv_bytes(fast, tmp_path / "fast.gguf") == _kv_bytes(plain, tmp_path / "plain.gguf"), path
