@@ -185,10 +185,11 @@ def carried_fraction(base_ref: np.ndarray, ref: np.ndarray, base_alone: np.ndarr
         p = np.exp(lr)
         da = lr - _log_softmax_rows(base_ref, sl, nb)
         dm = _log_softmax_rows(merged, sl, nm) - _log_softmax_rows(base_alone, sl, na)
-        da -= (p * da).sum(-1, keepdims=True)
-        dm -= (p * dm).sum(-1, keepdims=True)
-        nums.append(float((p * da * dm).sum()))
-        dens.append(float((p * da * da).sum()))
+        da -= np.einsum("ij,ij->i", p, da)[:, None]  # centred: E_p[da] = 0
+        dm -= np.einsum("ij,ij->i", p, dm)[:, None]
+        p *= da  # p·da: the one product both sums share (no (16, vocab) temporaries beyond it)
+        nums.append(float(np.einsum("ij,ij->", p, dm)))
+        dens.append(float(np.einsum("ij,ij->", p, da)))
     num, den = np.array(nums), np.array(dens)
     if den.sum() <= 0:
         return float("nan"), float("nan")
