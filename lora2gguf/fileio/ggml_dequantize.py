@@ -1,12 +1,12 @@
 """Quant blocks → float32 with ggml's own conversion (the `to_float` of a type's traits in libggml-base, the
 library llama-cpp-python ships), for every reader of GGUF tensor data.
 
-Why not gguf-py's `gguf.quants.dequantize` alone: it is numpy over every block, 5× (Q4_1) to 75× (Q8_0)
-slower than ggml's C loop here (SmolLM2's Q8_0 embedding 2.1 s vs 0.03 s, Gemma 3's 10.9 s vs 0.19 s;
-`scripts/bench_dequantize.py`), and a base is dequantized on every train, verify and merge. The values are
-the same bits: tests/fileio/test_ggml_dequantize.py checks both on every quantized type of the fixtures and
-the real models; gguf-py stays the fallback for a type ggml has no conversion for, and when the library
-cannot be found.
+Why not gguf-py's `gguf.quants.dequantize` alone: it is numpy over every block, 3× (Q6_K) to 100× (Q8_0)
+slower than ggml's C loop here (SmolLM2's Q8_0 embedding 2.73 s vs 0.026 s, Gemma 3's 11.4 s vs 0.16 s;
+`scripts/bench_dequantize.py --gguf`), and a base is dequantized on every train, verify and merge. The values
+are the same bits: tests/fileio/test_ggml_dequantize.py checks llama.cpp's quantizations of every type both
+read and the fixtures, tests/weights/test_dequantize.py the real models (slow); gguf-py stays the fallback
+for a type ggml has no conversion for, and when the library cannot be found.
 
 The library is found where llama-cpp-python loads it (its package's lib/, or LLAMA_CPP_LIB_PATH) without
 importing llama_cpp (~0.1 s that convert and inspect do not need), and loaded on the first quantized tensor,

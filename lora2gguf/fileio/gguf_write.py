@@ -19,7 +19,8 @@ from lora2gguf.fileio.gguf_read import _NUMPY, GGUFFile, StringArray, row_bytes
 class MetadataWriter(GGUFWriter):
     """GGUFWriter that packs an array read by fileio.gguf_read (a StringArray, a numeric numpy array) at once:
     the strings' bytes as the source file stores them, numbers by numpy. gguf-py packs each element with a
-    Python call: 1.3 s for the three 262k-entry token arrays of Gemma 3, on every merge and verify floor.
+    Python call: 0.61 s for the three 262k-entry token arrays of Gemma 3 (0.017 s here), on every merge and
+    verify floor that copies them.
     The bytes are gguf-py's (tests/fileio/test_gguf_write.py)."""
 
     def _pack_val(self, val, vtype: GGUFValueType, add_vtype: bool, sub_type: GGUFValueType | None = None) -> bytes:

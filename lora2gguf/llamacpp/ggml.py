@@ -585,9 +585,10 @@ def ggml_rows(fd: int, info, slab: int = SLAB_BYTES) -> Iterator[np.ndarray]:
         yield dequantize_rows(raw, info.type, info.shape[-1])
 
 
-def gguf_py_rows(fd: int, info, slab: int = SLAB_BYTES) -> Iterator[np.ndarray]:
-    """A stored tensor as float32 rows, dequantized by gguf-py (what GGUFFile.tensor and so dequantize_file
-    give, row block by row block)."""
+def decoded_rows(fd: int, info, slab: int = SLAB_BYTES) -> Iterator[np.ndarray]:
+    """A stored tensor as float32 rows as fileio.gguf_read.decode gives them (gguf-py's values: what
+    GGUFFile.tensor and so dequantize_file give), row block by row block. ggml_rows differs for F16 only
+    (F16C quiets a signaling NaN, numpy keeps it)."""
     for raw in stored_slabs(fd, info, _float_slab(info, slab)):
         yield decode(raw, info.type, (-1, info.shape[-1]), f"tensor {info.name}")
 
@@ -634,7 +635,7 @@ def quantize_f32_copy(src: str | os.PathLike, dst: str | os.PathLike, ftype: Lla
             if i.name in replace:
                 tensors.append(Tensor(i.name, i.shape, F32, _replaced_rows(replace[i.name])))
             else:
-                tensors.append(Tensor(i.name, i.shape, F32, functools.partial(gguf_py_rows, fd, i),
+                tensors.append(Tensor(i.name, i.shape, F32, functools.partial(decoded_rows, fd, i),
                                       origin=(ident, i.name)))
         write_quantized(tmp, ftype, f32_copy_writer(f), tensors, threads, imatrix=imatrix)
     return dst

@@ -2,7 +2,9 @@
 
 For training against the quantized base llama.cpp serves (issue 17): the frozen weights stay in their GGUF
 encoding, memory-mapped, and a layer dequantizes rows of them in every forward and backward, on CPU or CUDA.
-So the code is plain torch (the same ops run on either device) and vectorized over all blocks at once.
+So the code is plain torch (the same ops run on either device) and vectorized over all blocks at once. On
+the CPU, quant blocks into float32 go to ggml's own conversion instead (fileio.ggml_dequantize: the same bits,
+faster, on torch's threads); the torch ops below serve CUDA, other dtypes, and a missing library.
 
 Each type mirrors `dequantize_blocks` in gguf/quants.py (gguf-py 0.19.0) operation by operation: f16 scales
 widened to f32, then the same products and sums in the same order, each a separate torch op (mul_ then
