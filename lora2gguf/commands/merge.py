@@ -57,10 +57,10 @@ from lora2gguf.adapters.lora import ModuleLoRA, PeftAdapter, merged_bias, merged
 from lora2gguf.adapters.rules import check_not_activated
 from lora2gguf.errors import Lora2GGUFError
 from lora2gguf.fileio.atomic import atomic_output, check_output, part_prefix
-from lora2gguf.fileio.gguf_read import TensorInfo, decode, pread
+from lora2gguf.fileio.gguf_read import TensorInfo, decode, file_identity, pread
 from lora2gguf.fileio.gguf_write import MetadataWriter, PlannedTensor, copy_fields, encode, nbytes_of, write_streaming
 from lora2gguf.fileio.imatrix import write_imatrix
-from lora2gguf.llamacpp.ggml import Importance, Tensor, file_identity, ggml_rows, stored_slabs, write_quantized
+from lora2gguf.llamacpp.ggml import Importance, Tensor, ggml_rows, stored_slabs, write_quantized
 from lora2gguf.llamacpp.quantize import OutputType, llama_quantize, output_type, takes_file_type
 from lora2gguf.llamacpp.tokenizer import Tokenizer
 from lora2gguf.training.runlog import read_train_data

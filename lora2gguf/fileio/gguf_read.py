@@ -324,6 +324,13 @@ def decode(raw: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, ...],
     return out.astype(np.float32, copy=False).reshape(shape)
 
 
+def file_identity(file: int | str | os.PathLike) -> tuple:
+    """What says two reads saw the same file contents (an open fd or a path): device, inode, size, mtime.
+    Keys the work reused within a process (quantized tensors, verify's views of a base)."""
+    st = os.fstat(file) if isinstance(file, int) else os.stat(file)
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
 def pread(fd: int, offset: int, n: int, what: str = "tensor data") -> np.ndarray:
     """n bytes from `offset` of an open file, read into fresh memory (freed after use, unlike the pages of a
     memory map, which stay resident)."""

@@ -67,7 +67,7 @@ from gguf import GGML_QUANT_SIZES, GGML_QUANT_VERSION, GGMLQuantizationType, GGU
 from lora2gguf.errors import Lora2GGUFError
 from lora2gguf.fileio.atomic import atomic_output
 from lora2gguf.fileio.ggml_dequantize import ggml_base, to_float
-from lora2gguf.fileio.gguf_read import GGUFFile, decode, pread, row_bytes
+from lora2gguf.fileio.gguf_read import GGUFFile, decode, file_identity, pread, row_bytes
 from lora2gguf.fileio.gguf_write import PlannedTensor, f32_copy_writer, nbytes_of, write_streaming
 from lora2gguf.fileio.imatrix import Imatrix, read_imatrix
 
@@ -90,7 +90,7 @@ class Tensor:
     type: GGMLQuantizationType
     rows: Callable[[], Iterable[np.ndarray]]
     raw: Callable[[], Iterable[np.ndarray]] | None = None
-    origin: tuple | None = None  # (file_identity(fd), name) when rows() is that stored tensor as it is
+    origin: tuple | None = None  # (fileio file_identity, name) when rows() is that stored tensor as it is
 
     @property
     def n_rows(self) -> int:
@@ -170,8 +170,13 @@ def requires_imatrix(name: str, new: GGMLQuantizationType, ftype: LlamaFileType)
 
 # -- quantizations reused within a process ------------------------------------------------------------
 
-_REUSE: dict | None = None  # (origin, target type, importance digest) → bytes, while reuse_quantizations is on
-_REUSE_LEFT = [0]
+@dataclass
+class _Reused:
+    kept: dict  # (origin, target type, importance digest) → the tensor's quantized bytes
+    left: int  # bytes that may still be kept
+
+
+_REUSE: _Reused | None = None  # while reuse_quantizations is on
 
 
 @contextlib.contextmanager
@@ -180,19 +185,15 @@ def reuse_quantizations(max_bytes: int = 512 << 20):
     same importance values is not quantized again: its bytes are the ones this process computed the first
     time (ggml quantizes row by row, so they are the same bytes). For a merge followed by its verify: the
     floor's base quantized with the merge's importance matrix shares every tensor the adapter leaves alone
-    with the merged file. At most max_bytes are kept; the first write of each tensor fills them."""
+    with the merged file. At most max_bytes are kept; the first write of each tensor fills them. Nested
+    blocks share the outer one's."""
     global _REUSE
     outer = _REUSE
-    _REUSE, _REUSE_LEFT[0] = ({} if outer is None else outer), (max_bytes if outer is None else _REUSE_LEFT[0])
+    _REUSE = outer or _Reused({}, max_bytes)
     try:
         yield
     finally:
         _REUSE = outer
-
-
-def file_identity(fd: int) -> tuple:
-    st = os.fstat(fd)
-    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def _reuse_key(t: Tensor, new: GGMLQuantizationType, importance: np.ndarray | None) -> tuple | None:
@@ -479,9 +480,9 @@ def write_quantized(out: str | os.PathLike, ftype: LlamaFileType, kv: GGUFWriter
                         raise Lora2GGUFError(f"tensor {t.name}: {new.name} needs an importance matrix for it, and "
                                              "the one given has no entry for this tensor")
                     key = _reuse_key(t, new, importance)
-                    if key in (_REUSE or {}):
+                    if key is not None and key in _REUSE.kept:
                         _drain(pending, fh, 0)
-                        fh.write(_REUSE[key])
+                        fh.write(_REUSE.kept[key])
                     else:
                         parts: list[Future] | None = [] if key is not None else None
                         _quantize(t, new, pool, pending, fh, 2 * n_threads + 1, importance, parts)
@@ -532,9 +533,9 @@ def _keep(key: tuple | None, parts: list[Future] | None) -> None:
     if key is None or _REUSE is None:
         return
     size = sum(f.result().nbytes for f in parts)
-    if size <= _REUSE_LEFT[0]:
-        _REUSE[key] = b"".join(memoryview(f.result()) for f in parts)
-        _REUSE_LEFT[0] -= size
+    if size <= _REUSE.left:
+        _REUSE.kept[key] = b"".join(memoryview(f.result()) for f in parts)
+        _REUSE.left -= size
 
 
 def _quantize(t: Tensor, new: GGMLQuantizationType, pool, pending: collections.deque, fh, depth: int,

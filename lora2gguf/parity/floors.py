@@ -11,7 +11,7 @@ from typing import Callable
 import numpy as np
 from gguf import LlamaFileType
 
-from lora2gguf.fileio.gguf_read import GGUFFile
+from lora2gguf.fileio.gguf_read import GGUFFile, file_identity
 from lora2gguf.llamacpp.ggml import Importance, quantize_f32_copy, quantize_file
 from lora2gguf.llamacpp.runtime import LlamaRuntime
 
@@ -38,8 +38,7 @@ def remembered(kind: str, base_path: Path, tokens, args: tuple, compute: Callabl
     """compute() → (logits, expert choices or None) of a view of the base alone (`kind`: llama.cpp's, the
     reference's) over `tokens`, made with `args`; kept for the next verify of the same base and text in this
     process (the demo verifies two adapters on one base): the same inputs, so the same values."""
-    st = base_path.stat()
-    key = (str(base_path.resolve()), st.st_size, st.st_mtime_ns, tuple(tokens))
+    key = (file_identity(base_path), tuple(tokens))
     if (kind, key, args) in BASE_VIEWS:
         return BASE_VIEWS[kind, key, args]
     value = compute()
@@ -56,8 +55,7 @@ def base_alone(base_path: Path, ftype_name: str, tokens, tmp: Path, n_ctx: int,
     """llama.cpp's logits for the base alone, no adapter, quantized to ftype_name by llama.cpp (with the
     merged file's importance matrix, if it had one): what a merged file of that type would look like if it
     carried nothing. routing: a dict to receive llama.cpp's expert choices (a mixture of experts)."""
-    st = base_path.stat()
-    key = (str(base_path.resolve()), st.st_size, st.st_mtime_ns, ftype_name, tuple(tokens), n_ctx,
+    key = (file_identity(base_path), ftype_name, tuple(tokens), n_ctx,
            None if imatrix is None else (imatrix.file, tuple((k, v.tobytes()) for k, v in sorted(imatrix.values.items()))))
     key += (routing is not None,)
     if key not in BASE_ALONE:
