@@ -4,9 +4,10 @@
   runtime   — llama.cpp (llama-cpp-python): the base loaded once, the GGUF LoRA(s) applied at run time
   merged    — llama.cpp on a merged file (optional)
 
-Each view is evaluated once over the whole text (logits for every position). Pass/fail thresholds follow
-the floor measured on the base alone at each file's type (llama.cpp's arithmetic, plus rounding for
-quantized types). A merged file must also show that it carries the adapter: a loose threshold for a
+Every view is evaluated once over the whole text (logits for every position), and all of them are
+compared as they are made, a block of positions at a time (parity.lockstep): none is held whole. Pass/fail
+thresholds follow the floor measured on the base alone at each file's type (llama.cpp's arithmetic, plus
+rounding for quantized types). A merged file must also show that it carries the adapter: a loose threshold for a
 quantized file would pass the base alone when the adapter moves the model less than the rounding does.
 Adapters a GGUF LoRA cannot express (DoRA, LoRA bias, modules_to_save) are checked on the merged file
 only; the runtime view is then skipped, with the reason in the report.
@@ -18,13 +19,12 @@ reference from its MoE blocks, llama.cpp from its graph), and each pair is judge
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-
-import numpy as np
 
 from lora2gguf.adapters.gguf_lora import base_match
 from lora2gguf.adapters.gguf_lora_write import gguf_from_peft, refuse_unsupported
@@ -33,22 +33,15 @@ from lora2gguf.adapters.peft import four_bit_base
 from lora2gguf.errors import Lora2GGUFError
 from lora2gguf.fileio.gguf_read import GGUFFile
 from lora2gguf.llamacpp.ggml import Importance
-from lora2gguf.llamacpp.runtime import LlamaRuntime
+from lora2gguf.llamacpp.runtime import LlamaRuntime, LogitStream
 from lora2gguf.llamacpp.tokenizer import ROLES, Tokenizer
-from lora2gguf.parity.floors import FULL_PRECISION, base_alone, exact_merge_quantized, file_type, remembered
-from lora2gguf.parity.metrics import (
-    CARRIED_RANGE,
-    agreement,
-    carried_fraction,
-    compare,
-    perplexity,
-    routed_compare,
-    teacher_forced,
-)
+from lora2gguf.parity import lockstep
+from lora2gguf.parity.floors import FULL_PRECISION, base_alone_file, exact_merge_file, file_type, remembered
+from lora2gguf.parity.lockstep import Tallies, block_rows
+from lora2gguf.parity.metrics import CARRIED_RANGE, agreement, routed_summary, teacher_forced
 from lora2gguf.parity.nf4 import NF4Base
-from lora2gguf.parity.reference import ReferenceWeights, reference_logits
+from lora2gguf.parity.reference import Head, HeadBlocks, ReferenceWeights, reference_states
 from lora2gguf.parity.routing import RULE, judge_pair, judged_kl, table
-from lora2gguf.parity.spill import spill
 from lora2gguf.weights.base_model import GGUFBase
 
 DEFAULT_TEXT = (
@@ -205,36 +198,54 @@ def prepare(gb, loras: list[tuple[str, float]], runtime_lora, merged, tmp: Path,
 
 @dataclass
 class Views:
-    """What evaluate measured: each view's logits over the text, the greedy choices of the views compared on
-    llama.cpp's own greedy continuations (conts), and the merged file's type."""
-    logits: dict
+    """What evaluate measured: the tallies over the text (each view's perplexity, the pairs judge reads, the
+    carried fraction; parity.lockstep), the greedy choices of the views compared on llama.cpp's own greedy
+    continuations (conts), and the merged file's type."""
+    tallies: Tallies
     greedy: dict
     conts: list[list[int]]
     merged_type: str | None
     routing: dict | None = None  # a mixture of experts: view → layer → (tokens, n_expert_used) chosen experts
 
+    @property
+    def names(self) -> set[str]:
+        return set(self.tallies.perplexity)
+
+    def measure(self, p: str, q: str) -> dict:
+        """compare()'s measures of a pair, and on a mixture of experts its routing (parity.metrics.routed_summary)."""
+        pair = self.tallies.pair(p, q)
+        return pair.summary() if self.routing is None else routed_summary(pair, self.routing[p], self.routing[q])
+
+
+def pairs_judged(names: set[str]) -> list[tuple[str, str]]:
+    """The pairs judge() measures, given the views evaluate makes."""
+    out = [("base_reference", "reference"), ("base_reference", "base_runtime")]
+    if "runtime" in names:
+        out.append(("reference", "runtime"))
+    if "merged" in names:
+        out += [("reference", "merged"), ("reference", "base_alone_as_merged"),
+                ("reference", "exact_merge_quantized") if "exact_merge_quantized" in names
+                else ("base_reference", "base_alone_as_merged")]
+        if "runtime" in names:
+            out.append(("runtime", "merged"))
+    if "nf4_reference" in names:
+        out += [("nf4_reference", "reference"), ("nf4_base_reference", "base_reference")]
+    return list(dict.fromkeys(out))
+
 
 def evaluate(gb, adapters: list[Adapter], merged: Path | None, run_runtime: bool, text, prompts, chat_template,
              n_tokens: int, n_greedy: int, verbose: bool, tmp: Path, report: dict,
              imatrix: Importance | None = None) -> Views:
-    """Every view once over the whole text (logits for every position), and greedy continuations of the
-    prompts: llama.cpp with the runtime LoRA (or the merged file), the other views teacher-forced on them."""
+    """Greedy continuations of the prompts (llama.cpp with the runtime LoRA, or the merged file; the other
+    views teacher-forced on them), then every view over the text in lockstep, a block of positions at a time
+    (parity.lockstep): llama.cpp's views from a context each, the reference's from its final hidden states,
+    computed first. No view is ever held whole."""
     base_path = gb.path
     moe = bool(gb.spec.arch_module.expert_proj)  # keep each view's expert choices over the text
     routing: dict | None = {} if moe else None
-    logits: dict = {}
-
-    def keep(view: str, rt: LlamaRuntime) -> None:
-        if moe:
-            routing[view] = rt.routing  # since the last logits(): read before the next one
 
     def into(view: str) -> dict | None:
         return routing.setdefault(view, {}) if moe else None
-
-    def put(view: str, values: np.ndarray) -> None:  # a long text over a big vocabulary goes to disk
-        logits[view] = spill(values, tmp / f"{view}.logits")
-        if isinstance(logits[view], np.ndarray):  # read-only: the metrics then sum its exponentials once
-            logits[view].flags.writeable = False
 
     chat = _chat_prompts(gb, prompts, chat_template) if prompts else None
     # the context holds the text, or the prompts with their greedy continuations decoded side by side
@@ -243,66 +254,82 @@ def evaluate(gb, adapters: list[Adapter], merged: Path | None, run_runtime: bool
     n_ctx = max(256, n_tokens + 8, sum(n + n_greedy for n in longest))
     # the file as it is, not repacked by llama.cpp for its CPU kernels: the base once in memory, not twice
     rt_args = dict(n_ctx=n_ctx, verbose=verbose, repack=False, n_seq=n_seq, moe_routing=moe)
-    with LlamaRuntime(base_path, **rt_args) as rt:
+    rows = block_rows(gb.spec.n_vocab)
+    pairs = [(a.lora, a.scale) for a in adapters]
+    streams: dict = {}
+    aliases: dict[str, str] = {}
+    greedy: dict = {}
+    with contextlib.ExitStack() as stack:
+        def load(path: Path) -> LlamaRuntime:  # a model llama.cpp evaluates until the views are compared
+            return stack.enter_context(LlamaRuntime(path, **rt_args))
+
+        def stream(view: str, rt: LlamaRuntime, loras=()) -> None:
+            streams[view] = stack.enter_context(rt.stream(tokens, loras, rows))
+
+        rt = load(base_path)
         tokens = rt.tokenize(text or DEFAULT_TEXT)[:n_tokens]
         if len(tokens) < 16:
             raise Lora2GGUFError(f"the text gives only {len(tokens)} tokens; give at least 16 (--text)")
         report["tokens"] = len(tokens)
         prompt_tokens = chat or _text_prompts(tokens)
-        view = remembered("llama.cpp", base_path, tokens, tuple(sorted(rt_args.items())),
-                          lambda: (rt.logits(tokens), rt.routing if moe else None))
-        put("base_runtime", view[0])
-        if moe:
-            routing["base_runtime"] = view[1]
-        greedy: dict = {}
+        stream("base_runtime", rt)
         conts = None  # llama.cpp's greedy text: with the runtime LoRA, else from the merged file
         if run_runtime:
-            rt.set_adapters([(a.runtime_path, a.scale) for a in adapters])
-            put("runtime", rt.logits(tokens))
-            keep("runtime", rt)
+            runtime = [(a.runtime_path, a.scale) for a in adapters]
+            rt.set_adapters(runtime)
             conts = greedy["runtime"] = rt.greedy_many(prompt_tokens, n_greedy)
             rt.set_adapters([])
+            stream("runtime", rt, runtime)
         mtype = None
         if merged:
             mtype = file_type(merged)
-            with LlamaRuntime(merged, **rt_args) as mrt:
-                put("merged", mrt.logits(tokens))
-                keep("merged", mrt)
-                if conts is None:
-                    conts = mrt.greedy_many(prompt_tokens, n_greedy)
-                greedy["merged"] = teacher_forced(mrt.logits, prompt_tokens, conts)
-            # the base itself when it is of the merged type already (merge keeps untouched tensors' bytes)
-            if mtype == file_type(base_path):
-                logits["base_alone_as_merged"] = logits["base_runtime"]
-                if moe:
-                    routing["base_alone_as_merged"] = routing["base_runtime"]
+            mrt = load(merged)
+            if conts is None:
+                conts = mrt.greedy_many(prompt_tokens, n_greedy)
+            greedy["merged"] = teacher_forced(mrt.logits, prompt_tokens, conts)
+            stream("merged", mrt)
+            if mtype == file_type(base_path):  # the base is of the merged type (merge keeps untouched tensors' bytes)
+                aliases["base_alone_as_merged"] = "base_runtime"
+                if mtype not in FULL_PRECISION:
+                    exact = exact_merge_file(gb, ReferenceWeights(gb, pairs), mtype, tmp, imatrix)
+                    if exact is not None:
+                        stream("exact_merge_quantized", load(exact))
             else:
-                put("base_alone_as_merged", base_alone(base_path, mtype, tokens, tmp, n_ctx, imatrix,
-                                                       into("base_alone_as_merged")))
-    # the reference layer by layer over every sequence: one layer's weights in memory at a time
-    pairs = [(a.lora, a.scale) for a in adapters]
-    def base_reference() -> tuple[np.ndarray, dict | None]:
-        got = {} if moe else None
-        return reference_logits(gb, [], [tokens], got)[0], got
+                stream("base_alone_as_merged", load(base_alone_file(base_path, mtype, tmp, imatrix)))
+        # the reference layer by layer over every sequence (one layer's weights in memory at a time), kept as
+        # its final hidden states; its logits are made a block at a time as the views are compared
+        def base_reference() -> tuple:
+            got = {} if moe else None
+            return reference_states(gb, [], [tokens], got)[1][0], got
 
-    view = remembered("reference", base_path, tokens, (), base_reference)
-    put("base_reference", view[0])
-    if moe:
-        routing["base_reference"] = view[1]
-    ref_logits = reference_logits(gb, pairs, [tokens] + [p + c for p, c in zip(prompt_tokens, conts)],
-                                  into("reference"))
-    put("reference", ref_logits[0])
-    greedy["reference"] = teacher_forced(None, prompt_tokens, conts, ref_logits[1:])
-    del ref_logits
-    if merged and mtype == file_type(base_path) and mtype not in FULL_PRECISION:
-        exact = exact_merge_quantized(gb, ReferenceWeights(gb, pairs), mtype, tokens, tmp, n_ctx, imatrix,
-                                      into("exact_merge_quantized"))
-        if exact is not None:
-            put("exact_merge_quantized", exact)
-    if any(four_bit_base(a.lora.config) for a in adapters):
-        report["four_bit_gap"] = _four_bit_gap(gb, adapters, tokens, logits)
-    report["views"] = {k: {"perplexity": perplexity(v, np.array(tokens))} for k, v in logits.items()}
-    return Views(logits, greedy, conts, mtype, routing)
+        base_states, base_routing = remembered("reference", base_path, tokens, (), base_reference)
+        if moe:
+            routing["base_reference"] = base_routing
+        head, states = reference_states(gb, pairs, [tokens] + [p + c for p, c in zip(prompt_tokens, conts)],
+                                        into("reference"))
+        greedy["reference"] = teacher_forced(None, prompt_tokens, conts, [head(x) for x in states[1:]])
+        ref_views = {"base_reference": (Head(gb, ReferenceWeights(gb, [])), base_states), "reference": (head, states[0])}
+        measured = [*streams, *aliases, *ref_views]
+        if any(four_bit_base(a.lora.config) for a in adapters):  # informative: no perplexity, no threshold
+            nf4 = NF4Base(gb)
+            for view, on in (("nf4_reference", pairs), ("nf4_base_reference", [])):
+                h, xs = reference_states(nf4, on, [tokens])
+                ref_views[view] = (h, xs[0])
+        made = HeadBlocks(ref_views, rows)
+        streams |= {view: made.stream(view) for view in ref_views}
+        names = set(streams) | set(aliases)
+        carried = ("base_reference", "reference", "base_alone_as_merged", "merged") if merged else None
+        tallies = Tallies(measured, tokens, pairs_judged(names), carried, aliases)
+        lockstep.run(streams, tallies, len(tokens))
+        if moe:
+            routing |= {view: s.routing for view, s in streams.items() if isinstance(s, LogitStream)}
+            routing |= {alias: routing[view] for alias, view in aliases.items()}
+    if "nf4_reference" in names:
+        report["four_bit_gap"] = {"kl_nf4_to_reference": tallies.pair("nf4_reference", "reference").summary()["mean_kl"],
+                                  "kl_nf4_base_to_base": tallies.pair("nf4_base_reference", "base_reference")
+                                  .summary()["mean_kl"]}
+    report["views"] = {k: {"perplexity": t.value()} for k, t in tallies.perplexity.items()}
+    return Views(tallies, greedy, conts, mtype, routing)
 
 
 def judge(views: Views, report: dict, max_kl: float | None) -> None:
@@ -310,14 +337,9 @@ def judge(views: Views, report: dict, max_kl: float | None) -> None:
     at that type costs on the base alone (its arithmetic at F32/F16/BF16, that plus the rounding for
     quantized types); a merged file must also carry the adapter's effect (CARRIED_RANGE). On a mixture of
     experts each pair is also measured routing-aware (parity.routing)."""
-    logits, greedy, mtype, routing = views.logits, views.greedy, views.merged_type, views.routing
-
-    def measure(p: str, q: str) -> dict:
-        if routing is None:
-            return compare(logits[p], logits[q])
-        return routed_compare(logits[p], logits[q], routing[p], routing[q])
-
-    moved = compare(logits["base_reference"], logits["reference"])
+    names, greedy, mtype, routing = views.names, views.greedy, views.merged_type, views.routing
+    measure = views.measure
+    moved = measure("base_reference", "reference")
     report["adapter_effect"] = {"kl_base_to_reference": moved["mean_kl"], "top1_changed": 1 - moved["top1"]}
     floor_base = measure("base_reference", "base_runtime")
     report["base_quantization_floor"] = judged_kl(floor_base)
@@ -325,10 +347,10 @@ def judge(views: Views, report: dict, max_kl: float | None) -> None:
         report["routing_aware"] = {"rule": " ".join(RULE),
                                    "base_expert_set_mismatch": floor_base["expert_set_mismatch"]}
     checks = {}
-    if "runtime" in logits:
+    if "runtime" in names:
         checks["runtime"] = ("reference", "runtime", floor_base, 1e-4)
-    if "merged" in logits:
-        if "exact_merge_quantized" in logits:  # a same-type merge re-rounds exactly the tensors it changes
+    if "merged" in names:
+        if "exact_merge_quantized" in names:  # a same-type merge re-rounds exactly the tensors it changes
             floor = measure("reference", "exact_merge_quantized")
             report["merged_floor_source"] = "the reference's merged weights quantized by llama.cpp at the merged type"
         else:
@@ -337,7 +359,7 @@ def judge(views: Views, report: dict, max_kl: float | None) -> None:
         if routing is not None:
             report["routing_aware"]["merged_floor_expert_set_mismatch"] = floor["expert_set_mismatch"]
         checks["merged"] = ("reference", "merged", floor, 1e-4 if mtype == "ALL_F32" else 1e-3)
-        if "runtime" in logits:
+        if "runtime" in names:
             checks["merged_vs_runtime"] = ("runtime", "merged", None, None)
     ok = True
     for name, (p, q, floor, slack) in checks.items():
@@ -346,8 +368,8 @@ def judge(views: Views, report: dict, max_kl: float | None) -> None:
         if floor is not None:
             ok &= judge_pair(m, floor, slack, max_kl)
         report["pairs"][name] = m
-    if "merged" in logits:
-        c = _carries(logits)
+    if "merged" in names:
+        c = _carries(views)
         report["merged_carries_adapter"] = c
         ok &= c["pass"]
     if moved["mean_kl"] < 1e-6:
@@ -359,27 +381,16 @@ def judge(views: Views, report: dict, max_kl: float | None) -> None:
     report["pass"] = bool(ok)
 
 
-def _carries(logits: dict) -> dict:
+def _carries(views: Views) -> dict:
     """Does the merged file carry the adapter, rather than pass on a loose quantization threshold alone?
-    The fraction of the adapter's effect it carries (carried_fraction) must lie in CARRIED_RANGE; the KL
-    margin over the base alone at the same type is reported beside it."""
-    frac, err = carried_fraction(logits["base_reference"], logits["reference"], logits["base_alone_as_merged"],
-                                 logits["merged"])
-    kl_merged = compare(logits["reference"], logits["merged"])["mean_kl"]
-    kl_alone = compare(logits["reference"], logits["base_alone_as_merged"])["mean_kl"]
+    The fraction of the adapter's effect it carries (parity.metrics.CarriedTally) must lie in CARRIED_RANGE;
+    the KL margin over the base alone at the same type is reported beside it."""
+    frac, err = views.tallies.carried.value()
+    kl_merged = views.tallies.pair("reference", "merged").summary()["mean_kl"]
+    kl_alone = views.tallies.pair("reference", "base_alone_as_merged").summary()["mean_kl"]
     return {"fraction": frac, "fraction_stderr": err, "allowed": list(CARRIED_RANGE), "kl_reference_to_merged": kl_merged,
             "kl_reference_to_base_alone": kl_alone, "kl_margin": kl_alone - kl_merged,
             "pass": bool(CARRIED_RANGE[0] <= frac <= CARRIED_RANGE[1])}
-
-
-def _four_bit_gap(gb, adapters, tokens, logits) -> dict:
-    """A QLoRA adapter was fitted to NF4-rounded weights: the reference on an NF4-rounded copy of this base,
-    with and without the adapters, against the reference on this base (informative, no threshold)."""
-    nb = NF4Base(gb)
-    with_adapters = reference_logits(nb, [(a.lora, a.scale) for a in adapters], [tokens])[0]
-    alone = reference_logits(nb, [], [tokens])[0]
-    return {"kl_nf4_to_reference": compare(with_adapters, logits["reference"])["mean_kl"],
-            "kl_nf4_base_to_base": compare(alone, logits["base_reference"])["mean_kl"]}
 
 
 def _chat_prompts(gb, prompts, template: str | None) -> list[list[int]]:

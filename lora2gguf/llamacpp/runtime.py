@@ -177,6 +177,10 @@ class LlamaRuntime:
     def set_adapters(self, adapters: Sequence[tuple[str | os.PathLike, float]]) -> None:
         """Make exactly these (path, scale) adapters active on the loaded model. Each file is loaded
         once and kept; switching between loaded adapters costs no model reload."""
+        self._set_adapters_on(self.llm.ctx, adapters)
+        self.llm.reset()  # the KV cache was computed with the previous adapters: no prefix reuse across
+
+    def _set_adapters_on(self, ctx, adapters: Sequence[tuple[str | os.PathLike, float]]) -> None:
         lc = self._lc
         ptrs = []
         for path, _ in adapters:
@@ -192,9 +196,13 @@ class LlamaRuntime:
         n = len(ptrs)
         arr = (lc.llama_adapter_lora_p_ctypes * max(n, 1))(*ptrs)
         scales = (ctypes.c_float * max(n, 1))(*[float(s) for _, s in adapters])
-        if lc.llama_set_adapters_lora(self.llm.ctx, arr if n else None, n, scales if n else None):
+        if lc.llama_set_adapters_lora(ctx, arr if n else None, n, scales if n else None):
             raise Lora2GGUFError(f"{self.path}: llama.cpp could not set the LoRA adapters")
-        self.llm.reset()  # the KV cache was computed with the previous adapters: no prefix reuse across
+
+    def stream(self, tokens: Sequence[int], adapters: Sequence[tuple[str | os.PathLike, float]] = (),
+               rows: int = 64) -> LogitStream:
+        """The logits of `tokens` with these adapters, `rows` positions at a time (LogitStream)."""
+        return LogitStream(self, tokens, adapters, rows)
 
     # -- evaluation -------------------------------------------------------------------------------
     def logits(self, tokens: Sequence[int]) -> np.ndarray:
@@ -299,6 +307,57 @@ class LlamaRuntime:
             self._lc.llama_adapter_lora_free(ptr)
         self._adapters.clear()
         self.llm.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class LogitStream:
+    """llama.cpp's logits for one token sequence, `rows` positions at a time, from a context of its own on a
+    loaded model (LlamaRuntime.stream), with its own adapters and its own record of expert choices: a view
+    that is read as it is made, never held whole (parity.lockstep). The same settings as LlamaRuntime.logits
+    (the model's context parameters, F32 KV cache), only a smaller batch: llama.cpp keeps about two
+    rows × n_vocab float32 buffers per context. Each block is a read-only view of llama.cpp's output,
+    valid until the next one is made."""
+
+    def __init__(self, rt: LlamaRuntime, tokens: Sequence[int], adapters: Sequence[tuple[str | os.PathLike, float]],
+                 rows: int):
+        self.tokens, self.rows, self.n_vocab = list(tokens), rows, rt.n_vocab
+        self._routing: dict[int, list[np.ndarray]] = {}
+        self._cb = _routing_callback(self._routing) if rt._cb is not None else None
+        params = llama_cpp.llama_context_params.from_buffer_copy(rt.llm.context_params)
+        params.n_ctx = max(len(self.tokens), rows)
+        params.n_batch = params.n_ubatch = rows
+        params.n_seq_max, params.kv_unified = 1, False
+        params.cb_eval = self._cb if self._cb is not None else type(params.cb_eval)()
+        with _quiet_stderr(not rt.verbose):
+            try:
+                self.ctx = llama_cpp._internals.LlamaContext(model=rt.llm._model, params=params, verbose=rt.verbose)
+            except ValueError as e:
+                raise Lora2GGUFError(f"{rt.path}: llama.cpp could not make a context ({e})") from None
+        self.batch = llama_cpp._internals.LlamaBatch(n_tokens=rows, embd=0, n_seq_max=1, verbose=rt.verbose)
+        rt._set_adapters_on(self.ctx.ctx, adapters)
+
+    def __iter__(self):
+        for i in range(0, len(self.tokens), self.rows):
+            part = self.tokens[i: i + self.rows]
+            self.batch.set_batch(batch=part, n_past=i, logits_all=True)
+            self.ctx.decode(self.batch)
+            block = np.ctypeslib.as_array(self.ctx.get_logits(), shape=(len(part), self.n_vocab))
+            block.flags.writeable = False
+            yield block
+
+    @property
+    def routing(self) -> dict[int, np.ndarray]:
+        """Layer → (tokens, n_expert_used) expert ids llama.cpp chose (a mixture of experts, moe_routing)."""
+        return {layer: np.concatenate(parts) for layer, parts in self._routing.items()}
+
+    def close(self) -> None:
+        self.batch.close()
+        self.ctx.close()
 
     def __enter__(self):
         return self

@@ -1,25 +1,20 @@
 """Distances between two models' logits on the same tokens: KL, top-1, perplexity, greedy agreement, and how much
-of an adapter's effect a merged file carries. Logits are (tokens, vocab) arrays, or anything with their shape
-that reads row slices (parity.spill.SpilledLogits): every metric here reads them a block of rows at a time."""
+of an adapter's effect a merged file carries.
+
+Every metric is a sum over positions, so each is a tally fed a block of positions at a time (Rows: one
+block of one view, with its row normalizers): verify feeds them as llama.cpp and the reference make each
+block (parity.lockstep), never holding a whole (tokens, vocab) view. compare / perplexity /
+carried_fraction are the same tallies over whole arrays."""
 
 from __future__ import annotations
 
-import weakref
-
 import numpy as np
 
-
-def _blocks(logits: np.ndarray):
-    """Row slices of about a million logits each: every metric here works block by block in float64, so
-    that its temporaries stay in cache and whole (tokens, vocab) float64 copies never exist (700 tokens of
-    Gemma 3's 262k vocabulary: 1.5 GB each)."""
-    n, vocab = logits.shape
-    step = max(1, (1 << 20) // max(vocab, 1))
-    return [slice(i, min(i + step, n)) for i in range(0, n, step)]
+SUB_ROWS = 16  # positions per step of every tally: carried_fraction's jackknife block; (16, vocab) float64 temporaries
 
 
-def _argmax(logits) -> np.ndarray:
-    return np.concatenate([logits[sl].argmax(-1) for sl in _blocks(logits)])
+def _blocks(n: int):
+    return [slice(i, min(i + SUB_ROWS, n)) for i in range(0, n, SUB_ROWS)]
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -29,66 +24,136 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return x
 
 
-_NORMALIZERS: dict[int, tuple[weakref.ref, np.ndarray, np.ndarray]] = {}
+class Rows:
+    """A block of one view's logits (rows, vocab) float32 with what every tally reads of it, computed once
+    however many tallies read it: each row's max and log Σ exp(x − max) (float64) and its argmax."""
+    __slots__ = ("x", "m", "lse", "argmax")
+
+    def __init__(self, x: np.ndarray):
+        self.x = x
+        y = x.astype(np.float64)
+        self.m = y.max(-1, keepdims=True)
+        y -= self.m
+        self.lse = np.log(np.exp(y).sum(-1, keepdims=True))
+        self.argmax = x.argmax(-1)
+
+    def log_softmax(self) -> np.ndarray:
+        """log_softmax(x) from the normalizers: log_softmax()'s own operations, so its bits."""
+        y = self.x.astype(np.float64)
+        y -= self.m
+        y -= self.lse
+        return y
 
 
-def _normalizers(logits) -> tuple[np.ndarray, np.ndarray]:
-    """(max, log Σ exp(x − max)) of every row, float64 (rows, 1): log_softmax is (x − max) − the second, as
-    log_softmax() computes it. Kept while a read-only view lives (verify's views never change once made):
-    its exponentials are then summed once however many metrics read it (a Gemma 3 verify reads each
-    700 × 262k view three to four times)."""
-    key = id(logits)
-    kept = _NORMALIZERS.get(key)
-    if kept is not None and kept[0]() is logits:
-        return kept[1], kept[2]
-    m, lse = np.empty((len(logits), 1)), np.empty((len(logits), 1))
-    for sl in _blocks(logits):
-        x = logits[sl].astype(np.float64)
-        m[sl] = x.max(-1, keepdims=True)
-        x -= m[sl]
-        lse[sl] = np.log(np.exp(x).sum(-1, keepdims=True))
-    if getattr(getattr(logits, "flags", None), "writeable", False) is False:  # a read-only array or a spilled view
-        try:
-            _NORMALIZERS[key] = (weakref.ref(logits, lambda _, key=key: _NORMALIZERS.pop(key, None)), m, lse)
-        except TypeError:  # not weakly referenceable: computed again next time
-            pass
-    return m, lse
+class PairTally:
+    """compare(P, Q) fed a block at a time: KL(P ‖ Q) at each position (nats, float64), top-1 agreement and
+    the largest |Δlogit|."""
+
+    def __init__(self):
+        self._kl, self._agree, self.max_abs_dlogit = [], [], 0.0
+
+    def add(self, p: Rows, q: Rows) -> None:
+        lp, lq = p.log_softmax(), q.log_softmax()
+        lq -= lp
+        lq *= -1.0
+        self._kl.append(np.einsum("ij,ij->i", np.exp(lp), lq))
+        self._agree.append(p.argmax == q.argmax)
+        self.max_abs_dlogit = max(self.max_abs_dlogit, float(np.abs(p.x.astype(np.float64) - q.x).max()))
+
+    @property
+    def kl(self) -> np.ndarray:
+        return np.concatenate(self._kl)
+
+    def summary(self) -> dict:
+        kl = self.kl
+        return {"mean_kl": float(kl.mean()), "median_kl": float(np.median(kl)), "max_kl": float(kl.max()),
+                "top1": float(np.concatenate(self._agree).mean()), "max_abs_dlogit": self.max_abs_dlogit}
 
 
-def _log_softmax_rows(logits, sl: slice, norm: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
-    """log_softmax(logits[sl]) from the rows' normalizers (the same operations, so the same bits)."""
-    x = logits[sl].astype(np.float64)
-    x -= norm[0][sl]
-    x -= norm[1][sl]
-    return x
+class PerplexityTally:
+    """Perplexity of tokens[1:] under a view's logits[:-1], fed a block at a time (`start`: its first position)."""
+
+    def __init__(self, tokens):
+        self.targets, self._lp = np.asarray(tokens)[1:], []
+
+    def add(self, rows: Rows, start: int) -> None:
+        n = min(len(rows.x), len(self.targets) - start)
+        if n <= 0:
+            return
+        picked = rows.x[np.arange(n), self.targets[start: start + n]].astype(np.float64)
+        self._lp.append((picked - rows.m[:n, 0]) - rows.lse[:n, 0])  # log_softmax's own operations at the targets
+
+    def value(self) -> float:
+        return float(np.exp((-np.concatenate(self._lp)).mean()))
+
+
+class CarriedTally:
+    """How much of an adapter's effect a merged file carries, 1 = all of it, 0 = none, with the standard error
+    of that estimate, fed a block of SUB_ROWS positions at a time (one block of the jackknife). The change
+    from the base alone to the merged file (both at the merged file's type, so the rounding mostly cancels)
+    is projected on the adapter's change from base to reference. Changes are log-probability differences,
+    centred and weighted by the reference's probabilities (the Fisher metric, under which a small change's
+    squared length is twice its KL). Rounding noise is spread over every direction and averages out along
+    the adapter's, over positions and vocabulary; the standard error (jackknife over blocks of positions)
+    says when it did not."""
+
+    def __init__(self):
+        self._num, self._den = [], []
+
+    def add(self, base_ref: Rows, ref: Rows, base_alone: Rows, merged: Rows) -> None:
+        lr = ref.log_softmax()
+        p = np.exp(lr)
+        da = lr - base_ref.log_softmax()
+        dm = merged.log_softmax() - base_alone.log_softmax()
+        da -= np.einsum("ij,ij->i", p, da)[:, None]  # centred: E_p[da] = 0
+        dm -= np.einsum("ij,ij->i", p, dm)[:, None]
+        p *= da  # p·da: the one product both sums share (no (rows, vocab) temporaries beyond it)
+        self._num.append(float(np.einsum("ij,ij->", p, dm)))
+        self._den.append(float(np.einsum("ij,ij->", p, da)))
+
+    def value(self) -> tuple[float, float]:
+        num, den = np.array(self._num), np.array(self._den)
+        if den.sum() <= 0:
+            return float("nan"), float("nan")
+        k = len(num)
+        leave_out = (num.sum() - num) / np.maximum(den.sum() - den, 1e-300)
+        return float(num.sum() / den.sum()), float(np.sqrt((k - 1) / k * ((leave_out - leave_out.mean()) ** 2).sum()))
+
+
+def _pair(p_logits: np.ndarray, q_logits: np.ndarray) -> PairTally:
+    if p_logits.shape != q_logits.shape:
+        raise ValueError(f"logit shapes differ: {p_logits.shape} vs {q_logits.shape}")
+    t = PairTally()
+    for sl in _blocks(len(p_logits)):
+        t.add(Rows(p_logits[sl]), Rows(q_logits[sl]))
+    return t
 
 
 def kl_per_position(p_logits: np.ndarray, q_logits: np.ndarray) -> np.ndarray:
     """KL(P ‖ Q) at each position, in nats, computed in float64."""
-    out = np.empty(len(p_logits))
-    np_, nq = _normalizers(p_logits), _normalizers(q_logits)
-    for sl in _blocks(p_logits):
-        lp, lq = _log_softmax_rows(p_logits, sl, np_), _log_softmax_rows(q_logits, sl, nq)
-        lq -= lp
-        lq *= -1.0
-        out[sl] = np.einsum("ij,ij->i", np.exp(lp), lq)
-    return out
+    return _pair(p_logits, q_logits).kl
 
 
 def compare(p_logits: np.ndarray, q_logits: np.ndarray) -> dict:
     """mean/median/max KL(P ‖ Q), top-1 agreement and max |Δlogit| between two (T, vocab) logit arrays."""
-    if p_logits.shape != q_logits.shape:
-        raise ValueError(f"logit shapes differ: {p_logits.shape} vs {q_logits.shape}")
-    return _summary(p_logits, q_logits, kl_per_position(p_logits, q_logits))
+    return _pair(p_logits, q_logits).summary()
 
 
-def _summary(p_logits: np.ndarray, q_logits: np.ndarray, kl: np.ndarray) -> dict:
-    dmax = max(float(np.abs(p_logits[sl].astype(np.float64) - q_logits[sl]).max()) for sl in _blocks(p_logits))
-    return {
-        "mean_kl": float(kl.mean()), "median_kl": float(np.median(kl)), "max_kl": float(kl.max()),
-        "top1": float((_argmax(p_logits) == _argmax(q_logits)).mean()),
-        "max_abs_dlogit": dmax,
-    }
+def perplexity(logits: np.ndarray, tokens: np.ndarray) -> float:
+    """Perplexity of tokens[1:] under logits[:-1]."""
+    t = PerplexityTally(tokens)
+    for sl in _blocks(len(logits)):
+        t.add(Rows(logits[sl]), sl.start)
+    return t.value()
+
+
+def carried_fraction(base_ref: np.ndarray, ref: np.ndarray, base_alone: np.ndarray,
+                     merged: np.ndarray) -> tuple[float, float]:
+    """CarriedTally over four whole (T, vocab) views: (fraction, standard error)."""
+    t = CarriedTally()
+    for sl in _blocks(len(ref)):
+        t.add(*(Rows(v[sl]) for v in (base_ref, ref, base_alone, merged)))
+    return t.value()
 
 
 def expert_set_differs(a: dict[int, np.ndarray], b: dict[int, np.ndarray]) -> np.ndarray:
@@ -112,31 +177,23 @@ def expert_set_mismatch(a: dict[int, np.ndarray], b: dict[int, np.ndarray]) -> f
 
 def routed_compare(p_logits: np.ndarray, q_logits: np.ndarray, p_routing: dict[int, np.ndarray],
                    q_routing: dict[int, np.ndarray]) -> dict:
-    """compare() and the routing of a mixture of experts: the share of tokens whose top-k expert set differs in
-    any layer (a token counts once however many of its layers flipped), that share per layer, and the mean KL
-    over the tokens routed alike at every layer (a flipped token's KL measures a router near-tie, not the
-    weights: it is judged by the share, the others by their KL)."""
-    if p_logits.shape != q_logits.shape:
-        raise ValueError(f"logit shapes differ: {p_logits.shape} vs {q_logits.shape}")
-    kl = kl_per_position(p_logits, q_logits)
+    """compare() and the routing of a mixture of experts (routed_summary)."""
+    return routed_summary(_pair(p_logits, q_logits), p_routing, q_routing)
+
+
+def routed_summary(pair: PairTally, p_routing: dict[int, np.ndarray], q_routing: dict[int, np.ndarray]) -> dict:
+    """A pair's summary and the routing of a mixture of experts: the share of tokens whose top-k expert set
+    differs in any layer (a token counts once however many of its layers flipped), that share per layer, and
+    the mean KL over the tokens routed alike at every layer (a flipped token's KL measures a router near-tie,
+    not the weights: it is judged by the share, the others by their KL)."""
+    kl = pair.kl
     differs = expert_set_differs(p_routing, q_routing)
     if differs.shape[1] != len(kl):
         raise ValueError(f"routing of {differs.shape[1]} tokens for logits of {len(kl)}")
     agree = ~differs.any(0)
-    return _summary(p_logits, q_logits, kl) | {
+    return pair.summary() | {
         "expert_set_mismatch": float(1 - agree.mean()), "expert_set_mismatch_per_layer": differs.mean(1).tolist(),
         "mean_kl_routing_agrees": float(kl[agree].mean()) if agree.any() else float("inf")}
-
-
-def perplexity(logits: np.ndarray, tokens: np.ndarray) -> float:
-    """Perplexity of tokens[1:] under logits[:-1]."""
-    targets = np.asarray(tokens[1:])
-    m, lse = _normalizers(logits)
-    n = min(len(targets), len(logits))
-    rows = np.arange(n)
-    picked = np.array([logits[i][targets[i]] for i in rows], np.float64)  # a row read at a time (spilled views)
-    lp = (picked - m[:n, 0]) - lse[:n, 0]  # log_softmax's own operations at the targets
-    return float(np.exp((-lp).mean()))
 
 
 def teacher_forced(logits_of, prompts: list[list[int]], conts: list[list[int]], logits=None) -> list[list[int]]:
@@ -166,36 +223,6 @@ def agreement(a: list[list[int]], b: list[list[int]], conts: list[list[int]]) ->
         prefixes.append(n)
     return {"identical": float(np.mean([n == len(c) for n, c in zip(prefixes, conts)])),
             "mean_common_prefix": float(np.mean(prefixes))}
-
-
-def carried_fraction(base_ref: np.ndarray, ref: np.ndarray, base_alone: np.ndarray,
-                     merged: np.ndarray) -> tuple[float, float]:
-    """How much of the adapter's effect a merged file carries, 1 = all of it, 0 = none, and the standard
-    error of that estimate. The change from the base alone to the merged file (both at the merged file's
-    type, so the rounding mostly cancels) is projected on the adapter's change from base to reference.
-    Changes are log-probability differences, centred and weighted by the reference's probabilities (the
-    Fisher metric, under which a small change's squared length is twice its KL). Rounding noise is spread
-    over every direction and averages out along the adapter's, over positions and vocabulary; the
-    standard error (jackknife over blocks of positions) says when it did not."""
-    nums, dens = [], []
-    nr, nb, nm, na = (_normalizers(v) for v in (ref, base_ref, merged, base_alone))
-    for i in range(0, len(ref), 16):  # (16, vocab) float64 at a time; one block of the jackknife
-        sl = slice(i, i + 16)
-        lr = _log_softmax_rows(ref, sl, nr)
-        p = np.exp(lr)
-        da = lr - _log_softmax_rows(base_ref, sl, nb)
-        dm = _log_softmax_rows(merged, sl, nm) - _log_softmax_rows(base_alone, sl, na)
-        da -= np.einsum("ij,ij->i", p, da)[:, None]  # centred: E_p[da] = 0
-        dm -= np.einsum("ij,ij->i", p, dm)[:, None]
-        p *= da  # p·da: the one product both sums share (no (16, vocab) temporaries beyond it)
-        nums.append(float(np.einsum("ij,ij->", p, dm)))
-        dens.append(float(np.einsum("ij,ij->", p, da)))
-    num, den = np.array(nums), np.array(dens)
-    if den.sum() <= 0:
-        return float("nan"), float("nan")
-    k = len(num)
-    leave_out = (num.sum() - num) / np.maximum(den.sum() - den, 1e-300)
-    return float(num.sum() / den.sum()), float(np.sqrt((k - 1) / k * ((leave_out - leave_out.mean()) ** 2).sum()))
 
 
 CARRIED_RANGE = (0.25, 1.75)  # 0: the adapter is missing; 2: applied twice. Measured on the fixtures at a KL

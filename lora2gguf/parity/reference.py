@@ -237,24 +237,80 @@ def routing_hooks(sequences: list[list[int]], store: dict[int, np.ndarray]):
     return on_layer, on_batch
 
 
-def reference_logits(base, adapters: list[tuple[PeftAdapter, float]], sequences: list[list[int]],
-                     routing: dict[int, np.ndarray] | None = None) -> list[np.ndarray]:
-    """The reference model's float32 logits for each token sequence (run_layers, then the head): an
-    untouched head stays quantized (logits by blocks of rows). Peak memory is the file's pages plus one
-    layer, not an fp32 copy of the model; the result is reference_model's. routing: a dict to receive the
-    first sequence's expert choices, layer by layer (a mixture of experts; routing_hooks)."""
-    spec = base.spec
+class Head:
+    """The reference's final norm and head, logit cap included: logits for a block of positions' final hidden
+    states, so that a view of a long text over a large vocabulary is made a block at a time (HeadBlocks).
+    An untouched head stays quantized (logits by blocks of vocabulary rows); `key` names it then, so that
+    views sharing it share its products."""
+
+    def __init__(self, base, src: ReferenceWeights, model: Transformer | None = None):
+        if model is None:  # run_layers' shell, or one like it
+            with torch.device("meta"):
+                model = Transformer(base.spec, None)
+        src.load(model.model.norm, "model.norm.")
+        head_name = "lm_head.weight" if (not base.spec.tied_embeddings or src.untied) else "model.embed_tokens.weight"
+        head = src.quantized(head_name)
+        self.key = head_name if head is not None else None
+        self.model, self.weight = model, src.get(head_name) if head is None else head
+
+    def normed(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.model.model.norm(x)
+
+    def project(self, h: torch.Tensor) -> np.ndarray:
+        """(T, n_embd) normed states → (T, vocab) float32 logits."""
+        with torch.no_grad():
+            return self.model.cap_logits(frozen_linear(h, self.weight).float()).numpy()  # weight: tensor or QuantWeight
+
+    def __call__(self, x: torch.Tensor) -> np.ndarray:
+        """(T, n_embd) final hidden states → (T, vocab) float32 logits."""
+        return self.project(self.normed(x))
+
+
+class HeadBlocks:
+    """Reference views' logits a block of `rows` positions at a time, each view a stream for parity.lockstep
+    (`stream(view)`): views whose Head is the base's own untouched head (the base alone and the adapters'
+    reference, unless an adapter touches the head) share one product per block, so a quantized head is
+    dequantized once per block for all of them, not once per view."""
+
+    def __init__(self, views: dict[str, tuple[Head, torch.Tensor]], rows: int):
+        self.views, self.rows = views, rows
+        groups: dict = {}
+        for view, (head, _) in views.items():
+            groups.setdefault(head.key or view, []).append(view)
+        self.groups = list(groups.values())
+        self._block, self._made = -1, {}
+
+    def stream(self, view: str):
+        for k, i in enumerate(range(0, len(self.views[view][1]), self.rows)):
+            if self._block != k:
+                self._block, self._made = k, self._make(i)
+            yield self._made.pop(view)
+
+    def _make(self, i: int) -> dict[str, np.ndarray]:
+        out = {}
+        for views in self.groups:
+            parts = [self.views[v][0].normed(self.views[v][1][i: i + self.rows]) for v in views]
+            logits = self.views[views[0]][0].project(torch.cat(parts))
+            starts = np.cumsum([0] + [len(h) for h in parts])
+            out |= {v: logits[a:b] for v, a, b in zip(views, starts, starts[1:])}
+        return out
+
+
+def reference_states(base, adapters: list[tuple[PeftAdapter, float]], sequences: list[list[int]],
+                     routing: dict[int, np.ndarray] | None = None) -> tuple[Head, list[torch.Tensor]]:
+    """The reference model's final hidden states for each token sequence, (T, n_embd) (run_layers), and its
+    Head. Peak memory is the file's pages plus one layer, not an fp32 copy of the model. routing: a dict to
+    receive the first sequence's expert choices, layer by layer (a mixture of experts; routing_hooks)."""
     src = ReferenceWeights(base, list(adapters))
     hooks = routing_hooks(sequences, routing) if routing is not None else (None, None)
     model, xs = run_layers(base, src, sequences, *hooks)
-    with torch.no_grad():
-        src.load(model.model.norm, "model.norm.")
-        head_name = "lm_head.weight" if (not spec.tied_embeddings or src.untied) else "model.embed_tokens.weight"
-        head = src.quantized(head_name)
-        head = src.get(head_name) if head is None else head
-        out = []
-        for x in xs:
-            h = model.model.norm(x)[0]
-            logits = frozen_linear(h, head)  # a tensor or a QuantWeight
-            out.append(model.cap_logits(logits.float()).numpy())
-    return out
+    return Head(base, src, model), [x[0] for x in xs]
+
+
+def reference_logits(base, adapters: list[tuple[PeftAdapter, float]], sequences: list[list[int]],
+                     routing: dict[int, np.ndarray] | None = None) -> list[np.ndarray]:
+    """The reference model's float32 logits for each token sequence (reference_states, then its Head); the
+    result is reference_model's."""
+    head, xs = reference_states(base, adapters, sequences, routing)
+    return [head(x) for x in xs]

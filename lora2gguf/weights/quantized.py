@@ -20,6 +20,7 @@ import warnings
 import numpy as np
 import torch
 import torch.nn.functional as F
+from gguf import GGMLQuantizationType
 from torch import nn
 
 from lora2gguf.models.layers import Transformer
@@ -95,6 +96,12 @@ def _row_blocks(w):
     the same reused buffer (on the CPU): the caller is done with a block when it asks for the next."""
     offset = 0
     for part in (w.parts if isinstance(w, QuantStack) else [w]):
+        if part.qtype == GGMLQuantizationType.F32 and part.perm is None and part.dtype == torch.float32:
+            # F32 rows are the mapped file's bytes as they are: read in place, not copied (verify's reference
+            # multiplies Gemma 3's 671 MB F32 head once per block of positions)
+            yield offset, offset + part.shape[0], part.raw.view(torch.float32)
+            offset += part.shape[0]
+            continue
         for a, b in part.blocks():
             out = _scratch((b - a) * part.shape[1], part.dtype, part.device) if part.device.type == "cpu" else None
             yield offset + a, offset + b, part.rows(a, b, out)

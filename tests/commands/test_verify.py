@@ -339,7 +339,6 @@ def test_floors_are_llama_quantize_of_the_f32_copy_without_the_copy(arch, kind, 
     tensors) measure exactly the files llama_model_quantize wrote from dequantize_file's F32 copy (from the
     base itself when it is F16), and no file bigger than that quantized one is written for them."""
     import ctypes
-    from pathlib import Path
 
     import llama_cpp
     from gguf import LlamaFileType
@@ -350,20 +349,7 @@ def test_floors_are_llama_quantize_of_the_f32_copy_without_the_copy(arch, kind, 
     from lora2gguf.fileio.gguf_write import dequantize_file
     from lora2gguf.parity.reference import ReferenceWeights
 
-    measured, biggest, replaced = {}, [], []
-
-    class Recorder:  # stands in for llama.cpp's runtime: the file it would load, instead of its logits
-        def __init__(self, path, **kw):
-            measured[Path(path).name] = Path(path).read_bytes()
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            pass
-
-        def logits(self, tokens):
-            return np.zeros((len(tokens), 8), np.float32)
+    biggest, replaced = [], []
 
     real_task, real_copy = qg._quantize_task, qg.quantize_f32_copy
 
@@ -375,7 +361,6 @@ def test_floors_are_llama_quantize_of_the_f32_copy_without_the_copy(arch, kind, 
         replaced.append(replace)
         return real_copy(src, dst, ftype, replace, threads, imatrix)
 
-    monkeypatch.setattr(floors, "LlamaRuntime", Recorder)
     monkeypatch.setattr(qg, "_quantize_task", task)
     monkeypatch.setattr(floors, "quantize_f32_copy", copy)
 
@@ -388,14 +373,15 @@ def test_floors_are_llama_quantize_of_the_f32_copy_without_the_copy(arch, kind, 
     work = tmp_path / "work"
     work.mkdir()
     base = fixture(arch, kind)
-    floors.measure_base_alone(base, mtype, [1, 5, 9], work, 64)
+    made = floors.base_alone_file(base, mtype, work)
     if kind == "f16":
         want = llama_quantize(base, tmp_path / "theirs.gguf")
     else:
         dequantize_file(base, tmp_path / "f32.gguf")
         want = llama_quantize(tmp_path / "f32.gguf", tmp_path / "theirs.gguf")
-    assert measured.pop(f"base-{mtype}.gguf") == want
+    assert made.read_bytes() == want
     assert biggest and max(biggest) <= len(want), "no file bigger than the quantized one"
+    made.unlink()  # as verify's temporary directory is, once measured
 
     adapter = make_peft_adapter(fixture(arch, "hf"), tmp_path / "a", seed=3, b_std=0.2, r=4, lora_alpha=8,
                                 target_modules=["o_proj", "down_proj"])
@@ -403,28 +389,27 @@ def test_floors_are_llama_quantize_of_the_f32_copy_without_the_copy(arch, kind, 
         lora = load_adapter(adapter, gb.spec)
         ref = ReferenceWeights(gb, [(lora, 1.0)])
         biggest.clear()
-        assert floors.exact_merge_quantized(gb, ref, mtype, [1, 5, 9], work, 64) is not None
+        made = floors.exact_merge_file(gb, ref, mtype, work)
+        assert made is not None
         (replace,) = [r for r in replaced if r]
         replace = {k: f() for k, f in replace.items()}  # each merged tensor is made when the quantizer reaches it
     assert {"blk.0.attn_output.weight", "blk.1.ffn_down.weight"} <= set(replace)
     dequantize_file(base, tmp_path / "exact-f32.gguf", replace)
-    assert measured.pop(f"exact-merge-{mtype}.gguf") == llama_quantize(tmp_path / "exact-f32.gguf",
-                                                                       tmp_path / "exact.gguf")
+    assert made.read_bytes() == llama_quantize(tmp_path / "exact-f32.gguf", tmp_path / "exact.gguf")
     assert max(biggest) <= (tmp_path / "exact.gguf").stat().st_size
-    assert list(work.iterdir()) == [], "each quantized file is removed once measured"
 
 
 def test_second_verify_on_one_base_reuses_the_base_views(tmp_path, monkeypatch):
-    """Two adapters verified on one base in one process (the demo): the base's own views (llama.cpp's and the
-    reference's logits) are computed once, and the second report is the one a fresh process gives."""
+    """Two adapters verified on one base in one process (the demo): the base's own reference pass (its final
+    hidden states) is computed once, and the second report is the one a fresh process gives."""
     from lora2gguf.commands import verify as verify_mod
     from lora2gguf.parity import floors
 
     loras = [convert(make_peft_adapter(fixture("llama", "hf"), tmp_path / f"a{s}", seed=s, **PLAIN), fixture("llama"),
                      tmp_path / f"a{s}.gguf") for s in (4, 5)]
     calls = []
-    real = verify_mod.reference_logits
-    monkeypatch.setattr(verify_mod, "reference_logits",
+    real = verify_mod.reference_states
+    monkeypatch.setattr(verify_mod, "reference_states",
                         lambda gb, pairs, seqs, routing=None: calls.append(len(pairs)) or real(gb, pairs, seqs, routing))
     floors.BASE_VIEWS.clear()
     verify(fixture("llama"), [(str(loras[0]), 1.0)])

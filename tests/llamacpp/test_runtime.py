@@ -1,8 +1,11 @@
 """runtime: greedy decoding reuses the KV cache of a shared prompt prefix without changing its answers,
-an adapter swap invalidates that cache, and quantized models evaluate whole prompts on this CPU."""
+an adapter swap invalidates that cache, quantized models evaluate whole prompts on this CPU, and a stream
+gives the logits a block at a time from a context of its own."""
 
 import subprocess
 import sys
+
+import numpy as np
 
 from conftest import ROOT, fixture, token_ids
 from lora2gguf.commands.convert import convert
@@ -96,3 +99,28 @@ def test_greedy_many_equals_greedy_one_by_one(tmp_path):
     assert all(len(a) == 10 for a in one) and one != one_lora
     assert many == one and many_lora == one_lora and shared == one[5:]
     assert abs(lg_after - lg).max() < 1e-4
+
+
+def test_a_stream_is_logits_a_block_at_a_time_in_its_own_context(tmp_path):
+    """LlamaRuntime.stream: the logits logits() gives with the same batch, with its own adapters and its
+    own expert choices, a block at a time, in a context of its own: the model's main context (greedy, its
+    adapters) is untouched, and two streams on one model advance side by side."""
+    base = fixture("qwen3moe")
+    tokens = token_ids(300, 70, seed=3)
+    peft_dir = make_peft_adapter(fixture("qwen3moe", "hf"), tmp_path / "a", seed=1, r=4, lora_alpha=8,
+                                 target_modules=["q_proj", "v_proj"])
+    lora = convert(peft_dir, base, tmp_path / "a.gguf")
+    with LlamaRuntime(base, n_ctx=128, n_batch=32, moe_routing=True) as rt:
+        plain, plain_routing = rt.logits(tokens), rt.routing
+        rt.set_adapters([(lora, 1.0)])
+        adapted = rt.logits(tokens)
+        rt.set_adapters([])
+        greedy = rt.greedy(tokens[:20], 6)
+        with rt.stream(tokens, [], 32) as a, rt.stream(tokens, [(lora, 1.0)], 32) as b:
+            blocks = [(x.copy(), y.copy()) for x, y in zip(a, b)]
+            a_routing = a.routing
+        assert rt.greedy(tokens[:20], 6) == greedy
+    assert [len(x) for x, _ in blocks] == [32, 32, 6]
+    assert (np.concatenate([x for x, _ in blocks]) == plain).all()
+    assert (np.concatenate([y for _, y in blocks]) == adapted).all() and abs(adapted - plain).max() > 1e-2
+    assert sorted(a_routing) == sorted(plain_routing) and all((a_routing[k] == v).all() for k, v in plain_routing.items())

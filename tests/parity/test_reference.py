@@ -1,5 +1,7 @@
-"""The reference with adapters (PEFT's math, folded in float64) against transformers + the real PEFT."""
+"""The reference with adapters (PEFT's math, folded in float64) against transformers + the real PEFT; its head
+applied a block of positions at a time (HeadBlocks)."""
 
+import numpy as np
 import pytest
 
 from conftest import fixture, reference_logits, token_ids
@@ -90,3 +92,37 @@ def test_layer_by_layer_experts_made_one_at_a_time_equal_the_whole_model(tmp_pat
         alone = reference_logits(b, [], [toks])[0]
     assert made and np.array_equal(lazy, whole)
     assert np.abs(alone - whole).max() > 1.0  # the adapter moves the logits
+
+
+def test_head_blocks_share_an_untouched_head_and_give_the_reference_logits(tmp_path):
+    """HeadBlocks: the base alone and an adapter that leaves the head alone share one product per block
+    (one group); an adapter that unties the head (a LoRA on Gemma's tied embedding) gets its own. Every
+    view's blocks are reference_logits' values."""
+    from lora2gguf.parity.reference import Head, HeadBlocks, ReferenceWeights, reference_states
+
+    seq = token_ids(383, 70, seed=9)
+    plain = make_peft_adapter(fixture("gemma3", "hf"), tmp_path / "a", seed=3, r=4, lora_alpha=8,
+                              target_modules=["q_proj"])
+    untied = make_peft_adapter(fixture("gemma3", "hf"), tmp_path / "b", seed=4, r=4, lora_alpha=8,
+                                target_modules=["embed_tokens", "q_proj"])
+    with open_base(fixture("gemma3", "q4_k_m")) as base:
+        views, want = {}, {}
+        for name, adapters in (("base", []), ("plain", [(load_peft(plain), 1.0)]),
+                               ("untied", [(load_peft(untied), 1.0)])):
+            head, xs = reference_states(base, adapters, [seq])
+            views[name] = (head, xs[0])
+            want[name] = reference_model(base, adapters)
+        views["base"] = (Head(base, ReferenceWeights(base, [])), views["base"][1])
+        made = HeadBlocks(views, 32)
+        assert sorted(map(sorted, made.groups)) == [["base", "plain"], ["untied"]]
+        streams = {k: made.stream(k) for k in views}
+        got = {k: [] for k in views}
+        for _ in range(3):
+            for k, s in streams.items():
+                got[k].append(next(s))
+        for k, model in want.items():
+            w = reference_logits(model, seq)
+            g = np.concatenate(got[k])
+            assert [len(b) for b in got[k]] == [32, 32, 6]
+            assert abs(g - w).max() <= 1e-4 * max(1.0, abs(w).max()), k
+    assert abs(np.concatenate(got["plain"]) - np.concatenate(got["base"])).max() > 1e-3
