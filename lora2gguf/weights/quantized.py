@@ -9,7 +9,8 @@ nn.Linear / nn.Embedding, under the same names, so LoRA injection, the fused tra
 verify's reference (parity.reference) all work on either form.
 
 `load_quantized_model` builds the PyTorch Transformer that way; `frozen_linear` / `frozen_grad_input`
-are the two products every caller uses, for a resident tensor or a QuantWeight alike.
+are the two products every caller uses, for a resident tensor or a QuantWeight alike; `frozen_products`
+does both in one pass over a QuantWeight's blocks (the loss's head).
 """
 
 from __future__ import annotations
@@ -113,8 +114,7 @@ def frozen_linear(x2: torch.Tensor, w, bias: torch.Tensor | None = None, out: to
     if isinstance(w, torch.Tensor):
         return F.linear(x2, w, bias)
     y = torch.empty(x2.shape[0], w.shape[0], dtype=w.dtype, device=x2.device) if out is None else out
-    for a, b, block in _row_blocks(w):
-        torch.mm(x2, block.t(), out=y[:, a:b])
+    frozen_products(w, x2, y)
     if bias is not None:
         y += bias
     return y
@@ -124,12 +124,21 @@ def frozen_grad_input(g2: torch.Tensor, w) -> torch.Tensor:
     """g2 (N × out) · w: the gradient reaching a frozen linear layer's input."""
     if isinstance(w, torch.Tensor):
         return g2 @ w
+    return frozen_products(w, g2=g2)
+
+
+def frozen_products(w, x2: torch.Tensor | None = None, out: torch.Tensor | None = None,
+                    g2: torch.Tensor | None = None) -> torch.Tensor | None:
+    """x2 · wᵀ into `out`, and g2 · w (returned), w a QuantWeight or a QuantStack: one pass over its row
+    blocks, each dequantized once for both products, each product the same GEMMs in the same order either
+    way. A block's columns of g2 are read before the same columns of `out` are written, so `out` may be
+    g2's memory (the loss's logits buffer holds one chunk's softmax while the next chunk's logits fill it)."""
     gx = None
     for a, b, block in _row_blocks(w):
-        if gx is None:
-            gx = g2[:, a:b] @ block
-        else:
-            gx.addmm_(g2[:, a:b], block)
+        if g2 is not None:
+            gx = g2[:, a:b] @ block if gx is None else gx.addmm_(g2[:, a:b], block)
+        if x2 is not None:
+            torch.mm(x2, block.t(), out=out[:, a:b])
     return gx
 
 
