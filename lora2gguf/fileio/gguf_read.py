@@ -270,6 +270,16 @@ class GGUFFile:
         t = self.tensors[name]
         return np.frombuffer(self._mm, dtype=np.uint8, count=t.nbytes, offset=t.offset)
 
+    def release(self, prefix: str) -> None:
+        """Drop this map's pages of the tensors named `prefix`… from the process (they stay in the page cache):
+        once read, a layer's pages would otherwise count in the resident set until the map closes, twice
+        where llama.cpp maps the same file in the same process (verify: the reference beside llama.cpp)."""
+        page = mmap.PAGESIZE
+        for t in self.tensors.values():
+            if t.name.startswith(prefix) and t.nbytes:
+                start = t.offset // page * page
+                self._mm.madvise(mmap.MADV_DONTNEED, start, t.offset + t.nbytes - start)
+
     def tensor(self, name: str) -> np.ndarray:
         """The tensor as float32 in numpy order (a copy, never a view of the file), decoded by `decode`."""
         if name not in self.tensors:

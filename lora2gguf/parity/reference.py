@@ -208,6 +208,8 @@ def run_layers(base, src: ReferenceWeights, sequences: list[list[int]],
                 cos, sin = ropes[x.shape[1]][layer.self_attn.rope_key]
                 xs[k] = layer(x, cos, sin, masks[x.shape[1]][layer.self_attn.window])
             del layer
+            if isinstance(base, GGUFBase):  # read once: its pages leave this process's resident set
+                base.file.release(f"blk.{i}.")
     out: list[torch.Tensor] = [None] * len(sequences)  # type: ignore[list-item]
     for g, x in zip(groups, xs):
         for b, j in enumerate(g):

@@ -68,3 +68,32 @@ def test_not_gguf_and_bad_version(tmp_path):
 def test_missing_file(tmp_path):
     with pytest.raises(Lora2GGUFError, match="no such file"):
         GGUFFile(tmp_path / "nope.gguf")
+
+
+def _rss_file_kb() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("RssFile"))
+
+
+def test_release_drops_a_read_tensors_pages_and_keeps_its_values(tmp_path):
+    """release(prefix): the pages of those tensors leave the process's resident set once read (verify's
+    reference drops each layer's), the others stay, and a later read still gives the same values."""
+    w = gguf.GGUFWriter(tmp_path / "t.gguf", "llama")
+    rng = np.random.default_rng(0)
+    values = {name: rng.standard_normal((1024, 4096)).astype(np.float32) for name in ("blk.0.a", "blk.1.a")}
+    for name, v in values.items():
+        w.add_tensor(name, v)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with GGUFFile(tmp_path / "t.gguf") as f:
+        before = _rss_file_kb()
+        sums = {name: float(f.raw(name).view(np.float32).sum()) for name in values}
+        read = _rss_file_kb()
+        f.release("blk.0.")
+        released = _rss_file_kb()
+        assert read - before >= 2 * 15_000, "both 16 MB tensors were read through the map"
+        assert read - released >= 15_000 and released - before >= 15_000, "blk.0 left, blk.1 stayed"
+        assert np.array_equal(f.raw("blk.0.a").view(np.float32).reshape(1024, 4096), values["blk.0.a"])
+        assert sums["blk.0.a"] == float(values["blk.0.a"].sum())

@@ -14,7 +14,7 @@ def blocks(a: np.ndarray, rows: int):
 
 
 def test_block_rows_bound_each_block():
-    assert block_rows(262_144) == 32 and block_rows(49_152) == 160 and block_rows(300) == 256
+    assert block_rows(262_144) == 16 and block_rows(49_152) == 80 and block_rows(300) == 256
     assert block_rows(10_000_000) == SUB_ROWS
     for vocab in (32_000, 128_256, 151_936, 262_144):
         assert block_rows(vocab) % SUB_ROWS == 0
