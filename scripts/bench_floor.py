@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """The machine's matmul floor: torch float32 GFLOP/s on the cores in use, for the shapes a 135M-270M model's
-forward pass multiplies (tokens × n_embd by n_embd × n_ff, and by the vocabulary head), best of 5. A verb's
+(and an 8B's, 128 tokens) forward pass multiplies (tokens × n_embd by n_embd × n_ff, and by the vocabulary head), best of 5. A verb's
 floor is its FLOPs over this rate: a forward pass of T tokens through P weights costs 2·P·T FLOPs (verify
 runs four: reference and llama.cpp, each with and without the adapter).
 
@@ -15,7 +15,8 @@ import time
 import torch
 
 SHAPES = {"SmolLM2 MLP (256×576 @ 576×1536)": (256, 576, 1536), "SmolLM2 head (256×576 @ 576×49152)": (256, 576, 49152),
-          "Gemma 3 MLP (256×640 @ 640×2048)": (256, 640, 2048), "Gemma 3 head (256×640 @ 640×262144)": (256, 640, 262144)}
+          "Gemma 3 MLP (256×640 @ 640×2048)": (256, 640, 2048), "Gemma 3 head (256×640 @ 640×262144)": (256, 640, 262144),
+          "Llama 3.1 8B MLP (128×4096 @ 4096×14336)": (128, 4096, 14336)}
 
 
 def gflops(m: int, k: int, n: int) -> float:

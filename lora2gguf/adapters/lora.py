@@ -41,7 +41,8 @@ class ModuleLoRA:
         """scale · B @ A in the layout of the base weight (out, in); embeddings: (vocab, dim); experts
         (n_expert, out, in), one product per expert.
         Not the DoRA update (that needs the base weight: see merge)."""
-        d = (self.B.astype(np.float64) @ self.A.astype(np.float64)) * self.scale
+        d = self.B.astype(np.float64) @ self.A.astype(np.float64)
+        d *= self.scale  # in place: one (out, in) float64 array, not two
         if self.embedding or self.fan_in_fan_out:
             d = d.T
         return d.astype(np.float32)
@@ -132,10 +133,11 @@ def merged_weight(w: np.ndarray, mods: list[tuple[ModuleLoRA, float]]) -> np.nda
     W + Σ u·s·B·A, where u is the user's scale and s PEFT's; a DoRA module contributes
     (m / ‖W + u·s·B·A‖_row − 1)·W + (m / ‖W + u·s·B·A‖_row)·u·s·B·A (PEFT's DoRA forward, merged).
     As in PEFT, each adapter's DoRA norm is taken against the base weight, not the others' sum."""
-    base = w.astype(np.float64)
-    out = base.copy()
+    out = w.astype(np.float64)
+    base = out.copy() if any(m.magnitude is not None for m, _ in mods) else None  # DoRA's norms read the base
     for m, u in mods:
-        d = m.delta().astype(np.float64) if u == 1.0 else m.delta().astype(np.float64) * u
+        # float32 deltas add into float64 exactly as their float64 copies would: no copy of the weight's size
+        d = m.delta() if u == 1.0 else m.delta().astype(np.float64) * u
         if m.magnitude is None:
             out += d
         else:
