@@ -36,7 +36,7 @@ from lora2gguf.llamacpp.ggml import Importance
 from lora2gguf.llamacpp.runtime import LlamaRuntime, LogitStream
 from lora2gguf.llamacpp.tokenizer import ROLES, Tokenizer
 from lora2gguf.parity import lockstep
-from lora2gguf.parity.floors import FULL_PRECISION, base_alone_file, exact_merge_file, file_type, remembered
+from lora2gguf.parity.floors import FULL_PRECISION, base_alone_file, exact_merge_file, file_type, remembered_base_states
 from lora2gguf.parity.lockstep import Tallies, block_rows
 from lora2gguf.parity.metrics import CARRIED_RANGE, agreement, routed_summary, teacher_forced
 from lora2gguf.parity.nf4 import NF4Base
@@ -302,7 +302,7 @@ def evaluate(gb, adapters: list[Adapter], merged: Path | None, run_runtime: bool
             got = {} if moe else None
             return reference_states(gb, [], [tokens], got)[1][0], got
 
-        base_states, base_routing = remembered("reference", base_path, tokens, (), base_reference)
+        base_states, base_routing = remembered_base_states(base_path, tokens, base_reference)
         if moe:
             routing["base_reference"] = base_routing
         head, states = reference_states(gb, pairs, [tokens] + [p + c for p, c in zip(prompt_tokens, conts)],

@@ -1,8 +1,8 @@
 """The floors verify judges against: what llama.cpp costs the base alone at a file's type (its arithmetic
 at F32/F16/BF16, that plus the rounding for quantized types), and, for a merge into the base's own quantized
 type, what a correct merge of that type computes. Each quantized file is made by llama.cpp's quantizer in
-this process (llamacpp.ggml); verify measures it with llama.cpp and removes it: no file here is larger than
-the quantized one."""
+this process (llamacpp.ggml) into verify's temporary directory, which goes when verify ends: no file here
+is larger than the quantized one."""
 
 from __future__ import annotations
 
@@ -28,22 +28,18 @@ def file_type(path: Path) -> str:
         return str(ft)
 
 
-BASE_VIEWS: dict[tuple, tuple] = {}  # the base reference's states for the last base and text verified in this process
+BASE_STATES: dict[tuple, tuple] = {}  # the base reference's states for the last base and text verified
 
 
-def remembered(kind: str, base_path: Path, tokens, args: tuple, compute: Callable[[], tuple]) -> tuple:
-    """compute() of the base alone (`kind`: the reference's final hidden states and expert choices) over
-    `tokens`, made with `args`; kept for the next verify of the same base and text in this process (the demo
-    verifies two adapters on one base): the same inputs, so the same values. Kept values are small
-    (tokens × n_embd), not logits."""
+def remembered_base_states(base_path: Path, tokens, compute: Callable[[], tuple]) -> tuple:
+    """compute(): the reference's final hidden states of the base alone over `tokens` (and its expert
+    choices), kept for the next verify of the same base and text in this process (the demo verifies two
+    adapters on one base): the same inputs, so the same values. Small (tokens × n_embd), not logits."""
     key = (file_identity(base_path), tuple(tokens))
-    if (kind, key, args) in BASE_VIEWS:
-        return BASE_VIEWS[kind, key, args]
-    value = compute()
-    for k in [k for k in BASE_VIEWS if k[1] != key]:  # another base or text: the old ones go
-        del BASE_VIEWS[k]
-    BASE_VIEWS[kind, key, args] = value
-    return value
+    if key not in BASE_STATES:
+        BASE_STATES.clear()  # another base or text: the old one goes
+        BASE_STATES[key] = compute()
+    return BASE_STATES[key]
 
 
 def base_alone_file(base_path: Path, ftype_name: str, tmp: Path, imatrix: Importance | None = None) -> Path:
@@ -51,7 +47,7 @@ def base_alone_file(base_path: Path, ftype_name: str, tmp: Path, imatrix: Import
     (llamacpp.ggml), with the merged file's importance matrix if it had one: what a merged file of that type
     would be if it carried nothing. From the base itself when it is F32/F16/BF16, else from its tensors
     dequantized (what llama_model_quantize of dequantize_file's F32 copy gives, without that copy: no file
-    here is larger than the quantized one). The caller measures it with llama.cpp and removes it."""
+    here is larger than the quantized one)."""
     dst = tmp / f"base-{ftype_name}.gguf"
     if file_type(base_path) in FULL_PRECISION:
         quantize_file(base_path, dst, LlamaFileType[ftype_name], imatrix=imatrix)

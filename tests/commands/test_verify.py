@@ -411,13 +411,13 @@ def test_second_verify_on_one_base_reuses_the_base_views(tmp_path, monkeypatch):
     real = verify_mod.reference_states
     monkeypatch.setattr(verify_mod, "reference_states",
                         lambda gb, pairs, seqs, routing=None: calls.append(len(pairs)) or real(gb, pairs, seqs, routing))
-    floors.BASE_VIEWS.clear()
+    floors.BASE_STATES.clear()
     verify(fixture("llama"), [(str(loras[0]), 1.0)])
     assert calls == [0, 1]
     calls.clear()
     second = verify(fixture("llama"), [(str(loras[1]), 1.0)])
     assert calls == [1], "the base's reference pass is not run again"
-    floors.BASE_VIEWS.clear()
+    floors.BASE_STATES.clear()
     fresh = verify(fixture("llama"), [(str(loras[1]), 1.0)])
     assert calls == [1, 0, 1]
     assert json.dumps(second, sort_keys=True, default=str) == json.dumps(fresh, sort_keys=True, default=str)
