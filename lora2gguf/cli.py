@@ -13,6 +13,7 @@ from pathlib import Path
 import click
 
 from lora2gguf import __version__
+from lora2gguf.allocator import keep_freed_memory
 from lora2gguf.errors import Lora2GGUFError, Terminated
 
 
@@ -310,6 +311,8 @@ def _catch_termination():
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: bad input → `error: <one line>` on stderr and exit 2 (traceback only with -v)."""
+    if argv is None:  # the process is ours (the console script, python -m): set its heap policy
+        keep_freed_memory()
     args = sys.argv[1:] if argv is None else argv
     verbose = "-v" in args or "--verbose" in args
     restore = _catch_termination()

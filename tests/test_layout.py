@@ -9,7 +9,7 @@ from conftest import ROOT
 
 PACKAGE = ROOT / "lora2gguf"
 # A folder (or top-level module) may import those of a lower rank only.
-RANK = {"errors": 0, "fileio": 1, "models": 1, "llamacpp": 2, "weights": 2, "adapters": 3, "parity": 4,
+RANK = {"errors": 0, "allocator": 0, "fileio": 1, "models": 1, "llamacpp": 2, "weights": 2, "adapters": 3, "parity": 4,
         "training": 4, "commands": 5, "demo": 6, "cli": 7}
 
 

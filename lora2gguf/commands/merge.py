@@ -35,7 +35,6 @@ whole tensors, two at a time (the next one computed while this one is written).
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import dataclasses
 import hashlib
 import math
@@ -55,6 +54,7 @@ from tqdm import tqdm
 from lora2gguf.adapters.load import adapter_files, load_for_base, say_notes
 from lora2gguf.adapters.lora import ModuleLoRA, PeftAdapter, merged_bias, merged_weight
 from lora2gguf.adapters.rules import check_not_activated
+from lora2gguf.allocator import release_free_memory
 from lora2gguf.errors import Lora2GGUFError
 from lora2gguf.fileio.atomic import atomic_output, check_output, part_prefix
 from lora2gguf.fileio.gguf_read import TensorInfo, decode, file_identity, pread
@@ -386,15 +386,6 @@ def _ahead(fn, items):
             yield pending.result()
 
 
-def _release_free_memory() -> None:
-    """Hand freed heap memory back to the OS (glibc keeps it in per-thread arenas after our pool's
-    tensors are gone, ~15 MB that would otherwise sit under the quantizer's peak)."""
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
-
-
 def _check_imatrix_request(qtype: OutputType, imatrix, imatrix_data, imatrix_out) -> None:
     if imatrix is not None and imatrix_data is not None:
         raise Lora2GGUFError("--imatrix and --imatrix-data: give one (a file from llama-imatrix, or data to measure "
@@ -541,7 +532,7 @@ def merge(base: str | os.PathLike, loras: list[tuple[str | os.PathLike, float]],
                 _write(Path(mid), b, jobs, mid_type, record, bar, threads)
                 del jobs, adapters, a  # the quantizer's buffers come on top of what we still hold: drop it
                 b.close()
-                _release_free_memory()
+                release_free_memory()  # our pool's freed tensors, ~15 MB, would sit under the quantizer's peak
                 bar.set_description(f"quantize → {qtype.label}")
                 llama_quantize(mid, tmp, qtype.ftype, threads, verbose, on_tensor=lambda: bar.update(1))
             finally:

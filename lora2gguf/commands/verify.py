@@ -30,6 +30,7 @@ from lora2gguf.adapters.gguf_lora import base_match
 from lora2gguf.adapters.gguf_lora_write import gguf_from_peft, refuse_unsupported
 from lora2gguf.adapters.load import load_adapter
 from lora2gguf.adapters.peft import four_bit_base
+from lora2gguf.allocator import release_free_memory
 from lora2gguf.errors import Lora2GGUFError
 from lora2gguf.fileio.gguf_read import GGUFFile
 from lora2gguf.llamacpp.ggml import Importance
@@ -320,6 +321,7 @@ def evaluate(gb, adapters: list[Adapter], merged: Path | None, run_runtime: bool
         names = set(streams) | set(aliases)
         carried = ("base_reference", "reference", "base_alone_as_merged", "merged") if merged else None
         tallies = Tallies(measured, tokens, pairs_judged(names), carried, aliases)
+        release_free_memory()  # the reference's layer temporaries: the views' blocks are other sizes
         lockstep.run(streams, tallies, len(tokens))
         if moe:
             routing |= {view: s.routing for view, s in streams.items() if isinstance(s, LogitStream)}
