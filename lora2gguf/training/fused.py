@@ -113,8 +113,10 @@ class SwiGLU(torch.autograd.Function):
         h, s = ctx.saved_tensors
         f = h.shape[-1] // 2
         grad = torch.empty_like(h)
-        torch.mul(g, s, out=grad[..., f:])
-        torch.ops.aten.silu_backward.grad_input(g * h[..., f:], h[..., :f], grad_input=grad[..., :f])
+        gate, up = grad[..., :f], grad[..., f:]
+        torch.mul(g, s, out=up)
+        # silu's gradient in place over g·up: one 25 MB temporary less per layer at 4 × 1024 tokens (SmolLM2)
+        torch.ops.aten.silu_backward.grad_input(torch.mul(g, h[..., f:], out=gate), h[..., :f], grad_input=gate)
         return grad
 
 
