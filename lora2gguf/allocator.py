@@ -1,12 +1,21 @@
-"""The command line's heap policy: memory a command frees is kept for its next tensors, not handed back.
+"""The command line's memory policy: memory a command frees is kept for its next tensors, not handed back,
+and in 4 KiB pages.
 
 train and verify allocate and free gigabytes of short-lived tensors. glibc serves each block over its mmap
 threshold (128 KB, rising to 32 MB) with a fresh mapping and unmaps it on free, so every new activation,
-gradient or logit block is first touched page by page. On this project's 2-core machine, 50 MB of fresh
-memory took 10 ms to fill and 1 ms once reused; a 4 × 1024-token SmolLM2 step spent ~2 s of 14 s in such
-faults. With no mmap and a high trim threshold, freed blocks stay in the heap and are reused. Peak memory
-is unchanged (the same tensors are alive at the peak); the process just keeps it until it exits.
-glibc has no other switch for this and torch's CPU allocator caches nothing, hence mallopt by hand.
+gradient or logit block is first touched page by page. On this project's 2-core machine 50 MB of fresh
+memory took 10 ms to fill and 1 ms once reused. With no mmap and a high trim threshold, freed blocks stay
+in the heap and are reused. glibc has no other switch for this and torch's CPU allocator caches nothing,
+hence mallopt by hand.
+
+numpy asks for transparent huge pages on every array over 4 MB (madvise). Where the kernel compacts memory
+to find them at fault time (defrag "madvise", the usual default), filling the arrays stalls: dequantizing
+Gemma 3 270M to float32 (1.07 GB) took 8.1 s with huge pages asked for on the heap, 1.7 s with glibc's
+default mappings, and 0.65 s in 4 KiB pages. numpy's own switch, NUMPY_MADVISE_HUGEPAGE=0, turns it off.
+
+Measured (BENCHMARKS.md, issue 26): verify on Gemma 3 F32 at 700 tokens 37.4–37.8 s → 31.3–32.1 s; a
+4 × 1024-token SmolLM2 training step 14.6–15.2 s → 12.2–12.7 s. Peak memory is that of the tensors alive at
+the peak, as before; the process keeps what it frees until it exits (release_free_memory gives it back).
 """
 
 from __future__ import annotations
@@ -19,8 +28,9 @@ TRIM_THRESHOLD = 2**31 - 1  # mallopt takes an int: keep up to 2 GiB of free hea
 
 
 def keep_freed_memory() -> bool:
-    """Set the policy in this process (glibc only; a user's own MALLOC_* tuning is left as it is) →
-    whether it was set."""
+    """Set the policy in this process, before numpy is imported (a user's own MALLOC_* tuning or
+    NUMPY_MADVISE_HUGEPAGE is left as it is) → whether glibc's part was set (glibc only)."""
+    os.environ.setdefault("NUMPY_MADVISE_HUGEPAGE", "0")  # read once, when numpy is imported
     if any(k.startswith("MALLOC_") for k in os.environ):
         return False
     try:

@@ -49,6 +49,22 @@ def test_users_own_malloc_tuning_is_left_alone():
     assert r["set"] is False and r["mapped"] >= 64 << 20
 
 
+HUGEPAGE = """
+import json, sys
+from lora2gguf.allocator import keep_freed_memory
+keep_freed_memory()
+from numpy._core import multiarray
+print(json.dumps(multiarray._get_madvise_hugepage()))
+"""
+
+
+@pytest.mark.parametrize("env, asked", [({}, False), ({"NUMPY_MADVISE_HUGEPAGE": "1"}, True)])
+def test_numpy_arrays_in_small_pages_unless_the_user_says(env, asked):
+    e = {k: v for k, v in os.environ.items() if k != "NUMPY_MADVISE_HUGEPAGE"} | env
+    out = subprocess.run([sys.executable, "-c", HUGEPAGE], capture_output=True, text=True, env=e, check=True)
+    assert json.loads(out.stdout) is asked
+
+
 def test_only_the_process_entry_sets_it(monkeypatch):
     import lora2gguf.cli as cli
 
