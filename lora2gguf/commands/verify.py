@@ -38,7 +38,7 @@ from lora2gguf.llamacpp.runtime import LlamaRuntime, LogitStream
 from lora2gguf.llamacpp.tokenizer import ROLES, Tokenizer
 from lora2gguf.parity import lockstep
 from lora2gguf.parity.floors import FULL_PRECISION, base_alone_file, exact_merge_file, file_type, remembered_base_states
-from lora2gguf.parity.lockstep import Tallies, block_rows
+from lora2gguf.parity.lockstep import Tallies, block_rows, decode_rows
 from lora2gguf.parity.metrics import CARRIED_RANGE, agreement, routed_summary, teacher_forced
 from lora2gguf.parity.nf4 import NF4Base
 from lora2gguf.parity.reference import Head, HeadBlocks, ReferenceWeights, reference_states
@@ -255,7 +255,7 @@ def evaluate(gb, adapters: list[Adapter], merged: Path | None, run_runtime: bool
     n_ctx = max(256, n_tokens + 8, sum(n + n_greedy for n in longest))
     # the file as it is, not repacked by llama.cpp for its CPU kernels: the base once in memory, not twice
     rt_args = dict(n_ctx=n_ctx, verbose=verbose, repack=False, n_seq=n_seq, moe_routing=moe)
-    rows = block_rows(gb.spec.n_vocab)
+    rows, decoded = block_rows(gb.spec.n_vocab), decode_rows(gb.spec.n_vocab)
     pairs = [(a.lora, a.scale) for a in adapters]
     streams: dict = {}
     aliases: dict[str, str] = {}
@@ -265,7 +265,7 @@ def evaluate(gb, adapters: list[Adapter], merged: Path | None, run_runtime: bool
             return stack.enter_context(LlamaRuntime(path, **rt_args))
 
         def stream(view: str, rt: LlamaRuntime, loras=()) -> None:
-            streams[view] = stack.enter_context(rt.stream(tokens, loras, rows))
+            streams[view] = stack.enter_context(rt.stream(tokens, loras, rows, decoded))
 
         rt = load(base_path)
         tokens = rt.tokenize(text or DEFAULT_TEXT)[:n_tokens]

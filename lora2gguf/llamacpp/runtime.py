@@ -200,9 +200,10 @@ class LlamaRuntime:
             raise Lora2GGUFError(f"{self.path}: llama.cpp could not set the LoRA adapters")
 
     def stream(self, tokens: Sequence[int], adapters: Sequence[tuple[str | os.PathLike, float]] = (),
-               rows: int = 64) -> LogitStream:
-        """The logits of `tokens` with these adapters, `rows` positions at a time (LogitStream)."""
-        return LogitStream(self, tokens, adapters, rows)
+               rows: int = 64, decode_rows: int | None = None) -> LogitStream:
+        """The logits of `tokens` with these adapters, `rows` positions at a time, decoded `decode_rows` (a
+        multiple of rows) at a time (LogitStream)."""
+        return LogitStream(self, tokens, adapters, rows, decode_rows)
 
     # -- evaluation -------------------------------------------------------------------------------
     def logits(self, tokens: Sequence[int]) -> np.ndarray:
@@ -321,16 +322,24 @@ class LogitStream:
     that is read as it is made, never held whole (parity.lockstep). The same settings as LlamaRuntime.logits
     (the model's context parameters, F32 KV cache), only a smaller batch: llama.cpp keeps about two
     rows × n_vocab float32 buffers per context. Each block is a read-only view of llama.cpp's output,
-    valid until the next one is made."""
+    valid until the next one is made.
+
+    Blocks are cut from decodes of `decode_rows` positions (a multiple of rows): each decode reads every
+    weight once, so fewer, larger decodes are faster where the weights outweigh the activations (Gemma 3
+    F32, 700 positions: 4.5 s at 16 per decode, 3.1 s at 32, 2.5 s at 64), and llama.cpp's buffers grow
+    with them."""
 
     def __init__(self, rt: LlamaRuntime, tokens: Sequence[int], adapters: Sequence[tuple[str | os.PathLike, float]],
-                 rows: int):
-        self.tokens, self.rows, self.n_vocab = list(tokens), rows, rt.n_vocab
+                 rows: int, decode_rows: int | None = None):
+        decode_rows = decode_rows or rows
+        if decode_rows % rows:
+            raise ValueError(f"decode_rows {decode_rows} is not a multiple of rows {rows}")
+        self.tokens, self.rows, self.decode_rows, self.n_vocab = list(tokens), rows, decode_rows, rt.n_vocab
         self._routing: dict[int, list[np.ndarray]] = {}
         self._cb = _routing_callback(self._routing) if rt._cb is not None else None
         params = llama_cpp.llama_context_params.from_buffer_copy(rt.llm.context_params)
-        params.n_ctx = max(len(self.tokens), rows)
-        params.n_batch = params.n_ubatch = rows
+        params.n_ctx = max(len(self.tokens), decode_rows)
+        params.n_batch = params.n_ubatch = decode_rows
         params.n_seq_max, params.kv_unified = 1, False
         params.cb_eval = self._cb if self._cb is not None else type(params.cb_eval)()
         with _quiet_stderr(not rt.verbose):
@@ -338,17 +347,18 @@ class LogitStream:
                 self.ctx = llama_cpp._internals.LlamaContext(model=rt.llm._model, params=params, verbose=rt.verbose)
             except ValueError as e:
                 raise Lora2GGUFError(f"{rt.path}: llama.cpp could not make a context ({e})") from None
-        self.batch = llama_cpp._internals.LlamaBatch(n_tokens=rows, embd=0, n_seq_max=1, verbose=rt.verbose)
+        self.batch = llama_cpp._internals.LlamaBatch(n_tokens=decode_rows, embd=0, n_seq_max=1, verbose=rt.verbose)
         rt._set_adapters_on(self.ctx.ctx, adapters)
 
     def __iter__(self):
-        for i in range(0, len(self.tokens), self.rows):
-            part = self.tokens[i: i + self.rows]
+        for i in range(0, len(self.tokens), self.decode_rows):
+            part = self.tokens[i: i + self.decode_rows]
             self.batch.set_batch(batch=part, n_past=i, logits_all=True)
             self.ctx.decode(self.batch)
-            block = np.ctypeslib.as_array(self.ctx.get_logits(), shape=(len(part), self.n_vocab))
-            block.flags.writeable = False
-            yield block
+            decoded = np.ctypeslib.as_array(self.ctx.get_logits(), shape=(len(part), self.n_vocab))
+            decoded.flags.writeable = False
+            for j in range(0, len(part), self.rows):
+                yield decoded[j: j + self.rows]
 
     @property
     def routing(self) -> dict[int, np.ndarray]:

@@ -34,7 +34,7 @@ class Rows:
         y = x.astype(np.float64)
         self.m = y.max(-1, keepdims=True)
         y -= self.m
-        self.lse = np.log(np.exp(y).sum(-1, keepdims=True))
+        self.lse = np.log(np.exp(y, out=y).sum(-1, keepdims=True))  # in place: one (rows, vocab) float64 array
         self.argmax = x.argmax(-1)
 
     def log_softmax(self) -> np.ndarray:
@@ -56,9 +56,12 @@ class PairTally:
         lp, lq = p.log_softmax(), q.log_softmax()
         lq -= lp
         lq *= -1.0
-        self._kl.append(np.einsum("ij,ij->i", np.exp(lp), lq))
+        self._kl.append(np.einsum("ij,ij->i", np.exp(lp, out=lp), lq))  # in place: no third (rows, vocab) array
+        del lp, lq
         self._agree.append(p.argmax == q.argmax)
-        self.max_abs_dlogit = max(self.max_abs_dlogit, float(np.abs(p.x.astype(np.float64) - q.x).max()))
+        d = p.x.astype(np.float64)
+        d -= q.x
+        self.max_abs_dlogit = max(self.max_abs_dlogit, float(np.abs(d, out=d).max()))
 
     @property
     def kl(self) -> np.ndarray:
@@ -103,8 +106,10 @@ class CarriedTally:
     def add(self, base_ref: Rows, ref: Rows, base_alone: Rows, merged: Rows) -> None:
         lr = ref.log_softmax()
         p = np.exp(lr)
-        da = lr - base_ref.log_softmax()
-        dm = merged.log_softmax() - base_alone.log_softmax()
+        da = base_ref.log_softmax()  # the differences in place: the same values, fewer (rows, vocab) arrays
+        np.subtract(lr, da, out=da)
+        dm = merged.log_softmax()
+        dm -= base_alone.log_softmax()
         da -= np.einsum("ij,ij->i", p, da)[:, None]  # centred: E_p[da] = 0
         dm -= np.einsum("ij,ij->i", p, dm)[:, None]
         p *= da  # p·da: the one product both sums share (no (rows, vocab) temporaries beyond it)

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from conftest import ROOT, fixture, token_ids
 from lora2gguf.commands.convert import convert
@@ -124,3 +125,18 @@ def test_a_stream_is_logits_a_block_at_a_time_in_its_own_context(tmp_path):
     assert (np.concatenate([x for x, _ in blocks]) == plain).all()
     assert (np.concatenate([y for _, y in blocks]) == adapted).all() and abs(adapted - plain).max() > 1e-2
     assert sorted(a_routing) == sorted(plain_routing) and all((a_routing[k] == v).all() for k, v in plain_routing.items())
+
+
+def test_a_stream_cuts_its_blocks_from_larger_decodes():
+    """decode_rows: blocks of `rows` positions cut from decodes of a multiple of them, the same logits as one
+    decode per block (this fixture's batch sizes give the same bits), and a decode size that is no multiple
+    is refused."""
+    base = fixture("llama")
+    tokens = token_ids(256, 75, seed=4)
+    with LlamaRuntime(base, n_ctx=128, n_batch=16) as rt:
+        with rt.stream(tokens, [], 16) as one, rt.stream(tokens, [], 16, decode_rows=48) as cut:
+            pairs = [(x.copy(), y.copy()) for x, y in zip(one, cut)]
+        with pytest.raises(ValueError, match="not a multiple"):
+            rt.stream(tokens, [], 16, decode_rows=40)
+    assert [len(y) for _, y in pairs] == [16, 16, 16, 16, 11]
+    assert all((x == y).all() for x, y in pairs)

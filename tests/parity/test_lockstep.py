@@ -4,13 +4,21 @@ a view under a second name (alias) is the same view, and views that disagree on 
 import numpy as np
 import pytest
 
-from lora2gguf.parity.lockstep import Tallies, block_rows, run
+from lora2gguf.parity.lockstep import DECODE_BYTES, Tallies, block_rows, decode_rows, run
 from lora2gguf.parity.metrics import SUB_ROWS, carried_fraction, compare, perplexity
 
 
 def blocks(a: np.ndarray, rows: int):
     for i in range(0, len(a), rows):
         yield a[i: i + rows]
+
+
+def test_decode_rows_are_whole_blocks_within_the_bound():
+    assert decode_rows(262_144) == 32 and decode_rows(49_152) == 160 and decode_rows(300) == 256
+    assert decode_rows(10_000_000) == block_rows(10_000_000)  # one block is already over the bound
+    for vocab in (300, 32_000, 49_152, 151_936, 262_144):
+        d = decode_rows(vocab)
+        assert d % block_rows(vocab) == 0 and (d * vocab * 4 <= DECODE_BYTES or d == block_rows(vocab)) and d <= 256
 
 
 def test_block_rows_bound_each_block():
