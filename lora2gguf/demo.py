@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
 
+from lora2gguf.allocator import release_free_memory
 from lora2gguf.commands.merge import merge
 from lora2gguf.commands.modelfile import write_modelfile
 from lora2gguf.commands.train import train
@@ -165,6 +166,9 @@ def _run(workdir, base, recipe: Recipe, max_prompts: int | None, log) -> dict:
         stages[f"train+convert {b.name}"] = time.perf_counter() - t
         log(f"trained {b.name}: loss {res.losses[0]:.3f} → {res.losses[-1]:.3f} in {res.steps} steps; "
             f"{res.gguf.stat().st_size / 1e3:.0f} KB GGUF LoRA")
+        del res  # it holds the trained model, base weights included
+    release_free_memory()  # the CLI keeps freed memory for reuse (lora2gguf.allocator): the stages after
+    # training allocate other sizes, so what training freed goes back
 
     merged: dict[str, Path] = {}
     for b in BEHAVIOURS:
@@ -175,6 +179,7 @@ def _run(workdir, base, recipe: Recipe, max_prompts: int | None, log) -> dict:
                                quant="q4_k_m", force=True, progress=False, imatrix_data=DEMO_DATA / b.data,
                                chat_template=template)
         stages[f"merge {b.name} → q4_k_m (imatrix)"] = time.perf_counter() - t
+    release_free_memory()
 
     t = time.perf_counter()
     answers, load_s, swap_s = _score(base, template, prompts, ggufs, merged)
