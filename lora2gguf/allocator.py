@@ -4,8 +4,10 @@ and in 4 KiB pages.
 train and verify allocate and free gigabytes of short-lived tensors. glibc serves each block over its mmap
 threshold (128 KB, rising to 32 MB) with a fresh mapping and unmaps it on free, so every new activation,
 gradient or logit block is first touched page by page. On this project's 2-core machine 50 MB of fresh
-memory took 10 ms to fill and 1 ms once reused. With no mmap and a high trim threshold, freed blocks stay
-in the heap and are reused. glibc has no other switch for this and torch's CPU allocator caches nothing,
+memory took 10 ms to fill and 1 ms once reused. With the threshold fixed at its largest (32 MiB) and a high
+trim threshold, freed blocks up to 32 MiB stay in the heap and are reused; larger ones are still mapped and
+unmapped, so they leave no holes in the heap (serving every block from the heap took an 8B verify's peak
+from 7.2 GB to over 7.65). glibc has no other switch for this and torch's CPU allocator caches nothing,
 hence mallopt by hand.
 
 numpy asks for transparent huge pages on every array over 4 MB (madvise). Where the kernel compacts memory
@@ -13,9 +15,8 @@ to find them at fault time (defrag "madvise", the usual default), filling the ar
 Gemma 3 270M to float32 (1.07 GB) took 8.1 s with huge pages asked for on the heap, 1.7 s with glibc's
 default mappings, and 0.65 s in 4 KiB pages. numpy's own switch, NUMPY_MADVISE_HUGEPAGE=0, turns it off.
 
-Measured (BENCHMARKS.md, issue 26): verify on Gemma 3 F32 at 700 tokens 37.4–37.8 s → 31.3–32.1 s; a
-4 × 1024-token SmolLM2 training step 14.6–15.2 s → 12.2–12.7 s. Peak memory is that of the tensors alive at
-the peak, as before; the process keeps what it frees until it exits (release_free_memory gives it back).
+Measured in BENCHMARKS.md ("Speed, fourth round"). The process keeps what it frees until it exits, or
+until release_free_memory gives it back.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from __future__ import annotations
 import ctypes
 import os
 
-M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's malloc.h
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
+MMAP_THRESHOLD = 32 << 20  # the largest glibc takes (half its 64 MiB heap size on 64-bit)
 TRIM_THRESHOLD = 2**31 - 1  # mallopt takes an int: keep up to 2 GiB of free heap top
 
 
@@ -40,7 +42,7 @@ def keep_freed_memory() -> bool:
     except (OSError, AttributeError):
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
 
 
 def release_free_memory() -> None:
