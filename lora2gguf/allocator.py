@@ -12,8 +12,8 @@ hence mallopt by hand.
 
 numpy asks for transparent huge pages on every array over 4 MB (madvise). Where the kernel compacts memory
 to find them at fault time (defrag "madvise", the usual default), filling the arrays stalls: dequantizing
-Gemma 3 270M to float32 (1.07 GB) took 8.1 s with huge pages asked for on the heap, 1.7 s with glibc's
-default mappings, and 0.65 s in 4 KiB pages. numpy's own switch, NUMPY_MADVISE_HUGEPAGE=0, turns it off.
+Gemma 3 270M to float32 (1.07 GB) took 8.1 s with huge pages asked for on a heap that served every block,
+1.7 s with glibc's default mappings, and 0.65 s in 4 KiB pages. numpy's own switch, NUMPY_MADVISE_HUGEPAGE=0, turns it off.
 
 Measured in BENCHMARKS.md ("Speed, fourth round"). The process keeps what it frees until it exits, or
 until release_free_memory gives it back.

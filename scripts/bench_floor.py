@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """The machine's matmul floor: torch float32 GFLOP/s on the cores in use, for the shapes a 135M-270M model's
-(and an 8B's, 128 tokens) forward pass multiplies (tokens × n_embd by n_embd × n_ff, and by the vocabulary head), best of 5. A verb's
+(and an 8B's, at 128 tokens) forward pass multiplies (tokens × n_embd by n_embd × n_ff, and by the vocabulary
+head), best of 5. A verb's
 floor is its FLOPs over this rate: a forward pass of T tokens through P weights costs 2·P·T FLOPs (verify
 runs four: reference and llama.cpp, each with and without the adapter).
 

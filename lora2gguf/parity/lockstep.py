@@ -15,8 +15,8 @@ import numpy as np
 
 from lora2gguf.parity.metrics import SUB_ROWS, CarriedTally, PairTally, PerplexityTally, Rows
 
-# float32 logits per block of one view; llama.cpp holds about two more of its own. On Gemma 3 F32 at 700
-# tokens, peak PSS was 1.87 GB at 16 MB, 2.03-2.13 at 32, 2.30 at 64, at the same speed within noise
+# float32 logits per block of one view. On Gemma 3 F32 at 700 tokens, peak PSS was 1.87 GB at 16 MB,
+# 2.03-2.13 at 32, 2.30 at 64 (when llama.cpp decoded one block at a time; now DECODE_BYTES at a time)
 BLOCK_BYTES = 16 << 20
 # float32 logits per llama.cpp decode (a context holds about two such buffers), cut into blocks: each decode
 # reads every weight, so fewer decodes are faster (see llamacpp.runtime.LogitStream)
