@@ -55,6 +55,8 @@ from lora2gguf.weights.base_model import open_base
 from lora2gguf.weights.fingerprint import fingerprint
 from lora2gguf.weights.frozen import choose_base_weights, load_base_model
 
+FUSED_ADAMW = ("cpu", "cuda")  # devices where torch has the fused AdamW kernel
+
 
 def lr_lambda(warmup: int, total: int):
     def f(step: int) -> float:  # linear warmup from 0, then cosine to 0 (transformers' cosine schedule)
@@ -223,7 +225,9 @@ def setup(cfg, out, device, cdtype, rank, world, warn) -> tuple[Run, list, list]
                                       broadcast_buffers=False)
     total = cfg.steps or max(1, math.ceil((cfg.epochs or 1.0) * len(train_ex) / (cfg.batch_size * cfg.grad_accum)))
     warmup = cfg.warmup if cfg.warmup is not None else int(0.03 * total)
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)  # LoRA A/B only
+    # LoRA A/B only. torch's fused AdamW (one kernel over every tensor) is the same update: on SmolLM2's 420
+    # LoRA tensors a step takes 4 ms on the CPU, against 22 ms for the default loop (BENCHMARKS.md)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type in FUSED_ADAMW)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(warmup, total))
     scaler = torch.amp.GradScaler(device.type, enabled=cdtype == torch.float16)  # fp16 needs loss scaling
     args = {k: getattr(cfg, k) for k in RESUME_KEYS} | {
