@@ -114,6 +114,7 @@ def test_base_frozen_no_grads_no_optimizer_state(tmp_path):
     res = train(cfg(tmp_path / "out", steps=2))
     lora = {id(p) for layer in res.layers.values() for p in (layer.lora_A.weight, layer.lora_B.weight)}
     assert {id(p) for p in res.optimizer.state} == lora and len(lora) == 2 * 14
+    assert res.optimizer.defaults["fused"], "the CPU path steps with torch's fused AdamW kernel"
     base = [p for p in res.model.parameters() if id(p) not in lora]
     assert base and all(not p.requires_grad and p.grad is None for p in base)
 
