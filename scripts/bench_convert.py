@@ -5,7 +5,8 @@ Same adapter for both (made by the real peft library: r=16, alpha=32, all-linear
 time (user+sys) and peak RSS come from os.wait4 on each process. Then correctness: llama.cpp
 (llama-cpp-python) runs each tool's file on the F32 base, compared with the PyTorch reference that
 applies the adapter with PEFT's math (mean KL, top-1), for plain LoRA, rsLoRA and rank/alpha patterns.
-Finally the extra KL of --outtype f16/bf16/q8_0 over our f32 file.
+Finally the extra KL of --outtype f16/bf16/q8_0 over our f32 file. The floor, run in the same rounds: a
+python that only imports numpy, gguf and click, the libraries convert is built on.
 
     .venv/bin/python scripts/bench_convert.py [--runs 5]
 
@@ -29,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 CACHE = Path.home() / ".cache" / "lora2gguf-bench" / "convert"
+FLOOR = "floor: python -c 'import numpy, gguf, click'"
 
 
 # A small launcher process starts each measured command: ru_maxrss survives fork and exec, so a child
@@ -115,6 +117,8 @@ def main() -> None:
     tools = {
         "lora2gguf convert, --base GGUF (Q4_1)": lambda: ours_cmd(ads["plain"], q4, out / "ours.gguf"),
         "lora2gguf convert, --base HF dir": lambda: ours_cmd(ads["plain"], hf_dir, out / "ours-hf.gguf"),
+        # what any convert on the libraries we must use pays before it reads a byte (the import floor)
+        FLOOR: lambda: [sys.executable, "-c", "import numpy, gguf, click"],
         "llama.cpp convert_lora_to_gguf.py, --base HF dir": lambda: theirs_cmd(ads["plain"], hf_dir, out / "theirs.gguf"),
     }
     results: dict[str, list[dict]] = {k: [] for k in tools}
@@ -135,6 +139,9 @@ def main() -> None:
         print(f"| {k} | {m['wall']:.2f} | {m['cpu']:.2f} | {m['rss']:.0f} | {speed} | {mem} |")
     for k, v in results.items():
         print(f"- {k}: wall {min(r['wall'] for r in v):.2f}–{max(r['wall'] for r in v):.2f} s over {len(v)} runs")
+    floor = med[FLOOR]["wall"]
+    for k in list(tools)[:2]:
+        print(f"- {k}: {med[k]['wall'] / floor:.2f}× the import floor, {med[k]['wall'] - floor:.2f} s above it")
 
     # -- correctness ------------------------------------------------------------------------------
     print("\n| adapter | tool | mean KL vs PEFT reference | max KL | top-1 |")

@@ -10,6 +10,9 @@ Cases (inputs are made once, outside the timing, and shared by both sides):
   verify-gemma3    verify --base Gemma 3 270M F32 --lora PEFT_DIR, 700 tokens of text (the default text x3)
   demo             lora2gguf demo (SmolLM2 Q4_1, the default recipe)
   convert          convert PEFT_DIR --base SmolLM2 F32 (f32 output)
+  verify-gemma3-q4 verify --base Gemma 3 270M Q4_K_M --lora PEFT_DIR --merged MERGED (its q4_k_m merge, made once by
+                   this checkout): the same-type floor, 128 tokens
+  demo-gemma3      lora2gguf demo --base gemma3
 
 Python writes bytecode as users' installs do (PYTHONDONTWRITEBYTECODE is removed from the environment:
 without .pyc files every run recompiles lora2gguf, ~0.06 s of a 0.3 s convert).
@@ -44,7 +47,7 @@ def inputs(work: Path) -> dict:
     from peft_helpers import hf_dir_from_base, make_peft_adapter
 
     from lora2gguf.commands.verify import DEFAULT_TEXT
-    from lora2gguf.weights.real_models import gemma3_f32_gguf, smollm2_f32_gguf, smollm2_gguf
+    from lora2gguf.weights.real_models import gemma3_f32_gguf, gemma3_gguf, smollm2_f32_gguf, smollm2_gguf
 
     work.mkdir(parents=True, exist_ok=True)
     proj = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -59,6 +62,11 @@ def inputs(work: Path) -> dict:
             make_peft_adapter(hf if hf.exists() else hf_dir_from_base(base, hf), d, seed=0, b_std=0.05, r=16,
                               lora_alpha=32, target_modules=proj)
         out[name] = d
+    out["gemma_q4"], out["gemma_merged"] = gemma3_gguf(), work / "gemma-merged-q4_k_m.gguf"
+    if not out["gemma_merged"].exists():
+        subprocess.run([sys.executable, "-m", "lora2gguf.cli", "merge", "--base", str(out["gemma_q4"]), "--lora",
+                        str(out["gemma_peft"]), "--quant", "q4_k_m", "-o", str(out["gemma_merged"])], check=True,
+                       cwd=ROOT, capture_output=True)
     return out
 
 
@@ -70,6 +78,9 @@ def cases(i: dict, work: Path) -> dict[str, list[str]]:
         "demo": ["demo", "--workdir", str(work / "demo")],
         "convert": ["convert", str(i["smol_peft"]), "--base", str(i["smol"]), "-o", str(work / "c.gguf"),
                     "--force"],
+        "verify-gemma3-q4": ["verify", "--base", str(i["gemma_q4"]), "--lora", str(i["gemma_peft"]), "--merged",
+                             str(i["gemma_merged"]), "--tokens", "128"],
+        "demo-gemma3": ["demo", "--base", "gemma3", "--workdir", str(work / "demo-gemma3")],
     }
 
 

@@ -27,6 +27,30 @@ def token_ids(n_vocab: int, n: int = 96, seed: int = 0) -> list[int]:
     return [1] + rng.integers(3, n_vocab, size=n - 1).tolist()
 
 
+def merge_input_file(src, dst, replace: dict) -> Path:
+    """The model a merge hands llama.cpp's quantizer, as a file, written with gguf-py: src's tensors as stored
+    except those in `replace` (GGUF name -> float32 array), F32; src's key-values with file type ALL_F32."""
+    from gguf import GGMLQuantizationType as T
+
+    from lora2gguf.fileio.gguf_read import GGUFFile
+    from lora2gguf.fileio.gguf_write import f32_copy_writer
+
+    with GGUFFile(src) as f:
+        w = f32_copy_writer(f)
+        for t in f.tensors.values():
+            if t.name in replace:
+                w.add_tensor(t.name, np.ascontiguousarray(replace[t.name], np.float32))
+            elif t.type in (T.F32, T.F16):
+                w.add_tensor(t.name, f.raw(t.name).view(np.float32 if t.type == T.F32 else np.float16).reshape(t.shape))
+            else:  # gguf-py takes quantized data as bytes, one row of blocks per row
+                w.add_tensor(t.name, f.raw(t.name).reshape(*t.shape[:-1], -1), raw_dtype=t.type)
+        w.write_header_to_file(Path(dst))
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+    return Path(dst)
+
+
 def reference_logits(model, tokens) -> np.ndarray:
     import torch
 

@@ -67,7 +67,7 @@ from gguf import GGML_QUANT_SIZES, GGML_QUANT_VERSION, GGMLQuantizationType, GGU
 from lora2gguf.errors import Lora2GGUFError
 from lora2gguf.fileio.atomic import atomic_output
 from lora2gguf.fileio.ggml_dequantize import ggml_base, to_float
-from lora2gguf.fileio.gguf_read import GGUFFile, decode, file_identity, pread, row_bytes
+from lora2gguf.fileio.gguf_read import GGUFFile, file_identity, pread, row_bytes
 from lora2gguf.fileio.gguf_write import PlannedTensor, f32_copy_writer, nbytes_of, write_streaming
 from lora2gguf.fileio.imatrix import Imatrix, read_imatrix
 
@@ -586,14 +586,6 @@ def ggml_rows(fd: int, info, slab: int = SLAB_BYTES) -> Iterator[np.ndarray]:
         yield dequantize_rows(raw, info.type, info.shape[-1])
 
 
-def decoded_rows(fd: int, info, slab: int = SLAB_BYTES) -> Iterator[np.ndarray]:
-    """A stored tensor as float32 rows as fileio.gguf_read.decode gives them (gguf-py's values: what
-    GGUFFile.tensor and so dequantize_file give), row block by row block. ggml_rows differs for F16 only
-    (F16C quiets a signaling NaN, numpy keeps it)."""
-    for raw in stored_slabs(fd, info, _float_slab(info, slab)):
-        yield decode(raw, info.type, (-1, info.shape[-1]), f"tensor {info.name}")
-
-
 def array_rows(a: np.ndarray, rows: int = TASK_ELEMENTS * 16) -> Callable[[], Iterator[np.ndarray]]:
     """rows() over an in-memory float32 array, in blocks."""
     flat = np.ascontiguousarray(a, np.float32).reshape(-1, a.shape[-1])
@@ -607,6 +599,13 @@ def _replaced_rows(value) -> Callable[[], Iterator[np.ndarray]]:
     return rows
 
 
+def _stored(fd: int, ident: tuple, info) -> Tensor:
+    """A tensor of an open file as stored: copied where its target type is its own, else converted to float
+    rows by ggml (as llama.cpp's quantizer converts its input) and quantized."""
+    return Tensor(info.name, info.shape, info.type, functools.partial(ggml_rows, fd, info),
+                  functools.partial(stored_slabs, fd, info), (ident, info.name))
+
+
 def quantize_file(src: str | os.PathLike, dst: str | os.PathLike, ftype: LlamaFileType, threads: int | None = None,
                   verbose: bool = False, imatrix: Importance | None = None) -> Path:
     """llama_model_quantize(src, dst, ftype) in this process (allow_requantize): same bytes (with `imatrix`,
@@ -615,28 +614,24 @@ def quantize_file(src: str | os.PathLike, dst: str | os.PathLike, ftype: LlamaFi
     with GGUFFile(src) as f, open(f.path, "rb") as fh, atomic_output(dst) as tmp:
         fd = fh.fileno()
         ident = file_identity(fd)
-        tensors = [Tensor(i.name, i.shape, i.type, functools.partial(ggml_rows, fd, i),
-                          functools.partial(stored_slabs, fd, i), (ident, i.name)) for i in f.tensors.values()]
+        tensors = [_stored(fd, ident, i) for i in f.tensors.values()]
         write_quantized(tmp, ftype, f.path, tensors, threads, verbose=verbose, imatrix=imatrix)
     return dst
 
 
-def quantize_f32_copy(src: str | os.PathLike, dst: str | os.PathLike, ftype: LlamaFileType,
-                      replace: dict[str, np.ndarray | Callable[[], np.ndarray]] | None = None,
-                      threads: int | None = None, imatrix: Importance | None = None) -> Path:
-    """What llama_model_quantize writes from fileio.gguf_write.dequantize_file(src, replace) (every tensor F32,
-    dequantized by gguf-py; `replace` gives some tensors other values, GGUF layout: an array, or a function
-    that makes it when that tensor is written, so that one replaced tensor is in memory at a time), without
-    that F32 copy."""
-    dst, replace = Path(dst), replace or {}
+def quantize_replaced(src: str | os.PathLike, dst: str | os.PathLike, ftype: LlamaFileType,
+                      replace: dict[str, np.ndarray | Callable[[], np.ndarray]], threads: int | None = None,
+                      imatrix: Importance | None = None) -> Path:
+    """What llama_model_quantize writes from the model a merge hands it (commands.merge's quantized path),
+    never a file: src's tensors as stored, except those in `replace`, F32 (GGUF layout: an array, or a
+    function that makes it when the quantizer reaches that tensor, so that one replaced tensor is in memory
+    at a time); src's key-values with file type ALL_F32. A tensor left alone keeps its bytes wherever its
+    own type is its target type, as llama.cpp copies it."""
+    dst = Path(dst)
     with GGUFFile(src) as f, open(f.path, "rb") as fh, atomic_output(dst) as tmp:
         fd = fh.fileno()
-        tensors, ident = [], file_identity(fd)
-        for i in f.tensors.values():
-            if i.name in replace:
-                tensors.append(Tensor(i.name, i.shape, F32, _replaced_rows(replace[i.name])))
-            else:
-                tensors.append(Tensor(i.name, i.shape, F32, functools.partial(decoded_rows, fd, i),
-                                      origin=(ident, i.name)))
+        ident = file_identity(fd)
+        tensors = [Tensor(i.name, i.shape, F32, _replaced_rows(replace[i.name])) if i.name in replace
+                   else _stored(fd, ident, i) for i in f.tensors.values()]
         write_quantized(tmp, ftype, f32_copy_writer(f), tensors, threads, imatrix=imatrix)
     return dst

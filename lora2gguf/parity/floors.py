@@ -13,7 +13,7 @@ import numpy as np
 from gguf import LlamaFileType
 
 from lora2gguf.fileio.gguf_read import GGUFFile, file_identity
-from lora2gguf.llamacpp.ggml import Importance, quantize_f32_copy, quantize_file
+from lora2gguf.llamacpp.ggml import Importance, quantize_file, quantize_replaced
 
 FULL_PRECISION = {"ALL_F32", "MOSTLY_F16", "MOSTLY_BF16"}
 
@@ -45,25 +45,22 @@ def remembered_base_states(base_path: Path, tokens, compute: Callable[[], tuple]
 def base_alone_file(base_path: Path, ftype_name: str, tmp: Path, imatrix: Importance | None = None) -> Path:
     """The base alone, no adapter, quantized to ftype_name by llama.cpp's quantizer in this process
     (llamacpp.ggml), with the merged file's importance matrix if it had one: what a merged file of that type
-    would be if it carried nothing. From the base itself when it is F32/F16/BF16, else from its tensors
-    dequantized (what llama_model_quantize of dequantize_file's F32 copy gives, without that copy: no file
-    here is larger than the quantized one)."""
+    would be if it carried nothing. llama_model_quantize of the base itself, as a merge hands it the
+    tensors no adapter touches: those already of their target type are copied, the others requantized from
+    their stored values."""
     dst = tmp / f"base-{ftype_name}.gguf"
-    if file_type(base_path) in FULL_PRECISION:
-        quantize_file(base_path, dst, LlamaFileType[ftype_name], imatrix=imatrix)
-    else:
-        quantize_f32_copy(base_path, dst, LlamaFileType[ftype_name], imatrix=imatrix)
+    quantize_file(base_path, dst, LlamaFileType[ftype_name], imatrix=imatrix)
     return dst
 
 
 def exact_merge_file(gb, ref, mtype: str, tmp: Path, imatrix: Importance | None = None) -> Path | None:
-    """The reference's merged weights (PEFT's math, float64) in place of the base's tensors (the others
-    dequantized), quantized by llama.cpp's quantizer to the merged type in this
-    process (llamacpp.ggml, no F32 copy of the base): what a correct merge of that type computes
-    (`ref`: parity.reference.ReferenceWeights, which makes each merged tensor when asked). The
-    floor for a merge into the base's own quantized type, where the base alone re-rounds nothing (its values
-    are on the grid already) while the merge re-rounds every tensor it changes. None when the merge adds
-    tensors the base lacks (a new bias, an untied head): the base-alone floor is used then."""
+    """The reference's merged weights (PEFT's math, float64) in place of the base's tensors they change,
+    quantized by llama.cpp's quantizer to the merged type in this process (llamacpp.ggml), the tensors no
+    adapter touches kept as stored, as a merge keeps them: what a correct merge of that type computes
+    (`ref`: parity.reference.ReferenceWeights, which makes each merged tensor when asked). The floor for a
+    merge into the base's own quantized type, where the base alone re-rounds nothing (its values are on the
+    grid already) while the merge re-rounds every tensor it changes, and only those. None when the merge
+    adds tensors the base lacks (a new bias, an untied head): the base-alone floor is used then."""
     spec, arch = gb.spec, gb.spec.arch_module
     changed = ref.touched  # modules an adapter changes or replaces
     if spec.tied_embeddings and changed & {"model.embed_tokens", "lm_head"}:
@@ -82,5 +79,5 @@ def exact_merge_file(gb, ref, mtype: str, tmp: Path, imatrix: Importance | None 
             replace[gb.gguf_name(name)] = lambda name=name, n_out=n_out: np.ascontiguousarray(
                 arch.to_gguf(spec, name, ref.get(name, n_out).numpy()), np.float32)
     dst = tmp / f"exact-merge-{mtype}.gguf"
-    quantize_f32_copy(gb.path, dst, LlamaFileType[mtype], replace, imatrix=imatrix)
+    quantize_replaced(gb.path, dst, LlamaFileType[mtype], replace, imatrix=imatrix)
     return dst

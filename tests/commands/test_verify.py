@@ -6,7 +6,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import ARCHS, fixture
+from conftest import ARCHS, fixture, merge_input_file
 from peft_helpers import make_peft_adapter
 from test_gguf_lora import rewrite_gguf, shuffled_base
 
@@ -334,10 +334,12 @@ FLOOR_CASES = [("llama", "q4_k_m", "MOSTLY_Q4_K_M"), ("gemma3", "q8_0", "MOSTLY_
 
 
 @pytest.mark.parametrize("arch,kind,mtype", FLOOR_CASES, ids=["-".join(c[:2]) for c in FLOOR_CASES])
-def test_floors_are_llama_quantize_of_the_f32_copy_without_the_copy(arch, kind, mtype, tmp_path, monkeypatch):
-    """The two quantized floors (the base alone; the reference's merged weights in place of the touched
-    tensors) measure exactly the files llama_model_quantize wrote from dequantize_file's F32 copy (from the
-    base itself when it is F16), and no file bigger than that quantized one is written for them."""
+def test_floors_are_llama_quantize_of_what_a_merge_hands_it(arch, kind, mtype, tmp_path, monkeypatch):
+    """The two quantized floors measure exactly the files llama_model_quantize writes from the model a merge
+    hands it, and no file bigger than that quantized one is written for them: the base alone is
+    llama_model_quantize of the base itself; the exact merge is the reference's merged weights (F32) in
+    place of the touched tensors, the others as stored, so that those already of the merged type keep their
+    bytes, as the merge keeps them."""
     import ctypes
 
     import llama_cpp
@@ -346,23 +348,23 @@ def test_floors_are_llama_quantize_of_the_f32_copy_without_the_copy(arch, kind, 
     import lora2gguf.llamacpp.ggml as qg
     import lora2gguf.parity.floors as floors
     from lora2gguf.adapters.load import load_adapter
-    from lora2gguf.fileio.gguf_write import dequantize_file
+    from lora2gguf.fileio.gguf_read import GGUFFile
     from lora2gguf.parity.reference import ReferenceWeights
 
     biggest, replaced = [], []
 
-    real_task, real_copy = qg._quantize_task, qg.quantize_f32_copy
+    real_task, real_replaced = qg._quantize_task, qg.quantize_replaced
 
     def task(*a):
         biggest.append(max((p.stat().st_size for p in work.iterdir()), default=0))
         return real_task(*a)
 
-    def copy(src, dst, ftype, replace=None, threads=None, imatrix=None):
+    def with_replaced(src, dst, ftype, replace, threads=None, imatrix=None):
         replaced.append(replace)
-        return real_copy(src, dst, ftype, replace, threads, imatrix)
+        return real_replaced(src, dst, ftype, replace, threads, imatrix)
 
     monkeypatch.setattr(qg, "_quantize_task", task)
-    monkeypatch.setattr(floors, "quantize_f32_copy", copy)
+    monkeypatch.setattr(floors, "quantize_replaced", with_replaced)
 
     def llama_quantize(src, dst):
         p = llama_cpp.llama_model_quantize_default_params()
@@ -374,13 +376,10 @@ def test_floors_are_llama_quantize_of_the_f32_copy_without_the_copy(arch, kind, 
     work.mkdir()
     base = fixture(arch, kind)
     made = floors.base_alone_file(base, mtype, work)
-    if kind == "f16":
-        want = llama_quantize(base, tmp_path / "theirs.gguf")
-    else:
-        dequantize_file(base, tmp_path / "f32.gguf")
-        want = llama_quantize(tmp_path / "f32.gguf", tmp_path / "theirs.gguf")
+    want = llama_quantize(base, tmp_path / "theirs.gguf")
     assert made.read_bytes() == want
-    assert biggest and max(biggest) <= len(want), "no file bigger than the quantized one"
+    # (a base already of the type has every tensor copied: nothing is quantized, nothing to watch)
+    assert max(biggest, default=0) <= len(want), "no file bigger than the quantized one"
     made.unlink()  # as verify's temporary directory is, once measured
 
     adapter = make_peft_adapter(fixture(arch, "hf"), tmp_path / "a", seed=3, b_std=0.2, r=4, lora_alpha=8,
@@ -394,9 +393,14 @@ def test_floors_are_llama_quantize_of_the_f32_copy_without_the_copy(arch, kind, 
         (replace,) = [r for r in replaced if r]
         replace = {k: f() for k, f in replace.items()}  # each merged tensor is made when the quantizer reaches it
     assert {"blk.0.attn_output.weight", "blk.1.ffn_down.weight"} <= set(replace)
-    dequantize_file(base, tmp_path / "exact-f32.gguf", replace)
-    assert made.read_bytes() == llama_quantize(tmp_path / "exact-f32.gguf", tmp_path / "exact.gguf")
+    merge_input_file(base, tmp_path / "exact-input.gguf", replace)
+    assert made.read_bytes() == llama_quantize(tmp_path / "exact-input.gguf", tmp_path / "exact.gguf")
     assert max(biggest) <= (tmp_path / "exact.gguf").stat().st_size
+    if kind != "f16":  # the control: the tensors no adapter touches keep their bytes (re-rounded from float,
+        # as the floor was made before 2026-12-05, a Q6_K tensor of the q4_k_m fixtures comes out with others)
+        with GGUFFile(base) as f, GGUFFile(made) as m:
+            kept = [n for n, t in f.tensors.items() if n not in replace and len(t.shape) == 2 and t.type == m.tensors[n].type]
+            assert kept and all(np.array_equal(m.raw(n), f.raw(n)) for n in kept)
 
 
 def test_second_verify_on_one_base_reuses_the_base_views(tmp_path, monkeypatch):

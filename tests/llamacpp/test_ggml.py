@@ -1,6 +1,6 @@
 """quantize_ggml: llama.cpp's quantizer run in this process, tensor by tensor from float rows, writes byte for
 byte what llama_model_quantize writes: on every arch fixture, for every file type merge offers, from F32, F16
-and quantized bases, from a file (quantize_file) and from a model that is never a file (quantize_f32_copy,
+and quantized bases, from a file (quantize_file) and from a model that is never a file (quantize_replaced,
 the probe's dry run), and on a wider base where the K-quants fit every tensor and q4_k_m mixes types by layer."""
 
 import ctypes
@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import ARCHS, ROOT, fixture
+from conftest import ARCHS, ROOT, fixture, merge_input_file
 from gguf import GGMLQuantizationType as T
 from gguf import LlamaFileType
 
@@ -60,18 +60,24 @@ COPY_CASES = [(a, k, q) for i, a in enumerate(ARCHS) for k in ("q4_k_m", "f16")
 
 
 @pytest.mark.parametrize("arch,kind,quant", COPY_CASES, ids=["-".join(c) for c in COPY_CASES])
-def test_f32_copy_route_without_the_copy(arch, kind, quant, tmp_path):
-    """quantize_f32_copy (the verify floors' route: a model that never exists as a file, its types from the
-    dry run of a shape-cut probe) == llama_model_quantize of dequantize_file's F32 copy; one tensor replaced."""
+def test_replaced_route_without_the_file(arch, kind, quant, tmp_path):
+    """quantize_replaced (the verify floors' route: the model a merge hands the quantizer, never a file, its
+    types from the dry run of a shape-cut probe) == llama_model_quantize of that model as a file (one tensor
+    replaced, F32; the others as stored)."""
     src = fixture(arch, kind)
     with GGUFFile(src) as f:
         name = "blk.0.ffn_down.weight"
         new = f.tensor(name) + np.random.default_rng(0).standard_normal(f.tensors[name].shape).astype(np.float32) * 0.01
-    dequantize_file(src, tmp_path / "f32.gguf", {name: new})
-    ref = theirs(tmp_path / "f32.gguf", tmp_path / "theirs.gguf", ftype(quant))
-    ours = qg.quantize_f32_copy(src, tmp_path / "ours.gguf", ftype(quant), {name: new}, threads=2)
+    merge_input_file(src, tmp_path / "input.gguf", {name: new})
+    ref = theirs(tmp_path / "input.gguf", tmp_path / "theirs.gguf", ftype(quant))
+    ours = qg.quantize_replaced(src, tmp_path / "ours.gguf", ftype(quant), {name: new}, threads=2)
     assert ours.read_bytes() == ref.read_bytes()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["f32.gguf", "ours.gguf", "theirs.gguf"], "no temp left"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["input.gguf", "ours.gguf", "theirs.gguf"], "no temp left"
+    with GGUFFile(src) as f, GGUFFile(ours) as o:  # the control: untouched tensors of their target type are copied
+        kept = [n for n, t in f.tensors.items() if n != name and o.tensors[n].type == t.type]
+        assert kept and all(np.array_equal(o.raw(n), f.raw(n)) for n in kept)
+        if kind == "q4_k_m" and quant == "q4_k_m":
+            assert any(f.tensors[n].type != T.F32 for n in kept), "quantized tensors kept their bytes"
 
 
 @pytest.fixture(scope="module")
@@ -100,10 +106,13 @@ def test_wide_base(wide, kind, quant, tmp_path):
 
 
 @pytest.mark.parametrize("quant", ["q4_k_m", "q3_k_m"])
-def test_wide_base_f32_copy_route(wide, quant, tmp_path):
-    ours = qg.quantize_f32_copy(wide / "q8_0.gguf", tmp_path / "ours.gguf", ftype(quant))
-    dequantize_file(wide / "q8_0.gguf", tmp_path / "f32.gguf")
-    assert ours.read_bytes() == theirs(tmp_path / "f32.gguf", tmp_path / "theirs.gguf", ftype(quant)).read_bytes()
+def test_wide_base_replaced_route(wide, quant, tmp_path):
+    with GGUFFile(wide / "q8_0.gguf") as f:
+        name = "blk.2.attn_v.weight"
+        new = f.tensor(name) * 1.01
+    ours = qg.quantize_replaced(wide / "q8_0.gguf", tmp_path / "ours.gguf", ftype(quant), {name: new})
+    merge_input_file(wide / "q8_0.gguf", tmp_path / "input.gguf", {name: new})
+    assert ours.read_bytes() == theirs(tmp_path / "input.gguf", tmp_path / "theirs.gguf", ftype(quant)).read_bytes()
 
 
 def test_wide_base_exercises_the_mixes(wide, tmp_path):
@@ -145,26 +154,26 @@ def test_reused_quantizations_are_the_same_bytes(wide, tmp_path, monkeypatch):
     with GGUFFile(src) as f:
         new = f.tensor(name) * 1.01
     q4 = LlamaFileType.MOSTLY_Q4_K_M
-    fresh_whole = qg.quantize_f32_copy(src, tmp_path / "a.gguf", q4, imatrix=im).read_bytes()
-    fresh_replaced = qg.quantize_f32_copy(src, tmp_path / "b.gguf", q4, {name: new}, imatrix=im).read_bytes()
-    fresh_other = qg.quantize_f32_copy(src, tmp_path / "c.gguf", q4, imatrix=other).read_bytes()
+    fresh_whole = qg.quantize_replaced(src, tmp_path / "a.gguf", q4, {}, imatrix=im).read_bytes()
+    fresh_replaced = qg.quantize_replaced(src, tmp_path / "b.gguf", q4, {name: new}, imatrix=im).read_bytes()
+    fresh_other = qg.quantize_replaced(src, tmp_path / "c.gguf", q4, {}, imatrix=other).read_bytes()
     assert fresh_whole != fresh_replaced and fresh_whole != fresh_other
 
     calls = []
     task = qg._quantize_task
     monkeypatch.setattr(qg, "_quantize_task", lambda q, rows, tname, imp=None: calls.append(tname) or task(q, rows, tname, imp))
     with qg.reuse_quantizations():
-        assert qg.quantize_f32_copy(src, tmp_path / "b2.gguf", q4, {name: new}, imatrix=im).read_bytes() == fresh_replaced
+        assert qg.quantize_replaced(src, tmp_path / "b2.gguf", q4, {name: new}, imatrix=im).read_bytes() == fresh_replaced
         first = set(calls)
         calls.clear()
-        assert qg.quantize_f32_copy(src, tmp_path / "a2.gguf", q4, imatrix=im).read_bytes() == fresh_whole
+        assert qg.quantize_replaced(src, tmp_path / "a2.gguf", q4, {}, imatrix=im).read_bytes() == fresh_whole
         assert set(calls) == {name}, "only the tensor that differs is quantized again"
         calls.clear()
-        assert qg.quantize_f32_copy(src, tmp_path / "c2.gguf", q4, imatrix=other).read_bytes() == fresh_other
+        assert qg.quantize_replaced(src, tmp_path / "c2.gguf", q4, {}, imatrix=other).read_bytes() == fresh_other
         assert set(calls) == {n for n in first if n in other.values}, "another matrix: every tensor it weighs anew"
         assert first - set(other.values) == {"output.weight", "token_embd.weight"}  # no entry: the same work
     calls.clear()
-    assert qg.quantize_f32_copy(src, tmp_path / "a3.gguf", q4, imatrix=im).read_bytes() == fresh_whole
+    assert qg.quantize_replaced(src, tmp_path / "a3.gguf", q4, {}, imatrix=im).read_bytes() == fresh_whole
     assert set(calls) == first, "outside the block nothing is reused"
 
 
@@ -202,7 +211,7 @@ def test_nan_is_refused_like_llama_cpp(tmp_path):
     dequantize_file(fixture("qwen2"), tmp_path / "f32.gguf", {"blk.1.attn_q.weight": bad})
     assert llama_model_quantize(tmp_path / "f32.gguf", tmp_path / "theirs.gguf", LlamaFileType.MOSTLY_Q8_0) != 0
     with pytest.raises(Lora2GGUFError, match="blk.1.attn_q.weight.*not finite"):
-        qg.quantize_f32_copy(fixture("qwen2"), tmp_path / "ours.gguf", LlamaFileType.MOSTLY_Q8_0,
+        qg.quantize_replaced(fixture("qwen2"), tmp_path / "ours.gguf", LlamaFileType.MOSTLY_Q8_0,
                              {"blk.1.attn_q.weight": bad})
     assert not (tmp_path / "ours.gguf").exists() and not list(tmp_path.glob(".ours*")), "nothing left"
 
