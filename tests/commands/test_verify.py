@@ -396,10 +396,11 @@ def test_floors_are_llama_quantize_of_what_a_merge_hands_it(arch, kind, mtype, t
     merge_input_file(base, tmp_path / "exact-input.gguf", replace)
     assert made.read_bytes() == llama_quantize(tmp_path / "exact-input.gguf", tmp_path / "exact.gguf")
     assert max(biggest) <= (tmp_path / "exact.gguf").stat().st_size
-    if kind != "f16":  # the control: the tensors no adapter touches keep their bytes (re-rounded from float,
-        # as the floor was made before 2026-12-05, a Q6_K tensor of the q4_k_m fixtures comes out with others)
+    if kind != "f16":  # the control: the tensors no adapter touches keep their bytes. Re-rounded from float, as
+        # the floor made them before 2026-12-05, a Q6_K tensor of the q4_k_m fixtures comes out with other bytes.
         with GGUFFile(base) as f, GGUFFile(made) as m:
-            kept = [n for n, t in f.tensors.items() if n not in replace and len(t.shape) == 2 and t.type == m.tensors[n].type]
+            kept = [n for n, t in f.tensors.items()
+                    if n not in replace and len(t.shape) == 2 and t.type == m.tensors[n].type]
             assert kept and all(np.array_equal(m.raw(n), f.raw(n)) for n in kept)
 
 
